@@ -1,0 +1,128 @@
+"""`ecomcap ...` console entry: synth, ingest, evaluate.
+
+User-fixable problems (EcomcapError) print one line on stderr and exit 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ecomcap.errors import EcomcapError
+
+os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from ecomcap.data.synth import generate_synthetic
+
+    summary = generate_synthetic(
+        args.out, train=args.train, valid=args.valid, test=args.test, seed=args.seed,
+        image_size=args.image_size, corrupt_rate=args.corrupt_rate,
+    )
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
+
+
+def _ingest_config(args: argparse.Namespace):
+    from ecomcap.config import DataConfig, IngestConfig, load_yaml, parse_model
+
+    cfg = IngestConfig()
+    if args.config:
+        data = parse_model(DataConfig, load_yaml(args.config).get("data", {}), str(args.config))
+        cfg = data.ingest
+    overrides = {"max_bad_rate": args.max_bad_rate}
+    if args.style_rule:
+        overrides["clean"] = cfg.clean.model_copy(update={"require_style": True})
+    return cfg.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from ecomcap.data.ingest import ingest_split
+    from ecomcap.data.validate import enforce, validate_dataset
+
+    cfg = _ingest_config(args)
+    result = ingest_split(args.src, args.split, args.out, cfg)
+    report = validate_dataset(result.out_dir, cfg) if not args.no_gx else result.report
+    print(_summary(report) if not args.json else json.dumps(report, ensure_ascii=False))
+    enforce(report)
+    return 0
+
+
+def _summary(report: dict) -> str:
+    lines = [
+        f"split {report['split']} ({report['format']}): rows_in {report['rows_in']} = "
+        f"ok {report['rows_ok']} + quarantined {report['rows_quarantined']} "
+        f"(bad rate {report['bad_rate']:.2%}, limit {report['max_bad_rate']:.2%})",
+        f"  references: {report['refs_in']} in, {report['refs_kept']} kept; "
+        f"rules: {json.dumps(report['caption_rules'], ensure_ascii=False)}",
+    ]
+    for reason, n in report["reasons"].items():
+        lines.append(f"  quarantined {reason}: {n}")
+    if "gx" in report:
+        gx = report["gx"]
+        lines.append(f"  great expectations: {gx['evaluated']} evaluated, {'pass' if gx['success'] else 'FAIL'}")
+    lines.append(f"  {report['rows_per_s']} rows/s, fingerprint {report['fingerprint'][:12]}")
+    return "\n".join(lines)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ecomcap.metrics.evaluate import evaluate_files
+
+    scores = evaluate_files(args.pred, args.gold)
+    if args.json:
+        print(json.dumps(scores, ensure_ascii=False))
+    else:
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ecomcap", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write the synthetic MUGE-format dataset")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--train", type=int, default=2000)
+    s.add_argument("--valid", type=int, default=200)
+    s.add_argument("--test", type=int, default=100)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=112)
+    s.add_argument("--corrupt-rate", type=float, default=0.0)
+    s.set_defaults(func=_cmd_synth)
+
+    i = sub.add_parser("ingest", help="stream one split into Parquet shards, quarantine bad rows")
+    i.add_argument("--src", type=Path, required=True, help="directory with IC_{split}.tsv/.jsonl, or a 3-column TSV")
+    i.add_argument("--split", choices=["train", "valid", "test"], required=True)
+    i.add_argument("--out", type=Path, required=True)
+    i.add_argument("--max-bad-rate", type=float, default=None)
+    i.add_argument("--config", type=Path, default=None, help="YAML with a data.ingest section")
+    i.add_argument("--style-rule", action="store_true", help="keep only references stating a …风格 style")
+    i.add_argument("--no-gx", action="store_true", help="skip the Great Expectations suite")
+    i.add_argument("--json", action="store_true", help="print the full report as JSON")
+    i.set_defaults(func=_cmd_ingest)
+
+    e = sub.add_parser("evaluate", help="CIDEr-D / BLEU-4 / ROUGE-L of caption_gen.jsonl against gold")
+    e.add_argument("--pred", type=Path, required=True)
+    e.add_argument("--gold", type=Path, required=True)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EcomcapError as exc:
+        print(f"ecomcap {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,4 @@
+"""ZenML materializers: Parquet dataset directory, model directory, evaluation report.
+
+Filled by the pipeline issue.
+"""

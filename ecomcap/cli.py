@@ -1,4 +1,4 @@
-"""`ecomcap ...` console entry: synth, ingest, evaluate.
+"""`ecomcap ...` console entry: synth, ingest, prepare, evaluate.
 
 User-fixable problems (EcomcapError) print one line on stderr and exit 2, no traceback.
 """
@@ -68,6 +68,21 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from ecomcap.config import DataConfig, load_yaml, parse_model
+    from ecomcap.data.prepare import prepare_data
+
+    cfg = parse_model(DataConfig, load_yaml(args.config).get("data", {}), str(args.config))
+    try:
+        prepare_data(cfg)
+    finally:
+        for split in cfg.splits:
+            path = Path(cfg.work_dir) / split / "report.json"
+            if path.is_file():
+                print(_summary(json.loads(path.read_text(encoding="utf-8"))))
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ecomcap.metrics.evaluate import evaluate_files
 
@@ -103,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-gx", action="store_true", help="skip the Great Expectations suite")
     i.add_argument("--json", action="store_true", help="print the full report as JSON")
     i.set_defaults(func=_cmd_ingest)
+
+    r = sub.add_parser("prepare", help="synthesize (if configured), ingest and validate every split")
+    r.add_argument("--config", type=Path, required=True)
+    r.set_defaults(func=_cmd_prepare)
 
     e = sub.add_parser("evaluate", help="CIDEr-D / BLEU-4 / ROUGE-L of caption_gen.jsonl against gold")
     e.add_argument("--pred", type=Path, required=True)

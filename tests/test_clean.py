@@ -24,6 +24,7 @@ def test_looping_and_garbled_are_dropped():
     assert clean_reference("这款裙子这款裙子这款裙子这款裙子真好", CFG).reason == "caption_looping"
     assert clean_reference("Ã¤Â¸Â­æ–‡红色T恤", CFG).reason == "caption_garbled"
     assert clean_reference("红色\ufffd\ufffd\ufffdT恤", CFG).reason == "caption_garbled"
+    assert clean_reference("\ufffd\ufffd\ufffd", CFG).reason == "caption_garbled"  # not "empty"
     assert clean_reference("红色条纹T恤，简约百搭，透气舒适", CFG).reason is None
     assert garbled_share("温度±5°C，尺寸20×30cm") == 0.0  # real symbols are not mojibake
 

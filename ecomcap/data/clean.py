@@ -109,11 +109,11 @@ def clean_reference(text: str, cfg: CleanConfig) -> CleanResult:
         if new != text:
             changes.append("normalized")
         text = new
+    if cfg.drop_garbled and garbled_share(text) > cfg.garbled_max_share:
+        return CleanResult(None, "caption_garbled", changes)
     tokens = tokenize(text)
     if not tokens:
         return CleanResult(None, "caption_empty", changes)
-    if cfg.drop_garbled and garbled_share(text) > cfg.garbled_max_share:
-        return CleanResult(None, "caption_garbled", changes)
     if cfg.drop_looping and is_looping(text, tokens, cfg.looping_max_repeat_share):
         return CleanResult(None, "caption_looping", changes)
     if cfg.cut_truncated:

@@ -69,3 +69,20 @@ def test_bad_config_is_one_line(tmp_path):
     cfg.write_text("data:\n  ingest:\n    max_bad_rat: 0.1\n", encoding="utf-8")
     rc, _, err = run_cli("prepare", "--config", cfg)
     assert_clean_error(rc, err, "invalid config", "max_bad_rat")
+
+
+def test_synth_then_evaluate(tmp_path):
+    rc, out, err = run_cli("synth", "--out", tmp_path / "syn", "--train", 5, "--valid", 12, "--test", 2)
+    assert rc == 0, err
+    gold = tmp_path / "syn" / "IC_valid.jsonl"
+    recs = [json.loads(line) for line in gold.read_text(encoding="utf-8").splitlines()]
+    pred = tmp_path / "caption_gen.jsonl"
+    write_jsonl(pred, [{"image_id": r["image_id"], "text": r["text"][0]} for r in recs])
+    rc, out, err = run_cli("evaluate", "--pred", pred, "--gold", gold, "--json")
+    assert rc == 0, err
+    scores = json.loads(out)
+    assert set(scores) == {"CIDEr-D", "BLEU-4", "ROUGE-L", "n"} and scores["n"] == 12
+    assert scores["BLEU-4"] > 0.5 and scores["CIDEr-D"] > 1.0
+    write_jsonl(pred, [{"image_id": r["image_id"], "text": r["text"][0]} for r in recs[:-1]])
+    rc, _, err = run_cli("evaluate", "--pred", pred, "--gold", gold)
+    assert_clean_error(rc, err, recs[-1]["image_id"])

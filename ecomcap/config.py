@@ -68,6 +68,106 @@ class DataConfig(_Strict):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
 
 
+class TinyModelConfig(_Strict):
+    """A tiny random-init model of the real Qwen2.5-VL classes, built locally (no download)."""
+
+    text_hidden: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 512
+    vision_depth: int = 4
+    vision_hidden: int = 128
+    vision_heads: int = 4
+    image_size: int = Field(112, description="fixed resolution: 112 px -> 16 merged image tokens")
+    seed: int = 0
+
+
+class ModelConfig(_Strict):
+    """Which model: a hub id or a local directory, loaded through one path for real and tiny."""
+
+    name_or_path: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    tiny: TinyModelConfig | None = Field(
+        None, description="build a tiny model at name_or_path (from the training captions) if missing"
+    )
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    min_pixels: int | None = Field(None, description="image resolution lower bound (pixels)")
+    max_pixels: int | None = Field(None, description="image resolution upper bound (pixels)")
+    prompt: str = "请为这张电商商品图生成中文描述，突出品类、颜色、图案和品牌。"
+
+
+class FinetuneConfig(_Strict):
+    """What is trained: one strategy field plus its knobs."""
+
+    strategy: Literal["lora", "qlora", "partial", "freeze_llm", "full"] = "lora"
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    lora_vision: bool = Field(False, description="also put LoRA on the vision tower")
+    partial_layers: tuple[int, int] = Field((16, 31), description="language-model layers i..j trained")
+    train_vision: bool = Field(False, description="freeze_llm: also train the vision tower")
+
+
+class LoopConfig(_Strict):
+    """What every training stage shares: schedule, batching, evaluation, checkpoints, resume."""
+
+    output_dir: Path = Path(".run/sft")
+    max_steps: int = Field(600, ge=0)
+    batch_size: int = Field(32, ge=1, description="images per process per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = 0.0
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float = 1.0
+    eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
+    eval_images: int = Field(200, ge=1)
+    eval_beams: int = Field(1, ge=1, description="beam width of the in-training validation")
+    save_every: int = Field(200, ge=0, description="0: no intermediate checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    resume: bool = True
+    stop_after_steps: int | None = Field(None, description="stop as if killed after N steps (tests)")
+
+
+class SFTConfig(LoopConfig):
+    """Supervised fine-tuning on the references."""
+
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    references: Literal["sample", "expand"] = Field(
+        "sample", description="a random reference per image per epoch, or every reference"
+    )
+    max_answer_tokens: int = Field(64, ge=1)
+
+
+class PostprocessConfig(_Strict):
+    """Caption clean-up after decoding."""
+
+    strip: bool = Field(True, description="special tokens, spaces between CJK characters")
+    collapse_repeats: bool = True
+    normalize_width: bool = Field(True, description="full-width digits/letters -> ASCII, units")
+
+
+class GenerateConfig(_Strict):
+    """Batched caption generation."""
+
+    num_beams: int = Field(5, ge=1)
+    length_penalty: float = 1.0
+    repetition_penalty: float = Field(1.0, gt=0)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    max_new_tokens: int = Field(40, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = None
+    top_p: float | None = None
+    batch_size: int = Field(16, ge=1)
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with a clear error when the file is missing or not a mapping."""
     path = Path(path)

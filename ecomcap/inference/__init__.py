@@ -1,0 +1,1 @@
+"""Batched caption generation and post-processing."""

@@ -1,0 +1,51 @@
+"""Are captions *right*? Attribute accuracy against the synthetic set's ground truth.
+
+CIDEr-D rewards matching the references' phrasing; this counts whether a caption names the
+drawn category, colour, pattern and (where one is drawn) brand. A solid item counts as right
+when the caption says 纯色 or names no other pattern, since references often omit 纯色.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+from ecomcap.data.synth_draw import PATTERNS
+
+FIELDS = ("category", "colour", "pattern", "brand")
+
+
+def read_attributes(path: str | Path) -> dict[str, dict]:
+    rows = (json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip())
+    return {r["image_id"]: r for r in rows}
+
+
+def _pattern_ok(caption: str, pattern: str) -> bool:
+    if pattern == "纯色":
+        return "纯色" in caption or not any(p in caption for p in PATTERNS if p != "纯色")
+    return pattern in caption
+
+
+def attribute_accuracy(preds: Mapping[str, str], attrs: Mapping[str, dict]) -> dict[str, float]:
+    """Share of captions naming each true attribute (brand: over branded images only), and their mean."""
+    hits = {f: 0 for f in FIELDS}
+    counts = {f: 0 for f in FIELDS}
+    for image_id, caption in preds.items():
+        a = attrs.get(image_id)
+        if a is None:
+            continue
+        low = caption.lower()
+        checks = {
+            "category": a["category"] in caption,
+            "colour": a["colour"] in caption,
+            "pattern": _pattern_ok(caption, a["pattern"]),
+        }
+        if a.get("brand"):
+            checks["brand"] = a["brand"].lower() in low
+        for f, ok in checks.items():
+            counts[f] += 1
+            hits[f] += int(ok)
+    out = {f: hits[f] / counts[f] if counts[f] else 0.0 for f in FIELDS}
+    out["mean"] = sum(out[f] for f in FIELDS) / len(FIELDS)
+    out["n"] = counts["category"]
+    return out

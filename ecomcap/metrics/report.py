@@ -1,0 +1,30 @@
+"""One evaluation summary for a set of captions: the metrics plus degeneration signals.
+
+CIDEr-D / BLEU-4 / ROUGE-L, the number of distinct captions, the mean share of repeated 3-grams
+(looping), mean length, and attribute accuracy where ground truth exists (synthetic data).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from ecomcap.data.clean import repeated_ngram_share
+from ecomcap.metrics.attributes import attribute_accuracy
+from ecomcap.metrics.evaluate import evaluate
+from ecomcap.text import tokenize_many
+
+
+def caption_report(
+    preds: Mapping[str, str],
+    refs: Mapping[str, Sequence[str]],
+    attrs: Mapping[str, dict] | None = None,
+) -> dict:
+    """Metrics on pycocoevalcap's raw scale plus diversity/degeneration figures."""
+    scored = {k: preds.get(k, "") for k in refs}
+    out = evaluate(scored, refs)
+    toks = tokenize_many(list(scored.values()))
+    out["distinct"] = len(set(scored.values()))
+    out["repeat_ngram"] = sum(repeated_ngram_share(t, 3) for t in toks) / max(len(toks), 1)
+    out["mean_len"] = sum(map(len, toks)) / max(len(toks), 1)
+    if attrs is not None:
+        out["attributes"] = attribute_accuracy(scored, attrs)
+    return out

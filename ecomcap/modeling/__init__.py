@@ -1,0 +1,1 @@
+"""Model loading, the tiny local model and fine-tuning strategies."""

@@ -1,0 +1,133 @@
+"""Load processor + model from a hub id or a local directory, and load our trained outputs.
+
+One path for the real Qwen2.5-VL and the local tiny model. Sensible defaults: bf16 + SDPA (or
+FlashAttention-2 when installed) on GPU, fp32 on CPU; `trust_remote_code` stays off unless the
+config turns it on. A trained output directory (`ecomcap_model.json`) holds either a LoRA
+adapter over a named base, or full weights; both come back as a ready model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForImageTextToText
+
+from ecomcap.config import ModelConfig
+from ecomcap.errors import EcomcapError
+from ecomcap.modeling.processor import load_processor
+
+log = logging.getLogger(__name__)
+OUTPUT_MARKER = "ecomcap_model.json"
+
+
+def pick_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise EcomcapError("model.device is 'cuda' but no CUDA device is available")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def pick_attention(cfg: ModelConfig, dtype: torch.dtype) -> str:
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    has_fa2 = importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if has_fa2 and dtype in (torch.bfloat16, torch.float16) else "sdpa"
+
+
+def _check_source(name_or_path: str) -> None:
+    """A local path must be a complete model directory; say what is missing."""
+    path = Path(name_or_path)
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if not looks_local:
+        return
+    if not path.is_dir():
+        raise EcomcapError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise EcomcapError(f"{path} is not a model directory (no config.json)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise EcomcapError(f"{path} has no weights (*.safetensors)")
+
+
+def load_base(cfg: ModelConfig, quantization_config: Any = None):
+    """(model, processor) for `cfg.name_or_path`, on the chosen device, in eval mode."""
+    _check_source(cfg.name_or_path)
+    device = pick_device(cfg)
+    dtype = pick_dtype(cfg, device)
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype,
+        attn_implementation=pick_attention(cfg, dtype),
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map={"": device.index or 0})
+    try:
+        processor = load_processor(
+            cfg.name_or_path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        model = AutoModelForImageTextToText.from_pretrained(cfg.name_or_path, **kwargs)
+    except EcomcapError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise EcomcapError(f"cannot load model '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from None
+    if quantization_config is None:
+        model.to(device)
+    model.eval()
+    return model, processor
+
+
+def write_output_marker(out_dir: Path, *, kind: str, base: str | None, extra: dict) -> None:
+    """Describe a trained output directory so `load_trained` knows how to rebuild it."""
+    data = {"kind": kind, "base": base, **extra}
+    (out_dir / OUTPUT_MARKER).write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def read_output_marker(path: str | Path) -> dict | None:
+    marker = Path(path) / OUTPUT_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except ValueError:
+        raise EcomcapError(f"{marker} is corrupt (not JSON)") from None
+
+
+def load_trained(path: str | Path, cfg: ModelConfig | None = None):
+    """(model, processor) of a trained output (adapter over its base, or full weights).
+
+    A plain model directory or hub id without our marker loads as a base model.
+    """
+    cfg = cfg or ModelConfig()
+    path = Path(path)
+    info = read_output_marker(path) if path.is_dir() else None
+    if info is None:
+        return load_base(cfg.model_copy(update={"name_or_path": str(path)}))
+    if info["kind"] == "full":
+        return load_base(cfg.model_copy(update={"name_or_path": str(path)}))
+    if info["kind"] != "adapter":
+        raise EcomcapError(f"{path}: unknown output kind {info['kind']!r}")
+    from peft import PeftModel
+
+    if not (path / "adapter_config.json").is_file():
+        raise EcomcapError(f"{path} says it holds an adapter but has no adapter_config.json")
+    model, _ = load_base(cfg.model_copy(update={"name_or_path": info["base"]}))
+    processor = load_processor(path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    try:
+        model = PeftModel.from_pretrained(model, path, is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise EcomcapError(f"cannot load adapter from {path}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    return model, processor

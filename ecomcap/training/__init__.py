@@ -1,0 +1,1 @@
+"""SFT and SCST training loops, their data, collation and losses."""

@@ -1,0 +1,84 @@
+"""Training checkpoints (resume) and exported model directories (hand-off to the next stage).
+
+A checkpoint holds only what changes: the trainable parameters (safetensors), optimizer,
+scheduler and RNG states, and the step counter. An export is a loadable model directory:
+a LoRA adapter over its named base, or full weights, plus the processor and the configs used.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ecomcap.modeling.load import write_output_marker
+from ecomcap.modeling.processor import save_processor
+
+STATE = "trainer_state.json"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    """Write ``step-NNNNNNN/`` atomically (tmp dir + rename) and prune old ones."""
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = ckpt_root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+         "rng": torch.get_rng_state()},
+        tmp / "optim.pt",
+    )
+    (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2), encoding="utf-8")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    done = [p for p in sorted(ckpt_root.glob("step-*")) if (p / STATE).is_file()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    """Restore a checkpoint in place; returns its trainer state (with "step")."""
+    tensors = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in tensors if n not in params]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} does not match the model: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    blob = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["rng"])
+    return json.loads((path / STATE).read_text(encoding="utf-8"))
+
+
+def export_model(model, processor, out_dir: Path, *, base: str, strategy: str, configs: dict) -> Path:
+    """A loadable directory: adapter (LoRA/QLoRA) or full weights, processor, configs used."""
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    is_adapter = hasattr(model, "peft_config")
+    model.save_pretrained(tmp, safe_serialization=True)
+    save_processor(processor, tmp)
+    write_output_marker(tmp, kind="adapter" if is_adapter else "full",
+                        base=base if is_adapter else None, extra={"strategy": strategy})
+    (tmp / "training_config.json").write_text(
+        json.dumps(configs, ensure_ascii=False, indent=2, default=str), encoding="utf-8"
+    )
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir

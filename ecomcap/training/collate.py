@@ -1,0 +1,98 @@
+"""Model inputs: the chat prompt with its image, and prompt + answer for teacher forcing.
+
+Everything is left-padded so that every answer ends at the last position: a training forward
+then asks the model for logits of the last A+1 positions only (`logits_to_keep`), instead of
+the full vocabulary at every prompt and image position. The processor supplies
+`mm_token_type_ids`, without which Qwen2.5-VL silently falls back to 1D positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from ecomcap.modeling.processor import eos_token_id
+
+IGNORE = -100
+
+
+class PromptBuilder:
+    """Encodes images with the configured instruction through the processor's chat template."""
+
+    def __init__(self, processor, prompt: str):
+        self.processor = processor
+        self.processor.tokenizer.padding_side = "left"
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        self.text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        self.eos_id = eos_token_id(processor)
+        self.pad_id = processor.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.eos_id
+
+    def prompts(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """Left-padded prompt batch (input_ids, attention_mask, mm_token_type_ids, pixels, grid)."""
+        enc = self.processor(
+            text=[self.text] * len(images), images=list(images), padding=True, return_tensors="pt"
+        )
+        return dict(enc)
+
+    def answer_ids(self, answers: Sequence[str], max_tokens: int) -> list[list[int]]:
+        """Answer token ids, cut to `max_tokens - 1`, each closed by the end-of-turn token."""
+        tok = self.processor.tokenizer
+        ids = tok(list(answers), add_special_tokens=False)["input_ids"]
+        return [list(x[: max_tokens - 1]) + [self.eos_id] for x in ids]
+
+
+@dataclass
+class AnswerBatch:
+    """Prompt + answer inputs; `labels[:, -answer_len:]` holds the answers (IGNORE elsewhere)."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    answer_len: int
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "AnswerBatch":
+        moved = {
+            k: v.to(device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+            for k, v in self.inputs.items()
+        }
+        return AnswerBatch(moved, self.labels.to(device), self.answer_len)
+
+
+def with_answers(prompts: dict[str, torch.Tensor], answers: Sequence[Sequence[int]], pad_id: int) -> AnswerBatch:
+    """Append each row's answer ids after its (left-padded) prompt, left-padding to one length."""
+    ids, mask, mm = prompts["input_ids"], prompts["attention_mask"], prompts.get("mm_token_type_ids")
+    n, a_max = ids.shape[0], max((len(a) for a in answers), default=1)
+    length = ids.shape[1] + a_max
+    out_ids = torch.full((n, length), pad_id, dtype=ids.dtype)
+    out_mask = torch.zeros((n, length), dtype=mask.dtype)
+    out_mm = torch.zeros((n, length), dtype=mm.dtype) if mm is not None else None
+    labels = torch.full((n, length), IGNORE, dtype=torch.long)
+    for i, ans in enumerate(answers):
+        a = torch.as_tensor(list(ans), dtype=ids.dtype)
+        lead = a_max - len(a)
+        out_ids[i, lead:] = torch.cat([ids[i], a])
+        out_mask[i, lead:] = torch.cat([mask[i], torch.ones(len(a), dtype=mask.dtype)])
+        if out_mm is not None:
+            out_mm[i, lead : lead + mm.shape[1]] = mm[i]
+        labels[i, length - len(a):] = a
+    inputs = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    inputs.update(input_ids=out_ids, attention_mask=out_mask)
+    if out_mm is not None:
+        inputs["mm_token_type_ids"] = out_mm
+    return AnswerBatch(inputs, labels, a_max)
+
+
+def answer_logits(model, batch: AnswerBatch, suppress_ids: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [B, A, V] predicting the answer positions, targets [B, A] with IGNORE).
+
+    `suppress_ids` are masked to -inf, the same token set generation suppresses.
+    """
+    a = batch.answer_len
+    out = model(**batch.inputs, use_cache=False, logits_to_keep=a + 1)
+    logits = out.logits[:, :-1].float()
+    if suppress_ids:
+        logits[..., list(suppress_ids)] = float("-inf")
+    return logits, batch.labels[:, -a:]

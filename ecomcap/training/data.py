@@ -1,0 +1,97 @@
+"""Training examples from an ingested shard dataset, in a deterministic, resumable order.
+
+Metadata (ids, references, row positions) is held in memory; image bytes are read per Parquet
+row group and cached, and the epoch order shuffles row groups then rows within them, so a
+large dataset streams from disk instead of being loaded whole. Order and reference choice are
+pure functions of (seed, epoch), which is what makes resume exact.
+"""
+from __future__ import annotations
+
+import io
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ecomcap.data.shards import shard_paths
+
+
+@dataclass(frozen=True)
+class Example:
+    """One (image, answer) pair; `references` keeps all of the image's references."""
+
+    index: int
+    image_id: str
+    image: Image.Image
+    answer: str
+    references: list[str]
+
+
+class ShardImages:
+    """Random access to an ingested dataset's images and references, row-group cached."""
+
+    def __init__(self, dataset_dir: str | Path, cache_groups: int = 4):
+        self.files = shard_paths(dataset_dir)
+        self.ids: list[str] = []
+        self.texts: list[list[str]] = []
+        self.where: list[tuple[int, int, int]] = []  # (file, row group, row in group)
+        for f, path in enumerate(self.files):
+            pf = pq.ParquetFile(path)
+            for g in range(pf.num_row_groups):
+                t = pf.read_row_group(g, columns=["image_id", "texts"])
+                self.ids += t.column("image_id").to_pylist()
+                self.texts += t.column("texts").to_pylist()
+                self.where += [(f, g, r) for r in range(t.num_rows)]
+        self._cache: OrderedDict[tuple[int, int], list[bytes]] = OrderedDict()
+        self._cache_groups = cache_groups
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_bytes(self, i: int) -> bytes:
+        f, g, r = self.where[i]
+        key = (f, g)
+        if key not in self._cache:
+            col = pq.ParquetFile(self.files[f]).read_row_group(g, columns=["image"]).column("image")
+            self._cache[key] = col.to_pylist()
+            if len(self._cache) > self._cache_groups:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return self._cache[key][r]
+
+    def image(self, i: int) -> Image.Image:
+        return Image.open(io.BytesIO(self.image_bytes(i))).convert("RGB")
+
+    def groups(self) -> list[list[int]]:
+        """Row indices grouped by (file, row group), in storage order."""
+        out: dict[tuple[int, int], list[int]] = {}
+        for i, (f, g, _) in enumerate(self.where):
+            out.setdefault((f, g), []).append(i)
+        return list(out.values())
+
+
+def epoch_order(data: ShardImages, seed: int, epoch: int, expand: bool = False) -> list[tuple[int, int]]:
+    """(row, reference index) pairs for one epoch: groups shuffled, rows shuffled inside.
+
+    `expand` yields every reference of every image; otherwise one reference per image, drawn
+    afresh each epoch ("multi-reference sampling").
+    """
+    rng = random.Random(f"{seed}:{epoch}")
+    groups = data.groups()
+    rng.shuffle(groups)
+    order: list[tuple[int, int]] = []
+    for rows in groups:
+        pairs = [(i, k) for i in rows for k in range(len(data.texts[i]))] if expand else [
+            (i, rng.randrange(len(data.texts[i]))) for i in rows
+        ]
+        rng.shuffle(pairs)
+        order += pairs
+    return order
+
+
+def make_example(data: ShardImages, row: int, ref: int) -> Example:
+    refs = data.texts[row]
+    return Example(row, data.ids[row], data.image(row), refs[ref], refs)

@@ -1,0 +1,211 @@
+"""The training loop every stage shares (SFT, SCST): accelerate, schedule, eval, checkpoints.
+
+A stage supplies one function, examples -> (loss, metrics). The loop owns the rest: AdamW with
+cosine schedule and warmup, gradient accumulation and clipping, mixed precision, validation
+CIDEr-D every N steps with the best model kept, checkpoints every N steps, exact resume (the
+data a step sees is a pure function of the step number), a progress bar, and a metrics
+callback (the pipeline plugs MLflow into it). Built on `accelerate`, so the same code runs on
+one CPU, DDP over GPUs and DeepSpeed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from ecomcap.config import GenerateConfig, LoopConfig
+from ecomcap.inference.generate import caption_images
+from ecomcap.metrics import evaluate
+from ecomcap.modeling.strategies import ParamCount, count_parameters
+from ecomcap.training.checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
+from ecomcap.training.collate import PromptBuilder
+from ecomcap.training.data import Example, ShardImages, epoch_order, make_example
+
+log = logging.getLogger(__name__)
+MetricsCallback = Callable[[dict[str, float], int], None]
+StepFn = Callable[[list[Example]], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class StageResult:
+    """What a training stage produced: the model to hand on (best, else final) and its figures."""
+
+    model_dir: Path
+    final_dir: Path
+    best_dir: Path | None
+    steps: int
+    params: ParamCount
+    best_metrics: dict[str, Any] | None
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    resumed_from: int = 0
+
+
+def make_accelerator(cfg: LoopConfig) -> Accelerator:
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum
+    )
+
+
+class TrainLoop:
+    """One stage's optimisation of the trainable parameters of `model`."""
+
+    def __init__(self, *, stage: str, model, processor, prompt: str, base_name: str, strategy: str,
+                 cfg: LoopConfig, gen_cfg: GenerateConfig, valid: ShardImages | None,
+                 configs: dict[str, Any], on_metrics: MetricsCallback | None = None,
+                 expand_references: bool = False):
+        self.stage, self.cfg, self.gen_cfg = stage, cfg, gen_cfg
+        self.processor, self.base_name, self.strategy, self.configs = processor, base_name, strategy, configs
+        self.builder = PromptBuilder(processor, prompt)
+        self.on_metrics, self.expand = on_metrics, expand_references
+        self.acc = make_accelerator(cfg)
+        torch.manual_seed(cfg.seed)
+        self.params = count_parameters(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+        sched = get_cosine_schedule_with_warmup(opt, warmup, max(cfg.max_steps, 1))
+        self.model, self.opt, self.sched = self.acc.prepare(model, opt, sched)
+        self.out = Path(cfg.output_dir)
+        self.valid = valid
+        self._valid_cache: tuple[list[str], list, dict[str, list[str]]] | None = None
+        self._orders: dict[int, list[tuple[int, int]]] = {}
+
+    # ------------------------------------------------------------------ data by step
+    def examples_for(self, data: ShardImages, step: int, micro: int) -> list[Example]:
+        """This process's micro-batch of optimizer step `step` (0-based): a pure function."""
+        cfg, world, rank = self.cfg, self.acc.num_processes, self.acc.process_index
+        per_step = cfg.batch_size * world * cfg.grad_accum
+        first = step * per_step + (micro * world + rank) * cfg.batch_size
+        n = sum(map(len, data.texts)) if self.expand else len(data)
+        out = []
+        for k in range(first, first + cfg.batch_size):
+            epoch, i = divmod(k, n)
+            out.append(make_example(data, *self._order(data, epoch)[i]))
+        return out
+
+    def _order(self, data: ShardImages, epoch: int) -> list[tuple[int, int]]:
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(data, self.cfg.seed, epoch, self.expand)}
+        return self._orders[epoch]
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict[str, Any] | None:
+        if self.valid is None or len(self.valid) == 0:
+            return None
+        if self._valid_cache is None:
+            n = min(self.cfg.eval_images, len(self.valid))
+            ids = self.valid.ids[:n]
+            self._valid_cache = (ids, [self.valid.image(i) for i in range(n)],
+                                 {ids[i]: self.valid.texts[i] for i in range(n)})
+        ids, images, refs = self._valid_cache
+        gen = self.gen_cfg.model_copy(update={"num_beams": self.cfg.eval_beams})
+        caps = caption_images(self.acc.unwrap_model(self.model), self.builder, images, gen, progress=False)
+        scores = evaluate(dict(zip(ids, caps)), refs)
+        return {**scores, "distinct": len(set(caps))}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, data: ShardImages, step_fn: StepFn) -> StageResult:
+        cfg, acc = self.cfg, self.acc
+        started = time.perf_counter()
+        ckpts = self.out / "checkpoints"
+        state: dict[str, Any] = {"best": None, "evals": []}
+        step = 0
+        last = latest_checkpoint(ckpts) if cfg.resume else None
+        if last is not None:
+            state = load_checkpoint(last, acc.unwrap_model(self.model), self.opt, self.sched)
+            step = state.pop("step")
+            log.info("%s: resumed from %s (step %d)", self.stage, last, step)
+        resumed_from = step
+        metrics_log = self.out / "metrics.jsonl"
+        self.out.mkdir(parents=True, exist_ok=True)
+        _truncate_log(metrics_log, step)
+        self.model.train()
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=self.stage, unit="step",
+                   disable=not acc.is_local_main_process or None)
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            logs: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                with acc.accumulate(self.model):
+                    loss, extra = step_fn(self.examples_for(data, step, micro))
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+                    self.opt.step()
+                    self.sched.step()
+                    self.opt.zero_grad(set_to_none=True)
+                for k, v in {"loss": float(loss.detach()), **extra}.items():
+                    logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+            step += 1
+            logs.update(lr=self.sched.get_last_lr()[0],
+                        images_per_s=cfg.batch_size * cfg.grad_accum * acc.num_processes / (time.perf_counter() - t0))
+            self._emit(metrics_log, {"step": step, **logs})
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.3f}")
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+                self._evaluate(step, state)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps and acc.is_main_process:
+                save_checkpoint(ckpts, step, acc.unwrap_model(self.model), self.opt, self.sched, state,
+                                cfg.keep_checkpoints)
+            acc.wait_for_everyone()
+            if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step < cfg.max_steps:
+                bar.close()
+                raise InterruptedError(f"{self.stage}: stopped after step {step} (stop_after_steps)")
+        bar.close()
+        final = self._export(self.out / "model")
+        best = self.out / "best" if state["best"] is not None else None
+        return StageResult(best or final, final, best, step, self.params,
+                           state["best"], state["evals"], time.perf_counter() - started, resumed_from)
+
+    def _evaluate(self, step: int, state: dict[str, Any]) -> None:
+        if not self.acc.is_main_process:
+            return
+        scores = self.validate()
+        if scores is None:
+            return
+        entry = {"step": step, **scores}
+        state["evals"].append(entry)
+        self._emit(self.out / "metrics.jsonl", {"step": step, **{f"val_{k}": v for k, v in scores.items()}})
+        if state["best"] is None or scores["CIDEr-D"] > state["best"]["CIDEr-D"]:
+            state["best"] = entry
+            self._export(self.out / "best")
+        log.info("%s step %d: val CIDEr-D %.4f (best %.4f at step %d)", self.stage, step,
+                 scores["CIDEr-D"], state["best"]["CIDEr-D"], state["best"]["step"])
+
+    def _export(self, path: Path) -> Path:
+        if self.acc.is_main_process:
+            export_model(self.acc.unwrap_model(self.model), self.processor, path, base=self.base_name,
+                         strategy=self.strategy, configs=self.configs)
+        self.acc.wait_for_everyone()
+        return path
+
+    def _emit(self, path: Path, row: dict[str, Any]) -> None:
+        if not self.acc.is_main_process:
+            return
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.on_metrics is not None:
+            step = int(row["step"])
+            self.on_metrics({f"{self.stage}/{k}": float(v) for k, v in row.items() if k != "step"}, step)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows of steps after `step` (a resumed run redoes them)."""
+    if not path.is_file():
+        return
+    rows = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")

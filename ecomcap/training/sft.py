@@ -1,0 +1,49 @@
+"""Supervised fine-tuning: teacher-forced cross-entropy (label smoothing) on the references."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ecomcap.config import FinetuneConfig, GenerateConfig, ModelConfig, SFTConfig
+from ecomcap.modeling.load import load_base
+from ecomcap.modeling.strategies import apply_strategy, quantization_config
+from ecomcap.training.collate import with_answers, answer_logits
+from ecomcap.training.data import Example, ShardImages
+from ecomcap.training.losses import sft_loss
+from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
+
+
+def run_sft(
+    train_dir: str | Path,
+    valid_dir: str | Path | None,
+    model_cfg: ModelConfig,
+    ft_cfg: FinetuneConfig,
+    cfg: SFTConfig,
+    gen_cfg: GenerateConfig | None = None,
+    on_metrics: MetricsCallback | None = None,
+) -> StageResult:
+    """Fine-tune `model_cfg`'s model on an ingested train split; returns the exported model."""
+    from ecomcap.modeling.prepare import ensure_model
+
+    ensure_model(model_cfg, train_dir)
+    model, processor = load_base(model_cfg, quantization_config(ft_cfg))
+    model, _ = apply_strategy(model, ft_cfg)
+    gen_cfg = gen_cfg or GenerateConfig()
+    loop = TrainLoop(
+        stage="sft", model=model, processor=processor, prompt=model_cfg.prompt,
+        base_name=model_cfg.name_or_path, strategy=ft_cfg.strategy, cfg=cfg, gen_cfg=gen_cfg,
+        valid=ShardImages(valid_dir) if valid_dir else None,
+        configs={"model": model_cfg.model_dump(mode="json"), "finetune": ft_cfg.model_dump(mode="json"),
+                 "sft": cfg.model_dump(mode="json")},
+        on_metrics=on_metrics, expand_references=cfg.references == "expand",
+    )
+    builder = loop.builder
+
+    def step(examples: list[Example]):
+        prompts = builder.prompts([e.image for e in examples])
+        answers = builder.answer_ids([e.answer for e in examples], cfg.max_answer_tokens)
+        batch = with_answers(prompts, answers, builder.pad_id).to(loop.acc.device)
+        logits, targets = answer_logits(loop.model, batch)
+        loss = sft_loss(logits, targets, cfg.label_smoothing)
+        return loss, {"answer_tokens": float((targets != -100).sum())}
+
+    return loop.run(ShardImages(train_dir), step)

@@ -1,15 +1,17 @@
 """Does the model really learn? Synthetic set, tiny Qwen2.5-VL, CPU, one run per stage.
 
     python benchmarks/learning.py --stage sft [--steps 900]
+    python benchmarks/learning.py --stage scst [--scst-steps 150]   # starts from the SFT run above
 
 Prints the validation figures before and after (production beam decoding), with wall time and
 attribute accuracy; the last line is one JSON object:
-{"stage": "sft", "before": {...}, "after": {...}, "wall_s": N, "attr_before": x, "attr_after": y}
+{"stage": "sft"|"scst", "before": {...}, "after": {...}, "wall_s": N, "attr_before": x, "attr_after": y, ...}
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -22,7 +24,14 @@ os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
 import torch  # noqa: E402
 
 from ecomcap.config import (  # noqa: E402
-    DataConfig, FinetuneConfig, GenerateConfig, ModelConfig, SFTConfig, SynthConfig, TinyModelConfig,
+    DataConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    ModelConfig,
+    SCSTConfig,
+    SFTConfig,
+    SynthConfig,
+    TinyModelConfig,
 )
 from ecomcap.data.prepare import prepare_data  # noqa: E402
 from ecomcap.data.shards import read_references  # noqa: E402
@@ -49,47 +58,88 @@ def evaluate_model(model_dir: Path, work: Path, model_cfg: ModelConfig, gen: Gen
     return rep
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=["sft"], default="sft")
-    ap.add_argument("--steps", type=int, default=900)
-    ap.add_argument("--train", type=int, default=2000)
-    ap.add_argument("--valid", type=int, default=200)
-    ap.add_argument("--work", type=Path, default=ROOT / ".run" / "bench_learning")
-    args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 2)
-    work = args.work
-    data_cfg = DataConfig(work_dir=work / "data", synth=SynthConfig(train=args.train, valid=args.valid, test=0))
-    prepare_data(data_cfg)
-    model_cfg = ModelConfig(name_or_path=str(work / "tiny"), tiny=TinyModelConfig())
-    ensure_model(model_cfg, work / "data" / "train")
-    gen = GenerateConfig()  # production decoding: beam 5
-    before = evaluate_model(work / "tiny", work, model_cfg, gen, "before")
+def summary(stage: str, before: dict, after: dict, wall: float, extra: dict) -> dict:
+    return {
+        "stage": stage,
+        "before": {k: round(before[k], 4) for k in KEYS},
+        "after": {k: round(after[k], 4) for k in KEYS},
+        "wall_s": round(wall, 1),
+        "attr_before": round(before["attributes"]["mean"], 4),
+        "attr_after": round(after["attributes"]["mean"], 4),
+        "attributes_before": {k: round(v, 4) for k, v in before["attributes"].items() if k != "n"},
+        "attributes_after": {k: round(v, 4) for k, v in after["attributes"].items() if k != "n"},
+        "distinct_before": before["distinct"], "distinct_after": after["distinct"],
+        "repeat_ngram_before": round(before["repeat_ngram"], 4),
+        "repeat_ngram_after": round(after["repeat_ngram"], 4),
+        "mean_len_before": round(before["mean_len"], 2), "mean_len_after": round(after["mean_len"], 2),
+        **extra,
+    }
 
+
+def stage_sft(args, work: Path, model_cfg: ModelConfig, gen: GenerateConfig) -> dict:
     from ecomcap.training.sft import run_sft
 
+    before = evaluate_model(work / "tiny", work, model_cfg, gen, "before")
     sft_cfg = SFTConfig(output_dir=work / "sft", max_steps=args.steps, lr=1e-3, batch_size=32,
                         eval_every=150, eval_images=args.valid, save_every=300, resume=False)
     t0 = time.perf_counter()
     res = run_sft(work / "data" / "train", work / "data" / "valid", model_cfg,
                   FinetuneConfig(strategy="full"), sft_cfg, gen)
     wall = time.perf_counter() - t0
-    print("validation during training (greedy):", [(e["step"], round(e["CIDEr-D"], 3)) for e in res.evals])
+    curve = [(e["step"], round(e["CIDEr-D"], 3)) for e in res.evals]
+    print("validation during training (greedy):", curve)
     after = evaluate_model(res.model_dir, work, model_cfg, gen, "after")
-    out = {
-        "stage": "sft",
-        "before": {k: round(before[k], 4) for k in KEYS},
-        "after": {k: round(after[k], 4) for k in KEYS},
-        "wall_s": round(wall, 1),
-        "steps": res.steps,
-        "best_step": res.best_metrics["step"] if res.best_metrics else None,
-        "attr_before": round(before["attributes"]["mean"], 4),
-        "attr_after": round(after["attributes"]["mean"], 4),
-        "attributes_after": {k: round(v, 4) for k, v in after["attributes"].items() if k != "n"},
-        "distinct_after": after["distinct"],
-        "repeat_ngram_after": round(after["repeat_ngram"], 4),
-    }
-    print(json.dumps(out, ensure_ascii=False))
+    return summary("sft", before, after, wall, {"steps": res.steps, "val_curve": curve,
+                                                 "best_step": res.best_metrics["step"]})
+
+
+def stage_scst(args, work: Path, model_cfg: ModelConfig, gen: GenerateConfig) -> dict:
+    from ecomcap.training.scst import run_scst
+
+    sft_dir = work / "sft" / "best"
+    if not sft_dir.is_dir():
+        raise SystemExit("run `benchmarks/learning.py --stage sft` first: SCST starts from its model")
+    curve = [json.loads(line) for line in (work / "sft" / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], round(r["val_CIDEr-D"], 3)) for r in curve if "val_CIDEr-D" in r]
+    print("SFT validation curve (greedy):", curve)
+    before = evaluate_model(sft_dir, work, model_cfg, gen, "sft")
+    cfg = SCSTConfig(output_dir=work / "scst", max_steps=args.scst_steps, batch_size=args.scst_batch,
+                     lr=args.scst_lr, samples=5, eval_every=max(args.scst_steps // 3, 1),
+                     eval_images=args.valid, eval_beams=gen.num_beams, save_every=0, resume=False,
+                     warmup_ratio=0.0, max_new_tokens=gen.max_new_tokens)
+    t0 = time.perf_counter()
+    res = run_scst(sft_dir, work / "data" / "train", work / "data" / "valid", model_cfg, cfg, gen)
+    wall = time.perf_counter() - t0
+    scst_curve = [(e["step"], round(e["CIDEr-D"], 3)) for e in res.evals]
+    print("SCST validation curve (beam):", scst_curve)
+    after = evaluate_model(res.model_dir, work, model_cfg, gen, "scst")
+    return summary("scst", before, after, wall, {
+        "steps": res.steps, "best_step": res.best_metrics["step"], "sft_val_curve": curve,
+        "scst_val_curve": scst_curve,
+        "cider_gain_rel": round(after["CIDEr-D"] / max(before["CIDEr-D"], 1e-9) - 1, 4),
+    })
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", choices=["sft", "scst"], default="sft")
+    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--scst-steps", type=int, default=150)
+    ap.add_argument("--scst-batch", type=int, default=16)
+    ap.add_argument("--scst-lr", type=float, default=5e-4)
+    ap.add_argument("--train", type=int, default=2000)
+    ap.add_argument("--valid", type=int, default=200)
+    ap.add_argument("--work", type=Path, default=ROOT / ".run" / "bench_learning")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(os.cpu_count() or 2)
+    work = args.work
+    prepare_data(DataConfig(work_dir=work / "data", synth=SynthConfig(train=args.train, valid=args.valid, test=0)))
+    model_cfg = ModelConfig(name_or_path=str(work / "tiny"), tiny=TinyModelConfig())
+    ensure_model(model_cfg, work / "data" / "train")
+    gen = GenerateConfig()  # production decoding: beam 5
+    stage = stage_sft if args.stage == "sft" else stage_scst
+    print(json.dumps(stage(args, work, model_cfg, gen), ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`ecomcap ...` console entry: synth, ingest, prepare, evaluate.
+"""`ecomcap ...` console entry: synth, ingest, prepare, train, generate, evaluate.
 
 User-fixable problems (EcomcapError) print one line on stderr and exit 2, no traceback.
 """
@@ -27,12 +27,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _ingest_config(args: argparse.Namespace):
-    from ecomcap.config import DataConfig, IngestConfig, load_yaml, parse_model
+    from ecomcap.config import IngestConfig, load_run_config
 
-    cfg = IngestConfig()
-    if args.config:
-        data = parse_model(DataConfig, load_yaml(args.config).get("data", {}), str(args.config))
-        cfg = data.ingest
+    cfg = load_run_config(args.config).data.ingest if args.config else IngestConfig()
     overrides = {"max_bad_rate": args.max_bad_rate}
     if args.style_rule:
         overrides["clean"] = cfg.clean.model_copy(update={"require_style": True})
@@ -69,10 +66,10 @@ def _summary(report: dict) -> str:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from ecomcap.config import DataConfig, load_yaml, parse_model
+    from ecomcap.config import load_run_config
     from ecomcap.data.prepare import prepare_data
 
-    cfg = parse_model(DataConfig, load_yaml(args.config).get("data", {}), str(args.config))
+    cfg = load_run_config(args.config).data
     try:
         prepare_data(cfg)
     finally:
@@ -80,6 +77,57 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             path = Path(cfg.work_dir) / split / "report.json"
             if path.is_file():
                 print(_summary(json.loads(path.read_text(encoding="utf-8"))))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ecomcap.config import load_run_config
+    from ecomcap.data.prepare import prepare_data
+
+    cfg = load_run_config(args.config)
+    if "valid" not in cfg.data.splits:
+        cfg.data.splits.append("valid")
+    prepare_data(cfg.data)
+    work = Path(cfg.data.work_dir)
+    if args.stage == "sft":
+        from ecomcap.training.sft import run_sft
+
+        res = run_sft(work / "train", work / "valid", cfg.model, cfg.finetune, cfg.sft, cfg.generate)
+    else:
+        from ecomcap.training.scst import run_scst
+
+        start = args.start or next(
+            (d for d in (cfg.sft.output_dir / "best", cfg.sft.output_dir / "model") if d.is_dir()), None)
+        if start is None:
+            raise EcomcapError(f"no SFT output under {cfg.sft.output_dir}: run --stage sft first or pass --from")
+        res = run_scst(start, work / "train", work / "valid", cfg.model, cfg.scst, cfg.generate)
+    print(json.dumps({"stage": args.stage, "model_dir": str(res.model_dir), "steps": res.steps,
+                      "best": res.best_metrics, "params": str(res.params)}, ensure_ascii=False))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ecomcap.config import IngestConfig, RunConfig, load_run_config
+    from ecomcap.data.ingest import ingest_split
+    from ecomcap.data.shards import read_report
+    from ecomcap.inference.generate import generate_for_dataset
+    from ecomcap.modeling.load import load_trained
+
+    cfg = load_run_config(args.config) if args.config else RunConfig()
+    model_cfg, gen = cfg.model, cfg.generate
+    if args.beams:
+        gen = gen.model_copy(update={"num_beams": args.beams})
+    model, processor = load_trained(args.model, model_cfg)
+    data = Path(args.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        if not (data / "report.json").is_file():  # raw MUGE files: ingest (checks, quarantine) first
+            data = ingest_split(data, args.split, Path(tmp) / args.split,
+                                IngestConfig(max_bad_rate=1.0)).out_dir
+        preds = generate_for_dataset(model, processor, model_cfg.prompt, data, args.out, gen)
+        report = read_report(data)
+    print(json.dumps({"written": len(preds), "out": str(args.out), "rows_quarantined": report["rows_quarantined"]}))
     return 0
 
 
@@ -123,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", type=Path, required=True)
     r.set_defaults(func=_cmd_prepare)
 
+    t = sub.add_parser("train", help="run a training stage from a run config")
+    t.add_argument("--stage", choices=["sft", "scst"], required=True)
+    t.add_argument("--config", type=Path, required=True)
+    t.add_argument("--from", dest="start", type=Path, default=None, help="SCST: the SFT output to start from")
+    t.set_defaults(func=_cmd_train)
+
+    g = sub.add_parser("generate", help="caption a dataset (ingested dir or raw MUGE dir) -> caption_gen.jsonl")
+    g.add_argument("--model", required=True, help="trained output dir, model dir or hub id")
+    g.add_argument("--data", type=Path, required=True)
+    g.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--config", type=Path, default=None, help="run YAML (model + generate sections)")
+    g.add_argument("--beams", type=int, default=None)
+    g.set_defaults(func=_cmd_generate)
+
     e = sub.add_parser("evaluate", help="CIDEr-D / BLEU-4 / ROUGE-L of caption_gen.jsonl against gold")
     e.add_argument("--pred", type=Path, required=True)
     e.add_argument("--gold", type=Path, required=True)
@@ -132,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -144,6 +144,29 @@ class SFTConfig(LoopConfig):
     max_answer_tokens: int = Field(64, ge=1)
 
 
+class SCSTConfig(LoopConfig):
+    """Self-critical sequence training with a CIDEr-D reward, on top of the SFT output."""
+
+    enabled: bool = True
+    output_dir: Path = Path(".run/scst")
+    max_steps: int = Field(200, ge=0)
+    batch_size: int = Field(16, ge=1, description="images per micro-batch (x samples sequences)")
+    lr: float = Field(1e-5, gt=0, description="small by default: SCST breaks captions at high LR")
+    samples: int = Field(5, ge=1, description="K sampled captions per image")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = None
+    top_p: float | None = None
+    baseline: Literal["mean", "greedy"] = Field(
+        "mean", description="mean of the other K-1 samples (new self-critical) or the greedy caption"
+    )
+    length_normalize: bool = False
+    xe_weight: float = Field(0.0, ge=0, description="cross-entropy on references mixed in")
+    kl_weight: float = Field(0.0, ge=0, description="KL penalty to the frozen SFT policy (LoRA)")
+    max_new_tokens: int = Field(40, ge=1)
+    max_answer_tokens: int = Field(64, ge=1, description="reference length cap for xe mixing")
+    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(strategy="lora"))
+
+
 class PostprocessConfig(_Strict):
     """Caption clean-up after decoding."""
 
@@ -166,6 +189,29 @@ class GenerateConfig(_Strict):
     top_p: float | None = None
     batch_size: int = Field(16, ge=1)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+
+
+class RunConfig(_Strict):
+    """A whole run: one section per concern (the YAML files under configs/ have this shape)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    scst: SCSTConfig = Field(default_factory=SCSTConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+
+
+def load_run_config(path: str | Path, model: type[BaseModel] | None = None) -> Any:
+    """Read and validate a run YAML (unknown keys are errors).
+
+    Accepts a ZenML run configuration (our settings under ``parameters.config``; ZenML checks
+    its own keys) or a plain file holding the sections directly.
+    """
+    data = load_yaml(path)
+    if "parameters" in data:
+        data = (data.get("parameters") or {}).get("config") or {}
+    return parse_model(model or RunConfig, data, str(path))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -20,3 +20,36 @@ def bomb_png() -> bytes:
     buf = io.BytesIO()
     Image.new("1", (12000, 12000), 0).save(buf, "PNG")
     return buf.getvalue()
+
+
+TINY_TEST_MODEL = dict(text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1,
+                       text_intermediate=128, vision_depth=2, vision_hidden=32, vision_heads=2)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A small synthetic set, ingested: {"root", "train", "valid", "test"} paths."""
+    from ecomcap.config import DataConfig, SynthConfig
+    from ecomcap.data.prepare import prepare_data
+
+    root = tmp_path_factory.mktemp("small_data")
+    cfg = DataConfig(work_dir=root, splits=["train", "valid", "test"],
+                     synth=SynthConfig(train=48, valid=8, test=6, seed=5))
+    prepare_data(cfg)
+    return {"root": root, "train": root / "train", "valid": root / "valid", "test": root / "test",
+            "raw": root / "raw"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cfg(small_data, tmp_path_factory):
+    """A ModelConfig for a very small tiny model, built once per session."""
+    import torch
+
+    from ecomcap.config import ModelConfig, TinyModelConfig
+    from ecomcap.modeling.prepare import ensure_model
+
+    torch.set_num_threads(2)
+    cfg = ModelConfig(name_or_path=str(tmp_path_factory.mktemp("tiny") / "model"),
+                      tiny=TinyModelConfig(**TINY_TEST_MODEL))
+    ensure_model(cfg, small_data["train"])
+    return cfg

@@ -4,13 +4,13 @@ import base64
 import pytest
 
 from ecomcap.data.formats import (
+    Line,
     caption_record,
     decode_base64,
     detect_layout,
     encode_base64,
     iter_lines,
     parse_json_line,
-    Line,
 )
 from ecomcap.errors import EcomcapError
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForImageTextToText
 
 from ecomcap.config import ModelConfig
@@ -81,7 +82,7 @@ def load_base(cfg: ModelConfig, quantization_config: Any = None):
         model = AutoModelForImageTextToText.from_pretrained(cfg.name_or_path, **kwargs)
     except EcomcapError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise EcomcapError(f"cannot load model '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from None
     if quantization_config is None:
         model.to(device)
@@ -108,7 +109,8 @@ def read_output_marker(path: str | Path) -> dict | None:
 def load_trained(path: str | Path, cfg: ModelConfig | None = None):
     """(model, processor) of a trained output (adapter over its base, or full weights).
 
-    A plain model directory or hub id without our marker loads as a base model.
+    A plain model directory or hub id without our marker loads as a base model; an adapter's
+    base may be another trained output (SCST's LoRA over the SFT model), merged first.
     """
     cfg = cfg or ModelConfig()
     path = Path(path)
@@ -123,11 +125,13 @@ def load_trained(path: str | Path, cfg: ModelConfig | None = None):
 
     if not (path / "adapter_config.json").is_file():
         raise EcomcapError(f"{path} says it holds an adapter but has no adapter_config.json")
-    model, _ = load_base(cfg.model_copy(update={"name_or_path": info["base"]}))
+    model, _ = load_trained(info["base"], cfg)  # the base may itself be a trained output
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
     processor = load_processor(path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     try:
         model = PeftModel.from_pretrained(model, path, is_trainable=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise EcomcapError(f"cannot load adapter from {path}: {str(exc).splitlines()[0]}") from None
     model.eval()
     return model, processor

@@ -52,8 +52,8 @@ def quantization_config(cfg: FinetuneConfig):
             "strategy 'qlora' needs a CUDA GPU (bitsandbytes 4-bit); on CPU use 'lora' or 'full'"
         )
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError:
         raise EcomcapError("strategy 'qlora' needs bitsandbytes: pip install -e '.[gpu]'") from None
     return BitsAndBytesConfig(

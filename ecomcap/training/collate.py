@@ -66,15 +66,16 @@ def with_answers(prompts: dict[str, torch.Tensor], answers: Sequence[Sequence[in
     ids, mask, mm = prompts["input_ids"], prompts["attention_mask"], prompts.get("mm_token_type_ids")
     n, a_max = ids.shape[0], max((len(a) for a in answers), default=1)
     length = ids.shape[1] + a_max
-    out_ids = torch.full((n, length), pad_id, dtype=ids.dtype)
-    out_mask = torch.zeros((n, length), dtype=mask.dtype)
-    out_mm = torch.zeros((n, length), dtype=mm.dtype) if mm is not None else None
-    labels = torch.full((n, length), IGNORE, dtype=torch.long)
+    dev = ids.device
+    out_ids = torch.full((n, length), pad_id, dtype=ids.dtype, device=dev)
+    out_mask = torch.zeros((n, length), dtype=mask.dtype, device=dev)
+    out_mm = torch.zeros((n, length), dtype=mm.dtype, device=dev) if mm is not None else None
+    labels = torch.full((n, length), IGNORE, dtype=torch.long, device=dev)
     for i, ans in enumerate(answers):
-        a = torch.as_tensor(list(ans), dtype=ids.dtype)
+        a = torch.as_tensor(list(ans), dtype=ids.dtype, device=dev)
         lead = a_max - len(a)
         out_ids[i, lead:] = torch.cat([ids[i], a])
-        out_mask[i, lead:] = torch.cat([mask[i], torch.ones(len(a), dtype=mask.dtype)])
+        out_mask[i, lead:] = torch.cat([mask[i], torch.ones(len(a), dtype=mask.dtype, device=dev)])
         if out_mm is not None:
             out_mm[i, lead : lead + mm.shape[1]] = mm[i]
         labels[i, length - len(a):] = a

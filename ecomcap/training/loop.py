@@ -26,7 +26,12 @@ from ecomcap.config import GenerateConfig, LoopConfig
 from ecomcap.inference.generate import caption_images
 from ecomcap.metrics import evaluate
 from ecomcap.modeling.strategies import ParamCount, count_parameters
-from ecomcap.training.checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
+from ecomcap.training.checkpoint import (
+    export_model,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ecomcap.training.collate import PromptBuilder
 from ecomcap.training.data import Example, ShardImages, epoch_order, make_example
 
@@ -155,6 +160,9 @@ class TrainLoop:
             self._emit(metrics_log, {"step": step, **logs})
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
+            if bar.disable and step % max(1, cfg.max_steps // 20) == 0:  # no TTY: log progress
+                log.info("%s step %d/%d loss %.4f lr %.2e", self.stage, step, cfg.max_steps,
+                         logs["loss"], logs["lr"])
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                 self._evaluate(step, state)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps and acc.is_main_process:

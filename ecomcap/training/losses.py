@@ -25,3 +25,21 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return torch.where(mask, picked, torch.zeros_like(picked)), mask
+
+
+def sequence_logprob(token_lp: torch.Tensor, mask: torch.Tensor, length_normalize: bool) -> torch.Tensor:
+    """Per-sequence log-likelihood of the sampled tokens (optionally divided by length)."""
+    total = token_lp.sum(dim=-1)
+    return total / mask.sum(dim=-1).clamp(min=1) if length_normalize else total
+
+
+def scst_loss(seq_logprob: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:
+    """Policy gradient with a baseline: -E[(r - b) * log p(sample)]."""
+    return -(advantage.detach() * seq_logprob).mean()
+
+
+def kl_penalty(token_lp: torch.Tensor, ref_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(policy || reference) on the sampled tokens, mean over tokens (>= 0)."""
+    delta = torch.where(mask, ref_lp - token_lp, torch.zeros_like(token_lp))
+    k3 = torch.exp(delta) - delta - 1
+    return (k3 * mask).sum() / mask.sum().clamp(min=1)

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ecomcap.config import FinetuneConfig, GenerateConfig, ModelConfig, SFTConfig
 from ecomcap.modeling.load import load_base
 from ecomcap.modeling.strategies import apply_strategy, quantization_config
-from ecomcap.training.collate import with_answers, answer_logits
+from ecomcap.training.collate import answer_logits, with_answers
 from ecomcap.training.data import Example, ShardImages
-from ecomcap.training.losses import sft_loss
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
+from ecomcap.training.losses import sft_loss
 
 
 def run_sft(
@@ -24,6 +26,7 @@ def run_sft(
     """Fine-tune `model_cfg`'s model on an ingested train split; returns the exported model."""
     from ecomcap.modeling.prepare import ensure_model
 
+    torch.manual_seed(cfg.seed)  # adapter init and sampling follow the seed, not the process history
     ensure_model(model_cfg, train_dir)
     model, processor = load_base(model_cfg, quantization_config(ft_cfg))
     model, _ = apply_strategy(model, ft_cfg)

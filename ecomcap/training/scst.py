@@ -1,0 +1,166 @@
+"""Self-critical sequence training: sample K captions per image, reward = CIDEr-D (training-set
+document frequencies), baseline = mean of the other samples (or the greedy caption), and raise
+the log-likelihood of samples that beat their baseline.
+
+Starts from the SFT output (merged into the base when it is an adapter) and trains a fresh
+LoRA by default, so the KL reference (the SFT policy) is the same model with the adapter off.
+Sampling suppresses the special/vision tokens and the log-prob pass masks the same set.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ecomcap.config import GenerateConfig, ModelConfig, SCSTConfig
+from ecomcap.data.clean import repeated_ngram_share
+from ecomcap.data.shards import read_references
+from ecomcap.errors import EcomcapError
+from ecomcap.inference.generate import generate_kwargs
+from ecomcap.inference.postprocess import postprocess
+from ecomcap.modeling.load import load_trained
+from ecomcap.modeling.processor import suppressed_token_ids
+from ecomcap.modeling.strategies import apply_strategy
+from ecomcap.text import tokenize_many
+from ecomcap.training.collate import AnswerBatch, PromptBuilder, answer_logits, with_answers
+from ecomcap.training.data import Example, ShardImages
+from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
+from ecomcap.training.losses import (
+    kl_penalty,
+    scst_loss,
+    sequence_logprob,
+    sft_loss,
+    token_logprobs,
+)
+from ecomcap.training.rewards import CaptionReward, greedy_baseline, mean_of_others
+
+
+def repeat_prompts(enc: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Each prompt k times in a row, with its image's patch block repeated too.
+
+    `generate` expands images for `num_return_sequences` itself; a training forward over the K
+    samples needs the expansion done by hand (pixel_values is one flat block per image).
+    """
+    out = {key: enc[key].repeat_interleave(k, dim=0) for key in ("input_ids", "attention_mask", "mm_token_type_ids") if key in enc}
+    grid = enc["image_grid_thw"]
+    blocks = torch.split(enc["pixel_values"], grid.prod(dim=-1).tolist())
+    out["pixel_values"] = torch.cat([b for b in blocks for _ in range(k)])
+    out["image_grid_thw"] = grid.repeat_interleave(k, dim=0)
+    return out
+
+
+def split_samples(seqs: torch.Tensor, eos_id: int, pad_id: int) -> tuple[list[list[int]], list[bool]]:
+    """Generated tails -> token lists ending at (and including) EOS; whether each ended."""
+    out, ended = [], []
+    for row in seqs.tolist():
+        if eos_id in row:
+            out.append(row[: row.index(eos_id) + 1])
+            ended.append(True)
+        else:
+            out.append([t for t in row if t != pad_id] or [eos_id])
+            ended.append(False)
+    return out, ended
+
+
+class SCSTStep:
+    """One SCST optimisation step's computation (sampling, reward, losses)."""
+
+    def __init__(self, loop: TrainLoop, cfg: SCSTConfig, reward: CaptionReward, gen_cfg: GenerateConfig):
+        self.loop, self.cfg, self.reward = loop, cfg, reward
+        self.builder: PromptBuilder = loop.builder
+        self.suppress = suppressed_token_ids(self.builder.processor)
+        self.tok = self.builder.processor.tokenizer
+        sample_cfg = gen_cfg.model_copy(update=dict(
+            num_beams=1, do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k,
+            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0,
+            no_repeat_ngram_size=0))
+        self.sample_kw = generate_kwargs(sample_cfg, self.builder)
+        self.greedy_kw = {**self.sample_kw, "do_sample": False}
+        self.post = gen_cfg.postprocess
+
+    def _decode(self, seqs: list[list[int]]) -> list[str]:
+        return [postprocess(t, self.post) for t in self.tok.batch_decode(seqs, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def _generate(self, enc, **kw) -> torch.Tensor:
+        model = self.loop.acc.unwrap_model(self.loop.model)
+        model.eval()
+        out = model.generate(**enc, **kw)
+        model.train()
+        return out[:, enc["input_ids"].shape[1]:]
+
+    def __call__(self, examples: list[Example]):
+        cfg, k, dev = self.cfg, self.cfg.samples, self.loop.acc.device
+        enc = {key: v.to(dev) for key, v in self.builder.prompts([e.image for e in examples]).items()}
+        seqs, ended = split_samples(self._generate(enc, num_return_sequences=k, **self.sample_kw),
+                                    self.builder.eos_id, self.builder.pad_id)
+        ids = [e.image_id for e in examples for _ in range(k)]
+        captions = self._decode(seqs)
+        scores = self.reward.scores(captions, ended, ids)
+        if cfg.baseline == "greedy":
+            g, g_end = split_samples(self._generate(enc, **self.greedy_kw), self.builder.eos_id, self.builder.pad_id)
+            base = greedy_baseline(self.reward.scores(self._decode(g), g_end, [e.image_id for e in examples]), k)
+        else:
+            base = mean_of_others(scores, k)
+        adv = torch.as_tensor(scores - base, dtype=torch.float32, device=dev)
+        batch = with_answers(repeat_prompts(enc, k), seqs, self.builder.pad_id).to(dev)
+        logits, targets = answer_logits(self.loop.model, batch, self.suppress)
+        tok_lp, mask = token_logprobs(logits, targets)
+        loss = scst_loss(sequence_logprob(tok_lp, mask, cfg.length_normalize), adv)
+        logs = {"reward": float(scores.mean()), "baseline": float(base.mean()),
+                "advantage_std": float(np.std(scores - base)), "sample_len": float(mask.sum(-1).float().mean()),
+                "repeat_ngram": float(np.mean([repeated_ngram_share(t, 3) for t in tokenize_many(captions)])),
+                "pg_loss": float(loss.detach())}
+        if cfg.kl_weight > 0:
+            kl = kl_penalty(tok_lp, self._reference_logprobs(batch), mask)
+            loss = loss + cfg.kl_weight * kl
+            logs["kl"] = float(kl.detach())
+        if cfg.xe_weight > 0:
+            xe = self._xe(examples, enc, dev)
+            loss = loss + cfg.xe_weight * xe
+            logs["xe_loss"] = float(xe.detach())
+        return loss, logs
+
+    @torch.no_grad()
+    def _reference_logprobs(self, batch: AnswerBatch) -> torch.Tensor:
+        model = self.loop.acc.unwrap_model(self.loop.model)
+        with model.disable_adapter():
+            logits, targets = answer_logits(model, batch, self.suppress)
+        return token_logprobs(logits, targets)[0]
+
+    def _xe(self, examples: list[Example], enc, dev) -> torch.Tensor:
+        answers = self.builder.answer_ids([e.answer for e in examples], self.cfg.max_answer_tokens)
+        batch = with_answers(enc, answers, self.builder.pad_id).to(dev)
+        logits, targets = answer_logits(self.loop.model, batch)
+        return sft_loss(logits, targets)
+
+
+def run_scst(
+    sft_model_dir: str | Path,
+    train_dir: str | Path,
+    valid_dir: str | Path | None,
+    model_cfg: ModelConfig,
+    cfg: SCSTConfig,
+    gen_cfg: GenerateConfig | None = None,
+    on_metrics: MetricsCallback | None = None,
+) -> StageResult:
+    """SCST from an SFT output directory; returns the exported (best) model."""
+    torch.manual_seed(cfg.seed)  # adapter init and sampling follow the seed, not the process history
+    gen_cfg = gen_cfg or GenerateConfig()
+    model, processor = load_trained(sft_model_dir, model_cfg)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if cfg.kl_weight > 0 and cfg.finetune.strategy not in ("lora", "qlora"):
+        raise EcomcapError("scst.kl_weight needs a LoRA strategy (the reference is the model with the adapter off)")
+    model, _ = apply_strategy(model, cfg.finetune)
+    loop = TrainLoop(
+        stage="scst", model=model, processor=processor, prompt=model_cfg.prompt,
+        base_name=str(sft_model_dir), strategy=cfg.finetune.strategy, cfg=cfg, gen_cfg=gen_cfg,
+        valid=ShardImages(valid_dir) if valid_dir else None,
+        configs={"model": model_cfg.model_dump(mode="json"), "scst": cfg.model_dump(mode="json"),
+                 "sft_model": str(sft_model_dir)},
+        on_metrics=on_metrics,
+    )
+    reward = CaptionReward(read_references(train_dir))
+    return loop.run(ShardImages(train_dir), SCSTStep(loop, cfg, reward, gen_cfg))

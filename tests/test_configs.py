@@ -1,0 +1,28 @@
+"""Every shipped config loads into the one run model (unknown keys are errors)."""
+from pathlib import Path
+
+import pytest
+
+from ecomcap.config import RunConfig, load_run_config
+from ecomcap.errors import EcomcapError
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_loads(path):
+    cfg = load_run_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.model.trust_remote_code is False  # no downloaded code runs unless a config says so
+
+
+def test_expected_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"local.yaml", "qwen25vl_3b_lora.yaml", "qwen25vl_7b_qlora.yaml", "ad_caption.yaml"} <= names
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("sft:\n  max_step: 3\n", encoding="utf-8")
+    with pytest.raises(EcomcapError, match="sft.max_step"):
+        load_run_config(p)

@@ -5,10 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export ZENML_ANALYTICS_OPT_IN := false
-export ZENML_CONFIG_PATH := $(CURDIR)/.zen_config
-export AUTO_OPEN_DASHBOARD := false
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test e2e infer bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,5 +24,21 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# End-to-end (real ZenML + MLflow stack, headless Chromium): slower, run by CI after `make test`.
+e2e: $(STAMP)
+	$(BIN)/python -m pytest -q -m e2e
+
+# Batch inference with the registry's champion -> .run/caption_gen.jsonl
+infer: $(STAMP)
+	bash -c 'source scripts/zenml_env.sh && zenml pipeline run pipelines.inference.batch_inference_pipeline -c $${CONFIG:-configs/local.yaml}'
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/metrics.py
+	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/learning.py --stage sft
+	$(BIN)/python benchmarks/learning.py --stage scst
+	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/gpu_sft.py
+
 clean:
-	rm -rf .run .zen_config .mlflow
+	rm -rf .run .zen_config .mlflow .zen

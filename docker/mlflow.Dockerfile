@@ -1,6 +1,6 @@
 # MLflow tracking server for k8s/mlflow.yaml (PostgreSQL backend, MinIO artifacts, basic auth).
 # The upstream MLflow image has neither psycopg2 nor boto3, and runs as root.
-#   docker build -f docker/mlflow.Dockerfile -t <registry>/ecomcap-mlflow:3.17.2 .
+#   docker build -f docker/mlflow.Dockerfile -t <registry>/mlflow:3.17.2 .
 FROM python:3.11.13-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

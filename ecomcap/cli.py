@@ -131,6 +131,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from ecomcap.registry.tracking import last_run_summary
+
+    s = last_run_summary(args.tracking_uri, args.experiment)
+    if s is None:
+        raise EcomcapError(f"no runs in experiment '{args.experiment}' at {args.tracking_uri}")
+    m = s["metrics"]
+    print(f"run {s['run']}: " + "  ".join(f"{k[4:]} {m[k]:.4f}" for k in ("val.CIDEr-D", "val.BLEU-4", "val.ROUGE-L") if k in m))
+    gate = s["gate"]
+    print(f"gate: {gate.get('gate.decision', 'n/a')} (candidate version {gate.get('gate.candidate_version')}, "
+          f"champion now {gate.get('gate.champion_after')})")
+    print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {args.tracking_uri} --port 5000")
+    return 0
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from ecomcap.registry.retrain import retrain
+
+    return retrain(args.config, args.if_changed)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ecomcap.metrics.evaluate import evaluate_files
 
@@ -185,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", type=Path, default=None, help="run YAML (model + generate sections)")
     g.add_argument("--beams", type=int, default=None)
     g.set_defaults(func=_cmd_generate)
+
+    m = sub.add_parser("summary", help="metrics and gate decision of the newest pipeline run")
+    m.add_argument("--tracking-uri", required=True)
+    m.add_argument("--experiment", default="training_pipeline")
+    m.set_defaults(func=_cmd_summary)
+
+    rt = sub.add_parser("retrain", help="run the training pipeline (with --if-changed: only on new data/config)")
+    rt.add_argument("--config", type=Path, required=True)
+    rt.add_argument("--if-changed", action="store_true")
+    rt.set_defaults(func=_cmd_retrain)
 
     e = sub.add_parser("evaluate", help="CIDEr-D / BLEU-4 / ROUGE-L of caption_gen.jsonl against gold")
     e.add_argument("--pred", type=Path, required=True)

@@ -191,6 +191,20 @@ class GenerateConfig(_Strict):
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
 
 
+class RegistryConfig(_Strict):
+    """The MLflow model registry and the promotion gate."""
+
+    model_name: str = "ecomcap-captioner"
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking/registry URI; default: the stack's tracker or MLFLOW_TRACKING_URI"
+    )
+    experiment: str = "ecomcap"
+    min_rel_gain: float = Field(0.0, ge=0, description="candidate CIDEr-D >= champion x (1 + this)")
+    tolerance: float = Field(0.01, ge=0, description="BLEU-4 / ROUGE-L may trail the champion by this")
+    cider_floor: float = Field(0.5, ge=0, description="absolute CIDEr-D floor (raw scale)")
+    samples_in_report: int = Field(24, ge=0, description="images shown in samples.html")
+
+
 class RunConfig(_Strict):
     """A whole run: one section per concern (the YAML files under configs/ have this shape)."""
 
@@ -200,6 +214,7 @@ class RunConfig(_Strict):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     scst: SCSTConfig = Field(default_factory=SCSTConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
 def load_run_config(path: str | Path, model: type[BaseModel] | None = None) -> Any:

@@ -56,8 +56,8 @@ for line in open(sys.argv[1], encoding="utf-8"):
 out = {}
 for pair in sys.argv[2:]:
     src, dst = pair.split("=", 1)
-    if not env.get(src):
-        sys.exit(f"{sys.argv[1]}: {src} is missing or empty")
+    if env.get(src, "CHANGE_ME") in ("", "CHANGE_ME"):
+        sys.exit(f"{sys.argv[1]}: {src} is missing, empty or still CHANGE_ME")
     out[dst] = env[src]
 json.dump(out, sys.stdout)
 PY
@@ -81,8 +81,8 @@ component() {
 
 # Secrets: the ZenML artifact store uses the MinIO user k8s/minio.yaml creates for ZenML; the
 # MLflow components use an MLflow account (docs/kubernetes.md: "MLflow account").
-S3_SECRET="${PREFIX}-s3"
-MLFLOW_SECRET="${PREFIX}-mlflow"
+S3_SECRET="${PREFIX}-s3-creds"
+MLFLOW_SECRET="${PREFIX}-mlflow-creds"
 zenml_secret "$S3_SECRET" "$SECRETS_DIR/zenml-s3.env" \
   AWS_ACCESS_KEY_ID=aws_access_key_id AWS_SECRET_ACCESS_KEY=aws_secret_access_key
 zenml_secret "$MLFLOW_SECRET" "$SECRETS_DIR/mlflow-client.env" \
@@ -108,7 +108,7 @@ component image-builder "${PREFIX}-kaniko" kaniko \
   --volumes="[{\"name\": \"registry\", \"secret\": {\"secretName\": \"${KANIKO_REGISTRY_SECRET}\", \"items\": [{\"key\": \".dockerconfigjson\", \"path\": \"config.json\"}]}}]" \
   --volume_mounts='[{"name": "registry", "mountPath": "/kaniko/.docker", "readOnly": true}]'
 
-component orchestrator "${PREFIX}-k8s" kubernetes \
+component orchestrator "${PREFIX}-orchestrator" kubernetes \
   --kubernetes_context="$KUBE_CONTEXT" \
   --kubernetes_namespace="$NAMESPACE" \
   --service_account_name="$PIPELINE_SA"
@@ -128,7 +128,7 @@ component model-registry "${PREFIX}-mlflow-registry" mlflow
 
 stack_args=(
   -a "${PREFIX}-minio" -c "${PREFIX}-registry" -i "${PREFIX}-kaniko"
-  -o "${PREFIX}-k8s" -s "${PREFIX}-gpu" -e "${PREFIX}-mlflow" -r "${PREFIX}-mlflow-registry"
+  -o "${PREFIX}-orchestrator" -s "${PREFIX}-gpu" -e "${PREFIX}-mlflow" -r "${PREFIX}-mlflow-registry"
 )
 if "$ZENML" stack describe "$STACK" >/dev/null 2>&1; then
   "$ZENML" stack update "$STACK" "${stack_args[@]}"

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The main job (`make run`): synthetic data -> ingest -> validate -> report.
-# The pipeline issue extends this to the full ZenML training pipeline.
+# The main job (`make run`): local ZenML stack with MLflow (SQLite) -> training pipeline on the
+# synthetic data and the tiny Qwen2.5-VL -> metrics, gate decision, how to open the MLflow UI.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export ZENML_ANALYTICS_OPT_IN=false
+source "$(dirname "$0")/zenml_env.sh"
+cd "$ROOT"
 CONFIG="${CONFIG:-configs/local.yaml}"
-.venv/bin/ecomcap prepare --config "$CONFIG"
+bash scripts/setup_stack.sh
+zenml pipeline run pipelines.training.training_pipeline -c "$CONFIG"
 echo
-echo "Reports: .run/data/<split>/report.json, quarantined rows: .run/data/<split>/quarantine.parquet"
+ecomcap summary --tracking-uri "$MLFLOW_TRACKING_URI"

@@ -1,4 +1,8 @@
-"""Thin ZenML steps: unpack one config object, call `ecomcap`, return typed `Annotated` outputs.
+"""Thin ZenML steps: unpack the one run config, call `ecomcap`, return typed `Annotated` outputs."""
+from steps.data import ingest, ingest_split_step, validate
+from steps.evaluate import evaluate, promote
+from steps.infer import champion_model, generate, write_predictions
+from steps.train import scst, sft
 
-Filled by the pipeline issue.
-"""
+__all__ = ["ingest", "ingest_split_step", "validate", "sft", "scst", "generate", "evaluate", "promote",
+           "champion_model", "write_predictions"]

@@ -16,8 +16,16 @@ from ecomcap.data.shards import META_COLUMNS, read_report, read_table
 from ecomcap.errors import EcomcapError
 
 
-def _expectations(cfg: IngestConfig, needs_text: bool) -> list[Any]:
+def _quiet_import_gx():
+    """Import GX with its import-time INFO chatter ("Skipping registering function ...") muted."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
+
+    return gx
+
+
+def _expectations(cfg: IngestConfig, needs_text: bool) -> list[Any]:
+    gx = _quiet_import_gx()
 
     e = gx.expectations
     max_side = int(cfg.max_pixels // cfg.min_side)
@@ -43,9 +51,7 @@ def _expectations(cfg: IngestConfig, needs_text: bool) -> list[Any]:
 
 def run_expectations(dataset_dir: str | Path, cfg: IngestConfig) -> dict[str, Any]:
     """Run the suite over the clean table; returns {success, failed: [...], result: GX json}."""
-    import great_expectations as gx
-
-    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    gx = _quiet_import_gx()
     report = read_report(dataset_dir)
     df = read_table(dataset_dir, META_COLUMNS).to_pandas()
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -74,20 +80,24 @@ def run_expectations(dataset_dir: str | Path, cfg: IngestConfig) -> dict[str, An
     return {"success": bool(result.success), "evaluated": len(result.results), "failed": failed, "result": as_json}
 
 
-def validate_dataset(dataset_dir: str | Path, cfg: IngestConfig) -> dict[str, Any]:
-    """Run GX, save ``gx_result.json`` next to the report, and fold the verdict into the report."""
+def validate_dataset(dataset_dir: str | Path, cfg: IngestConfig, write: bool = True) -> dict[str, Any]:
+    """Run GX and fold the verdict into the report; with `write`, save ``gx_result.json`` and
+    the updated ``report.json`` next to the data (a pipeline keeps artifacts immutable instead)."""
     out = Path(dataset_dir)
     report = read_report(out)
     if report["rows_ok"] == 0:
         gx_summary = {"success": False, "evaluated": 0, "failed": [{"expectation": "rows_ok > 0"}]}
     else:
         gx_summary = run_expectations(out, cfg)
-    (out / "gx_result.json").write_text(
-        json.dumps(gx_summary, ensure_ascii=False, indent=2, default=str), encoding="utf-8"
-    )
     report["gx"] = {k: gx_summary[k] for k in ("success", "evaluated", "failed")}
     report["passed"] = bool(report["passed"] and gx_summary["success"])
-    (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    if write:
+        (out / "gx_result.json").write_text(
+            json.dumps(gx_summary, ensure_ascii=False, indent=2, default=str), encoding="utf-8"
+        )
+        (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    else:
+        report["gx_result"] = gx_summary.get("result")
     return report
 
 

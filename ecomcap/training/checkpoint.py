@@ -66,7 +66,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     return json.loads((path / STATE).read_text(encoding="utf-8"))
 
 
-def export_model(model, processor, out_dir: Path, *, base: str, strategy: str, configs: dict) -> Path:
+def export_model(model, processor, out_dir: Path, *, base: str, strategy: str, configs: dict,
+                 metrics_log: Path | None = None) -> Path:
     """A loadable directory: adapter (LoRA/QLoRA) or full weights, processor, configs used."""
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -79,6 +80,8 @@ def export_model(model, processor, out_dir: Path, *, base: str, strategy: str, c
     (tmp / "training_config.json").write_text(
         json.dumps(configs, ensure_ascii=False, indent=2, default=str), encoding="utf-8"
     )
+    if metrics_log is not None and metrics_log.is_file():  # the curves travel with the model
+        shutil.copy(metrics_log, tmp / "metrics.jsonl")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir

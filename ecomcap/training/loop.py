@@ -196,7 +196,7 @@ class TrainLoop:
     def _export(self, path: Path) -> Path:
         if self.acc.is_main_process:
             export_model(self.acc.unwrap_model(self.model), self.processor, path, base=self.base_name,
-                         strategy=self.strategy, configs=self.configs)
+                         strategy=self.strategy, configs=self.configs, metrics_log=self.out / "metrics.jsonl")
         self.acc.wait_for_everyone()
         return path
 

@@ -1,0 +1,1 @@
+"""MLflow tracking helpers, model packaging, and the registry promotion gate."""

@@ -1,0 +1,95 @@
+"""Register the candidate and run the promotion gate (the pipeline's last stage).
+
+The registry is checked for reachability before anything is written, so an unreachable MLflow
+fails the step with a clear message and changes nothing.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from ecomcap.config import RunConfig
+from ecomcap.registry import tracking
+from ecomcap.registry.gate import Decision, Gate, Scores
+from ecomcap.registry.pyfunc import INFERENCE_FILE, export_merged, log_pyfunc
+
+log = logging.getLogger(__name__)
+
+
+def registry_client(cfg: RunConfig) -> MlflowClient:
+    uri = cfg.registry.tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri) if uri else MlflowClient()
+
+
+def download_model_dir(name: str, version: str) -> Path:
+    """The merged model directory inside a registered pyfunc version."""
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+                                                    dst_path=tempfile.mkdtemp(prefix="ecomcap-champion-")))
+    found = next(root.rglob(INFERENCE_FILE), None)
+    if found is None:
+        raise FileNotFoundError(f"registered version {version} of {name} holds no ecomcap model directory")
+    return found.parent
+
+
+def reevaluator(cfg: RunConfig, valid: Path, eval_fp: str):
+    """Scores of a registered version on the current eval set (same decoding as the candidate)."""
+    def run(version: str) -> Scores:
+        from ecomcap.workflow import evaluate_stage, generate_stage
+
+        model_dir = download_model_dir(cfg.registry.model_name, version)
+        preds = generate_stage(model_dir, valid, cfg)
+        metrics, _, _ = evaluate_stage(preds, valid, cfg)
+        return Scores.from_metrics(metrics, eval_fp)
+
+    return run
+
+
+def promote_stage(model_dir: Path, metrics: dict, eval_fp: str, valid: Path, cfg: RunConfig,
+                  extra_tags: dict[str, str] | None = None) -> Decision:
+    """Log + register the candidate, then let the gate decide on `champion`."""
+    client = registry_client(cfg)
+    gate = Gate(client, cfg.registry)
+    gate.check_reachable()
+    name = cfg.registry.model_name
+    if not client.search_registered_models(filter_string=f"name='{name}'"):
+        client.create_registered_model(name, description="ecomcap: Chinese e-commerce captioner")
+    merged = export_merged(model_dir, Path(tempfile.mkdtemp(prefix="ecomcap-merged-")) / "model_dir",
+                           cfg.model, cfg.generate)
+    started = None
+    if mlflow.active_run() is None:  # outside a tracked pipeline run: open one for the model
+        mlflow.set_experiment(cfg.registry.experiment)
+        started = mlflow.start_run(run_name="promote")
+    try:
+        tracking.log_metrics({k: metrics[k] for k in ("CIDEr-D", "BLEU-4", "ROUGE-L") if k in metrics}, prefix="val.")
+        info = log_pyfunc(merged)
+        tags = {"code_version": tracking.code_version(), "config_hash": tracking.config_hash(cfg),
+                **(extra_tags or {})}
+        version = mlflow.register_model(info.model_uri, name, tags=tags).version
+        decision = gate.evaluate_and_promote(str(version), Scores.from_metrics(metrics, eval_fp),
+                                             reevaluate=reevaluator(cfg, valid, eval_fp))
+        tracking.set_tags({"gate.decision": "promoted" if decision.promote else "rejected",
+                           "gate.candidate_version": str(version),
+                           "gate.champion_after": str(decision.champion_after)})
+        tracking.log_text(decision.text(), "gate_decision.txt")
+    finally:
+        if started is not None:
+            mlflow.end_run()
+    return decision
+
+
+def champion_model_dir(cfg: RunConfig) -> Path:
+    """Download the model behind the `champion` alias (for batch inference)."""
+    from ecomcap.errors import EcomcapError
+
+    client = registry_client(cfg)
+    gate = Gate(client, cfg.registry)
+    gate.check_reachable()
+    champ = gate.champion()
+    if champ is None:
+        raise EcomcapError(f"registered model '{cfg.registry.model_name}' has no champion yet: "
+                           "run the training pipeline first")
+    return download_model_dir(cfg.registry.model_name, champ.version)

@@ -1,0 +1,112 @@
+"""MLflow tracking helpers: params from the run config, a metrics callback for the training
+loops, fingerprint/code tags. Every helper is a no-op without an active MLflow run, so the
+library runs the same with or without a tracker."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+from pydantic import BaseModel
+
+MAX_PARAMS_PER_CALL = 100
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> {"a.b.c": "value"} with MLflow-sized string values."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = json.dumps(data, ensure_ascii=False) if not isinstance(data, str) else data
+    return {k: v[:6000] for k, v in out.items()}
+
+
+def config_hash(cfg: BaseModel) -> str:
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def code_version() -> str:
+    """The git commit of the checkout (with "+dirty"), else the package version."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, check=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import version
+
+        return f"ecomcap-{version('ecomcap')}"
+
+
+def active() -> bool:
+    return mlflow.active_run() is not None
+
+
+def log_params(params: dict[str, str]) -> None:
+    if not active():
+        return
+    existing = mlflow.active_run().data.params
+    fresh = {k: v for k, v in params.items() if k not in existing}
+    items = list(fresh.items())
+    for i in range(0, len(items), MAX_PARAMS_PER_CALL):
+        mlflow.log_params(dict(items[i : i + MAX_PARAMS_PER_CALL]))
+
+
+def log_config(section: str, cfg: BaseModel) -> None:
+    """Log one config section as params "section.key...."."""
+    log_params(flatten(cfg, f"{section}."))
+
+
+def metrics_callback() -> Callable[[dict[str, float], int], None] | None:
+    """For `run_sft` / `run_scst`: forwards per-step metrics to the active MLflow run."""
+    if not active():
+        return None
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        mlflow.log_metrics({k.replace("/", "."): v for k, v in metrics.items()}, step=step)
+
+    return log
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    if active():
+        mlflow.set_tags(tags)
+
+
+def log_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
+    if active():
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    if active() and Path(path).exists():
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_text(text: str, name: str) -> None:
+    if active():
+        mlflow.log_text(text, name)
+
+
+def last_run_summary(tracking_uri: str, experiment: str = "training_pipeline") -> dict[str, Any] | None:
+    """Metrics and gate decision of the newest run of an experiment (for the end of `make run`)."""
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    r = runs[0]
+    return {"run": r.info.run_name, "run_id": r.info.run_id,
+            "metrics": {k: v for k, v in r.data.metrics.items() if k.startswith("val.")},
+            "gate": {k: v for k, v in r.data.tags.items() if k.startswith("gate.")}}

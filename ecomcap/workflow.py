@@ -1,0 +1,156 @@
+"""The pipeline's stages as plain functions: what each ZenML step calls (steps stay thin).
+
+Each stage takes the one run config, does its work through the library, logs to the active
+MLflow run when there is one (the ZenML MLflow tracker opens it), and returns paths or plain
+data for the step to wrap as typed artifacts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ecomcap.config import DataConfig, RunConfig
+from ecomcap.registry import tracking
+
+
+def source_fingerprint(data: DataConfig) -> str:
+    """Cheap identity of the raw input: the synthetic settings, or file names, sizes, mtimes.
+
+    The pipeline passes it to the ingest step, so ZenML's cache reruns ingest when files change.
+    """
+    h = hashlib.sha256()
+    if data.source == "synthetic":
+        h.update(json.dumps(data.synth.model_dump(mode="json"), sort_keys=True).encode())
+    elif data.src_dir is not None and Path(data.src_dir).exists():
+        for p in sorted(Path(data.src_dir).rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(data.src_dir)}\t{st.st_size}\t{int(st.st_mtime)}\n".encode())
+    h.update(json.dumps(data.ingest.model_dump(mode="json"), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _scratch(cfg: RunConfig, what: str) -> Path:
+    root = Path(cfg.data.work_dir).parent / "scratch"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{what}-", dir=root))
+
+
+def ingest_stage(cfg: RunConfig, split: str) -> Path:
+    """Synthesize when configured, then stream one split into shards + quarantine."""
+    from ecomcap.data.ingest import ingest_split
+    from ecomcap.data.prepare import source_dir
+
+    out = _scratch(cfg, f"ingest-{split}")
+    return ingest_split(source_dir(cfg.data), split, out, cfg.data.ingest).out_dir
+
+
+def validate_stage(splits: dict[str, Path], cfg: RunConfig) -> dict[str, Any]:
+    """GX suite + bad-row gate per split; raises EcomcapError with the reason when a split fails."""
+    from ecomcap.data.validate import enforce, validate_dataset
+
+    reports = {s: validate_dataset(d, cfg.data.ingest, write=False) for s, d in splits.items()}
+    tracking.log_config("data", cfg.data)
+    for split, rep in reports.items():
+        tracking.log_text(json.dumps({k: v for k, v in rep.items() if k != "gx_result"}, ensure_ascii=False,
+                                     indent=2, default=str), f"data_validation/{split}_report.json")
+        tracking.log_text(json.dumps(rep.get("gx_result"), indent=2, default=str), f"data_validation/{split}_gx.json")
+        tracking.log_metrics({"rows_in": rep["rows_in"], "rows_ok": rep["rows_ok"],
+                              "rows_quarantined": rep["rows_quarantined"]}, prefix=f"data.{split}.")
+    fps = {s: r["fingerprint"] for s, r in reports.items()}
+    tracking.set_tags({"data_fingerprint": data_fingerprint(fps), "eval_fingerprint": fps.get("valid", ""),
+                       "source_fingerprint": source_fingerprint(cfg.data), "config_hash": tracking.config_hash(cfg),
+                       "code_version": tracking.code_version()})
+    for rep in reports.values():
+        enforce(rep)
+    return {s: {k: v for k, v in r.items() if k != "gx_result"} for s, r in reports.items()}
+
+
+def data_fingerprint(fingerprints: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sft_stage(train: Path, valid: Path, cfg: RunConfig, run_name: str) -> Path:
+    from ecomcap.training.sft import run_sft
+
+    tracking.log_config("model", cfg.model)
+    tracking.log_config("finetune", cfg.finetune)
+    tracking.log_config("sft", cfg.sft)
+    sft = cfg.sft.model_copy(update={"output_dir": Path(cfg.sft.output_dir) / run_name})
+    res = run_sft(train, valid, cfg.model, cfg.finetune, sft, cfg.generate, tracking.metrics_callback())
+    tracking.log_metrics({"trainable_params": res.params.trainable, "total_params": res.params.total,
+                          "wall_s": res.wall_s}, prefix="sft.")
+    return res.model_dir
+
+
+def scst_stage(sft_model: Path, train: Path, valid: Path, cfg: RunConfig, run_name: str) -> Path:
+    """SCST on top of SFT, or the SFT model unchanged when `scst.enabled` is false."""
+    if not cfg.scst.enabled or cfg.scst.max_steps == 0:
+        return sft_model
+    from ecomcap.training.scst import run_scst
+
+    tracking.log_config("scst", cfg.scst)
+    scst = cfg.scst.model_copy(update={"output_dir": Path(cfg.scst.output_dir) / run_name})
+    res = run_scst(sft_model, train, valid, cfg.model, scst, cfg.generate, tracking.metrics_callback())
+    tracking.log_metrics({"wall_s": res.wall_s}, prefix="scst.")
+    return res.model_dir
+
+
+def generate_stage(model_dir: Path, data_dir: Path, cfg: RunConfig) -> dict[str, str]:
+    """Captions for every image of `data_dir`; logs caption_gen.jsonl."""
+    from ecomcap.inference.generate import generate_for_dataset
+    from ecomcap.modeling.load import load_trained
+
+    tracking.log_config("generate", cfg.generate)
+    model, processor = load_trained(model_dir, cfg.model)
+    out = _scratch(cfg, "generate") / "caption_gen.jsonl"
+    preds = generate_for_dataset(model, processor, cfg.model.prompt, data_dir, out, cfg.generate)
+    tracking.log_artifact(out)
+    return preds
+
+
+def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
+                   curves: dict[str, Path] | None = None) -> tuple[dict[str, Any], str, str]:
+    """(metrics, eval fingerprint, samples HTML); logs metrics, samples.html, loss curves."""
+    from ecomcap.data.shards import read_references, read_report
+    from ecomcap.metrics.report import caption_report
+    from ecomcap.reports import loss_curves_png, samples_html
+
+    refs = read_references(valid)
+    attrs = _synthetic_attributes(cfg)
+    metrics = caption_report(preds, refs, attrs)
+    eval_fp = read_report(valid)["fingerprint"]
+    html = samples_html(_samples(valid, preds, refs, cfg.registry.samples_in_report), metrics)
+    tracking.log_metrics({k: v for k, v in metrics.items() if k in ("CIDEr-D", "BLEU-4", "ROUGE-L")}, prefix="val.")
+    tracking.log_metrics({k: v for k, v in metrics.items() if k in ("distinct", "repeat_ngram", "mean_len")}, prefix="val.")
+    if "attributes" in metrics:
+        tracking.log_metrics(metrics["attributes"], prefix="val.attr.")
+    tracking.log_text(html, "samples.html")
+    if curves:
+        png = loss_curves_png(curves, _scratch(cfg, "curves") / "loss_curves.png")
+        if png:
+            tracking.log_artifact(png)
+    return metrics, eval_fp, html
+
+
+def _synthetic_attributes(cfg: RunConfig) -> dict | None:
+    from ecomcap.metrics.attributes import read_attributes
+
+    path = Path(cfg.data.work_dir) / "raw" / "attributes_valid.jsonl"
+    return read_attributes(path) if cfg.data.source == "synthetic" and path.is_file() else None
+
+
+def _samples(valid: Path, preds: dict[str, str], refs: dict[str, list[str]], n: int) -> list[dict]:
+    from ecomcap.data.shards import iter_batches
+
+    out: list[dict] = []
+    for rb in iter_batches(valid, ["image_id", "image"], batch_size=max(n, 1)):
+        for image_id, image in zip(rb.column(0).to_pylist(), rb.column(1).to_pylist()):
+            out.append({"image_id": image_id, "image": image, "caption": preds.get(image_id, ""),
+                        "references": refs.get(image_id, [])})
+            if len(out) >= n:
+                return out
+    return out

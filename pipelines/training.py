@@ -1,0 +1,24 @@
+"""ingest -> validate -> sft -> scst -> generate -> evaluate -> promote.
+
+    zenml pipeline run pipelines.training.training_pipeline -c configs/local.yaml
+"""
+from __future__ import annotations
+
+from zenml import Model, pipeline
+
+from ecomcap.config import RunConfig
+from ecomcap.workflow import source_fingerprint
+from steps import evaluate, generate, ingest, promote, scst, sft, validate
+
+MODEL = Model(name="ecomcap-captioner", description="Chinese e-commerce product captioner (Qwen2.5-VL)")
+
+
+@pipeline(model=MODEL, enable_cache=True)
+def training_pipeline(config: RunConfig = RunConfig()) -> None:  # noqa: B008  (a value, not a call per run)
+    train, valid = ingest(config=config, source_fingerprint=source_fingerprint(config.data))
+    report = validate(config=config, train=train, valid=valid)
+    sft_model = sft(config=config, train=train, valid=valid, after="validate")
+    model = scst(config=config, sft_model=sft_model, train=train, valid=valid)
+    predictions = generate(config=config, model=model, data=valid)
+    evaluation = evaluate(config=config, predictions=predictions, valid=valid, sft_model=sft_model, model=model)
+    promote(config=config, model=model, evaluation=evaluation, valid=valid, validation_report=report)

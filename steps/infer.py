@@ -1,0 +1,34 @@
+"""Generation steps: caption a dataset; fetch the registry's champion; write caption_gen.jsonl."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from zenml import step
+
+from ecomcap.config import RunConfig
+from ecomcap.workflow import generate_stage
+from materializers import DatasetDir, ModelDir
+from steps._tracker import TRACKER
+
+
+@step(experiment_tracker=TRACKER)
+def generate(config: RunConfig, model: ModelDir, data: DatasetDir) -> Annotated[dict, "caption_gen"]:
+    return generate_stage(Path(model.path), Path(data.path), config)
+
+
+@step(enable_cache=False)
+def champion_model(config: RunConfig) -> Annotated[ModelDir, "champion_model"]:
+    """The model behind the registry's `champion` alias (never cached: the alias moves)."""
+    from ecomcap.registry.promote import champion_model_dir
+
+    return ModelDir(str(champion_model_dir(config)))
+
+
+@step
+def write_predictions(config: RunConfig, predictions: dict, output: str) -> Annotated[str, "caption_gen_path"]:
+    from ecomcap.data.formats import write_predictions as write
+
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    write(output, predictions.items())
+    return str(Path(output).resolve())

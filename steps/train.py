@@ -1,0 +1,23 @@
+"""Training steps: SFT, then SCST (or the SFT model unchanged when SCST is off)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from zenml import step
+
+from ecomcap.config import RunConfig
+from ecomcap.workflow import scst_stage, sft_stage
+from materializers import DatasetDir, ModelDir
+from steps._tracker import TRACKER, run_name
+
+
+@step(experiment_tracker=TRACKER)
+def sft(config: RunConfig, train: DatasetDir, valid: DatasetDir) -> Annotated[ModelDir, "sft_model"]:
+    return ModelDir(str(sft_stage(Path(train.path), Path(valid.path), config, run_name())))
+
+
+@step(experiment_tracker=TRACKER)
+def scst(config: RunConfig, sft_model: ModelDir, train: DatasetDir, valid: DatasetDir) -> Annotated[ModelDir, "model"]:
+    out = scst_stage(Path(sft_model.path), Path(train.path), Path(valid.path), config, run_name())
+    return ModelDir(str(out))

@@ -132,13 +132,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from ecomcap.registry.tracking import last_run_summary
+    from ecomcap.registry.tracking import HEADLINE, last_run_summary
 
     s = last_run_summary(args.tracking_uri, args.experiment)
     if s is None:
         raise EcomcapError(f"no runs in experiment '{args.experiment}' at {args.tracking_uri}")
     m = s["metrics"]
-    print(f"run {s['run']}: " + "  ".join(f"{k[4:]} {m[k]:.4f}" for k in ("val.CIDEr-D", "val.BLEU-4", "val.ROUGE-L") if k in m))
+    print(f"run {s['run']}: " + "  ".join(f"{k} {m[k]:.4f}" for k in HEADLINE if k in m))
     gate = s["gate"]
     print(f"gate: {gate.get('gate.decision', 'n/a')} (candidate version {gate.get('gate.candidate_version')}, "
           f"champion now {gate.get('gate.champion_after')})")

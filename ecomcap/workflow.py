@@ -124,7 +124,7 @@ def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
     metrics = caption_report(preds, refs, attrs)
     eval_fp = read_report(valid)["fingerprint"]
     html = samples_html(_samples(valid, preds, refs, cfg.registry.samples_in_report), metrics)
-    tracking.log_metrics({k: v for k, v in metrics.items() if k in ("CIDEr-D", "BLEU-4", "ROUGE-L")}, prefix="val.")
+    tracking.log_metrics({k: metrics[k] for k in tracking.HEADLINE})  # top of the MLflow tables
     tracking.log_metrics({k: v for k, v in metrics.items() if k in ("distinct", "repeat_ngram", "mean_len")}, prefix="val.")
     if "attributes" in metrics:
         tracking.log_metrics(metrics["attributes"], prefix="val.attr.")

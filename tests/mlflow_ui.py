@@ -287,9 +287,11 @@ def _snippet(text: str, limit: int = 2500) -> str:
 # ----------------------------------------------------------------------------- the check
 
 def check_runs_visible(base_url: str, experiment_id: str, run_ids: list[str], metric_key: str,
-                       values: list[float], shots_dir: Path, wait_ms: int = 15000) -> dict:
+                       values: list[float], shots_dir: Path, wait_ms: int = 15000,
+                       compare_height: int = 2000) -> dict:
     """Open the experiment's runs page and the compare view of ``run_ids``; save
-    ``experiment.png`` and ``compare.png`` (and the dumped DOMs as .html) into ``shots_dir``;
+    ``experiment.png`` and ``compare.png`` (and the dumped DOMs as .html) into ``shots_dir``
+    (runs with many params/metrics need a larger ``compare_height``);
     assert every run is listed and every value of ``metric_key`` is shown in the compare view.
 
     Returns {"experiment_png", "compare_png", "experiment_url", "compare_url",
@@ -310,7 +312,8 @@ def check_runs_visible(base_url: str, experiment_id: str, run_ids: list[str], me
 
     # 2. the compare view: run ids, the metric key and every value.
     c_url = compare_url(base_url, experiment_id, run_ids)
-    c_dom = render(c_url, cmp_png, width=1400, height=2000, wait_ms=wait_ms)
+    # the compare tables render only rows near the viewport: a tall window shows every metric
+    c_dom = render(c_url, cmp_png, width=1400, height=compare_height, wait_ms=wait_ms)
     (shots_dir / "compare.html").write_text(c_dom, encoding="utf-8")
     c_text = dom_text(c_dom)
     problems = [f"run id {r} not shown" for r in run_ids if r not in c_text]

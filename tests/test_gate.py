@@ -12,12 +12,21 @@ from ecomcap.registry.gate import CHAMPION, Gate, Scores, decide
 CFG = RegistryConfig(model_name="captioner", min_rel_gain=0.01, tolerance=0.02, cider_floor=0.5)
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One real SQLite registry for the module (creating one costs seconds of migrations)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
 @pytest.fixture()
-def client(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+def client(store, request):
+    """A client on the shared store with a registered model of this test's own."""
+    global CFG
+    CFG = RegistryConfig(model_name=f"captioner-{request.node.name[:40]}", min_rel_gain=0.01,
+                         tolerance=0.02, cider_floor=0.5)
+    c = MlflowClient(tracking_uri=store, registry_uri=store)
     c.create_registered_model(CFG.model_name)
-    c.uri = uri
+    c.uri = store
     return c
 
 
@@ -25,12 +34,12 @@ def new_version(client, tmp_path) -> str:
     n = len(client.search_model_versions(f"name='{CFG.model_name}'"))
     src = tmp_path / f"m{n}"
     src.mkdir()
-    return client.create_model_version(CFG.model_name, str(src)).version
+    return str(client.create_model_version(CFG.model_name, str(src)).version)
 
 
 def champion(client):
     try:
-        return client.get_model_version_by_alias(CFG.model_name, CHAMPION).version
+        return str(client.get_model_version_by_alias(CFG.model_name, CHAMPION).version)
     except Exception:
         return None
 
@@ -56,7 +65,7 @@ def test_promote_then_refuse_worse(client, tmp_path):
     d2 = gate.evaluate_and_promote(v2, Scores(0.9, 0.3, 0.5, "fp"))
     assert not d2.promote and champion(client) == v1
     assert client.get_model_version(CFG.model_name, v2).tags["gate_decision"] == "rejected"
-    assert client.get_model_version_by_alias(CFG.model_name, "challenger").version == v2
+    assert str(client.get_model_version_by_alias(CFG.model_name, "challenger").version) == v2
     v3 = new_version(client, tmp_path)
     assert gate.evaluate_and_promote(v3, Scores(1.1, 0.31, 0.5, "fp")).promote and champion(client) == v3
 
@@ -76,7 +85,7 @@ def test_different_eval_set_refused_until_reevaluated(client, tmp_path):
     calls = []
 
     def reevaluate(version):
-        calls.append(version)
+        calls.append(str(version))
         return Scores(1.2, 0.3, 0.5, "new-set")
 
     v3 = new_version(client, tmp_path)

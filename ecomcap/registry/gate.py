@@ -141,6 +141,9 @@ class Gate:
         self.record_scores(candidate_version, scores)
         self.client.set_registered_model_alias(self.name, CHALLENGER, candidate_version)
         before = self.champion()
+        if _version(before) == str(candidate_version):
+            return self._finish(True, ["candidate is already the champion"], candidate_version, before,
+                                before, scores, scores)
         reasons: list[str] = []
         champ = before
         for _ in range(retries):

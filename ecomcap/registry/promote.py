@@ -5,6 +5,7 @@ fails the step with a clear message and changes nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -18,11 +19,25 @@ from ecomcap.registry.gate import Decision, Gate, Scores
 from ecomcap.registry.pyfunc import INFERENCE_FILE, export_merged, log_pyfunc
 
 log = logging.getLogger(__name__)
+TRAINED_AS = "trained_as"  # "source_fingerprint/config_hash" pairs this version was produced by
 
 
 def registry_client(cfg: RunConfig) -> MlflowClient:
     uri = cfg.registry.tracking_uri
     return MlflowClient(tracking_uri=uri, registry_uri=uri) if uri else MlflowClient()
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Content hash of a trained output's weights and configs (same weights -> same version)."""
+    h = hashlib.sha256()
+    root = Path(model_dir)
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix in (".safetensors", ".json") and p.name != "training_config.json":
+            h.update(p.relative_to(root).as_posix().encode())
+            with open(p, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:24]
 
 
 def download_model_dir(name: str, version: str) -> Path:
@@ -57,19 +72,30 @@ def promote_stage(model_dir: Path, metrics: dict, eval_fp: str, valid: Path, cfg
     name = cfg.registry.model_name
     if not client.search_registered_models(filter_string=f"name='{name}'"):
         client.create_registered_model(name, description="ecomcap: Chinese e-commerce captioner")
-    merged = export_merged(model_dir, Path(tempfile.mkdtemp(prefix="ecomcap-merged-")) / "model_dir",
-                           cfg.model, cfg.generate)
+    fingerprint = model_fingerprint(model_dir)
+    same = [v for v in client.search_model_versions(f"name='{name}'")
+            if (v.tags or {}).get("model_fingerprint") == fingerprint]
     started = None
     if mlflow.active_run() is None:  # outside a tracked pipeline run: open one for the model
         mlflow.set_experiment(cfg.registry.experiment)
         started = mlflow.start_run(run_name="promote")
     try:
-        tracking.log_metrics({k: metrics[k] for k in ("CIDEr-D", "BLEU-4", "ROUGE-L") if k in metrics}, prefix="val.")
-        info = log_pyfunc(merged)
-        tags = {"code_version": tracking.code_version(), "config_hash": tracking.config_hash(cfg),
-                **(extra_tags or {})}
-        version = mlflow.register_model(info.model_uri, name, tags=tags).version
-        decision = gate.evaluate_and_promote(str(version), Scores.from_metrics(metrics, eval_fp),
+        tracking.log_metrics({k: metrics[k] for k in tracking.HEADLINE if k in metrics})
+        trained_as = f"{(extra_tags or {}).get('source_fingerprint', '')}/{tracking.config_hash(cfg)}"
+        if same:  # a rerun of the same model: no duplicate version, remember this data/config too
+            version = str(same[0].version)
+            seen = (same[0].tags or {}).get(TRAINED_AS, "").split(",")
+            if trained_as not in seen:
+                client.set_model_version_tag(name, version, TRAINED_AS, ",".join([*seen, trained_as][-40:]).strip(","))
+            log.info("promote: weights already registered as version %s", version)
+        else:
+            merged = export_merged(model_dir, Path(tempfile.mkdtemp(prefix="ecomcap-merged-")) / "model_dir",
+                                   cfg.model, cfg.generate)
+            info = log_pyfunc(merged)
+            tags = {"code_version": tracking.code_version(), "config_hash": tracking.config_hash(cfg),
+                    "model_fingerprint": fingerprint, TRAINED_AS: trained_as, **(extra_tags or {})}
+            version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+        decision = gate.evaluate_and_promote(version, Scores.from_metrics(metrics, eval_fp),
                                              reevaluate=reevaluator(cfg, valid, eval_fp))
         tracking.set_tags({"gate.decision": "promoted" if decision.promote else "rejected",
                            "gate.candidate_version": str(version),

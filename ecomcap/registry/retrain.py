@@ -27,7 +27,7 @@ class RetrainPlan:
 
 
 def plan(config_path: str | Path, if_changed: bool) -> RetrainPlan:
-    from ecomcap.registry.promote import registry_client
+    from ecomcap.registry.promote import TRAINED_AS, registry_client
 
     cfg = load_run_config(config_path)
     src, chash = source_fingerprint(cfg.data), tracking.config_hash(cfg)
@@ -40,7 +40,7 @@ def plan(config_path: str | Path, if_changed: bool) -> RetrainPlan:
         filter_string=f"name='{name}'") else []
     for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
         tags = v.tags or {}
-        if tags.get("source_fingerprint") == src and tags.get("config_hash") == chash:
+        if f"{src}/{chash}" in tags.get(TRAINED_AS, "").split(","):
             return RetrainPlan(False, f"data {src} and config {chash} were already trained as version "
                                       f"{v.version} (gate: {tags.get('gate_decision', 'n/a')}): nothing to do",
                                src, chash)

@@ -13,6 +13,8 @@ import mlflow
 from pydantic import BaseModel
 
 MAX_PARAMS_PER_CALL = 100
+# Final validation metrics, logged unprefixed so they sort to the top of MLflow's tables.
+HEADLINE = ("CIDEr-D", "BLEU-4", "ROUGE-L")
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
@@ -108,5 +110,5 @@ def last_run_summary(tracking_uri: str, experiment: str = "training_pipeline") -
         return None
     r = runs[0]
     return {"run": r.info.run_name, "run_id": r.info.run_id,
-            "metrics": {k: v for k, v in r.data.metrics.items() if k.startswith("val.")},
+            "metrics": {k: v for k, v in r.data.metrics.items() if k in HEADLINE or k.startswith("val.")},
             "gate": {k: v for k, v in r.data.tags.items() if k.startswith("gate.")}}

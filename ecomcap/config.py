@@ -205,6 +205,14 @@ class RegistryConfig(_Strict):
     samples_in_report: int = Field(24, ge=0, description="images shown in samples.html")
 
 
+class LaunchConfig(_Strict):
+    """Multi-process training of the sft/scst steps (ZenML's `run_with_accelerate`)."""
+
+    num_processes: int = Field(1, ge=1, description="> 1: the step runs under `accelerate launch`")
+    config_file: str | None = Field(None, description="e.g. configs/accelerate/deepspeed_zero2.yaml")
+    multi_gpu: bool = True
+
+
 class RunConfig(_Strict):
     """A whole run: one section per concern (the YAML files under configs/ have this shape)."""
 
@@ -215,6 +223,7 @@ class RunConfig(_Strict):
     scst: SCSTConfig = Field(default_factory=SCSTConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
 def load_run_config(path: str | Path, model: type[BaseModel] | None = None) -> Any:

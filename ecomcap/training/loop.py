@@ -9,6 +9,7 @@ one CPU, DDP over GPUs and DeepSpeed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -53,6 +54,7 @@ class StageResult:
     evals: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
     resumed_from: int = 0
+    param_digest: str = ""  # hash of this process's trainable weights (ranks must agree)
 
 
 def make_accelerator(cfg: LoopConfig) -> Accelerator:
@@ -174,9 +176,10 @@ class TrainLoop:
                 raise InterruptedError(f"{self.stage}: stopped after step {step} (stop_after_steps)")
         bar.close()
         final = self._export(self.out / "model")
+        acc.wait_for_everyone()
         best = self.out / "best" if state["best"] is not None else None
-        return StageResult(best or final, final, best, step, self.params,
-                           state["best"], state["evals"], time.perf_counter() - started, resumed_from)
+        return StageResult(best or final, final, best, step, self.params, state["best"], state["evals"],
+                           time.perf_counter() - started, resumed_from, _digest(acc.unwrap_model(self.model)))
 
     def _evaluate(self, step: int, state: dict[str, Any]) -> None:
         if not self.acc.is_main_process:
@@ -194,10 +197,10 @@ class TrainLoop:
                  scores["CIDEr-D"], state["best"]["CIDEr-D"], state["best"]["step"])
 
     def _export(self, path: Path) -> Path:
+        """Main process writes; no barrier here (callers on one rank only must not deadlock)."""
         if self.acc.is_main_process:
             export_model(self.acc.unwrap_model(self.model), self.processor, path, base=self.base_name,
                          strategy=self.strategy, configs=self.configs, metrics_log=self.out / "metrics.jsonl")
-        self.acc.wait_for_everyone()
         return path
 
     def _emit(self, path: Path, row: dict[str, Any]) -> None:
@@ -217,3 +220,12 @@ def _truncate_log(path: Path, step: int) -> None:
     rows = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= step]
     path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+
+
+def _digest(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

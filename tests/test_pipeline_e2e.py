@@ -78,6 +78,7 @@ def test_run_rerun_worse_retrain_infer_and_ui(repo, tmp_path):
     assert "gate: promoted" in out and "MLflow UI:" in out
     v1, tags = champion(repo)
     assert float(tags["CIDEr-D"]) >= 0.05
+    _check_pyfunc_serves_captions(repo)
 
     second = sh(repo, "bash scripts/run.sh", CONFIG=good)
     out2 = second.stdout + second.stderr
@@ -106,6 +107,20 @@ def test_run_rerun_worse_retrain_infer_and_ui(repo, tmp_path):
     assert len(lines) == E2E["data"]["synth"]["test"]
 
     _check_mlflow_ui(repo, tmp_path)
+
+
+def _check_pyfunc_serves_captions(repo: Path) -> None:
+    """The registered champion is a pyfunc: base64 images in, captions out (what `mlflow models serve` runs)."""
+    import mlflow
+    import pandas as pd
+
+    raw = repo / ".run" / "data" / "raw" / "IC_valid.tsv"
+    rows = [line.split("\t") for line in raw.read_text(encoding="utf-8").splitlines()[:3]]
+    mlflow.set_tracking_uri(f"sqlite:///{repo}/.mlflow/mlflow.db")
+    model = mlflow.pyfunc.load_model("models:/ecomcap-captioner@champion")
+    out = model.predict(pd.DataFrame({"image_id": [r[0] for r in rows], "image": [r[1] for r in rows]}))
+    assert list(out["image_id"]) == [r[0] for r in rows]
+    assert all(isinstance(c, str) for c in out["caption"]) and any(out["caption"])
 
 
 def _plain(text: str) -> str:

@@ -35,7 +35,7 @@ infer: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/ingest.py
-	$(BIN)/python benchmarks/learning.py --stage sft
+	$(BIN)/python benchmarks/learning.py --stage sft --steps 1500
 	$(BIN)/python benchmarks/learning.py --stage scst
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/gpu_sft.py

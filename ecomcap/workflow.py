@@ -99,22 +99,25 @@ def scst_stage(sft_model: Path, train: Path, valid: Path, cfg: RunConfig, run_na
     return res.model_dir
 
 
-def generate_stage(model_dir: Path, data_dir: Path, cfg: RunConfig) -> dict[str, str]:
-    """Captions for every image of `data_dir`; logs caption_gen.jsonl."""
+def generate_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, log: bool = True) -> dict[str, str]:
+    """Captions for every image of `data_dir`; logs caption_gen.jsonl (unless `log` is off)."""
     from ecomcap.inference.generate import generate_for_dataset
     from ecomcap.modeling.load import load_trained
 
-    tracking.log_config("generate", cfg.generate)
+    if log:
+        tracking.log_config("generate", cfg.generate)
     model, processor = load_trained(model_dir, cfg.model)
     out = _scratch(cfg, "generate") / "caption_gen.jsonl"
     preds = generate_for_dataset(model, processor, cfg.model.prompt, data_dir, out, cfg.generate)
-    tracking.log_artifact(out)
+    if log:
+        tracking.log_artifact(out)
     return preds
 
 
 def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
-                   curves: dict[str, Path] | None = None) -> tuple[dict[str, Any], str, str]:
-    """(metrics, eval fingerprint, samples HTML); logs metrics, samples.html, loss curves."""
+                   curves: dict[str, Path] | None = None, log: bool = True) -> tuple[dict[str, Any], str, str]:
+    """(metrics, eval fingerprint, samples HTML); logs metrics, samples.html, loss curves
+    (`log` off: scoring another model, e.g. re-evaluating the champion, must not overwrite them)."""
     from ecomcap.data.shards import read_references, read_report
     from ecomcap.metrics.report import caption_report
     from ecomcap.reports import loss_curves_png, samples_html
@@ -124,6 +127,8 @@ def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
     metrics = caption_report(preds, refs, attrs)
     eval_fp = read_report(valid)["fingerprint"]
     html = samples_html(_samples(valid, preds, refs, cfg.registry.samples_in_report), metrics)
+    if not log:
+        return metrics, eval_fp, html
     tracking.log_metrics({k: metrics[k] for k in tracking.HEADLINE})  # top of the MLflow tables
     tracking.log_metrics({k: v for k, v in metrics.items() if k in ("distinct", "repeat_ngram", "mean_len")}, prefix="val.")
     if "attributes" in metrics:

@@ -56,8 +56,8 @@ def reevaluator(cfg: RunConfig, valid: Path, eval_fp: str):
         from ecomcap.workflow import evaluate_stage, generate_stage
 
         model_dir = download_model_dir(cfg.registry.model_name, version)
-        preds = generate_stage(model_dir, valid, cfg)
-        metrics, _, _ = evaluate_stage(preds, valid, cfg)
+        preds = generate_stage(model_dir, valid, cfg, log=False)
+        metrics, _, _ = evaluate_stage(preds, valid, cfg, log=False)
         return Scores.from_metrics(metrics, eval_fp)
 
     return run

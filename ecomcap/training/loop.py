@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,8 +177,10 @@ class TrainLoop:
                 raise InterruptedError(f"{self.stage}: stopped after step {step} (stop_after_steps)")
         bar.close()
         final = self._export(self.out / "model")
-        acc.wait_for_everyone()
         best = self.out / "best" if state["best"] is not None else None
+        if best is not None and acc.is_main_process:  # the best model carries the whole curve too
+            shutil.copy(metrics_log, best / "metrics.jsonl")
+        acc.wait_for_everyone()
         return StageResult(best or final, final, best, step, self.params, state["best"], state["evals"],
                            time.perf_counter() - started, resumed_from, _digest(acc.unwrap_model(self.model)))
 

@@ -139,6 +139,10 @@ def _cmd_summary(args: argparse.Namespace) -> int:
         raise EcomcapError(f"no runs in experiment '{args.experiment}' at {args.tracking_uri}")
     m = s["metrics"]
     print(f"run {s['run']}: " + "  ".join(f"{k} {m[k]:.4f}" for k in HEADLINE if k in m))
+    for split in ("train", "valid"):
+        if f"data.{split}.rows_in" in m:
+            print(f"data {split}: rows_in {m[f'data.{split}.rows_in']:.0f} = ok {m[f'data.{split}.rows_ok']:.0f}"
+                  f" + quarantined {m[f'data.{split}.rows_quarantined']:.0f}")
     gate = s["gate"]
     print(f"gate: {gate.get('gate.decision', 'n/a')} (candidate version {gate.get('gate.candidate_version')}, "
           f"champion now {gate.get('gate.champion_after')})")

@@ -62,6 +62,9 @@ class DataConfig(_Strict):
 
     source: Literal["synthetic", "dir"] = "synthetic"
     src_dir: Path | None = None
+    manifest: Path | None = Field(
+        None, description="committed file describing remote data (its hash is the data fingerprint)"
+    )
     work_dir: Path = Path(".run/data")
     splits: list[Literal["train", "valid", "test"]] = ["train", "valid"]
     synth: SynthConfig = Field(default_factory=SynthConfig)

@@ -8,12 +8,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ecomcap.config import DataConfig, RunConfig
 from ecomcap.registry import tracking
+
+log = logging.getLogger(__name__)
+
+
+def library_fingerprint() -> str:
+    """Hash of the `ecomcap` sources: part of every step's cache key (ZenML hashes only the step
+    function's own code), so a change in the library reruns the steps it may affect."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def source_fingerprint(data: DataConfig) -> str:
@@ -24,11 +39,17 @@ def source_fingerprint(data: DataConfig) -> str:
     h = hashlib.sha256()
     if data.source == "synthetic":
         h.update(json.dumps(data.synth.model_dump(mode="json"), sort_keys=True).encode())
+    elif data.manifest is not None:  # remote data: a committed manifest stands for its content
+        h.update(Path(data.manifest).read_bytes())
     elif data.src_dir is not None and Path(data.src_dir).exists():
         for p in sorted(Path(data.src_dir).rglob("*")):
             if p.is_file():
                 st = p.stat()
                 h.update(f"{p.relative_to(data.src_dir)}\t{st.st_size}\t{int(st.st_mtime)}\n".encode())
+    else:
+        log.warning("data.src_dir %s is not visible here and no data.manifest is set: the cache key "
+                    "and retrain check cannot see data changes", data.src_dir)
+        h.update(f"unseen:{data.src_dir}".encode())
     h.update(json.dumps(data.ingest.model_dump(mode="json"), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -93,10 +114,17 @@ def scst_stage(sft_model: Path, train: Path, valid: Path, cfg: RunConfig, run_na
     from ecomcap.training.scst import run_scst
 
     tracking.log_config("scst", cfg.scst)
+    from ecomcap.registry.pyfunc import export_merged
+
     scst = cfg.scst.model_copy(update={"output_dir": Path(cfg.scst.output_dir) / run_name})
     res = run_scst(sft_model, train, valid, cfg.model, scst, cfg.generate, tracking.metrics_callback())
     tracking.log_metrics({"wall_s": res.wall_s}, prefix="scst.")
-    return res.model_dir
+    # the adapter's base is the SFT artifact's local path, which a remote artifact store (another
+    # pod) does not have: hand on a standalone, merged model instead
+    merged = export_merged(res.model_dir, Path(scst.output_dir) / "merged", cfg.model, cfg.generate)
+    if (res.model_dir / "metrics.jsonl").is_file():
+        shutil.copy(res.model_dir / "metrics.jsonl", merged / "metrics.jsonl")
+    return merged
 
 
 def generate_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, log: bool = True) -> dict[str, str]:

@@ -5,9 +5,10 @@
 from __future__ import annotations
 
 from zenml import Model, pipeline
+from zenml.config import CachePolicy
 
 from ecomcap.config import LaunchConfig, RunConfig
-from ecomcap.workflow import source_fingerprint
+from ecomcap.workflow import library_fingerprint, source_fingerprint
 from steps import evaluate, generate, ingest, promote, scst, sft, validate
 
 MODEL = Model(name="ecomcap-captioner", description="Chinese e-commerce product captioner (Qwen2.5-VL)")
@@ -25,7 +26,7 @@ def launched(step_fn, launch: LaunchConfig):
     return run_with_accelerate(step_fn, **kwargs)
 
 
-@pipeline(model=MODEL, enable_cache=True)
+@pipeline(model=MODEL, enable_cache=True, cache_policy=CachePolicy(cache_func=library_fingerprint))
 def training_pipeline(config: RunConfig = RunConfig()) -> None:  # noqa: B008  (a value, not a call per run)
     train, valid = ingest(config=config, source_fingerprint=source_fingerprint(config.data))
     report = validate(config=config, train=train, valid=valid)

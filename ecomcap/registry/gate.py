@@ -120,10 +120,15 @@ class Gate:
                                "nothing was changed") from None
 
     def champion(self):
+        """The champion version, None when there is none yet; other registry errors surface."""
+        from mlflow.exceptions import MlflowException
+
         try:
             return self.client.get_model_version_by_alias(self.name, CHAMPION)
-        except Exception:  # no such alias (or model) yet
-            return None
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "not found" in str(exc):
+                return None
+            raise EcomcapError(f"cannot read the champion of '{self.name}': {str(exc).splitlines()[0]}") from None
 
     def scores_of(self, version) -> Scores | None:
         return Scores.from_tags(version.tags or {})
@@ -151,12 +156,14 @@ class Gate:
             promote, rule_reasons = decide(scores, champ_scores, self.cfg)
             if not promote:
                 return self._finish(False, reasons + rule_reasons, candidate_version, champ, before, scores, champ_scores)
-            self.client.set_model_version_tag(self.name, candidate_version, "gate", "passed")
             latest = self.champion()  # re-read right before moving
             if _version(latest) != _version(champ):
                 reasons.append(f"champion moved to version {_version(latest)} meanwhile: re-checked")
                 champ = latest
                 continue
+            # tagged only once it passed against the champion that is current now; the
+            # convergence of concurrent gates considers tagged versions only
+            self.client.set_model_version_tag(self.name, candidate_version, "gate", "passed")
             self.client.set_registered_model_alias(self.name, CHAMPION, candidate_version)
             self._converge(scores.eval_fingerprint)
             return self._finish(True, reasons + rule_reasons, candidate_version, champ, before, scores, champ_scores)

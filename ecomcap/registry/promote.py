@@ -40,24 +40,38 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()[:24]
 
 
-def download_model_dir(name: str, version: str) -> Path:
-    """The merged model directory inside a registered pyfunc version."""
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
-                                                    dst_path=tempfile.mkdtemp(prefix="ecomcap-champion-")))
+def download_model_dir(name: str, version: str, dst: str | Path | None = None) -> Path:
+    """The merged model directory inside a registered pyfunc version (downloaded under `dst`)."""
+    from ecomcap.errors import EcomcapError
+
+    try:
+        root = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(dst or tempfile.mkdtemp(prefix="ecomcap-champion-"))))
+    except Exception as exc:  # MLflow raises many types for missing/corrupt artifacts
+        raise EcomcapError(f"cannot download version {version} of '{name}': {str(exc).splitlines()[0]}") from None
     found = next(root.rglob(INFERENCE_FILE), None)
     if found is None:
-        raise FileNotFoundError(f"registered version {version} of {name} holds no ecomcap model directory")
+        raise EcomcapError(f"registered version {version} of '{name}' holds no ecomcap model directory")
     return found.parent
 
 
 def reevaluator(cfg: RunConfig, valid: Path, eval_fp: str):
     """Scores of a registered version on the current eval set (same decoding as the candidate)."""
     def run(version: str) -> Scores:
+        import json
+
+        from ecomcap.config import GenerateConfig
         from ecomcap.workflow import evaluate_stage, generate_stage
 
-        model_dir = download_model_dir(cfg.registry.model_name, version)
-        preds = generate_stage(model_dir, valid, cfg, log=False)
-        metrics, _, _ = evaluate_stage(preds, valid, cfg, log=False)
+        with tempfile.TemporaryDirectory(prefix="ecomcap-champion-") as tmp:
+            model_dir = download_model_dir(cfg.registry.model_name, version, tmp)
+            # the champion is scored with its own prompt and decoding, not the candidate's
+            info = json.loads((model_dir / INFERENCE_FILE).read_text(encoding="utf-8"))
+            own = cfg.model_copy(update={
+                "model": cfg.model.model_copy(update={"prompt": info["prompt"]}),
+                "generate": GenerateConfig.model_validate(info["generate"])})
+            preds = generate_stage(model_dir, valid, own, log=False)
+            metrics, _, _ = evaluate_stage(preds, valid, own, log=False)
         return Scores.from_metrics(metrics, eval_fp)
 
     return run
@@ -71,7 +85,13 @@ def promote_stage(model_dir: Path, metrics: dict, eval_fp: str, valid: Path, cfg
     gate.check_reachable()
     name = cfg.registry.model_name
     if not client.search_registered_models(filter_string=f"name='{name}'"):
-        client.create_registered_model(name, description="ecomcap: Chinese e-commerce captioner")
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.create_registered_model(name, description="ecomcap: Chinese e-commerce captioner")
+        except MlflowException as exc:  # a concurrent first run created it: fine
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     fingerprint = model_fingerprint(model_dir)
     same = [v for v in client.search_model_versions(f"name='{name}'")
             if (v.tags or {}).get("model_fingerprint") == fingerprint]
@@ -89,9 +109,8 @@ def promote_stage(model_dir: Path, metrics: dict, eval_fp: str, valid: Path, cfg
                 client.set_model_version_tag(name, version, TRAINED_AS, ",".join([*seen, trained_as][-40:]).strip(","))
             log.info("promote: weights already registered as version %s", version)
         else:
-            merged = export_merged(model_dir, Path(tempfile.mkdtemp(prefix="ecomcap-merged-")) / "model_dir",
-                                   cfg.model, cfg.generate)
-            info = log_pyfunc(merged)
+            with tempfile.TemporaryDirectory(prefix="ecomcap-merged-") as tmp:  # MLflow keeps its own copy
+                info = log_pyfunc(export_merged(model_dir, Path(tmp) / "model_dir", cfg.model, cfg.generate))
             tags = {"code_version": tracking.code_version(), "config_hash": tracking.config_hash(cfg),
                     "model_fingerprint": fingerprint, TRAINED_AS: trained_as, **(extra_tags or {})}
             version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)

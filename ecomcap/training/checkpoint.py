@@ -33,7 +33,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, sta
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "rng": torch.get_rng_state()},
+         "rng": torch.get_rng_state(),
+         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         tmp / "optim.pt",
     )
     (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2), encoding="utf-8")
@@ -63,6 +64,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng"])
+    if blob.get("cuda_rng") and torch.cuda.is_available():  # SCST samples on the GPU generator
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
     return json.loads((path / STATE).read_text(encoding="utf-8"))
 
 

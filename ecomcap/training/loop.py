@@ -85,7 +85,10 @@ class TrainLoop:
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
         sched = get_cosine_schedule_with_warmup(opt, warmup, max(cfg.max_steps, 1))
-        self.model, self.opt, self.sched = self.acc.prepare(model, opt, sched)
+        # the scheduler stays unprepared: accelerate's wrapper steps it once per process per
+        # optimizer step, which would compress the schedule num_processes-fold
+        self.model, self.opt = self.acc.prepare(model, opt)
+        self.sched = sched
         self.out = Path(cfg.output_dir)
         self.valid = valid
         self._valid_cache: tuple[list[str], list, dict[str, list[str]]] | None = None
@@ -152,9 +155,9 @@ class TrainLoop:
                     acc.backward(loss)
                     if acc.sync_gradients:
                         logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
-                    self.opt.step()
-                    self.sched.step()
-                    self.opt.zero_grad(set_to_none=True)
+                        self.opt.step()
+                        self.sched.step()
+                        self.opt.zero_grad(set_to_none=True)
                 for k, v in {"loss": float(loss.detach()), **extra}.items():
                     logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
             step += 1

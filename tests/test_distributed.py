@@ -1,5 +1,6 @@
 """Distributed training: SFT under `accelerate launch` with 2 CPU processes (gloo), and the
 accelerate configs shipped for GPUs (DDP, DeepSpeed ZeRO-2/3)."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,10 @@ def test_two_process_sft_ranks_agree_and_adapter_loads(tiny_model_cfg, small_dat
     assert ranks[0][2] == ranks[1][2] == "2"  # really two processes
     assert ranks[0][0] == ranks[1][0] == "3"  # same number of optimizer steps
     assert ranks[0][1] == ranks[1][1]  # identical weights on both ranks
+    # one scheduler step per optimizer step whatever the process count: the cosine ends at 0
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
+           if '"lr"' in line]
+    assert len(lrs) == 3 and lrs[0] > lrs[1] > lrs[2] == pytest.approx(0.0, abs=1e-12)
     model, _ = load_trained(out / "model", tiny_model_cfg)
     assert any("lora_" in n for n, _ in model.named_parameters())
 

@@ -40,13 +40,13 @@ class _DirMaterializer(BaseMaterializer):
     def save(self, data: Any) -> None:
         _copy_tree(data.path, self.uri)
 
+    def load(self, data_type: type) -> Any:
+        return data_type(self._local_path())
+
 
 class DatasetDirMaterializer(_DirMaterializer):
     ASSOCIATED_TYPES: ClassVar[tuple] = (DatasetDir,)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA
-
-    def load(self, data_type: type) -> DatasetDir:
-        return DatasetDir(self._local_path())
 
     def extract_metadata(self, data: DatasetDir) -> dict[str, Any]:
         r = data.report
@@ -62,9 +62,6 @@ class DatasetDirMaterializer(_DirMaterializer):
 class ModelDirMaterializer(_DirMaterializer):
     ASSOCIATED_TYPES: ClassVar[tuple] = (ModelDir,)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
-
-    def load(self, data_type: type) -> ModelDir:
-        return ModelDir(self._local_path())
 
     def extract_metadata(self, data: ModelDir) -> dict[str, Any]:
         from ecomcap.modeling.load import read_output_marker

@@ -216,7 +216,11 @@ class CiderDReward:
             return scores, scores - np.array([base[i] for i in ids])
         groups: dict[Hashable, int] = {}
         group = np.fromiter((groups.setdefault(i, len(groups)) for i in ids), np.int64, len(ids))
-        total = np.bincount(group, scores)[group]
-        n = np.bincount(group)[group]
-        others = np.divide(total - scores, n - 1, out=np.zeros_like(scores), where=n > 1)
-        return scores, scores - others
+        return scores, scores - leave_one_out_baseline(scores, group)
+
+
+def leave_one_out_baseline(scores: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Per sample: the mean score of the other samples of its group (0 for a lone sample)."""
+    total = np.bincount(group, scores)[group]
+    n = np.bincount(group)[group]
+    return np.divide(total - scores, n - 1, out=np.zeros_like(scores, dtype=float), where=n > 1)

@@ -12,7 +12,6 @@ gate to finish leaves the best passed model as champion, never a worse one.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -67,9 +66,6 @@ class Decision:
         head = "PROMOTED" if self.promote else "NOT PROMOTED"
         return f"{head}: version {self.candidate_version} vs champion {self.champion_version}\n" + \
             "\n".join(f"- {r}" for r in self.reasons)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
 
 def decide(candidate: Scores, champion: Scores | None, cfg: RegistryConfig) -> tuple[bool, list[str]]:

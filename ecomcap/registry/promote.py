@@ -27,6 +27,13 @@ def registry_client(cfg: RunConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri) if uri else MlflowClient()
 
 
+def _standalone(model_dir: Path) -> bool:
+    """Full weights with their inference settings: what `export_merged` writes."""
+    from ecomcap.modeling.load import read_output_marker
+
+    return (model_dir / INFERENCE_FILE).is_file() and (read_output_marker(model_dir) or {}).get("kind") == "full"
+
+
 def model_fingerprint(model_dir: str | Path) -> str:
     """Content hash of a trained output's weights and configs (same weights -> same version)."""
     h = hashlib.sha256()
@@ -109,8 +116,11 @@ def promote_stage(model_dir: Path, metrics: dict, eval_fp: str, valid: Path, cfg
                 client.set_model_version_tag(name, version, TRAINED_AS, ",".join([*seen, trained_as][-40:]).strip(","))
             log.info("promote: weights already registered as version %s", version)
         else:
-            with tempfile.TemporaryDirectory(prefix="ecomcap-merged-") as tmp:  # MLflow keeps its own copy
-                info = log_pyfunc(export_merged(model_dir, Path(tmp) / "model_dir", cfg.model, cfg.generate))
+            if _standalone(model_dir):  # the scst step already merged it: log as it is
+                info = log_pyfunc(model_dir)
+            else:
+                with tempfile.TemporaryDirectory(prefix="ecomcap-merged-") as tmp:  # MLflow keeps a copy
+                    info = log_pyfunc(export_merged(model_dir, Path(tmp) / "model_dir", cfg.model, cfg.generate))
             tags = {"code_version": tracking.code_version(), "config_hash": tracking.config_hash(cfg),
                     "model_fingerprint": fingerprint, TRAINED_AS: trained_as, **(extra_tags or {})}
             version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)

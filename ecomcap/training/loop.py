@@ -93,6 +93,7 @@ class TrainLoop:
         self.valid = valid
         self._valid_cache: tuple[list[str], list, dict[str, list[str]]] | None = None
         self._orders: dict[int, list[tuple[int, int]]] = {}
+        self._epoch_len: int | None = None
 
     # ------------------------------------------------------------------ data by step
     def examples_for(self, data: ShardImages, step: int, micro: int) -> list[Example]:
@@ -100,7 +101,9 @@ class TrainLoop:
         cfg, world, rank = self.cfg, self.acc.num_processes, self.acc.process_index
         per_step = cfg.batch_size * world * cfg.grad_accum
         first = step * per_step + (micro * world + rank) * cfg.batch_size
-        n = sum(map(len, data.texts)) if self.expand else len(data)
+        if self._epoch_len is None:
+            self._epoch_len = sum(map(len, data.texts)) if self.expand else len(data)
+        n = self._epoch_len
         out = []
         for k in range(first, first + cfg.batch_size):
             epoch, i = divmod(k, n)

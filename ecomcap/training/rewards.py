@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ecomcap.metrics.cider import CiderD
+from ecomcap.metrics.cider import CiderD, leave_one_out_baseline
 
 EOS_WORD = " eosmark"  # an ASCII run: one metric token, never produced by the caption tokeniser's text
 
@@ -28,11 +28,9 @@ class CaptionReward:
 
 
 def mean_of_others(scores: np.ndarray, k: int) -> np.ndarray:
-    """Baseline per sample: the mean reward of the other k-1 samples of the same image."""
-    s = scores.reshape(-1, k)
-    if k == 1:
-        return np.zeros_like(scores)
-    return ((s.sum(axis=1, keepdims=True) - s) / (k - 1)).reshape(-1)
+    """Baseline per sample: the mean reward of the other k-1 samples of the same image
+    (samples come image by image, k at a time)."""
+    return leave_one_out_baseline(scores, np.arange(len(scores)) // k)
 
 
 def greedy_baseline(greedy_scores: np.ndarray, k: int) -> np.ndarray:

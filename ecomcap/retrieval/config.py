@@ -16,7 +16,8 @@ class RetrievalSynthConfig(_Strict):
     """Synthetic retrieval set: attribute-combination queries over a drawn product gallery."""
 
     train_products: int = Field(600, ge=1, description="base products drawn for the train gallery")
-    valid_products: int = Field(200, ge=1)
+    valid_products: int = Field(300, ge=1)
+    train_max_positives: int = Field(30, ge=1, description="train queries keep up to this many positives")
     distractors: int = Field(1, ge=0, description="one-attribute variants per base product")
     max_views: int = Field(3, ge=1, description="drawings of one product (scale/crop/background/JPEG)")
     image_size: int = Field(112, ge=16)
@@ -43,7 +44,7 @@ class TinyEncoderConfig(_Strict):
     heads: int = 4
     projection_dim: int = 64
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
     seed: int = 0
 
 
@@ -85,6 +86,7 @@ class RetrievalTrainConfig(LoopConfig):
         "auto", description="auto: SigLIP's t'=log 10, b=-10 for the sigmoid loss on a from-scratch model"
     )
     grad_cache_chunk: int | None = Field(None, ge=1, description="embed in chunks of this size (gradient caching)")
+    pixel_cache_items: int = Field(4096, ge=0, description="preprocessed item images kept in memory")
     strategy: Literal["full", "lora"] = "full"
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)

@@ -209,6 +209,7 @@ class _Ingester:
         return {
             "split": self.split,
             "format": self.layout.kind,
+            "needs_text": self.needs_text,
             "source": {"images": str(self.layout.images), "captions": str(self.layout.captions or "")},
             "rows_in": self.rows_in,
             "rows_ok": self.shards.rows,

@@ -97,7 +97,9 @@ class RetrievalTrainConfig(LoopConfig):
 class RetrievalEvalConfig(_Strict):
     top_k: int = Field(10, ge=10)
     chunk: int = Field(1024, ge=1, description="queries per similarity block")
-    match_thresholds: list[float] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(21)])
+    match_thresholds: list[float] = Field(
+        default_factory=lambda: [round(0.05 * i, 2) for i in range(19)] + [round(0.9 + 0.01 * i, 2) for i in range(10)]
+        + [0.995, 0.999, 0.9999, 1.0], description="cosine thresholds tried on the train groups")
     match_at_least_two: bool = False
     figure_queries: int = Field(6, ge=0, description="queries drawn with their top-5 images")
 

@@ -18,6 +18,11 @@ from ecomcap.errors import EcomcapError
 KS = (1, 5, 10)
 
 
+def tracking_names(scores: dict[str, Any]) -> dict[str, float]:
+    """R@K -> RK: MLflow metric names may not contain '@' (the printed/JSON reports keep R@K)."""
+    return {k.replace("@", ""): float(v) for k, v in scores.items() if k in ("R@1", "R@5", "R@10", "MeanRecall")}
+
+
 def _tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 

@@ -17,6 +17,7 @@ from ecomcap.retrieval.encoder import Encoder, fuse, load_preprocessor, save_enc
 from ecomcap.retrieval.evaluate import embed_split, recall_of
 from ecomcap.retrieval.gradcache import grad_cache_backward
 from ecomcap.retrieval.losses import info_nce, sigmoid_loss
+from ecomcap.retrieval.metrics import tracking_names
 from ecomcap.retrieval.mining import mine_hard_negatives
 from ecomcap.retrieval.model import DualEncoder, load_dual_encoder
 from ecomcap.retrieval.tiny import ensure_tiny_encoder
@@ -78,7 +79,7 @@ class RetrievalLoop(TrainLoop):
             return None
         scores = recall_of(embed_split(self._encoder(), self.valid_dir, self.run_cfg.encoder.item_embedding))
         self.model.train()
-        return {k: scores[k] for k in ("R@1", "R@5", "R@10", "MeanRecall")}
+        return tracking_names(scores)
 
     def _export(self, path: Path) -> Path:
         if self.acc.is_main_process:

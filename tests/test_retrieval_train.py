@@ -32,16 +32,18 @@ def _cfg(tmp, name, **train):
 
 
 def test_resume_is_exact_with_hard_negatives_and_grad_cache(data, tmp_path):
-    full = train_retriever(data["train"], data["valid"], _cfg(tmp_path, "full", grad_cache_chunk=3))
+    full = train_retriever(data["train"], data["valid"], _cfg(tmp_path, "full", grad_cache_chunk=3, match_weight=1.0))
     with pytest.raises(InterruptedError):
-        train_retriever(data["train"], data["valid"], _cfg(tmp_path, "cut", grad_cache_chunk=3, stop_after_steps=2))
+        train_retriever(data["train"], data["valid"], _cfg(tmp_path, "cut", grad_cache_chunk=3, match_weight=1.0,
+                                                          stop_after_steps=2))
     assert not (tmp_path / "cut" / "hard_negatives.json").exists()  # mined at step 2, after the stop
-    resumed = train_retriever(data["train"], data["valid"], _cfg(tmp_path, "cut", grad_cache_chunk=3))
+    resumed = train_retriever(data["train"], data["valid"], _cfg(tmp_path, "cut", grad_cache_chunk=3,
+                                                                 match_weight=1.0))
     assert resumed.resumed_from == 2 and resumed.param_digest == full.param_digest
     negs = json.loads((tmp_path / "cut" / "hard_negatives.json").read_text())
     assert negs == json.loads((tmp_path / "full" / "hard_negatives.json").read_text())
     rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "in_batch_acc"} <= set(rows[0]) and any("val_MeanRecall" in r for r in rows)
+    assert {"loss", "in_batch_acc", "match_loss"} <= set(rows[0]) and any("val_MeanRecall" in r for r in rows)
     enc = load_encoder(full.model_dir, device="cpu")
     assert enc.item_embedding == "fused" and enc.encode_texts(["红色 T恤"]).shape == (1, 16)
 

@@ -25,6 +25,9 @@ class Batch:
     items: list[int]  # item rows: the B pair items, then the hard negatives
     item_texts: list[str]
     pos: torch.Tensor  # [B, M] bool
+    siblings: list[int] | None = None  # another view of each pair item's product (matching term)
+    sibling_texts: list[str] | None = None
+    sibling_pos: torch.Tensor | None = None  # [B, B] bool: same product group
 
 
 class TrainingSet:
@@ -44,6 +47,10 @@ class TrainingSet:
             t = pq.read_table(groups_file)
             gmap = dict(zip(t.column("item_id").to_pylist(), t.column("group").to_pylist()))
         self.groups = [gmap.get(i) for i in self.items.ids]
+        self.views: dict[str, list[int]] = {}
+        for j, g in enumerate(self.groups):
+            if g is not None:
+                self.views.setdefault(g, []).append(j)
         self.seed = seed
         self.negatives: list[list[int]] | None = None
         self._orders: dict[int, list[tuple[int, int]]] = {}
@@ -61,8 +68,10 @@ class TrainingSet:
             self._orders = {epoch: order}
         return self._orders[epoch]
 
-    def batch(self, step: int, first: int, size: int, negatives_per_example: int = 0) -> Batch:
-        """Pairs [first, first + size) of the endless shuffled stream, plus hard negatives."""
+    def batch(self, step: int, first: int, size: int, negatives_per_example: int = 0,
+              siblings: bool = False) -> Batch:
+        """Pairs [first, first + size) of the endless shuffled stream, plus hard negatives and
+        (for the matching term) another view of each pair item's product."""
         n = len(self.pairs)
         pairs = [self._order(k // n)[k % n] for k in range(first, first + size)]
         rng = random.Random(f"{self.seed}:batch:{step}:{first}")
@@ -73,4 +82,14 @@ class TrainingSet:
                 items += rng.sample(pool, min(negatives_per_example, len(pool)))
         pos = torch.tensor([[j in self.pos_sets[qi] for j in items] for qi, _ in pairs], dtype=torch.bool)
         texts = [rng.choice(self.items.texts[j]) if self.items.texts[j] else "" for j in items]
-        return Batch(step, [self.queries[qi]["query_text"] for qi, _ in pairs], items, texts, pos)
+        batch = Batch(step, [self.queries[qi]["query_text"] for qi, _ in pairs], items, texts, pos)
+        if siblings:
+            sib = []
+            for _, j in pairs:  # a product seen once is its own sibling
+                others = [v for v in self.views.get(self.groups[j], [j]) if v != j]
+                sib.append(rng.choice(others) if others else j)
+            batch.siblings = sib
+            batch.sibling_texts = [rng.choice(self.items.texts[j]) if self.items.texts[j] else "" for j in sib]
+            g = [self.groups[j] if self.groups[j] is not None else f"#{j}" for _, j in pairs]
+            batch.sibling_pos = torch.tensor([[a == b for b in g] for a in g], dtype=torch.bool)
+        return batch

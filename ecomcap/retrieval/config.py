@@ -85,6 +85,8 @@ class RetrievalTrainConfig(LoopConfig):
     logit_init: Literal["auto", "model", "siglip"] = Field(
         "auto", description="auto: SigLIP's t'=log 10, b=-10 for the sigmoid loss on a from-scratch model"
     )
+    match_weight: float = Field(0.0, ge=0, description="weight of the same-product term (views of one product "
+                                "group as positives, Shopee-style); 0: off")
     grad_cache_chunk: int | None = Field(None, ge=1, description="embed in chunks of this size (gradient caching)")
     pixel_cache_items: int = Field(4096, ge=0, description="preprocessed item images kept in memory")
     strategy: Literal["full", "lora"] = "full"

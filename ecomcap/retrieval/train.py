@@ -48,7 +48,8 @@ class RetrievalLoop(TrainLoop):
             data.negatives = self._negatives(data)
         world, rank = self.acc.num_processes, self.acc.process_index
         first = step * cfg.batch_size * world * cfg.grad_accum + (micro * world + rank) * cfg.batch_size
-        return data.batch(step, first, cfg.batch_size, hn.per_example if hn.enabled else 0)
+        return data.batch(step, first, cfg.batch_size, hn.per_example if hn.enabled else 0,
+                          siblings=self.run_cfg.train.match_weight > 0 and bool(data.views))
 
     def _negatives(self, data: TrainingSet) -> list[list[int]]:
         """Mine once with the current model; saved, so a resumed run trains on the same ones."""
@@ -109,23 +110,34 @@ def make_step_fn(loop: RetrievalLoop, data: TrainingSet, cfg: RetrievalRunConfig
         img = dual.embed_image(inp["pixel_values"])
         return img if mode == "image" else fuse(img, dual.embed_text(text), weight)
 
-    def loss_fn(q, d):
+    def loss_fn(q, d, s=None):
         t, b = dual.scale_bias()
-        return info_nce(q, d, pos, t) if loss_kind == "infonce" else sigmoid_loss(q, d, pos, t, b)
+        loss, extra = info_nce(q, d, pos, t) if loss_kind == "infonce" else sigmoid_loss(q, d, pos, t, b)
+        if s is not None:  # same-product matching: a view against other views of its product
+            match, m_extra = info_nce(d[: len(s)], s, sib_pos, t)
+            loss = loss + cfg.train.match_weight * match
+            extra = {**extra, "match_loss": float(match.detach()), "match_acc": m_extra["in_batch_acc"]}
+        return loss, extra
 
-    def step(batch: Batch):
-        nonlocal pos
-        pos = batch.pos.to(device)
-        q_in = {k: v.to(device) for k, v in pre.texts(batch.query_texts).items()}
+    def item_inputs(rows: list[int], texts: list[str]) -> dict[str, torch.Tensor]:
         d_in: dict[str, torch.Tensor] = {}
         if mode != "text":
-            d_in["pixel_values"] = pixels(batch.items).to(device)
+            d_in["pixel_values"] = pixels(rows).to(device)
         if mode != "image":
-            d_in.update({f"t_{k}": v.to(device) for k, v in pre.texts(batch.item_texts).items()})
+            d_in.update({f"t_{k}": v.to(device) for k, v in pre.texts(texts).items()})
+        return d_in
+
+    def step(batch: Batch):
+        nonlocal pos, sib_pos
+        pos = batch.pos.to(device)
+        towers = [(query_fn, {k: v.to(device) for k, v in pre.texts(batch.query_texts).items()}),
+                  (item_fn, item_inputs(batch.items, batch.item_texts))]
+        if batch.siblings is not None:
+            sib_pos = batch.sibling_pos.to(device)
+            towers.append((item_fn, item_inputs(batch.siblings, batch.sibling_texts)))
         if cfg.train.grad_cache_chunk:
-            return grad_cache_backward([(query_fn, q_in), (item_fn, d_in)], loss_fn, cfg.train.grad_cache_chunk,
-                                       backward=loop.acc.backward)
-        return loss_fn(query_fn(q_in), item_fn(d_in))
+            return grad_cache_backward(towers, loss_fn, cfg.train.grad_cache_chunk, backward=loop.acc.backward)
+        return loss_fn(*(fn(inp) for fn, inp in towers))
 
     cache: dict[int, torch.Tensor] = {}
 
@@ -138,7 +150,7 @@ def make_step_fn(loop: RetrievalLoop, data: TrainingSet, cfg: RetrievalRunConfig
                 cache[j] = px
         return torch.stack([cache[j] if j in cache else fresh[j] for j in rows])
 
-    pos = None
+    pos = sib_pos = None
     return step
 
 

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export ZENML_ANALYTICS_OPT_IN := false
 
-.PHONY: setup run test e2e infer bench clean
+.PHONY: setup run test e2e infer bench clean retrieval
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ e2e: $(STAMP)
 infer: $(STAMP)
 	bash -c 'source scripts/zenml_env.sh && zenml pipeline run pipelines.inference.batch_inference_pipeline -c $${CONFIG:-configs/local.yaml}'
 
+# The second job: product retrieval (ingest -> validate -> train -> embed gallery -> evaluate -> promote)
+retrieval: $(STAMP)
+	bash -c 'source scripts/zenml_env.sh && bash scripts/setup_stack.sh && OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} zenml pipeline run pipelines.retrieval.retrieval_pipeline -c $${CONFIG:-configs/retrieval_local.yaml}'
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/ingest.py
@@ -39,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/learning.py --stage scst
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/gpu_sft.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/retrieval_topk.py
 
 clean:
 	rm -rf .run .zen_config .mlflow .zen

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ecomcap.config import GenerateConfig
+from ecomcap.errors import EcomcapError
 from ecomcap.retrieval.batches import Batch, TrainingSet
 from ecomcap.retrieval.config import RetrievalRunConfig
 from ecomcap.retrieval.encoder import Encoder, fuse, load_preprocessor, save_encoder
@@ -37,6 +38,9 @@ class RetrievalLoop(TrainLoop):
         super().__init__(stage="retrieval", model=dual, processor=pre, prompt=None, base_name=base_name,
                          strategy=cfg.train.strategy, cfg=cfg.train, gen_cfg=GenerateConfig(), valid=None,
                          configs=cfg.model_dump(mode="json"), on_metrics=on_metrics)
+        if self.acc.num_processes > 1:  # the towers are called on the unwrapped module: no DDP sync
+            raise EcomcapError("retrieval training runs in one process (one GPU) for now; use gradient "
+                               "caching (train.grad_cache_chunk) for large contrastive batches")
 
     @property
     def dual(self) -> DualEncoder:

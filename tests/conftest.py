@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def make_image(color="red", size=(64, 48), fmt="JPEG", mode="RGB") -> bytes:

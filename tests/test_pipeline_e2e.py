@@ -26,7 +26,7 @@ E2E = {
     "scst": {"output_dir": ".run/scst", "max_steps": 4, "batch_size": 4, "samples": 3, "lr": 1.0e-4,
              "eval_every": 0, "save_every": 0, "max_new_tokens": 24},
     "generate": {"num_beams": 2, "max_new_tokens": 24, "batch_size": 8},
-    "registry": {"min_rel_gain": 0.05, "cider_floor": 0.05},
+    "registry": {"min_rel_gain": 0.05, "floor": 0.05},
 }
 
 

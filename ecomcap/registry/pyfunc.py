@@ -32,9 +32,15 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelCo
     save_processor(processor, out)
     write_output_marker(out, kind="full", base=None, extra={"merged_from": str(model_dir)})
     (out / INFERENCE_FILE).write_text(json.dumps(
-        {"prompt": model_cfg.prompt, "generate": gen_cfg.model_dump(mode="json")}, ensure_ascii=False, indent=2),
+        inference_settings(model_cfg, gen_cfg), ensure_ascii=False, indent=2),
         encoding="utf-8")
     return out
+
+
+def inference_settings(model_cfg: ModelConfig, gen_cfg: GenerateConfig) -> dict:
+    """What changes a caption besides the weights: prompt, decoding, image resolution bounds."""
+    return {"prompt": model_cfg.prompt, "generate": gen_cfg.model_dump(mode="json"),
+            "min_pixels": model_cfg.min_pixels, "max_pixels": model_cfg.max_pixels}
 
 
 class CaptionModel(mlflow.pyfunc.PythonModel):

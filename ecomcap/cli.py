@@ -92,15 +92,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "sft":
         from ecomcap.training.sft import run_sft
 
-        res = run_sft(work / "train", work / "valid", cfg.model, cfg.finetune, cfg.sft, cfg.generate)
+        res = run_sft(work / "train", work / "valid", cfg.model, cfg.finetune, cfg.sft, cfg.generate,
+                      dev_images=cfg.data.dev_images)
     else:
         from ecomcap.training.scst import run_scst
 
-        start = args.start or next(
-            (d for d in (cfg.sft.output_dir / "best", cfg.sft.output_dir / "model") if d.is_dir()), None)
+        from ecomcap.training.identity import finished_output
+
+        start = args.start or finished_output(cfg.sft.output_dir)
         if start is None:
             raise EcomcapError(f"no SFT output under {cfg.sft.output_dir}: run --stage sft first or pass --from")
-        res = run_scst(start, work / "train", work / "valid", cfg.model, cfg.scst, cfg.generate)
+        res = run_scst(start, work / "train", work / "valid", cfg.model, cfg.scst, cfg.generate,
+                       dev_images=cfg.data.dev_images)
     print(json.dumps({"stage": args.stage, "model_dir": str(res.model_dir), "steps": res.steps,
                       "best": res.best_metrics, "params": str(res.params)}, ensure_ascii=False))
     return 0

@@ -67,6 +67,9 @@ class DataConfig(_Strict):
     )
     work_dir: Path = Path(".run/data")
     splits: list[Literal["train", "valid", "test"]] = ["train", "valid"]
+    dev_images: int = Field(
+        200, ge=0, description="images split off train (by id hash) to pick the best checkpoint; "
+        "the gate scores on valid, which training never saw. 0: pick on valid (optimistic gate)")
     synth: SynthConfig = Field(default_factory=SynthConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
 

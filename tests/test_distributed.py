@@ -29,10 +29,11 @@ def test_two_process_sft_ranks_agree_and_adapter_loads(tiny_model_cfg, small_dat
     assert ranks[0][0] == ranks[1][0] == "3"  # same number of optimizer steps
     assert ranks[0][1] == ranks[1][1]  # identical weights on both ranks
     # one scheduler step per optimizer step whatever the process count: the cosine ends at 0
-    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    run = next(out.glob("run-*"))  # the run identity's folder
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()
            if '"lr"' in line]
     assert len(lrs) == 3 and lrs[0] > lrs[1] > lrs[2] == pytest.approx(0.0, abs=1e-12)
-    model, _ = load_trained(out / "model", tiny_model_cfg)
+    model, _ = load_trained(run / "model", tiny_model_cfg)
     assert any("lora_" in n for n, _ in model.named_parameters())
 
 

@@ -24,7 +24,9 @@ from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.modeling.strategies import apply_strategy
 from ecomcap.text import tokenize_many
 from ecomcap.training.collate import AnswerBatch, PromptBuilder, answer_logits, with_answers
-from ecomcap.training.data import Example, ShardImages
+from ecomcap.data.shards import read_report
+from ecomcap.training.data import Example, train_and_dev
+from ecomcap.training.identity import model_fingerprint, run_identity
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
 from ecomcap.training.losses import (
     kl_penalty,
@@ -144,8 +146,10 @@ def run_scst(
     cfg: SCSTConfig,
     gen_cfg: GenerateConfig | None = None,
     on_metrics: MetricsCallback | None = None,
+    dev_images: int = 0,
 ) -> StageResult:
-    """SCST from an SFT output directory; returns the exported (best) model."""
+    """SCST from an SFT output directory; returns the exported (best) model (`dev_images`: as
+    in `run_sft`, the same held-out training images pick the best checkpoint)."""
     torch.manual_seed(cfg.seed)  # adapter init and sampling follow the seed, not the process history
     gen_cfg = gen_cfg or GenerateConfig()
     model, processor = load_trained(sft_model_dir, model_cfg)
@@ -154,13 +158,14 @@ def run_scst(
     if cfg.kl_weight > 0 and cfg.finetune.strategy not in ("lora", "qlora"):
         raise EcomcapError("scst.kl_weight needs a LoRA strategy (the reference is the model with the adapter off)")
     model, _ = apply_strategy(model, cfg.finetune)
+    train, select_on = train_and_dev(train_dir, valid_dir, dev_images)
+    configs = {"model": model_cfg.model_dump(mode="json"), "scst": cfg.model_dump(mode="json"),
+               "generate": gen_cfg.model_dump(mode="json"), "dev_images": dev_images}
     loop = TrainLoop(
         stage="scst", model=model, processor=processor, prompt=model_cfg.prompt,
         base_name=str(sft_model_dir), strategy=cfg.finetune.strategy, cfg=cfg, gen_cfg=gen_cfg,
-        valid=ShardImages(valid_dir) if valid_dir else None,
-        configs={"model": model_cfg.model_dump(mode="json"), "scst": cfg.model_dump(mode="json"),
-                 "sft_model": str(sft_model_dir)},
-        on_metrics=on_metrics,
+        valid=select_on, configs={**configs, "sft_model": str(sft_model_dir)}, on_metrics=on_metrics,
+        identity=run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(sft_model_dir)),
     )
     reward = CaptionReward(read_references(train_dir))
-    return loop.run(ShardImages(train_dir), SCSTStep(loop, cfg, reward, gen_cfg))
+    return loop.run(train, SCSTStep(loop, cfg, reward, gen_cfg))

@@ -54,3 +54,14 @@ def tiny_model_cfg(small_data, tmp_path_factory):
                       tiny=TinyModelConfig(**TINY_TEST_MODEL))
     ensure_model(cfg, small_data["train"])
     return cfg
+
+
+@pytest.fixture(scope="session")
+def merged(tiny_model_cfg, tmp_path_factory):
+    """The tiny model as a standalone registered-style directory (weights + inference.json)."""
+    from ecomcap.config import GenerateConfig
+    from ecomcap.registry.pyfunc import export_merged
+
+    out = tmp_path_factory.mktemp("merged")
+    return export_merged(tiny_model_cfg.name_or_path, out / "model_dir", tiny_model_cfg,
+                         GenerateConfig(num_beams=1, max_new_tokens=6))

@@ -15,12 +15,6 @@ from ecomcap.registry.register import weights_fingerprint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def merged(tiny_model_cfg, tmp_path_factory):
-    out = tmp_path_factory.mktemp("merged")
-    return export_merged(tiny_model_cfg.name_or_path, out / "model_dir", tiny_model_cfg, GenerateConfig())
-
-
 def _info(path: Path) -> dict:
     return json.loads((path / INFERENCE_FILE).read_text(encoding="utf-8"))
 

@@ -18,7 +18,6 @@ from ecomcap.data.clean import repeated_ngram_share
 from ecomcap.data.shards import read_references
 from ecomcap.errors import EcomcapError
 from ecomcap.inference.generate import generate_kwargs
-from ecomcap.inference.postprocess import postprocess
 from ecomcap.modeling.load import load_trained
 from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.modeling.strategies import apply_strategy
@@ -79,10 +78,11 @@ class SCSTStep:
             no_repeat_ngram_size=0))
         self.sample_kw = generate_kwargs(sample_cfg, self.builder)
         self.greedy_kw = {**self.sample_kw, "do_sample": False}
-        self.post = gen_cfg.postprocess
 
     def _decode(self, seqs: list[list[int]]) -> list[str]:
-        return [postprocess(t, self.post) for t in self.tok.batch_decode(seqs, skip_special_tokens=True)]
+        """The sampled captions as decoded, not post-processed: collapsing a looping phrase would
+        hide the loop from the reward and from `repeat_ngram` (post-processing is for output)."""
+        return self.tok.batch_decode(seqs, skip_special_tokens=True)
 
     @torch.no_grad()
     def _generate(self, enc, **kw) -> torch.Tensor:
@@ -138,6 +138,17 @@ class SCSTStep:
         return sft_loss(logits, targets)
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """One policy for sampling (eval mode), the log-prob pass (train mode) and the KL reference
+    (adapter off): with LoRA dropout on only in the log-prob pass, the gradient would be taken
+    for another policy than the one that sampled (TRL disables dropout for the same reason)."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            m.p, n = 0.0, n + 1
+    return n
+
+
 def run_scst(
     sft_model_dir: str | Path,
     train_dir: str | Path,
@@ -158,6 +169,7 @@ def run_scst(
     if cfg.kl_weight > 0 and cfg.finetune.strategy not in ("lora", "qlora"):
         raise EcomcapError("scst.kl_weight needs a LoRA strategy (the reference is the model with the adapter off)")
     model, _ = apply_strategy(model, cfg.finetune)
+    disable_dropout(model)
     train, select_on = train_and_dev(train_dir, valid_dir, dev_images)
     configs = {"model": model_cfg.model_dump(mode="json"), "scst": cfg.model_dump(mode="json"),
                "generate": gen_cfg.model_dump(mode="json"), "dev_images": dev_images}

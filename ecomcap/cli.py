@@ -149,6 +149,9 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     gate = s["gate"]
     print(f"gate: {gate.get('gate.decision', 'n/a')} (candidate version {gate.get('gate.candidate_version')}, "
           f"champion now {gate.get('gate.champion_after')})")
+    if "gate.rel_gain_low" in m:
+        print(f"gate: relative gain {m['gate.rel_gain']:+.2%}, interval [{m['gate.rel_gain_low']:+.2%}, "
+              f"{m['gate.rel_gain_high']:+.2%}] (gate_decision.txt has the reasons)")
     print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {args.tracking_uri} --port 5000")
     return 0
 
@@ -157,6 +160,26 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from ecomcap.registry.retrain import retrain
 
     return retrain(args.config, args.if_changed)
+
+
+def _cmd_champion(args: argparse.Namespace) -> int:
+    """Set `champion` by hand (e.g. a rollback); the gate keeps it until a candidate beats it."""
+    from ecomcap.config import load_run_config
+    from ecomcap.registry.gate import Gate
+    from ecomcap.registry.register import registry_client
+
+    cfg = load_run_config(args.config).registry
+    if args.tracking_uri:
+        cfg = cfg.model_copy(update={"tracking_uri": args.tracking_uri})
+    gate = Gate(registry_client(cfg), cfg)
+    gate.check_reachable()
+    try:
+        gate.set_by_hand(args.version, args.reason)
+    except Exception as exc:  # MLflow: no such version
+        raise EcomcapError(f"cannot make version {args.version} of '{cfg.model_name}' champion: "
+                           f"{str(exc).splitlines()[0]}") from None
+    print(f"champion of '{cfg.model_name}' is now version {args.version} (set by hand: {args.reason})")
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -229,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gold", type=Path, required=True)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
+
+    c = sub.add_parser("champion", help="set the registry's champion by hand (e.g. a rollback)")
+    c.add_argument("--config", required=True, help="run config (its registry section)")
+    c.add_argument("--version", required=True)
+    c.add_argument("--reason", required=True, help="recorded on the version")
+    c.add_argument("--tracking-uri", default=None, help="default: registry.tracking_uri or MLFLOW_TRACKING_URI")
+    c.set_defaults(func=_cmd_champion)
     return p
 
 

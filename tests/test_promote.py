@@ -23,10 +23,11 @@ def test_fingerprint_is_weights_and_decoding_only(merged, tiny_model_cfg, tmp_pa
     """The same weights merged from another path (run-specific `merged_from`) are the same
     version; another decoding of the same weights is another version."""
     moved = shutil.copytree(tiny_model_cfg.name_or_path, tmp_path / "elsewhere")
-    again = export_merged(moved, tmp_path / "again", tiny_model_cfg, GenerateConfig())
+    gen = GenerateConfig.model_validate(_info(merged)["generate"])
+    again = export_merged(moved, tmp_path / "again", tiny_model_cfg, gen)
     assert (again / "ecomcap_model.json").read_text() != (merged / "ecomcap_model.json").read_text()
     assert weights_fingerprint(again, _info(again)) == weights_fingerprint(merged, _info(merged))
-    beams3 = export_merged(moved, tmp_path / "beams3", tiny_model_cfg, GenerateConfig(num_beams=3))
+    beams3 = export_merged(moved, tmp_path / "beams3", tiny_model_cfg, gen.model_copy(update={"num_beams": 3}))
     assert weights_fingerprint(beams3, _info(beams3)) != weights_fingerprint(merged, _info(merged))
 
 

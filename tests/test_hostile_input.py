@@ -85,3 +85,13 @@ def test_cli_with_an_undecodable_file_name(tmp_path):
                               "--no-gx", "--max-bad-rate", "1")
     assert rc == 0, err
     assert "Traceback" not in err and json.loads(stdout)["rows_ok"] == 1
+
+
+def test_attribute_ground_truth_skips_unusable_lines(tmp_path):
+    from ecomcap.metrics.attributes import read_attributes
+
+    p = tmp_path / "attributes_valid.jsonl"
+    p.write_bytes('{"image_id": "a", "category": "T恤"}\n{not json\n{"no_id": 1}\n'
+                  '{"image_id": 7, "category": "帽子"}\n'.encode("utf-8") + b'{"image_id": "\xff"}\n')
+    got = read_attributes(p)
+    assert set(got) == {"a", "7", "\ufffd"} and got["7"]["category"] == "帽子"

@@ -109,7 +109,7 @@ class FinetuneConfig(_Strict):
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
-    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora_vision: bool = Field(False, description="also put LoRA on the vision tower")
     partial_layers: tuple[int, int] = Field((16, 31), description="language-model layers i..j trained")
     train_vision: bool = Field(False, description="freeze_llm: also train the vision tower")

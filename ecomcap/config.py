@@ -99,6 +99,8 @@ class ModelConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     min_pixels: int | None = Field(None, description="image resolution lower bound (pixels)")
     max_pixels: int | None = Field(None, description="image resolution upper bound (pixels)")
+    max_seq_len: int | None = Field(
+        None, ge=1, description="prompt + image + answer tokens allowed; default the model's limit")
     prompt: str = "请为这张电商商品图生成中文描述，突出品类、颜色、图案和品牌。"
 
 
@@ -111,7 +113,11 @@ class FinetuneConfig(_Strict):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora_vision: bool = Field(False, description="also put LoRA on the vision tower")
-    partial_layers: tuple[int, int] = Field((16, 31), description="language-model layers i..j trained")
+    partial_layers: tuple[int, int] | Literal["upper_half", "lower_half"] | float = Field(
+        "upper_half", description="layers trained by 'partial': [i, j] (inclusive, negative counts "
+        "from the end), 'upper_half'/'lower_half', or a fraction in (0, 1]: that share of the top "
+        "layers; checked against the loaded model")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     train_vision: bool = Field(False, description="freeze_llm: also train the vision tower")
 
 

@@ -23,6 +23,7 @@ from ecomcap.modeling.load import load_trained
 from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.modeling.strategies import apply_strategy
 from ecomcap.text import tokenize_many
+from ecomcap.training.budget import check_token_budget, model_token_limit
 from ecomcap.training.collate import AnswerBatch, PromptBuilder, answer_logits, with_answers
 from ecomcap.training.data import Example, ShardImages
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
@@ -163,4 +164,7 @@ def run_scst(
         on_metrics=on_metrics,
     )
     reward = CaptionReward(read_references(train_dir))
-    return loop.run(ShardImages(train_dir), SCSTStep(loop, cfg, reward, gen_cfg))
+    train = ShardImages(train_dir)
+    answer = max(cfg.max_new_tokens, cfg.max_answer_tokens if cfg.xe_weight > 0 else 0)
+    check_token_budget(train, loop.builder, answer, model_token_limit(model, model_cfg.max_seq_len))
+    return loop.run(train, SCSTStep(loop, cfg, reward, gen_cfg))

@@ -8,6 +8,7 @@ import torch
 from ecomcap.config import FinetuneConfig, GenerateConfig, ModelConfig, SFTConfig
 from ecomcap.modeling.load import load_base
 from ecomcap.modeling.strategies import apply_strategy, quantization_config
+from ecomcap.training.budget import check_token_budget, model_token_limit
 from ecomcap.training.collate import answer_logits, with_answers
 from ecomcap.training.data import Example, ShardImages
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
@@ -49,4 +50,6 @@ def run_sft(
         loss = sft_loss(logits, targets, cfg.label_smoothing)
         return loss, {"answer_tokens": float((targets != -100).sum())}
 
-    return loop.run(ShardImages(train_dir), step)
+    train = ShardImages(train_dir)
+    check_token_budget(train, builder, cfg.max_answer_tokens, model_token_limit(model, model_cfg.max_seq_len))
+    return loop.run(train, step)

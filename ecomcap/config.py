@@ -173,6 +173,9 @@ class SCSTConfig(LoopConfig):
     kl_weight: float = Field(0.0, ge=0, description="KL penalty to the frozen SFT policy (LoRA)")
     max_new_tokens: int = Field(40, ge=1)
     max_answer_tokens: int = Field(64, ge=1, description="reference length cap for xe mixing")
+    logprob_chunk: int = Field(
+        0, ge=0, description="sequences per log-prob forward/backward (0: all batch_size x samples at "
+        "once); each image is encoded once either way")
     finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(strategy="lora"))
 
 

@@ -127,7 +127,11 @@ def freeze_for_kbit(model: torch.nn.Module) -> torch.nn.Module:
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Recompute activations in backward. With frozen embeddings (LoRA, partial) the checkpointed
     blocks' inputs carry no grad: `enable_input_require_grads` hooks the embedding outputs."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     model.config.use_cache = False

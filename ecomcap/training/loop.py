@@ -172,7 +172,8 @@ class TrainLoop:
             for micro in range(cfg.grad_accum):
                 with acc.accumulate(self.model):
                     loss, extra = step_fn(self.examples_for(data, step, micro))
-                    acc.backward(loss)
+                    if loss.requires_grad or not getattr(step_fn, "does_backward", False):
+                        acc.backward(loss)  # (SCST backwards its chunked log-prob pass itself)
                     if acc.sync_gradients:
                         logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
                         self.opt.step()

@@ -115,3 +115,19 @@ def test_sft_refuses_to_start_over_budget(hub_model_cfg, mixed_data, tmp_path):
         run_sft(mixed_data["train"], None, cfg, FinetuneConfig(strategy="lora", lora_r=2),
                 SFTConfig(output_dir=tmp_path / "o", max_steps=1, batch_size=2, eval_every=0))
     assert not (tmp_path / "o" / "model").exists()
+
+
+def test_every_gpu_config_sizes_scst():
+    """The 3B defaults scored 80 sequences in one forward; every GPU config sets the chunking."""
+    from pathlib import Path
+
+    from ecomcap.config import load_yaml
+
+    for path in sorted(Path("configs").glob("*.yaml")):
+        cfg = load_run_config(path)
+        if cfg.model.device != "cuda":
+            continue
+        raw = load_yaml(path)["parameters"]["config"]
+        assert "scst" in raw, path
+        assert 0 < cfg.scst.logprob_chunk <= cfg.scst.batch_size * cfg.scst.samples, path
+        assert cfg.model.max_pixels, path  # image tokens bounded

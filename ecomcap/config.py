@@ -67,6 +67,9 @@ class DataConfig(_Strict):
     )
     work_dir: Path = Path(".run/data")
     splits: list[Literal["train", "valid", "test"]] = ["train", "valid"]
+    dev_images: int = Field(
+        200, ge=0, description="images split off train (by id hash) to pick the best checkpoint; "
+        "the gate scores on valid, which training never saw. 0: pick on valid (optimistic gate)")
     synth: SynthConfig = Field(default_factory=SynthConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
 
@@ -211,9 +214,15 @@ class RegistryConfig(_Strict):
         None, description="MLflow tracking/registry URI; default: the stack's tracker or MLFLOW_TRACKING_URI"
     )
     experiment: str = "ecomcap"
-    min_rel_gain: float = Field(0.0, ge=0, description="candidate CIDEr-D >= champion x (1 + this)")
-    tolerance: float = Field(0.01, ge=0, description="BLEU-4 / ROUGE-L may trail the champion by this")
-    cider_floor: float = Field(0.5, ge=0, description="absolute CIDEr-D floor (raw scale)")
+    primary_metric: str = Field("CIDEr-D", description="the metric the gate tests for a gain")
+    guard_metrics: list[str] = Field(["BLEU-4", "ROUGE-L"], description="may trail the champion by `tolerance`")
+    min_rel_gain: float = Field(
+        0.0, ge=0, description="lower bound of the relative gain's bootstrap interval must reach this")
+    confidence: float = Field(0.9, gt=0, lt=1, description="two-sided level of the gain's bootstrap interval")
+    bootstrap_resamples: int = Field(1000, ge=100, description="paired resamples of the eval items")
+    bootstrap_seed: int = 0
+    tolerance: float = Field(0.01, ge=0, description="guard metrics may trail the champion by this")
+    floor: float = Field(0.5, ge=0, description="absolute floor of the primary metric (its own scale)")
     samples_in_report: int = Field(24, ge=0, description="images shown in samples.html")
 
 

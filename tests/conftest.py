@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def make_image(color="red", size=(64, 48), fmt="JPEG", mode="RGB") -> bytes:
@@ -53,6 +54,17 @@ def tiny_model_cfg(small_data, tmp_path_factory):
                       tiny=TinyModelConfig(**TINY_TEST_MODEL))
     ensure_model(cfg, small_data["train"])
     return cfg
+
+
+@pytest.fixture(scope="session")
+def merged(tiny_model_cfg, tmp_path_factory):
+    """The tiny model as a standalone registered-style directory (weights + inference.json)."""
+    from ecomcap.config import GenerateConfig
+    from ecomcap.registry.pyfunc import export_merged
+
+    out = tmp_path_factory.mktemp("merged")
+    return export_merged(tiny_model_cfg.name_or_path, out / "model_dir", tiny_model_cfg,
+                         GenerateConfig(num_beams=1, max_new_tokens=6))
 
 
 MIXED_SIZES = [(84, 140), (140, 84), (112, 112), (168, 56), (56, 168), (196, 112)]

@@ -34,9 +34,11 @@ from ecomcap.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    save_rng,
 )
 from ecomcap.training.collate import PromptBuilder
 from ecomcap.training.data import Example, ShardImages, epoch_order, make_example
+from ecomcap.training.identity import record_finished, run_dir
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -90,7 +92,7 @@ class TrainLoop:
     def __init__(self, *, stage: str, model, processor, prompt: str, base_name: str, strategy: str,
                  cfg: LoopConfig, gen_cfg: GenerateConfig, valid: ShardImages | None,
                  configs: dict[str, Any], on_metrics: MetricsCallback | None = None,
-                 expand_references: bool = False):
+                 expand_references: bool = False, identity: str | None = None):
         self.stage, self.cfg, self.gen_cfg = stage, cfg, gen_cfg
         self.processor, self.base_name, self.strategy, self.configs = processor, base_name, strategy, configs
         self.builder = PromptBuilder(processor, prompt)
@@ -106,7 +108,8 @@ class TrainLoop:
         # optimizer step, which would compress the schedule num_processes-fold
         self.model, self.opt = self.acc.prepare(model, opt)
         self.sched = sched
-        self.out = Path(cfg.output_dir)
+        self.root = Path(cfg.output_dir)  # each run identity trains in its own folder below it
+        self.out = run_dir(self.root, identity, stage) if identity else self.root
         self.valid = valid
         self._valid_cache: tuple[list[str], list, dict[str, list[str]]] | None = None
         self._orders: dict[int, list[tuple[int, int]]] = {}
@@ -156,7 +159,8 @@ class TrainLoop:
         step = 0
         last = latest_checkpoint(ckpts) if cfg.resume else None
         if last is not None:
-            state = load_checkpoint(last, acc.unwrap_model(self.model), self.opt, self.sched)
+            state = load_checkpoint(last, acc.unwrap_model(self.model), self.opt, self.sched,
+                                    rank=acc.process_index)
             step = state.pop("step")
             log.info("%s: resumed from %s (step %d)", self.stage, last, step)
         resumed_from = step
@@ -192,9 +196,12 @@ class TrainLoop:
                          logs["loss"], logs["lr"])
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                 self._evaluate(step, state)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps and acc.is_main_process:
-                save_checkpoint(ckpts, step, acc.unwrap_model(self.model), self.opt, self.sched, state,
-                                cfg.keep_checkpoints)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                save_rng(ckpts, step, acc.process_index)  # every rank its own generators
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    save_checkpoint(ckpts, step, acc.unwrap_model(self.model), self.opt, self.sched, state,
+                                    cfg.keep_checkpoints)
             acc.wait_for_everyone()
             if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step < cfg.max_steps:
                 bar.close()
@@ -202,8 +209,12 @@ class TrainLoop:
         bar.close()
         final = self._export(self.out / "model")
         best = self.out / "best" if state["best"] is not None else None
-        if best is not None and acc.is_main_process:  # the best model carries the whole curve too
-            shutil.copy(metrics_log, best / "metrics.jsonl")
+        if acc.is_main_process:
+            if best is not None:  # the best model carries the whole curve too
+                shutil.copy(metrics_log, best / "metrics.jsonl")
+            shutil.rmtree(ckpts, ignore_errors=True)  # a finished run leaves nothing half-way to resume
+            if self.out != self.root:
+                record_finished(self.root, self.out, best or final)
         acc.wait_for_everyone()
         return StageResult(best or final, final, best, step, self.params, state["best"], state["evals"],
                            time.perf_counter() - started, resumed_from, _digest(acc.unwrap_model(self.model)))

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ecomcap.config import GenerateConfig, LoopConfig
+from ecomcap.errors import EcomcapError
 from ecomcap.inference.generate import caption_images
 from ecomcap.metrics import evaluate
 from ecomcap.modeling.strategies import ParamCount, count_parameters
@@ -60,13 +61,29 @@ class StageResult:
     param_digest: str = ""  # hash of this process's trainable weights (ranks must agree)
 
 
-def make_accelerator(cfg: LoopConfig) -> Accelerator:
+def make_accelerator(cfg: LoopConfig, model: torch.nn.Module | None = None) -> Accelerator:
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if model is not None and mp == "no":  # bf16 weights, fp32 trainables: autocast joins them
+            mp = "bf16" if any(p.dtype == torch.bfloat16 for p in model.parameters()) else "no"
+    if mp == "no" and model is not None and any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+        raise EcomcapError("mixed_precision 'no' with 16-bit weights: set mixed_precision to bf16 or auto "
+                           "(trainable weights are kept in fp32; autocast runs the 16-bit frozen ones)")
+    _forget_other_precision(mp)
     return Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum
     )
+
+
+def _forget_other_precision(mp: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second stage (or test) with another
+    mixed precision; drop that part of the state (the process group in PartialState stays)."""
+    from accelerate.state import AcceleratorState, DistributedType
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mp) and state.get("distributed_type") != DistributedType.DEEPSPEED:
+        AcceleratorState._reset_state()
 
 
 class TrainLoop:
@@ -80,7 +97,7 @@ class TrainLoop:
         self.processor, self.base_name, self.strategy, self.configs = processor, base_name, strategy, configs
         self.builder = PromptBuilder(processor, prompt)
         self.on_metrics, self.expand = on_metrics, expand_references
-        self.acc = make_accelerator(cfg)
+        self.acc = make_accelerator(cfg, model)
         torch.manual_seed(cfg.seed)
         self.params = count_parameters(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -159,7 +176,8 @@ class TrainLoop:
             for micro in range(cfg.grad_accum):
                 with acc.accumulate(self.model):
                     loss, extra = step_fn(self.examples_for(data, step, micro))
-                    acc.backward(loss)
+                    if loss.requires_grad or not getattr(step_fn, "does_backward", False):
+                        acc.backward(loss)  # (SCST backwards its chunked log-prob pass itself)
                     if acc.sync_gradients:
                         logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
                         self.opt.step()

@@ -6,10 +6,11 @@ from pathlib import Path
 import torch
 
 from ecomcap.config import FinetuneConfig, GenerateConfig, ModelConfig, SFTConfig
+from ecomcap.data.shards import read_report
 from ecomcap.modeling.load import load_base
 from ecomcap.modeling.strategies import apply_strategy, quantization_config
+from ecomcap.training.budget import check_token_budget, model_token_limit
 from ecomcap.training.collate import answer_logits, with_answers
-from ecomcap.data.shards import read_report
 from ecomcap.training.data import Example, train_and_dev
 from ecomcap.training.identity import model_fingerprint, run_identity
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
@@ -57,4 +58,5 @@ def run_sft(
         loss = sft_loss(logits, targets, cfg.label_smoothing)
         return loss, {"answer_tokens": float((targets != -100).sum())}
 
+    check_token_budget(train, builder, cfg.max_answer_tokens, model_token_limit(model, model_cfg.max_seq_len))
     return loop.run(train, step)

@@ -1,13 +1,26 @@
-"""GPU SFT throughput: the Qwen2.5-VL-3B architecture (random weights, no download), LoRA and
-QLoRA in bf16 on synthetic batches; prints samples/s, peak GPU memory and estimated MFU.
+"""The real-size Qwen2.5-VL-3B on one GPU: SFT (LoRA), one SCST step and batched beam search,
+through the same path as a downloaded checkpoint.
 
-    python benchmarks/gpu_sft.py [--steps 20] [--batch 8] [--strategies lora qlora]
+A hub-layout directory of the full 3B (random bf16 weights, the real Qwen2.5 tokenizer, the
+release's config/chat template/preprocessor/generation config; `ecomcap.modeling.hubfixture`)
+is written, then loaded with `ecomcap.modeling.load.load_base` exactly like
+`Qwen/Qwen2.5-VL-3B-Instruct`, with the sizes of configs/qwen25vl_3b_lora.yaml (max_pixels
+401408: up to 512 image tokens; photos of mixed aspect ratios). Prints per stage: samples/s,
+peak GPU memory, and for SFT the MFU counting matmul FLOPs only (embeddings are lookups; the
+frozen vision tower runs forward only). The SCST step is timed with the GPU-sized log-prob pass
+(images encoded once, `logprob_chunk` sequences per backward) and, for comparison, the old
+one-forward pass (which may not fit: reported as OOM). Compare the peaks with
+benchmarks/memory.py's extrapolation.
 
-Runs only on a CUDA machine; elsewhere it says so and exits 0. Last line: one JSON object.
+    python benchmarks/gpu_sft.py [--steps 10] [--smoke]   # --smoke: tiny width on CPU (code check)
+
+Runs only on a CUDA machine (about 5 minutes on one H100); elsewhere it prints a 'skipped'
+JSON and exits 0. Last line: one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -19,144 +32,218 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-# Qwen/Qwen2.5-VL-3B-Instruct's architecture (config.json of the release), random weights.
-QWEN25_VL_3B = dict(
-    text_config=dict(
-        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-        num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
-        rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
-        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
-    ),
-    vision_config=dict(
-        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-        fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
-    ),
-    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-    vision_end_token_id=151653, tie_word_embeddings=True,
-)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+SIZES = [(448, 896), (896, 448), (640, 640), (560, 700), (720, 540), (616, 616), (504, 784), (784, 504)]
+CAPTION = "这款连衣裙采用优质面料，版型修身显瘦，V领设计优雅大方，碎花图案清新甜美，适合春夏季节穿着。"
 
 
-def synthetic_batch(batch: int, image_px: int, prompt_len: int, answer_len: int, device):
-    """Inputs shaped like the pipeline's: one image per row, prompt, answer at the end."""
-    from ecomcap.training.collate import AnswerBatch
-
-    grid = image_px // 14
-    n_patches, n_img_tokens = grid * grid, grid * grid // 4
-    cfg = QWEN25_VL_3B
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(batch):
-        text = torch.randint(100, 150000, (prompt_len + answer_len,), generator=g)
-        rows.append(torch.cat([torch.tensor([cfg["vision_start_token_id"]]),
-                               torch.full((n_img_tokens,), cfg["image_token_id"]),
-                               torch.tensor([cfg["vision_end_token_id"]]), text]))
-    ids = torch.stack(rows)
-    labels = torch.full_like(ids, -100)
-    labels[:, -answer_len:] = ids[:, -answer_len:]
-    inputs = {
-        "input_ids": ids, "attention_mask": torch.ones_like(ids),
-        "mm_token_type_ids": (ids == cfg["image_token_id"]).long(),
-        "pixel_values": torch.randn(batch * n_patches, 3 * 2 * 14 * 14, generator=g),
-        "image_grid_thw": torch.tensor([[1, grid, grid]] * batch),
-    }
-    return AnswerBatch(inputs, labels, answer_len).to(device, torch.bfloat16), n_patches, ids.shape[1]
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def build_model(strategy: str, tmp: Path):
-    from transformers import (
-        AutoModelForImageTextToText,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-    )
-
-    from ecomcap.config import FinetuneConfig
-    from ecomcap.modeling.strategies import apply_strategy, quantization_config
-
-    config = Qwen2_5_VLConfig(**QWEN25_VL_3B)
-    ft = FinetuneConfig(strategy=strategy, lora_r=32, lora_alpha=64)
-    if strategy == "qlora":  # 4-bit needs a checkpoint to quantize on load: write the random one
-        path = tmp / "qwen25vl3b-random"
-        if not path.is_dir():
-            with torch.device("cuda"):
-                Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=torch.bfloat16, quantization_config=quantization_config(ft), device_map={"": 0})
-    else:
-        with torch.device("cuda"):
-            model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
-    model.config.use_cache = False
-    model, counts = apply_strategy(model, ft)
-    text_params = sum(p.numel() for n, p in model.named_parameters() if ".visual." not in n)
-    vision_params = sum(p.numel() for n, p in model.named_parameters() if ".visual." in n)
-    return model, counts, text_params, vision_params
+def peak_gib(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
 
 
-def run(strategy: str, args, tmp: Path) -> dict:
-    from ecomcap.training.collate import answer_logits
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def images(n: int, scale: float):
+    from PIL import Image
+
+    return [Image.new("RGB", (max(28, int(w * scale)), max(28, int(h * scale))), (37 * i % 255, 90, 160))
+            for i, (w, h) in enumerate(SIZES[i % len(SIZES)] for i in range(n))]
+
+
+def matmul_flops(cfg, enc, answer_len: int, backward: bool) -> float:
+    """Matmul FLOPs of one teacher-forced step (x2 for the input-gradient backward of the frozen
+    language model; the frozen vision tower runs forward only). Embeddings are lookups."""
+    t, v = cfg.text_config, cfg.vision_config
+    h, i, L = t.hidden_size, t.intermediate_size, t.num_hidden_layers
+    kv = t.num_key_value_heads * (h // t.num_attention_heads)
+    lens = enc["attention_mask"].sum(-1).float() + answer_len
+    per_token = 2 * L * (2 * h * h + 2 * h * kv + 3 * h * i)
+    text = float((per_token * lens).sum() + (2 * 2 * L * h * lens * lens / 2).sum())  # causal QK^T, AV
+    text += 2 * h * t.vocab_size * (answer_len + 1) * len(lens)  # head on the answer positions only
+    patches = float(enc["image_grid_thw"].prod(-1).sum())
+    vh, vi = v.hidden_size, v.intermediate_size
+    vision = patches * 2 * (1176 * vh + v.depth * (4 * vh * vh + 3 * vh * vi))
+    vision += patches / 4 * 2 * (4 * vh * 4 * vh + 4 * vh * v.out_hidden_size)  # merger MLP
+    return text * (2 if backward else 1) + vision
+
+
+def load(tmp: Path, smoke: bool, device):
+    from ecomcap.config import ModelConfig
+    from ecomcap.modeling.hubfixture import QWEN25_VL_3B, TEST_ARCH, build_hub_checkpoint
+    from ecomcap.modeling.load import load_base
+
+    t0 = time.perf_counter()
+    path = build_hub_checkpoint(tmp / "Qwen2.5-VL-3B-Instruct-random", TEST_ARCH if smoke else QWEN25_VL_3B)
+    built = time.perf_counter() - t0
+    cfg = ModelConfig(name_or_path=str(path), device=device.type, dtype="bfloat16",
+                      min_pixels=200704, max_pixels=401408)
+    model, processor = load_base(cfg)
+    print(f"built the hub-layout checkpoint in {built:.0f} s, loaded in {time.perf_counter() - t0 - built:.0f} s",
+          flush=True)
+    return model, processor
+
+
+def sft(model, builder, args, device) -> dict:
+    from ecomcap.training.collate import answer_logits, with_answers
     from ecomcap.training.losses import sft_loss
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    model, counts, n_text, n_vis = build_model(strategy, tmp)
-    batch, n_patches, seq = synthetic_batch(args.batch, args.image_px, args.prompt_len, args.answer_len, "cuda")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
+    ims = images(args.batch, args.scale)
+    batch = with_answers(builder.prompts(ims), builder.answer_ids([CAPTION * 2] * args.batch, 64),
+                         builder.pad_id).to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    reset_peak(device)
     times = []
-    for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
+    model.train()
+    for step in range(args.warmup + args.steps):
+        sync(device)
         t0 = time.perf_counter()
-        logits, targets = answer_logits(model, batch)
-        loss = sft_loss(logits, targets, 0.1)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits, targets = answer_logits(model, batch)
+            loss = sft_loss(logits, targets, 0.1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= args.warmup:
+        sync(device)
+        if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = sum(times) / len(times)
-    # frozen weights: forward + input-grad backward ~ 4 FLOPs per parameter per token
-    flops = 4 * (n_text * seq + n_vis * n_patches) * args.batch
-    name = torch.cuda.get_device_name(0)
+    flops = matmul_flops(model.config, batch.inputs, batch.answer_len, backward=True)
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     achieved = flops / step_s / 1e12
-    out = {
-        "strategy": strategy, "samples_per_s": round(args.batch / step_s, 2), "step_s": round(step_s, 4),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "tflops": round(achieved, 1), "mfu": round(achieved / peak, 4) if peak else None,
-        "trainable": counts.trainable, "total": counts.total, "seq_len": seq, "loss": round(float(loss), 4),
-    }
-    print(json.dumps(out), flush=True)
-    del model, opt
+    return {"stage": "sft_lora", "batch": args.batch, "samples_per_s": round(args.batch / step_s, 2),
+            "step_s": round(step_s, 3), "peak_mem_gib": peak_gib(device), "matmul_tflops": round(achieved, 1),
+            "mfu": round(achieved / peak, 4) if peak else None, "seq_len": int(batch.inputs["input_ids"].shape[1]),
+            "loss": round(float(loss.detach()), 4)}
+
+
+def scst(model, builder, args, device) -> list[dict]:
+    from ecomcap.config import GenerateConfig
+    from ecomcap.inference.generate import generate_kwargs
+    from ecomcap.modeling.processor import suppressed_token_ids
+    from ecomcap.training.collate import answer_logits, with_answers
+    from ecomcap.training.logprob import PolicyLogprob
+    from ecomcap.training.losses import scst_loss, sequence_logprob, token_logprobs
+    from ecomcap.training.scst import repeat_prompts, split_samples
+
+    k, b = args.samples, args.scst_batch
+    enc = {key: v.to(device) for key, v in builder.prompts(images(b, args.scale)).items()}
+    kw = generate_kwargs(GenerateConfig(num_beams=1, do_sample=True, max_new_tokens=64), builder)
+    suppress = suppressed_token_ids(builder.processor)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    out = []
+    for variant in ("after", "before"):
+        reset_peak(device)
+        try:
+            sync(device)
+            t0 = time.perf_counter()
+            model.eval()
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                gen = model.generate(**enc, **kw, num_return_sequences=k, min_new_tokens=48)
+            seqs, _ = split_samples(gen[:, enc["input_ids"].shape[1]:], builder.eos_id, builder.pad_id)
+            sync(device)
+            t_gen = time.perf_counter() - t0
+            adv = torch.randn(len(seqs), device=device)
+            model.train()
+            if variant == "after":
+                policy = PolicyLogprob(model=model, inner=model, pad_id=builder.pad_id, suppress=suppress,
+                                       chunk=args.logprob_chunk,
+                                       autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+                policy(enc, seqs, k, adv)
+            else:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    batch = with_answers(repeat_prompts(enc, k), seqs, builder.pad_id)
+                    logits, targets = answer_logits(model, batch, suppress)
+                    lp, mask = token_logprobs(logits, targets)
+                    loss = scst_loss(sequence_logprob(lp, mask, False), adv)
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            total = time.perf_counter() - t0
+            out.append({"stage": f"scst_step_{variant}", "images": b, "samples": k,
+                        "logprob_chunk": args.logprob_chunk if variant == "after" else b * k,
+                        "images_per_s": round(b / total, 2), "generate_s": round(t_gen, 2),
+                        "step_s": round(total, 2), "peak_mem_gib": peak_gib(device)})
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            out.append({"stage": f"scst_step_{variant}", "images": b, "samples": k, "error": "CUDA OOM",
+                        "peak_mem_gib": peak_gib(device)})
+        print(json.dumps(out[-1]), flush=True)
     return out
+
+
+def beam(model, builder, args, device) -> dict:
+    from ecomcap.config import GenerateConfig
+    from ecomcap.inference.generate import generate_kwargs
+
+    enc = {k: v.to(device) for k, v in builder.prompts(images(args.gen_batch, args.scale)).items()}
+    kw = generate_kwargs(GenerateConfig(num_beams=5, max_new_tokens=64, repetition_penalty=1.2,
+                                        no_repeat_ngram_size=3), builder)
+    model.eval()
+    reset_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        out = model.generate(**enc, **kw, min_new_tokens=48)
+    sync(device)
+    dt = time.perf_counter() - t0
+    new = out.shape[1] - enc["input_ids"].shape[1]
+    return {"stage": "beam5_generate", "images": args.gen_batch, "images_per_s": round(args.gen_batch / dt, 2),
+            "new_tokens": int(new), "wall_s": round(dt, 2), "peak_mem_gib": peak_gib(device)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--image-px", type=int, default=448)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--answer-len", type=int, default=48)
-    ap.add_argument("--strategies", nargs="+", default=["lora", "qlora"])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8, help="SFT images per step (configs/qwen25vl_3b_lora.yaml)")
+    ap.add_argument("--scst-batch", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--logprob-chunk", type=int, default=16)
+    ap.add_argument("--gen-batch", type=int, default=32)
+    ap.add_argument("--smoke", action="store_true", help="tiny width, small images, on CPU: a code check")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.smoke:
         print("no CUDA device: benchmarks/gpu_sft.py runs only on a GPU machine; skipped")
         print(json.dumps({"bench": "gpu_sft", "skipped": "no CUDA device"}))
         return
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    args.scale = 0.125 if args.smoke else 1.0
+    if args.smoke:
+        args.steps, args.warmup, args.batch, args.scst_batch, args.gen_batch = 1, 0, 2, 2, 2
+    from ecomcap.config import FinetuneConfig
+    from ecomcap.modeling.strategies import apply_strategy
+    from ecomcap.training.collate import PromptBuilder
+
+    started = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for strategy in args.strategies:
-            try:
-                results.append(run(strategy, args, Path(tmp)))
-            except Exception as exc:  # report a strategy that cannot run here, keep the others
-                results.append({"strategy": strategy, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                print(json.dumps(results[-1]), flush=True)
-    print(json.dumps({"bench": "gpu_sft", "device": torch.cuda.get_device_name(0),
-                      "batch": args.batch, "image_px": args.image_px, "results": results}))
+        model, processor = load(Path(tmp), args.smoke, device)
+        builder = PromptBuilder(processor, "请为这张电商商品图生成中文描述，突出品类、颜色、图案和品牌。")
+        model, counts = apply_strategy(model, FinetuneConfig(strategy="lora", lora_r=32, lora_alpha=64,
+                                                             lora_dropout=0.05))
+        for stage in (sft, scst, beam):
+            with contextlib.suppress(torch.OutOfMemoryError) if stage is not scst else contextlib.nullcontext():
+                res = stage(model, builder, args, device)
+                for r in res if isinstance(res, list) else [res]:
+                    results.append(r)
+                    if stage is not scst:
+                        print(json.dumps(r), flush=True)
+    print(json.dumps({"bench": "gpu_sft", "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+                      "model": "Qwen2.5-VL-3B (random weights, hub layout)", "trainable": counts.trainable,
+                      "total_params": counts.total, "wall_s": round(time.perf_counter() - started, 1),
+                      "results": results}))
 
 
 if __name__ == "__main__":

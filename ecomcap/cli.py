@@ -92,15 +92,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "sft":
         from ecomcap.training.sft import run_sft
 
-        res = run_sft(work / "train", work / "valid", cfg.model, cfg.finetune, cfg.sft, cfg.generate)
+        res = run_sft(work / "train", work / "valid", cfg.model, cfg.finetune, cfg.sft, cfg.generate,
+                      dev_images=cfg.data.dev_images)
     else:
         from ecomcap.training.scst import run_scst
 
-        start = args.start or next(
-            (d for d in (cfg.sft.output_dir / "best", cfg.sft.output_dir / "model") if d.is_dir()), None)
+        from ecomcap.training.identity import finished_output
+
+        start = args.start or finished_output(cfg.sft.output_dir)
         if start is None:
             raise EcomcapError(f"no SFT output under {cfg.sft.output_dir}: run --stage sft first or pass --from")
-        res = run_scst(start, work / "train", work / "valid", cfg.model, cfg.scst, cfg.generate)
+        res = run_scst(start, work / "train", work / "valid", cfg.model, cfg.scst, cfg.generate,
+                       dev_images=cfg.data.dev_images)
     print(json.dumps({"stage": args.stage, "model_dir": str(res.model_dir), "steps": res.steps,
                       "best": res.best_metrics, "params": str(res.params)}, ensure_ascii=False))
     return 0
@@ -146,6 +149,9 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     gate = s["gate"]
     print(f"gate: {gate.get('gate.decision', 'n/a')} (candidate version {gate.get('gate.candidate_version')}, "
           f"champion now {gate.get('gate.champion_after')})")
+    if "gate.rel_gain_low" in m:
+        print(f"gate: relative gain {m['gate.rel_gain']:+.2%}, interval [{m['gate.rel_gain_low']:+.2%}, "
+              f"{m['gate.rel_gain_high']:+.2%}] (gate_decision.txt has the reasons)")
     print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {args.tracking_uri} --port 5000")
     return 0
 
@@ -154,6 +160,26 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from ecomcap.registry.retrain import retrain
 
     return retrain(args.config, args.if_changed)
+
+
+def _cmd_champion(args: argparse.Namespace) -> int:
+    """Set `champion` by hand (e.g. a rollback); the gate keeps it until a candidate beats it."""
+    from ecomcap.config import load_run_config
+    from ecomcap.registry.gate import Gate
+    from ecomcap.registry.register import registry_client
+
+    cfg = load_run_config(args.config).registry
+    if args.tracking_uri:
+        cfg = cfg.model_copy(update={"tracking_uri": args.tracking_uri})
+    gate = Gate(registry_client(cfg), cfg)
+    gate.check_reachable()
+    try:
+        gate.set_by_hand(args.version, args.reason)
+    except Exception as exc:  # MLflow: no such version
+        raise EcomcapError(f"cannot make version {args.version} of '{cfg.model_name}' champion: "
+                           f"{str(exc).splitlines()[0]}") from None
+    print(f"champion of '{cfg.model_name}' is now version {args.version} (set by hand: {args.reason})")
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -227,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
 
+    c = sub.add_parser("champion", help="set the registry's champion by hand (e.g. a rollback)")
+    c.add_argument("--config", required=True, help="run config (its registry section)")
+    c.add_argument("--version", required=True)
+    c.add_argument("--reason", required=True, help="recorded on the version")
+    c.add_argument("--tracking-uri", default=None, help="default: registry.tracking_uri or MLFLOW_TRACKING_URI")
+    c.set_defaults(func=_cmd_champion)
+
     from ecomcap.retrieval.cli import add_retrieval_commands
 
     add_retrieval_commands(sub)
@@ -237,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # arguments that are not valid UTF-8 (undecodable file names) reach us as lone surrogates:
+    # print them escaped instead of dying on the first print
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

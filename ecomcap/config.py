@@ -67,6 +67,9 @@ class DataConfig(_Strict):
     )
     work_dir: Path = Path(".run/data")
     splits: list[Literal["train", "valid", "test"]] = ["train", "valid"]
+    dev_images: int = Field(
+        200, ge=0, description="images split off train (by id hash) to pick the best checkpoint; "
+        "the gate scores on valid, which training never saw. 0: pick on valid (optimistic gate)")
     synth: SynthConfig = Field(default_factory=SynthConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
 
@@ -99,6 +102,8 @@ class ModelConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     min_pixels: int | None = Field(None, description="image resolution lower bound (pixels)")
     max_pixels: int | None = Field(None, description="image resolution upper bound (pixels)")
+    max_seq_len: int | None = Field(
+        None, ge=1, description="prompt + image + answer tokens allowed; default the model's limit")
     prompt: str = "请为这张电商商品图生成中文描述，突出品类、颜色、图案和品牌。"
 
 
@@ -109,9 +114,13 @@ class FinetuneConfig(_Strict):
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
-    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora_vision: bool = Field(False, description="also put LoRA on the vision tower")
-    partial_layers: tuple[int, int] = Field((16, 31), description="language-model layers i..j trained")
+    partial_layers: tuple[int, int] | Literal["upper_half", "lower_half"] | float = Field(
+        "upper_half", description="layers trained by 'partial': [i, j] (inclusive, negative counts "
+        "from the end), 'upper_half'/'lower_half', or a fraction in (0, 1]: that share of the top "
+        "layers; checked against the loaded model")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     train_vision: bool = Field(False, description="freeze_llm: also train the vision tower")
 
 
@@ -167,6 +176,9 @@ class SCSTConfig(LoopConfig):
     kl_weight: float = Field(0.0, ge=0, description="KL penalty to the frozen SFT policy (LoRA)")
     max_new_tokens: int = Field(40, ge=1)
     max_answer_tokens: int = Field(64, ge=1, description="reference length cap for xe mixing")
+    logprob_chunk: int = Field(
+        0, ge=0, description="sequences per log-prob forward/backward (0: all batch_size x samples at "
+        "once); each image is encoded once either way")
     finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(strategy="lora"))
 
 
@@ -202,9 +214,15 @@ class RegistryConfig(_Strict):
         None, description="MLflow tracking/registry URI; default: the stack's tracker or MLFLOW_TRACKING_URI"
     )
     experiment: str = "ecomcap"
-    min_rel_gain: float = Field(0.0, ge=0, description="candidate CIDEr-D >= champion x (1 + this)")
-    tolerance: float = Field(0.01, ge=0, description="BLEU-4 / ROUGE-L may trail the champion by this")
-    cider_floor: float = Field(0.5, ge=0, description="absolute CIDEr-D floor (raw scale)")
+    primary_metric: str = Field("CIDEr-D", description="the metric the gate tests for a gain")
+    guard_metrics: list[str] = Field(["BLEU-4", "ROUGE-L"], description="may trail the champion by `tolerance`")
+    min_rel_gain: float = Field(
+        0.0, ge=0, description="lower bound of the relative gain's bootstrap interval must reach this")
+    confidence: float = Field(0.9, gt=0, lt=1, description="two-sided level of the gain's bootstrap interval")
+    bootstrap_resamples: int = Field(1000, ge=100, description="paired resamples of the eval items")
+    bootstrap_seed: int = 0
+    tolerance: float = Field(0.01, ge=0, description="guard metrics may trail the champion by this")
+    floor: float = Field(0.5, ge=0, description="absolute floor of the primary metric (its own scale)")
     samples_in_report: int = Field(24, ge=0, description="images shown in samples.html")
 
 

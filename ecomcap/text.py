@@ -75,14 +75,15 @@ def token_spans(texts: list[str]):
 
     norm = [unicodedata.normalize("NFKC", t or "") for t in texts]
     joined = "\n".join(norm)
-    cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).copy()
+    # surrogatepass: a lone surrogate is one code point of class "dropped", as in `tokenize`
+    cps = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).copy()
     cls = _bmp_classes()[np.minimum(cps, 0xFFFF)]
     astral = np.flatnonzero(cps > 0xFFFF)
     if len(astral):
         uniq, inv = np.unique(cps[astral], return_inverse=True)
         cls[astral] = np.array([_char_class(chr(c)) for c in uniq.tolist()], np.uint8)[inv]
     cps[(cps >= 65) & (cps <= 90)] += 32
-    lowered = cps.tobytes().decode("utf-32-le")
+    lowered = cps.tobytes().decode("utf-32-le", "surrogatepass")
     run = cls == 1
     prev_run = np.concatenate(([False], run[:-1]))
     next_run = np.concatenate((run[1:], [False]))
@@ -102,3 +103,19 @@ def tokenize_many(texts: list[str]) -> list[list[str]]:
     tokens = [lowered[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
     bounds = np.cumsum(np.bincount(owner, minlength=len(texts))).tolist()
     return [tokens[a:b] for a, b in zip([0] + bounds[:-1], bounds)]
+
+
+def is_encodable(text: str) -> bool:
+    """False for text that cannot be written as UTF-8: lone UTF-16 surrogates (``"\\ud800"`` in
+    JSON decodes fine in Python, then fails in SQLite, Parquet, files and tokenisers)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Any string made safe to write and show: lone surrogates escaped, cut to `limit` chars."""
+    text = text if is_encodable(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -101,7 +101,8 @@ def sft_stage(train: Path, valid: Path, cfg: RunConfig, run_name: str) -> Path:
     tracking.log_config("finetune", cfg.finetune)
     tracking.log_config("sft", cfg.sft)
     sft = cfg.sft.model_copy(update={"output_dir": Path(cfg.sft.output_dir) / run_name})
-    res = run_sft(train, valid, cfg.model, cfg.finetune, sft, cfg.generate, tracking.metrics_callback())
+    res = run_sft(train, valid, cfg.model, cfg.finetune, sft, cfg.generate, tracking.metrics_callback(),
+                  dev_images=cfg.data.dev_images)
     tracking.log_metrics({"trainable_params": res.params.trainable, "total_params": res.params.total,
                           "wall_s": res.wall_s}, prefix="sft.")
     return res.model_dir
@@ -117,7 +118,8 @@ def scst_stage(sft_model: Path, train: Path, valid: Path, cfg: RunConfig, run_na
     from ecomcap.registry.pyfunc import export_merged
 
     scst = cfg.scst.model_copy(update={"output_dir": Path(cfg.scst.output_dir) / run_name})
-    res = run_scst(sft_model, train, valid, cfg.model, scst, cfg.generate, tracking.metrics_callback())
+    res = run_scst(sft_model, train, valid, cfg.model, scst, cfg.generate, tracking.metrics_callback(),
+                   dev_images=cfg.data.dev_images)
     tracking.log_metrics({"wall_s": res.wall_s}, prefix="scst.")
     # the adapter's base is the SFT artifact's local path, which a remote artifact store (another
     # pod) does not have: hand on a standalone, merged model instead

@@ -1,6 +1,7 @@
 """Distributed training: SFT under `accelerate launch` with 2 CPU processes (gloo), and the
 accelerate configs shipped for GPUs (DDP, DeepSpeed ZeRO-2/3)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,17 +23,20 @@ def test_two_process_sft_ranks_agree_and_adapter_loads(tiny_model_cfg, small_dat
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "tests" / "ddp_sft_job.py"), str(small_data["train"]), str(small_data["valid"]),
            tiny_model_cfg.name_or_path, str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    # the job must import this checkout's `ecomcap`, not whichever tree the venv's editable install points at
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [(out / f"rank{r}.txt").read_text().split() for r in (0, 1)]
     assert ranks[0][2] == ranks[1][2] == "2"  # really two processes
     assert ranks[0][0] == ranks[1][0] == "3"  # same number of optimizer steps
     assert ranks[0][1] == ranks[1][1]  # identical weights on both ranks
     # one scheduler step per optimizer step whatever the process count: the cosine ends at 0
-    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    run = next(out.glob("run-*"))  # the run identity's folder
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()
            if '"lr"' in line]
     assert len(lrs) == 3 and lrs[0] > lrs[1] > lrs[2] == pytest.approx(0.0, abs=1e-12)
-    model, _ = load_trained(out / "model", tiny_model_cfg)
+    model, _ = load_trained(run / "model", tiny_model_cfg)
     assert any("lora_" in n for n, _ in model.named_parameters())
 
 

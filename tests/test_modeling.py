@@ -105,7 +105,7 @@ def test_lora_targets_the_language_model_only():
     assert re.fullmatch(rx, "model.language_model.layers.3.self_attn.q_proj")
     assert re.fullmatch(rx, "model.language_model.layers.3.mlp.down_proj")
     assert not re.fullmatch(rx, "model.visual.blocks.0.mlp.down_proj")
-    assert not re.fullmatch(rx, "model.language_model.layers.3.mlp.gate_proj")
+    assert re.fullmatch(rx, "model.language_model.layers.3.mlp.gate_proj")  # every MLP projection
     assert re.fullmatch(lora_target_regex(FinetuneConfig(lora_vision=True)), "model.visual.blocks.0.attn.qkv")
 
 

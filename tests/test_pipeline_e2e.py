@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 E2E = {
-    "data": {"work_dir": ".run/data", "splits": ["train", "valid", "test"],
+    "data": {"work_dir": ".run/data", "splits": ["train", "valid", "test"], "dev_images": 24,
              "synth": {"train": 240, "valid": 24, "test": 8, "seed": 11}},
     "model": {"name_or_path": ".run/models/tiny", "device": "cpu",
               "tiny": {"text_hidden": 96, "text_layers": 2, "text_heads": 2, "text_kv_heads": 1,
@@ -26,7 +26,7 @@ E2E = {
     "scst": {"output_dir": ".run/scst", "max_steps": 4, "batch_size": 4, "samples": 3, "lr": 1.0e-4,
              "eval_every": 0, "save_every": 0, "max_new_tokens": 24},
     "generate": {"num_beams": 2, "max_new_tokens": 24, "batch_size": 8},
-    "registry": {"min_rel_gain": 0.05, "cider_floor": 0.05},
+    "registry": {"min_rel_gain": 0.05, "floor": 0.05},
 }
 
 
@@ -93,6 +93,27 @@ def test_run_rerun_worse_retrain_infer_and_ui(repo, tmp_path):
     assert "NOT PROMOTED" in _plain(third.stdout + third.stderr)
     assert champion(repo)[0] == v1  # the worse model never became champion
 
+    # a trained candidate that is worse than the trained champion: refused on the comparison
+    trained_worse = _write_config(repo, "e2e_trained_worse.yaml", sft={"max_steps": 40}, scst={"enabled": False})
+    fourth = sh(repo, f"zenml pipeline run pipelines.training.training_pipeline -c {trained_worse}")
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    gate = _last_gate(repo)
+    assert gate["decision"] == "rejected" and champion(repo)[0] == v1
+    assert gate["CIDEr-D"] >= E2E["registry"]["floor"], gate  # trained: it passed the floor
+    assert gate["rel_gain_high"] < 0 and "lower bound <" in gate["text"], gate  # worse beyond the noise
+
+    # the same recipe with another seed: whatever its point gain, the alias moves only when the
+    # lower end of the gain's interval clears min_rel_gain
+    reseeded = _write_config(repo, "e2e_reseeded.yaml", sft={"seed": 7})
+    fifth = sh(repo, f"zenml pipeline run pipelines.training.training_pipeline -c {reseeded}")
+    assert fifth.returncode == 0, fifth.stderr[-3000:]
+    gate = _last_gate(repo)
+    print("reseeded candidate:", {k: gate[k] for k in ("rel_gain", "rel_gain_low", "rel_gain_high", "decision")})
+    assert (gate["decision"] == "promoted") == (gate["rel_gain_low"] >= E2E["registry"]["min_rel_gain"])
+    if gate["decision"] == "rejected":
+        assert champion(repo)[0] == v1
+    v1 = champion(repo)[0]
+
     again = sh(repo, f"ecomcap retrain --config {good} --if-changed")
     assert again.returncode == 0 and "nothing to do" in again.stdout
     variant = _write_config(repo, "e2e_variant.yaml", generate={"num_beams": 1})
@@ -121,6 +142,20 @@ def _check_pyfunc_serves_captions(repo: Path) -> None:
     out = model.predict(pd.DataFrame({"image_id": [r[0] for r in rows], "image": [r[1] for r in rows]}))
     assert list(out["image_id"]) == [r[0] for r in rows]
     assert all(isinstance(c, str) for c in out["caption"]) and any(out["caption"])
+
+
+def _last_gate(repo: Path) -> dict:
+    """The newest pipeline run's gate figures (tags, interval metrics, gate_decision.txt)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{repo}/.mlflow/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("training_pipeline")
+    run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    m = run.data.metrics
+    text = Path(client.download_artifacts(run.info.run_id, "gate_decision.txt")).read_text(encoding="utf-8")
+    return {"decision": run.data.tags["gate.decision"], "CIDEr-D": m["CIDEr-D"], "text": text,
+            **{k: m.get(f"gate.{k}") for k in ("rel_gain", "rel_gain_low", "rel_gain_high")}}
 
 
 def _plain(text: str) -> str:

@@ -89,6 +89,38 @@ def test_policy_gradient_moves_probability_toward_rewarded_samples(tiny_model_cf
     assert end[0] > start[0] and end[1] < start[1]
 
 
+def test_reward_and_diagnostics_see_the_raw_decoded_loop(tiny_model_cfg):
+    """Post-processing collapses "简约百搭简约百搭…" for output; the reward must see the loop."""
+    from ecomcap.data.clean import repeated_ngram_share
+    from ecomcap.training.scst import SCSTStep
+
+    _, processor = load_base(tiny_model_cfg)
+    step = SCSTStep.__new__(SCSTStep)  # only its decoding is under test
+    step.tok = processor.tokenizer
+    loop = "简约百搭" * 4
+    ids = processor.tokenizer(loop, add_special_tokens=False)["input_ids"]
+    (decoded,) = step._decode([ids])
+    assert decoded == loop and repeated_ngram_share(tokenize(decoded), 3) > 0.5
+
+
+def test_scst_policy_is_the_same_in_sampling_log_probs_and_reference(tiny_model_cfg, small_data):
+    """LoRA dropout would make the log-prob pass (train mode) another policy than the sampler."""
+    from ecomcap.training.scst import disable_dropout
+
+    model, processor = load_base(tiny_model_cfg)
+    model, _ = apply_strategy(model, FinetuneConfig(strategy="lora", lora_r=8, lora_dropout=0.5))
+    assert disable_dropout(model) > 0
+    pb = PromptBuilder(processor, tiny_model_cfg.prompt)
+    batch = with_answers(pb.prompts([ShardImages(small_data["train"]).image(0)]),
+                         pb.answer_ids(["红色条纹T恤"], 16), pb.pad_id)
+    model.train()
+    with torch.no_grad():
+        a, b = answer_logits(model, batch)[0], answer_logits(model, batch)[0]
+        model.eval()
+        c = answer_logits(model, batch)[0]
+    assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def sft_model(tiny_model_cfg, small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft_for_scst")

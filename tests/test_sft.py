@@ -57,15 +57,67 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model_cfg, 
     with pytest.raises(InterruptedError):
         run_sft(small_data["train"], None, tiny_model_cfg, ft,
                 _cfg(tmp_path / "b", eval_every=0, stop_after_steps=5), GEN)
-    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    run = next((tmp_path / "b").glob("run-*"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     resumed = run_sft(small_data["train"], None, tiny_model_cfg, ft, _cfg(tmp_path / "b", eval_every=0), GEN)
     assert resumed.resumed_from == 4 and resumed.steps == full.steps == 6
     a, b = _final_weights(full.final_dir), _final_weights(resumed.final_dir)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+    assert not (run / "checkpoints").exists()  # finished: nothing half-way left to resume
+
+
+def test_a_changed_run_never_resumes_another_runs_checkpoint(tiny_model_cfg, small_data, tmp_path, caplog):
+    """Same output_dir, another learning rate (or strategy): start fresh in a new folder, say so."""
+    ft = FinetuneConfig(strategy="full")
+    with pytest.raises(InterruptedError):
+        run_sft(small_data["train"], None, tiny_model_cfg, ft, _cfg(tmp_path, eval_every=0, stop_after_steps=5), GEN)
+    with caplog.at_level("WARNING"):
+        other = run_sft(small_data["train"], None, tiny_model_cfg, FinetuneConfig(strategy="lora", lora_r=4),
+                        _cfg(tmp_path, eval_every=0, lr=1e-3), GEN)
+    assert other.resumed_from == 0 and other.steps == 6
+    assert "not resumed" in caplog.text and "starts fresh" in caplog.text
+    assert len(list(tmp_path.glob("run-*"))) == 2
+    from ecomcap.training.identity import finished_output
+
+    assert finished_output(tmp_path) == other.model_dir
+
+
+def test_checkpoints_are_picked_on_a_dev_split_of_train(tiny_model_cfg, small_data, tmp_path):
+    """With data.dev_images, in-training validation uses held-out training images (by id), so
+    the validation split the gate scores on is never used for a training decision."""
+    from ecomcap.training.data import dev_ids, train_and_dev
+
+    dev = dev_ids(small_data["train"], 8)
+    assert len(dev) == 8 and dev == dev_ids(small_data["train"], 8)
+    train, select_on = train_and_dev(small_data["train"], small_data["valid"], 8)
+    assert set(select_on.ids) == dev and not dev & set(train.ids)
+    assert len(train) + len(select_on) == len(ShardImages(small_data["train"]))
+    res = run_sft(small_data["train"], small_data["valid"], tiny_model_cfg, FinetuneConfig(strategy="full"),
+                  _cfg(tmp_path, max_steps=3, eval_every=3, eval_images=50, save_every=0), GEN, dev_images=8)
+    assert res.evals[-1]["n"] == 8  # scored on the 8 dev images, not on the valid split
+
+
+def test_each_rank_restores_its_own_rng(tmp_path):
+    """Ranks sample differently (SCST): a resumed rank 1 must continue rank 1's streams."""
+    from ecomcap.training.checkpoint import load_checkpoint, save_checkpoint, save_rng
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    expected = {}
+    for rank in (0, 1):
+        torch.manual_seed(100 + rank)
+        save_rng(tmp_path, 2, rank)
+        expected[rank] = torch.rand(3)
+    ckpt = save_checkpoint(tmp_path, 2, model, opt, sched, {}, keep=2)
+    for rank in (1, 0):
+        torch.manual_seed(0)
+        load_checkpoint(ckpt, model, opt, sched, rank=rank)
+        assert torch.equal(torch.rand(3), expected[rank])
 
 
 def test_epoch_order_is_deterministic_and_covers_each_image_once(small_data):

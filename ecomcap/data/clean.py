@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ecomcap.config import CleanConfig
-from ecomcap.text import tokenize
+from ecomcap.text import is_encodable, tokenize
 
 SPECIAL_TOKEN = re.compile(
     r"<\|[^|<>]{1,40}\|>|</?s>|<unk>|<pad>|<image>|</?img>|\[(?:UNK|PAD|CLS|SEP|MASK)\]"
@@ -32,6 +32,7 @@ _CLOSERS = "”’\"')）】」』"
 _STYLE = re.compile(r"\S风格")
 
 DROP_REASONS = (
+    "caption_bad_unicode",
     "caption_empty",
     "caption_garbled",
     "caption_looping",
@@ -104,6 +105,8 @@ def cut_truncated(text: str) -> str:
 def clean_reference(text: str, cfg: CleanConfig) -> CleanResult:
     """Apply the enabled rules to one reference, in a fixed order."""
     changes: list[str] = []
+    if not is_encodable(text):  # always on: such text cannot be stored or tokenised
+        return CleanResult(None, "caption_bad_unicode", changes)
     if cfg.normalize:
         new = normalize(text)
         if new != text:

@@ -15,11 +15,13 @@ import base64
 import binascii
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 from ecomcap.errors import EcomcapError
+from ecomcap.text import is_encodable, printable
 
 _B64_JUNK = re.compile(r"\s+")
 
@@ -75,21 +77,38 @@ def parse_json_line(line: Line) -> dict[str, Any]:
     return obj
 
 
+def record_id(obj: dict[str, Any], key: str = "image_id") -> str:
+    """A record's id as text: a non-empty string or an integer (MUGE uses both); ValueError
+    for other JSON types, lone surrogates or control characters (ids go into TSV/Parquet)."""
+    value = obj.get(key)
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        raise ValueError(f"record has no {key}")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{key} must be a string or an integer, got {type(value).__name__}")
+    text = str(value).strip()
+    if not is_encodable(text):
+        raise ValueError(f"{key} {printable(text, 60)!r} is not valid Unicode (lone surrogate)")
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise ValueError(f"{key} {printable(text, 60)!r} contains control characters")
+    return text
+
+
 def caption_record(obj: dict[str, Any], need_text: bool, id_key: str = "image_id") -> tuple[str, list[str] | None]:
-    """Validate a caption (or item-text) record's shape: (id, texts or None); ValueError otherwise."""
-    image_id = obj.get(id_key)
-    if image_id is None or str(image_id).strip() == "":
-        raise ValueError(f"record has no {id_key}")
+    """Validate a caption (or item-text) record's shape: (id, texts or None); ValueError otherwise.
+
+    Texts are returned as they are, also ones that are not valid Unicode: dropping those is a
+    per-reference decision of the caller (counted), not a reason to lose the record."""
+    image_id = record_id(obj, id_key)
     texts = obj.get("text")
     if texts is None:
         if need_text:
             raise ValueError("record has no 'text' list")
-        return str(image_id).strip(), None
+        return image_id, None
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise ValueError("'text' is not a list of strings")
-    return str(image_id).strip(), texts
+    return image_id, texts
 
 
 def count_columns(path: Path) -> int:

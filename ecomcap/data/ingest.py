@@ -29,7 +29,7 @@ from ecomcap.data.formats import (
 )
 from ecomcap.data.images import check_image
 from ecomcap.data.shards import DATASET_SCHEMA, QUARANTINE_SCHEMA, RowWriter
-from ecomcap.text import tokenize
+from ecomcap.text import printable, tokenize
 
 SPLITS = ("train", "valid", "test")
 
@@ -63,7 +63,7 @@ class _CaptionIndex:
         """False when the id is already indexed (duplicate caption record)."""
         cur = self.db.execute(
             "INSERT OR IGNORE INTO refs VALUES (?, ?, ?, 0)",
-            (image_id, json.dumps(texts, ensure_ascii=False), line_no),
+            (image_id, json.dumps(texts), line_no),  # ASCII escapes: lone surrogates survive
         )
         return cur.rowcount == 1
 
@@ -110,9 +110,8 @@ class _Ingester:
 
     def reject(self, source: str, line_no: int, image_id: str, reason: str, detail: str = "") -> None:
         self.reasons[reason] += 1
-        self.quarantine.add(
-            {"source": source, "line_no": line_no, "image_id": image_id, "reason": reason, "detail": detail}
-        )
+        self.quarantine.add({"source": source, "line_no": line_no, "image_id": printable(image_id, 500),
+                             "reason": reason, "detail": printable(detail, 500)})
 
     def index_captions(self, path: Path) -> None:
         """Stream the captions JSONL into the on-disk index; bad lines are quarantined now."""
@@ -210,7 +209,8 @@ class _Ingester:
             "split": self.split,
             "format": self.layout.kind,
             "needs_text": self.needs_text,
-            "source": {"images": str(self.layout.images), "captions": str(self.layout.captions or "")},
+            "source": {"images": printable(str(self.layout.images), 4096),
+                       "captions": printable(str(self.layout.captions or ""), 4096)},
             "rows_in": self.rows_in,
             "rows_ok": self.shards.rows,
             "rows_quarantined": rows_q,

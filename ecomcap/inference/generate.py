@@ -23,7 +23,14 @@ from ecomcap.training.collate import PromptBuilder
 log = logging.getLogger(__name__)
 
 
+# Fields Qwen's published generation_config.json sets (near-greedy sampling); `generate` merges
+# that file into every call, so each is set here for every decoding mode, never inherited.
+QWEN_GENERATION_FIELDS = ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty")
+
+
 def generate_kwargs(cfg: GenerateConfig, builder: PromptBuilder) -> dict:
+    """`generate` arguments that fully define decoding (nothing left to the checkpoint's
+    generation_config: beam search and greedy evaluation get neutral sampling fields)."""
     kw = dict(
         max_new_tokens=cfg.max_new_tokens,
         num_beams=cfg.num_beams,
@@ -38,6 +45,8 @@ def generate_kwargs(cfg: GenerateConfig, builder: PromptBuilder) -> dict:
         kw.update(length_penalty=cfg.length_penalty, early_stopping=True)
     if cfg.do_sample:
         kw.update(temperature=cfg.temperature, top_k=cfg.top_k or 0, top_p=cfg.top_p or 1.0)
+    else:
+        kw.update(temperature=1.0, top_k=0, top_p=1.0)
     return kw
 
 

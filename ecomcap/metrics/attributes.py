@@ -16,8 +16,20 @@ FIELDS = ("category", "colour", "pattern", "brand")
 
 
 def read_attributes(path: str | Path) -> dict[str, dict]:
-    rows = (json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip())
-    return {r["image_id"]: r for r in rows}
+    """Ground-truth attributes by image id; unusable lines are skipped and counted in the log."""
+    import logging
+
+    out, bad = {}, 0
+    for ln in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(ln) if ln.strip() else None
+            if r is not None:
+                out[str(r["image_id"])] = r
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    if bad:
+        logging.getLogger(__name__).warning("%s: %d unusable attribute lines skipped", path, bad)
+    return out
 
 
 def _pattern_ok(caption: str, pattern: str) -> bool:

@@ -196,29 +196,6 @@ class CiderD:
         return df, rank
 
 
-class CiderDReward:
-    """Self-critical (SCST) reward: each sample's CIDEr-D minus a baseline for its image.
-
-    The baseline is the greedy caption's score when `greedy` is given (Rennie et al., 2017),
-    otherwise the mean of the image's other samples (leave-one-out; 0 for a lone sample).
-    """
-
-    def __init__(self, corpus: Mapping[Hashable, Sequence[str]] | CiderD):
-        self.scorer = corpus if isinstance(corpus, CiderD) else CiderD(corpus)
-
-    def __call__(self, samples: Sequence[str], ids: Sequence[Hashable],
-                 greedy: Mapping[Hashable, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, advantages), one per sample; `greedy`: image id -> greedy caption."""
-        scores = self.scorer.score_ids(samples, ids)
-        if greedy is not None:
-            uniq = list(dict.fromkeys(ids))
-            base = dict(zip(uniq, self.scorer.score_ids([greedy[i] for i in uniq], uniq)))
-            return scores, scores - np.array([base[i] for i in ids])
-        groups: dict[Hashable, int] = {}
-        group = np.fromiter((groups.setdefault(i, len(groups)) for i in ids), np.int64, len(ids))
-        return scores, scores - leave_one_out_baseline(scores, group)
-
-
 def leave_one_out_baseline(scores: np.ndarray, group: np.ndarray) -> np.ndarray:
     """Per sample: the mean score of the other samples of its group (0 for a lone sample)."""
     total = np.bincount(group, scores)[group]

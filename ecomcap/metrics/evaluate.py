@@ -7,6 +7,7 @@ one-line message naming the file and line, anything that would make the score wr
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ecomcap.metrics.bleu import BleuCounts
 from ecomcap.metrics.cider import CiderSums, self_df_weights
 from ecomcap.metrics.ngrams import batch_from_dicts, order_passes
 from ecomcap.metrics.rouge import rouge_scores
+from ecomcap.text import is_encodable
 
 METRICS = ("CIDEr-D", "BLEU-4", "ROUGE-L")
 
@@ -67,15 +69,29 @@ def _records(path: Path, what: str):
             raise EcomcapError(f"{path}:{line.line_no}: {exc}") from None
 
 
-def read_references(path: str | Path) -> dict[str, list[str]]:
-    """Gold captions ``{"image_id", "text": [refs]}`` per line -> {image_id: refs}."""
+def read_references(path: str | Path, issues: Counter | None = None,
+                    skipped: set[str] | None = None) -> dict[str, list[str]]:
+    """Gold captions ``{"image_id", "text": [refs]}`` per line -> {image_id: refs}.
+
+    A reference that is not valid Unicode is dropped and counted in `issues`; an image left
+    with none is left out of the score (counted, its id added to `skipped`), never the whole
+    evaluation."""
     path = Path(path)
+    issues = Counter() if issues is None else issues
     refs: dict[str, list[str]] = {}
     for no, obj in _records(path, "reference"):
         try:
             image_id, texts = caption_record(obj, need_text=True)
         except ValueError as exc:
             raise EcomcapError(f"{path}:{no}: {exc}") from None
+        valid = [t for t in texts or [] if is_encodable(t)]
+        issues["references_bad_unicode"] += len(texts or []) - len(valid)
+        if texts and not valid:
+            issues["gold_images_without_valid_reference"] += 1
+            if skipped is not None:
+                skipped.add(image_id)
+            continue
+        texts = valid
         if not texts:
             raise EcomcapError(f"{path}:{no}: image {image_id!r} has no reference captions")
         if image_id in refs:
@@ -86,9 +102,13 @@ def read_references(path: str | Path) -> dict[str, list[str]]:
     return refs
 
 
-def read_predictions(path: str | Path) -> dict[str, str]:
-    """``caption_gen.jsonl``: one ``{"image_id", "text": "caption"}`` per line -> {id: text}."""
+def read_predictions(path: str | Path, issues: Counter | None = None) -> dict[str, str]:
+    """``caption_gen.jsonl``: one ``{"image_id", "text": "caption"}`` per line -> {id: text}.
+
+    A caption that is not valid Unicode is scored as it is (the tokeniser drops the broken
+    characters) and counted in `issues`."""
     path = Path(path)
+    issues = Counter() if issues is None else issues
     preds: dict[str, str] = {}
     for no, obj in _records(path, "prediction"):
         text = obj.get("text")
@@ -102,15 +122,19 @@ def read_predictions(path: str | Path) -> dict[str, str]:
         if image_id in preds:
             raise EcomcapError(f"{path}:{no}: image_id {image_id!r} is predicted twice")
         preds[image_id] = texts[0]  # type: ignore[index]
+        issues["predictions_bad_unicode"] += not is_encodable(preds[image_id])
     return preds
 
 
 def evaluate_files(
     pred_path: str | Path, gold_path: str | Path, per_image: bool = False
 ) -> dict[str, Any]:
-    """Score a prediction file against a gold file; every gold image must be predicted once."""
-    refs = read_references(gold_path)
-    preds = read_predictions(pred_path)
+    """Score a prediction file against a gold file; every gold image must be predicted once.
+    Unusable single references/captions are counted under "input_issues" (when there are any)."""
+    issues: Counter = Counter()
+    skipped: set[str] = set()
+    refs = read_references(gold_path, issues, skipped)
+    preds = {i: t for i, t in read_predictions(pred_path, issues).items() if i not in skipped}
     missing = [i for i in refs if i not in preds]
     if missing:
         raise EcomcapError(
@@ -123,4 +147,7 @@ def evaluate_files(
             f"{pred_path}: {len(extra)} predicted images are not in {gold_path}, "
             f"e.g. {_examples(extra)}"
         )
-    return evaluate(preds, refs, per_image=per_image)
+    out = evaluate(preds, refs, per_image=per_image)
+    if +issues:
+        out["input_issues"] = dict(+issues)
+    return out

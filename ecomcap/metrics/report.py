@@ -20,7 +20,8 @@ def caption_report(
 ) -> dict:
     """Metrics on pycocoevalcap's raw scale plus diversity/degeneration figures."""
     scored = {k: preds.get(k, "") for k in refs}
-    out = evaluate(scored, refs)
+    out = evaluate(scored, refs, per_image=True)
+    out["per_image"] = {k: {"CIDEr-D": v["CIDEr-D"]} for k, v in out["per_image"].items()}
     toks = tokenize_many(list(scored.values()))
     out["distinct"] = len(set(scored.values()))
     out["repeat_ngram"] = sum(repeated_ngram_share(t, 3) for t in toks) / max(len(toks), 1)

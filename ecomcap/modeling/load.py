@@ -90,6 +90,13 @@ def load_base(cfg: ModelConfig, quantization_config: Any = None):
     return model, processor
 
 
+def _qlora_config():
+    from ecomcap.config import FinetuneConfig
+    from ecomcap.modeling.strategies import quantization_config
+
+    return quantization_config(FinetuneConfig(strategy="qlora"))
+
+
 def write_output_marker(out_dir: Path, *, kind: str, base: str | None, extra: dict) -> None:
     """Describe a trained output directory so `load_trained` knows how to rebuild it."""
     data = {"kind": kind, "base": base, **extra}
@@ -106,17 +113,18 @@ def read_output_marker(path: str | Path) -> dict | None:
         raise EcomcapError(f"{marker} is corrupt (not JSON)") from None
 
 
-def load_trained(path: str | Path, cfg: ModelConfig | None = None):
+def load_trained(path: str | Path, cfg: ModelConfig | None = None, quantized: bool = False):
     """(model, processor) of a trained output (adapter over its base, or full weights).
 
-    A plain model directory or hub id without our marker loads as a base model; an adapter's
-    base may be another trained output (SCST's LoRA over the SFT model), merged first.
+    A plain model directory or hub id without our marker loads as a base model (4-bit when
+    `quantized`); an adapter's base may be another trained output (SCST's LoRA over the SFT
+    model), merged first, exactly as the SCST stage merged it before training.
     """
     cfg = cfg or ModelConfig()
     path = Path(path)
     info = read_output_marker(path) if path.is_dir() else None
     if info is None:
-        return load_base(cfg.model_copy(update={"name_or_path": str(path)}))
+        return load_base(cfg.model_copy(update={"name_or_path": str(path)}), _qlora_config() if quantized else None)
     if info["kind"] == "full":
         return load_base(cfg.model_copy(update={"name_or_path": str(path)}))
     if info["kind"] != "adapter":
@@ -125,8 +133,12 @@ def load_trained(path: str | Path, cfg: ModelConfig | None = None):
 
     if not (path / "adapter_config.json").is_file():
         raise EcomcapError(f"{path} says it holds an adapter but has no adapter_config.json")
-    model, _ = load_trained(info["base"], cfg)  # the base may itself be a trained output
-    if hasattr(model, "merge_and_unload"):
+    # the base as training saw it: 4-bit when the adapter was trained with QLoRA (an adapter
+    # evaluated over an unquantised base is not the model that was trained)
+    model, _ = load_trained(info["base"], cfg, quantized=quantized or info.get("strategy") == "qlora")
+    if hasattr(model, "merge_and_unload"):  # an adapter under this one: merged, as in training
+        if getattr(model, "is_loaded_in_4bit", False):
+            log.warning("merging the adapter under %s into the 4-bit base (requantised, as SCST did)", path)
         model = model.merge_and_unload()
     processor = load_processor(path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     try:

@@ -49,11 +49,20 @@ def load_processor(
     image_processor = AutoImageProcessor.from_pretrained(
         path, trust_remote_code=trust_remote_code, **pixel_kwargs
     )
-    chat_template = getattr(tokenizer, "chat_template", None)
-    template_file = Path(path) / "chat_template.jinja"
-    if template_file.is_file():
-        chat_template = template_file.read_text(encoding="utf-8")
-    return ImageOnlyQwenProcessor(image_processor, tokenizer, chat_template=chat_template)
+    return ImageOnlyQwenProcessor(image_processor, tokenizer, chat_template=_chat_template(path, tokenizer))
+
+
+def _chat_template(path: str | Path, tokenizer) -> str | None:
+    """The processor's template: `chat_template.jinja` (transformers 5 saves), else the hub
+    releases' `chat_template.json`, else the tokenizer's own."""
+    folder = Path(path)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / "chat_template.json").is_file():
+        import json
+
+        return json.loads((folder / "chat_template.json").read_text(encoding="utf-8"))["chat_template"]
+    return getattr(tokenizer, "chat_template", None)
 
 
 def special_token_ids(processor) -> dict[str, int]:

@@ -1,54 +1,56 @@
-"""The promotion gate: a candidate becomes `champion` only when it is measurably not worse.
+"""The promotion gate (both jobs): a candidate becomes `champion` only when it is better than the
+champion beyond the noise of the evaluation set.
 
-Rules (RegistryConfig): candidate CIDEr-D >= champion CIDEr-D x (1 + min_rel_gain); BLEU-4 and
-ROUGE-L within `tolerance` of the champion's; CIDEr-D >= an absolute floor; both measured on
-the same eval-set fingerprint (else the champion is re-evaluated on the current set first).
+Rules (RegistryConfig; `primary_metric` is CIDEr-D for captioning, MeanRecall for retrieval):
+- the primary metric is at least `floor`;
+- both were measured on the same eval-set fingerprint (else the champion is re-evaluated);
+- paired bootstrap over the items both scored: the lower end of the `confidence` interval of the
+  relative gain mean(candidate)/mean(champion) - 1 is at least `min_rel_gain`;
+- each guard metric (BLEU-4, ROUGE-L; R@1) trails the champion's by at most `tolerance`.
 No champion yet: the floor decides.
 
-Race safety without a lock service: a gate tags its candidate `gate=passed` *before* moving
-the alias, re-reads the champion right before moving, and after moving converges the alias on
-the best passed version measured on the same eval set. Whatever the interleaving, the last
-gate to finish leaves the best passed model as champion, never a worse one.
+Race safety without a lock service: a gate re-reads the champion right before moving the alias.
+Afterwards it replays, in version order, every version that passed a gate on this eval set,
+applying the same rules one by one as if the gates had run in sequence, and leaves the alias on
+the replay's winner. A champion set by hand (`set_by_hand`, e.g. a rollback) anchors the
+replay: it starts from that version and only versions registered after it can replace it.
 """
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from ecomcap.config import RegistryConfig
 from ecomcap.errors import EcomcapError
+from ecomcap.registry.bootstrap import GainInterval, paired_relative_gain
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
-METRIC_TAGS = ("CIDEr-D", "BLEU-4", "ROUGE-L")
+SCORES_EXPERIMENT = "{name}-gate-scores"  # runs holding each version's per-item scores
+ANCHOR = "champion_anchor"  # registered-model tag "version:newest version then", set by hand
 
 
 @dataclass(frozen=True)
 class Scores:
-    """Validation figures of one model on one eval set (raw pycocoevalcap scale)."""
+    """One model's figures on one eval set; `per_item` maps item id -> primary-metric score."""
 
-    cider: float
-    bleu4: float
-    rouge_l: float
+    metrics: dict[str, float]
     eval_fingerprint: str
+    per_item: dict[str, float] | None = None
 
     def tags(self) -> dict[str, str]:
-        return {"CIDEr-D": repr(self.cider), "BLEU-4": repr(self.bleu4), "ROUGE-L": repr(self.rouge_l),
-                "eval_fingerprint": self.eval_fingerprint}
+        return {**{k: repr(float(v)) for k, v in self.metrics.items()}, "eval_fingerprint": self.eval_fingerprint}
 
     @classmethod
-    def from_tags(cls, tags: dict[str, str]) -> "Scores | None":
+    def from_tags(cls, tags: dict[str, str], names: list[str]) -> "Scores | None":
         try:
-            return cls(float(tags["CIDEr-D"]), float(tags["BLEU-4"]), float(tags["ROUGE-L"]),
-                       tags["eval_fingerprint"])
+            return cls({n: float(tags[n]) for n in names}, tags["eval_fingerprint"])
         except (KeyError, ValueError):
             return None
-
-    @classmethod
-    def from_metrics(cls, metrics: dict, eval_fingerprint: str) -> "Scores":
-        return cls(float(metrics["CIDEr-D"]), float(metrics["BLEU-4"]), float(metrics["ROUGE-L"]),
-                   eval_fingerprint)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Decision:
     champion_after: str | None = None
     candidate: dict = field(default_factory=dict)
     champion: dict | None = None
+    interval: dict | None = None
 
     def text(self) -> str:
         head = "PROMOTED" if self.promote else "NOT PROMOTED"
@@ -68,28 +71,39 @@ class Decision:
             "\n".join(f"- {r}" for r in self.reasons)
 
 
-def decide(candidate: Scores, champion: Scores | None, cfg: RegistryConfig) -> tuple[bool, list[str]]:
-    """Pure gate rules; returns (promote?, reasons)."""
+def decide(candidate: Scores, champion: Scores | None,
+           cfg: RegistryConfig) -> tuple[bool, list[str], GainInterval | None]:
+    """Pure gate rules; returns (promote?, reasons, bootstrap interval of the gain)."""
+    p = cfg.primary_metric
     reasons: list[str] = []
-    ok = candidate.cider >= cfg.cider_floor
-    reasons.append(f"CIDEr-D {candidate.cider:.4f} {'>=' if ok else '<'} floor {cfg.cider_floor:.4f}")
+    ok = candidate.metrics[p] >= cfg.floor
+    reasons.append(f"{p} {candidate.metrics[p]:.4f} {'>=' if ok else '<'} floor {cfg.floor:.4f}")
     if champion is None:
         reasons.append("no champion yet: the floor decides")
-        return ok, reasons
+        return ok, reasons, None
     if champion.eval_fingerprint != candidate.eval_fingerprint:
         reasons.append("champion measured on another eval set: not comparable")
-        return False, reasons
-    need = champion.cider * (1 + cfg.min_rel_gain)
-    c_ok = candidate.cider >= need
-    reasons.append(f"CIDEr-D {candidate.cider:.4f} {'>=' if c_ok else '<'} champion {champion.cider:.4f}"
-                   f" x (1 + {cfg.min_rel_gain}) = {need:.4f}")
-    for name, cand, champ in (("BLEU-4", candidate.bleu4, champion.bleu4),
-                              ("ROUGE-L", candidate.rouge_l, champion.rouge_l)):
+        return False, reasons, None
+    if not candidate.per_item or not champion.per_item:
+        who = "candidate" if not candidate.per_item else "champion"
+        reasons.append(f"the {who} has no per-item {p} scores on this eval set: the gain cannot be tested")
+        return False, reasons, None
+    try:
+        iv = paired_relative_gain(candidate.per_item, champion.per_item, confidence=cfg.confidence,
+                                  resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
+    except ValueError as exc:
+        reasons.append(f"not comparable: {exc}")
+        return False, reasons, None
+    gain_ok = iv.low >= cfg.min_rel_gain
+    reasons.append(f"{p} {candidate.metrics[p]:.4f} vs champion {champion.metrics[p]:.4f}: {iv.text()}; "
+                   f"lower bound {'>=' if gain_ok else '<'} min_rel_gain {cfg.min_rel_gain:+.2%}")
+    for name in cfg.guard_metrics:
+        cand, champ = candidate.metrics[name], champion.metrics[name]
         fine = cand >= champ - cfg.tolerance
         reasons.append(f"{name} {cand:.4f} {'within' if fine else 'more than'} {cfg.tolerance} "
                        f"of champion {champ:.4f}")
-        c_ok = c_ok and fine
-    return ok and c_ok, reasons
+        gain_ok = gain_ok and fine
+    return ok and gain_ok, reasons, iv
 
 
 def _version(v) -> str | None:
@@ -97,16 +111,12 @@ def _version(v) -> str | None:
     return None if v is None else str(v.version)
 
 
-def _better(a: tuple[Scores, int], b: tuple[Scores, int]) -> bool:
-    """Strict total order for converging: CIDEr-D, then the newer version."""
-    return (a[0].cider, a[1]) > (b[0].cider, b[1])
-
-
 class Gate:
     """Registry operations of the gate on an MLflow client."""
 
     def __init__(self, client, cfg: RegistryConfig):
         self.client, self.cfg, self.name = client, cfg, cfg.model_name
+        self.names = [cfg.primary_metric, *cfg.guard_metrics]
 
     def check_reachable(self) -> None:
         try:
@@ -126,82 +136,127 @@ class Gate:
                 return None
             raise EcomcapError(f"cannot read the champion of '{self.name}': {str(exc).splitlines()[0]}") from None
 
-    def scores_of(self, version) -> Scores | None:
-        return Scores.from_tags(version.tags or {})
-
+    # ------------------------------------------------------------------ scores in the registry
     def record_scores(self, version: str, scores: Scores) -> None:
+        """Metrics as version tags; per-item scores as an artifact of the version's score run."""
+        if scores.per_item is not None:
+            run_id = self._scores_run(version)
+            self.client.log_text(run_id, json.dumps(scores.per_item), f"per_item/{scores.eval_fingerprint}.json")
         for k, v in scores.tags().items():
             self.client.set_model_version_tag(self.name, version, k, v)
 
+    def scores_of(self, version) -> Scores | None:
+        """Tagged metrics with the per-item scores on the same eval set (None when not stored)."""
+        tags = version.tags or {}
+        s = Scores.from_tags(tags, self.names)
+        if s is None or "scores_run" not in tags:
+            return s
+        with tempfile.TemporaryDirectory(prefix="ecomcap-gate-") as tmp:
+            try:
+                path = self.client.download_artifacts(tags["scores_run"], f"per_item/{s.eval_fingerprint}.json", tmp)
+                per_item = json.loads(Path(path).read_text(encoding="utf-8"))
+            except Exception:  # missing artifact: the version was scored before per-item storage
+                per_item = None
+        return Scores(s.metrics, s.eval_fingerprint, per_item)
+
+    def _scores_run(self, version: str) -> str:
+        tags = self.client.get_model_version(self.name, version).tags or {}
+        if "scores_run" in tags:
+            return tags["scores_run"]
+        exp_name = SCORES_EXPERIMENT.format(name=self.name)
+        exp = self.client.get_experiment_by_name(exp_name)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(exp_name)
+        run = self.client.create_run(exp_id, run_name=f"version-{version}")
+        self.client.set_terminated(run.info.run_id)
+        self.client.set_model_version_tag(self.name, version, "scores_run", run.info.run_id)
+        return run.info.run_id
+
+    # ------------------------------------------------------------------ deciding
     def evaluate_and_promote(
         self, candidate_version: str, scores: Scores,
         reevaluate: Callable[[str], Scores] | None = None, retries: int = 3,
     ) -> Decision:
-        """Tag the candidate, apply the rules against the current champion, move the alias."""
+        """Record the candidate's scores, apply the rules against the current champion, move the alias."""
         self.check_reachable()
         self.record_scores(candidate_version, scores)
         self.client.set_registered_model_alias(self.name, CHALLENGER, candidate_version)
         before = self.champion()
         if _version(before) == str(candidate_version):
             return self._finish(True, ["candidate is already the champion"], candidate_version, before,
-                                before, scores, scores)
+                                before, scores, scores, None)
         reasons: list[str] = []
         champ = before
         for _ in range(retries):
             champ_scores = self._comparable(champ, scores, reevaluate, reasons)
-            promote, rule_reasons = decide(scores, champ_scores, self.cfg)
+            promote, rule_reasons, iv = decide(scores, champ_scores, self.cfg)
             if not promote:
-                return self._finish(False, reasons + rule_reasons, candidate_version, champ, before, scores, champ_scores)
+                return self._finish(False, reasons + rule_reasons, candidate_version, champ, before, scores,
+                                    champ_scores, iv)
             latest = self.champion()  # re-read right before moving
             if _version(latest) != _version(champ):
                 reasons.append(f"champion moved to version {_version(latest)} meanwhile: re-checked")
                 champ = latest
                 continue
-            # tagged only once it passed against the champion that is current now; the
-            # convergence of concurrent gates considers tagged versions only
+            # tagged only once it passed against the champion that is current now; the replay
+            # of concurrent gates considers tagged versions only
             self.client.set_model_version_tag(self.name, candidate_version, "gate", "passed")
-            self.client.set_registered_model_alias(self.name, CHAMPION, candidate_version)
+            self._move(candidate_version, "gate")
             self._converge(scores.eval_fingerprint)
-            return self._finish(True, reasons + rule_reasons, candidate_version, champ, before, scores, champ_scores)
+            return self._finish(True, reasons + rule_reasons, candidate_version, champ, before, scores,
+                                champ_scores, iv)
         return self._finish(False, reasons + ["champion kept moving: gave up"], candidate_version, champ,
-                            before, scores, None)
+                            before, scores, None, None)
+
+    def set_by_hand(self, version: str, reason: str) -> None:
+        """A deliberate choice of champion (e.g. a rollback): it stays until a candidate beats it."""
+        self.client.get_model_version(self.name, version)  # raises when it does not exist
+        self.client.set_model_version_tag(self.name, version, "champion_reason", reason[:500])
+        newest = max((int(v.version) for v in self.client.search_model_versions(f"name='{self.name}'")), default=0)
+        self.client.set_registered_model_tag(self.name, ANCHOR, f"{version}:{newest}")
+        self._move(version, "hand")
+
+    def _move(self, version: str, by: str) -> None:
+        self.client.set_model_version_tag(self.name, version, "champion_set_by", by)
+        self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
 
     def _comparable(self, champ, scores: Scores, reevaluate, reasons: list[str]) -> Scores | None:
         if champ is None:
             return None
         champ_scores = self.scores_of(champ)
-        if champ_scores is None or champ_scores.eval_fingerprint != scores.eval_fingerprint:
-            if reevaluate is None:
-                return champ_scores
-            reasons.append(f"champion version {champ.version} re-evaluated on the current eval set")
-            champ_scores = reevaluate(champ.version)
-            self.record_scores(champ.version, champ_scores)
+        stale = champ_scores is None or champ_scores.eval_fingerprint != scores.eval_fingerprint
+        if (stale or champ_scores.per_item is None) and reevaluate is not None:
+            why = "on the current eval set" if stale else "for per-item scores"
+            reasons.append(f"champion version {champ.version} re-evaluated {why}")
+            champ_scores = reevaluate(str(champ.version))
+            self.record_scores(str(champ.version), champ_scores)
         return champ_scores
 
     def _converge(self, fingerprint: str) -> None:
-        """Point champion at the best version that passed a gate on this eval set."""
-        passed = []
-        for v in self.client.search_model_versions(f"name='{self.name}'"):
+        """Replay, in version order, the versions that passed a gate on this eval set."""
+        anchor = (self.client.get_registered_model(self.name).tags or {}).get(ANCHOR)
+        winner, after = None, 0
+        if anchor:
+            winner, after = anchor.split(":")[0], int(anchor.split(":")[1])
+        winner_scores = self.scores_of(self.client.get_model_version(self.name, winner)) if winner else None
+        passed = [v for v in self.client.search_model_versions(f"name='{self.name}'")
+                  if int(v.version) > after and (v.tags or {}).get("gate") == "passed"
+                  and (v.tags or {}).get("eval_fingerprint") == fingerprint]
+        for v in sorted(passed, key=lambda v: int(v.version)):
             s = self.scores_of(v)
-            if (v.tags or {}).get("gate") == "passed" and s and s.eval_fingerprint == fingerprint:
-                passed.append((s, int(v.version)))
-        if not passed:
-            return
-        best = passed[0]
-        for p in passed[1:]:
-            best = p if _better(p, best) else best
-        current = self.champion()
-        if current is None or int(current.version) != best[1]:
-            log.info("gate: converging champion on better version %d", best[1])
-            self.client.set_registered_model_alias(self.name, CHAMPION, str(best[1]))
+            if s is not None and decide(s, winner_scores, self.cfg)[0]:
+                winner, winner_scores = str(v.version), s
+        if winner is not None and _version(self.champion()) != winner:
+            log.info("gate: the replay of the gates on this eval set leaves version %s as champion", winner)
+            self._move(winner, "gate")
 
-    def _finish(self, promote, reasons, cand, champ, before, scores, champ_scores) -> Decision:
+    def _finish(self, promote, reasons, cand, champ, before, scores, champ_scores, iv) -> Decision:
         after = self.champion()
+        strip = lambda s: {**asdict(s), "per_item": None} if s else None  # noqa: E731
         decision = Decision(
             promote=promote and _version(after) == str(cand), reasons=reasons,
             candidate_version=str(cand), champion_version=_version(champ),
             champion_before=_version(before), champion_after=_version(after),
-            candidate=asdict(scores), champion=asdict(champ_scores) if champ_scores else None,
+            candidate=strip(scores), champion=strip(champ_scores), interval=asdict(iv) if iv else None,
         )
         if promote and not decision.promote:
             decision.reasons.append(f"a better version ({decision.champion_after}) holds the alias")

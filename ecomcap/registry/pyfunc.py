@@ -32,9 +32,15 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelCo
     save_processor(processor, out)
     write_output_marker(out, kind="full", base=None, extra={"merged_from": str(model_dir)})
     (out / INFERENCE_FILE).write_text(json.dumps(
-        {"prompt": model_cfg.prompt, "generate": gen_cfg.model_dump(mode="json")}, ensure_ascii=False, indent=2),
+        inference_settings(model_cfg, gen_cfg), ensure_ascii=False, indent=2),
         encoding="utf-8")
     return out
+
+
+def inference_settings(model_cfg: ModelConfig, gen_cfg: GenerateConfig) -> dict:
+    """What changes a caption besides the weights: prompt, decoding, image resolution bounds."""
+    return {"prompt": model_cfg.prompt, "generate": gen_cfg.model_dump(mode="json"),
+            "min_pixels": model_cfg.min_pixels, "max_pixels": model_cfg.max_pixels}
 
 
 class CaptionModel(mlflow.pyfunc.PythonModel):
@@ -51,22 +57,58 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         self.builder = PromptBuilder(processor, info["prompt"])
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow infers no schema from hints
-        import io
-
+        """One row out per row in; a row whose image cannot be used gets an `error` (else "") and
+        an empty caption, the others are captioned. Never raises for bad rows (MLflow would answer the
+        whole batch with HTTP 400 and a stack trace)."""
         import pandas as pd
-        from PIL import Image
 
-        from ecomcap.data.formats import decode_base64
         from ecomcap.inference.generate import caption_images
 
-        if isinstance(model_input, pd.DataFrame):
-            b64 = model_input["image"].tolist()
-            ids = model_input["image_id"].tolist() if "image_id" in model_input else list(range(len(b64)))
-        else:
-            b64, ids = list(model_input), list(range(len(model_input)))
-        images = [Image.open(io.BytesIO(decode_base64(s))).convert("RGB") for s in b64]
-        captions = caption_images(self.model, self.builder, images, self.gen, progress=False)
-        return pd.DataFrame({"image_id": ids, "caption": captions})
+        rows = request_rows(model_input)
+        images = [r["image"] for r in rows if r["image"] is not None]
+        captions = iter(caption_images(self.model, self.builder, images, self.gen, progress=False) if images else [])
+        return pd.DataFrame({"image_id": [r["image_id"] for r in rows],
+                             "caption": [next(captions) if r["image"] is not None else "" for r in rows],
+                             "error": [r["error"] or "" for r in rows]})
+
+
+def request_rows(model_input) -> list[dict]:
+    """Decode a request: [{"image_id", "image": PIL image or None, "error": None or reason}].
+
+    Accepts a DataFrame with an "image" column (optional "image_id") or a list of base64
+    strings; a request without images at all raises an MlflowException with a one-line message."""
+    import io
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+    from PIL import Image
+
+    from ecomcap.data.formats import decode_base64
+    from ecomcap.text import printable
+
+    if isinstance(model_input, pd.DataFrame):
+        if "image" not in model_input:
+            raise MlflowException("the request needs an 'image' column of base64 images",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        b64 = model_input["image"].tolist()
+        ids = model_input["image_id"].tolist() if "image_id" in model_input else list(range(len(b64)))
+    else:
+        b64 = list(model_input)
+        ids = list(range(len(b64)))
+    rows = []
+    for image_id, value in zip(ids, b64):
+        row = {"image_id": printable(str(image_id)), "image": None, "error": None}
+        try:
+            if not isinstance(value, str):
+                raise ValueError(f"image must be a base64 string, got {type(value).__name__}")
+            img = Image.open(io.BytesIO(decode_base64(value)))
+            img.load()
+            row["image"] = img.convert("RGB")
+        except Exception as exc:  # PIL raises many types for undecodable bytes
+            row["error"] = f"unusable image: {printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}"
+        rows.append(row)
+    return rows
 
 
 def log_pyfunc(merged_dir: str | Path, name: str = "model"):

@@ -27,13 +27,13 @@ class RetrainPlan:
 
 
 def plan(config_path: str | Path, if_changed: bool) -> RetrainPlan:
-    from ecomcap.registry.promote import TRAINED_AS, registry_client
+    from ecomcap.registry.register import TRAINED_AS, registry_client
 
     cfg = load_run_config(config_path)
     src, chash = source_fingerprint(cfg.data), tracking.config_hash(cfg)
     if not if_changed:
         return RetrainPlan(True, "retraining unconditionally (no --if-changed)", src, chash)
-    client = registry_client(cfg)
+    client = registry_client(cfg.registry)
     Gate(client, cfg.registry).check_reachable()
     name = cfg.registry.model_name
     versions = client.search_model_versions(f"name='{name}'") if client.search_registered_models(

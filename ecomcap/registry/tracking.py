@@ -110,7 +110,7 @@ def last_run_summary(tracking_uri: str, experiment: str = "training_pipeline") -
         return None
     r = runs[0]
     return {"run": r.info.run_name, "run_id": r.info.run_id,
-            "metrics": {k: v for k, v in r.data.metrics.items() if k in HEADLINE or k.startswith(("val.", "data."))},
+            "metrics": {k: v for k, v in r.data.metrics.items() if k in HEADLINE or k.startswith(("val.", "data.", "gate."))},
             "gate": {k: v for k, v in r.data.tags.items() if k.startswith("gate.")}}
 
 

@@ -155,6 +155,7 @@ def make_step_fn(loop: RetrievalLoop, data: TrainingSet, cfg: RetrievalRunConfig
         return torch.stack([cache[j] if j in cache else fresh[j] for j in rows])
 
     pos = sib_pos = None
+    step.does_backward = bool(cfg.train.grad_cache_chunk)  # type: ignore[attr-defined]
     return step
 
 

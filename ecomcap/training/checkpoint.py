@@ -7,6 +7,7 @@ a LoRA adapter over its named base, or full weights, plus the processor and the 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,45 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _rng_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f".rng-step-{step:07d}"
+
+
+def save_rng(ckpt_root: Path, step: int, rank: int) -> None:
+    """Each rank writes its own generator states (ranks sample differently), before the main
+    process writes the checkpoint that collects them."""
+    import numpy as np
+
+    d = _rng_dir(ckpt_root, step)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save({"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate(), "numpy": _numpy_state(np.random.get_state())},
+               d / f"rng-rank{rank}.pt")
+
+
+def _numpy_state(state: tuple) -> tuple:
+    """numpy's MT19937 state with its key array as a tensor (loadable with weights_only)."""
+    name, keys, pos, has_gauss, cached = state
+    return name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached
+
+
+def _restore_rng(path: Path, rank: int, legacy: dict) -> None:
+    import numpy as np
+
+    own = path / f"rng-rank{rank}.pt"
+    if not own.is_file():  # written before per-rank states: rank 0's torch state only
+        torch.set_rng_state(legacy["rng"])
+        return
+    blob = torch.load(own, map_location="cpu", weights_only=True)
+    torch.set_rng_state(blob["torch"])
+    if blob["cuda"] and torch.cuda.is_available():  # SCST samples on the GPU generator
+        torch.cuda.set_rng_state_all(blob["cuda"])
+    random.setstate(blob["python"])
+    name, keys, pos, has_gauss, cached = blob["numpy"]
+    np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
     """Write ``step-NNNNNNN/`` atomically (tmp dir + rename) and prune old ones."""
     final = ckpt_root / f"step-{step:07d}"
@@ -33,10 +73,13 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, sta
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "rng": torch.get_rng_state(),
-         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+         "rng": torch.get_rng_state()},
         tmp / "optim.pt",
     )
+    rng = _rng_dir(ckpt_root, step)
+    for f in rng.glob("rng-rank*.pt"):
+        shutil.move(str(f), tmp / f.name)
+    shutil.rmtree(rng, ignore_errors=True)
     (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -50,8 +93,8 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore a checkpoint in place; returns its trainer state (with "step")."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
+    """Restore a checkpoint in place (this rank's own RNG states); returns its trainer state."""
     tensors = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n in tensors if n not in params]
@@ -63,9 +106,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     blob = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["rng"])
-    if blob.get("cuda_rng") and torch.cuda.is_available():  # SCST samples on the GPU generator
-        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    _restore_rng(path, rank, blob)
     return json.loads((path / STATE).read_text(encoding="utf-8"))
 
 

@@ -7,11 +7,13 @@ pure functions of (seed, epoch), which is what makes resume exact.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
 from PIL import Image
@@ -33,7 +35,8 @@ class Example:
 class ShardImages:
     """Random access to an ingested dataset's images and references, row-group cached."""
 
-    def __init__(self, dataset_dir: str | Path, cache_groups: int = 4):
+    def __init__(self, dataset_dir: str | Path, cache_groups: int = 4,
+                 keep: Callable[[str], bool] | None = None):
         self.files = shard_paths(dataset_dir)
         self.ids: list[str] = []
         self.texts: list[list[str]] = []
@@ -42,9 +45,12 @@ class ShardImages:
             pf = pq.ParquetFile(path)
             for g in range(pf.num_row_groups):
                 t = pf.read_row_group(g, columns=["image_id", "texts"])
-                self.ids += t.column("image_id").to_pylist()
-                self.texts += t.column("texts").to_pylist()
-                self.where += [(f, g, r) for r in range(t.num_rows)]
+                for r, (image_id, texts) in enumerate(zip(t.column("image_id").to_pylist(),
+                                                          t.column("texts").to_pylist())):
+                    if keep is None or keep(image_id):
+                        self.ids.append(image_id)
+                        self.texts.append(texts)
+                        self.where.append((f, g, r))
         self._cache: OrderedDict[tuple[int, int], list[bytes]] = OrderedDict()
         self._cache_groups = cache_groups
 
@@ -71,6 +77,28 @@ class ShardImages:
         for i, (f, g, _) in enumerate(self.where):
             out.setdefault((f, g), []).append(i)
         return list(out.values())
+
+
+def dev_ids(dataset_dir: str | Path, n: int, seed: int = 0) -> frozenset[str]:
+    """`n` image ids of a training split held out to pick checkpoints: the smallest hashes of
+    (seed, id), so the choice depends on the ids alone (not on file order) and is disjoint by id."""
+    if n <= 0:
+        return frozenset()
+    ids = ShardImages(dataset_dir).ids
+    return frozenset(sorted(ids, key=lambda i: hashlib.sha256(f"dev:{seed}:{i}".encode()).digest())[:n])
+
+
+def train_and_dev(train_dir: str | Path, valid_dir: str | Path | None,
+                  dev_images: int) -> tuple["ShardImages", "ShardImages | None"]:
+    """(images to train on, images to pick the best checkpoint on).
+
+    With `dev_images` > 0 the selection set is split off the training split, so the validation
+    split that the gate scores on stays unseen by every training decision; 0 selects on valid.
+    """
+    if dev_images <= 0:
+        return ShardImages(train_dir), ShardImages(valid_dir) if valid_dir else None
+    dev = dev_ids(train_dir, dev_images)
+    return ShardImages(train_dir, keep=lambda i: i not in dev), ShardImages(train_dir, keep=dev.__contains__)
 
 
 def epoch_order(data: ShardImages, seed: int, epoch: int, expand: bool = False) -> list[tuple[int, int]]:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ecomcap.config import GenerateConfig, LoopConfig
+from ecomcap.errors import EcomcapError
 from ecomcap.inference.generate import caption_images
 from ecomcap.metrics import evaluate
 from ecomcap.modeling.strategies import ParamCount, count_parameters
@@ -33,9 +34,11 @@ from ecomcap.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    save_rng,
 )
 from ecomcap.training.collate import PromptBuilder
 from ecomcap.training.data import Example, ShardImages, epoch_order, make_example
+from ecomcap.training.identity import record_finished, run_dir
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -58,13 +61,29 @@ class StageResult:
     param_digest: str = ""  # hash of this process's trainable weights (ranks must agree)
 
 
-def make_accelerator(cfg: LoopConfig) -> Accelerator:
+def make_accelerator(cfg: LoopConfig, model: torch.nn.Module | None = None) -> Accelerator:
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if model is not None and mp == "no":  # bf16 weights, fp32 trainables: autocast joins them
+            mp = "bf16" if any(p.dtype == torch.bfloat16 for p in model.parameters()) else "no"
+    if mp == "no" and model is not None and any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+        raise EcomcapError("mixed_precision 'no' with 16-bit weights: set mixed_precision to bf16 or auto "
+                           "(trainable weights are kept in fp32; autocast runs the 16-bit frozen ones)")
+    _forget_other_precision(mp)
     return Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum
     )
+
+
+def _forget_other_precision(mp: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second stage (or test) with another
+    mixed precision; drop that part of the state (the process group in PartialState stays)."""
+    from accelerate.state import AcceleratorState, DistributedType
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mp) and state.get("distributed_type") != DistributedType.DEEPSPEED:
+        AcceleratorState._reset_state()
 
 
 class TrainLoop:
@@ -79,12 +98,12 @@ class TrainLoop:
     def __init__(self, *, stage: str, model, processor, prompt: str | None, base_name: str, strategy: str,
                  cfg: LoopConfig, gen_cfg: GenerateConfig, valid: ShardImages | None,
                  configs: dict[str, Any], on_metrics: MetricsCallback | None = None,
-                 expand_references: bool = False):
+                 expand_references: bool = False, identity: str | None = None):
         self.stage, self.cfg, self.gen_cfg = stage, cfg, gen_cfg
         self.processor, self.base_name, self.strategy, self.configs = processor, base_name, strategy, configs
         self.builder = PromptBuilder(processor, prompt) if prompt is not None else None
         self.on_metrics, self.expand = on_metrics, expand_references
-        self.acc = make_accelerator(cfg)
+        self.acc = make_accelerator(cfg, model)
         torch.manual_seed(cfg.seed)
         self.params = count_parameters(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -95,7 +114,8 @@ class TrainLoop:
         # optimizer step, which would compress the schedule num_processes-fold
         self.model, self.opt = self.acc.prepare(model, opt)
         self.sched = sched
-        self.out = Path(cfg.output_dir)
+        self.root = Path(cfg.output_dir)  # each run identity trains in its own folder below it
+        self.out = run_dir(self.root, identity, stage) if identity else self.root
         self.valid = valid
         self._valid_cache: tuple[list[str], list, dict[str, list[str]]] | None = None
         self._orders: dict[int, list[tuple[int, int]]] = {}
@@ -145,7 +165,8 @@ class TrainLoop:
         step = 0
         last = latest_checkpoint(ckpts) if cfg.resume else None
         if last is not None:
-            state = load_checkpoint(last, acc.unwrap_model(self.model), self.opt, self.sched)
+            state = load_checkpoint(last, acc.unwrap_model(self.model), self.opt, self.sched,
+                                    rank=acc.process_index)
             step = state.pop("step")
             log.info("%s: resumed from %s (step %d)", self.stage, last, step)
         resumed_from = step
@@ -161,8 +182,8 @@ class TrainLoop:
             for micro in range(cfg.grad_accum):
                 with acc.accumulate(self.model):
                     loss, extra = step_fn(self.examples_for(data, step, micro))
-                    if loss.requires_grad:  # gradient caching back-propagates inside step_fn
-                        acc.backward(loss)
+                    if loss.requires_grad or not getattr(step_fn, "does_backward", False):
+                        acc.backward(loss)  # (SCST backwards its chunked log-prob pass itself)
                     if acc.sync_gradients:
                         logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
                         self.opt.step()
@@ -181,9 +202,12 @@ class TrainLoop:
                          logs["loss"], logs["lr"])
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                 self._evaluate(step, state)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps and acc.is_main_process:
-                save_checkpoint(ckpts, step, acc.unwrap_model(self.model), self.opt, self.sched, state,
-                                cfg.keep_checkpoints)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                save_rng(ckpts, step, acc.process_index)  # every rank its own generators
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    save_checkpoint(ckpts, step, acc.unwrap_model(self.model), self.opt, self.sched, state,
+                                    cfg.keep_checkpoints)
             acc.wait_for_everyone()
             if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step < cfg.max_steps:
                 bar.close()
@@ -191,8 +215,12 @@ class TrainLoop:
         bar.close()
         final = self._export(self.out / "model")
         best = self.out / "best" if state["best"] is not None else None
-        if best is not None and acc.is_main_process:  # the best model carries the whole curve too
-            shutil.copy(metrics_log, best / "metrics.jsonl")
+        if acc.is_main_process:
+            if best is not None:  # the best model carries the whole curve too
+                shutil.copy(metrics_log, best / "metrics.jsonl")
+            shutil.rmtree(ckpts, ignore_errors=True)  # a finished run leaves nothing half-way to resume
+            if self.out != self.root:
+                record_finished(self.root, self.out, best or final)
         acc.wait_for_everyone()
         return StageResult(best or final, final, best, step, self.params, state["best"], state["evals"],
                            time.perf_counter() - started, resumed_from, _digest(acc.unwrap_model(self.model)))

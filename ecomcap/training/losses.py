@@ -38,8 +38,13 @@ def scst_loss(seq_logprob: torch.Tensor, advantage: torch.Tensor) -> torch.Tenso
     return -(advantage.detach() * seq_logprob).mean()
 
 
-def kl_penalty(token_lp: torch.Tensor, ref_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL(policy || reference) on the sampled tokens, mean over tokens (>= 0)."""
+def kl_k3_sum(token_lp: torch.Tensor, ref_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over the sampled tokens of the k3 estimator of KL(policy || reference) (>= 0)."""
     delta = torch.where(mask, ref_lp - token_lp, torch.zeros_like(token_lp))
     k3 = torch.exp(delta) - delta - 1
-    return (k3 * mask).sum() / mask.sum().clamp(min=1)
+    return (k3 * mask).sum()
+
+
+def kl_penalty(token_lp: torch.Tensor, ref_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(policy || reference) on the sampled tokens, mean over tokens (>= 0)."""
+    return kl_k3_sum(token_lp, ref_lp, mask) / mask.sum().clamp(min=1)

@@ -15,24 +15,20 @@ import torch
 
 from ecomcap.config import GenerateConfig, ModelConfig, SCSTConfig
 from ecomcap.data.clean import repeated_ngram_share
-from ecomcap.data.shards import read_references
+from ecomcap.data.shards import read_references, read_report
 from ecomcap.errors import EcomcapError
 from ecomcap.inference.generate import generate_kwargs
-from ecomcap.inference.postprocess import postprocess
 from ecomcap.modeling.load import load_trained
 from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.modeling.strategies import apply_strategy
 from ecomcap.text import tokenize_many
-from ecomcap.training.collate import AnswerBatch, PromptBuilder, answer_logits, with_answers
-from ecomcap.training.data import Example, ShardImages
+from ecomcap.training.budget import check_token_budget, model_token_limit
+from ecomcap.training.collate import PromptBuilder, answer_logits, with_answers
+from ecomcap.training.data import Example, train_and_dev
+from ecomcap.training.identity import model_fingerprint, run_identity
+from ecomcap.training.logprob import policy_logprob
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
-from ecomcap.training.losses import (
-    kl_penalty,
-    scst_loss,
-    sequence_logprob,
-    sft_loss,
-    token_logprobs,
-)
+from ecomcap.training.losses import sft_loss
 from ecomcap.training.rewards import CaptionReward, greedy_baseline, mean_of_others
 
 
@@ -77,10 +73,13 @@ class SCSTStep:
             no_repeat_ngram_size=0))
         self.sample_kw = generate_kwargs(sample_cfg, self.builder)
         self.greedy_kw = {**self.sample_kw, "do_sample": False}
-        self.post = gen_cfg.postprocess
+        self.policy = policy_logprob(loop, cfg, self.suppress)
+        self.does_backward = self.policy.backward is not None  # the loop then skips its backward
 
     def _decode(self, seqs: list[list[int]]) -> list[str]:
-        return [postprocess(t, self.post) for t in self.tok.batch_decode(seqs, skip_special_tokens=True)]
+        """The sampled captions as decoded, not post-processed: collapsing a looping phrase would
+        hide the loop from the reward and from `repeat_ngram` (post-processing is for output)."""
+        return self.tok.batch_decode(seqs, skip_special_tokens=True)
 
     @torch.no_grad()
     def _generate(self, enc, **kw) -> torch.Tensor:
@@ -104,36 +103,34 @@ class SCSTStep:
         else:
             base = mean_of_others(scores, k)
         adv = torch.as_tensor(scores - base, dtype=torch.float32, device=dev)
-        batch = with_answers(repeat_prompts(enc, k), seqs, self.builder.pad_id).to(dev)
-        logits, targets = answer_logits(self.loop.model, batch, self.suppress)
-        tok_lp, mask = token_logprobs(logits, targets)
-        loss = scst_loss(sequence_logprob(tok_lp, mask, cfg.length_normalize), adv)
+        # policy gradient (+ KL): images encoded once, sequences scored and backwarded in chunks
+        loss, pg_logs = self.policy(enc, seqs, k, adv)
         logs = {"reward": float(scores.mean()), "baseline": float(base.mean()),
-                "advantage_std": float(np.std(scores - base)), "sample_len": float(mask.sum(-1).float().mean()),
+                "advantage_std": float(np.std(scores - base)),
                 "repeat_ngram": float(np.mean([repeated_ngram_share(t, 3) for t in tokenize_many(captions)])),
-                "pg_loss": float(loss.detach())}
-        if cfg.kl_weight > 0:
-            kl = kl_penalty(tok_lp, self._reference_logprobs(batch), mask)
-            loss = loss + cfg.kl_weight * kl
-            logs["kl"] = float(kl.detach())
+                **pg_logs}
         if cfg.xe_weight > 0:
             xe = self._xe(examples, enc, dev)
             loss = loss + cfg.xe_weight * xe
             logs["xe_loss"] = float(xe.detach())
         return loss, logs
 
-    @torch.no_grad()
-    def _reference_logprobs(self, batch: AnswerBatch) -> torch.Tensor:
-        model = self.loop.acc.unwrap_model(self.loop.model)
-        with model.disable_adapter():
-            logits, targets = answer_logits(model, batch, self.suppress)
-        return token_logprobs(logits, targets)[0]
-
     def _xe(self, examples: list[Example], enc, dev) -> torch.Tensor:
         answers = self.builder.answer_ids([e.answer for e in examples], self.cfg.max_answer_tokens)
         batch = with_answers(enc, answers, self.builder.pad_id).to(dev)
         logits, targets = answer_logits(self.loop.model, batch)
         return sft_loss(logits, targets)
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """One policy for sampling (eval mode), the log-prob pass (train mode) and the KL reference
+    (adapter off): with LoRA dropout on only in the log-prob pass, the gradient would be taken
+    for another policy than the one that sampled (TRL disables dropout for the same reason)."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            m.p, n = 0.0, n + 1
+    return n
 
 
 def run_scst(
@@ -144,8 +141,10 @@ def run_scst(
     cfg: SCSTConfig,
     gen_cfg: GenerateConfig | None = None,
     on_metrics: MetricsCallback | None = None,
+    dev_images: int = 0,
 ) -> StageResult:
-    """SCST from an SFT output directory; returns the exported (best) model."""
+    """SCST from an SFT output directory; returns the exported (best) model (`dev_images`: as
+    in `run_sft`, the same held-out training images pick the best checkpoint)."""
     torch.manual_seed(cfg.seed)  # adapter init and sampling follow the seed, not the process history
     gen_cfg = gen_cfg or GenerateConfig()
     model, processor = load_trained(sft_model_dir, model_cfg)
@@ -154,13 +153,17 @@ def run_scst(
     if cfg.kl_weight > 0 and cfg.finetune.strategy not in ("lora", "qlora"):
         raise EcomcapError("scst.kl_weight needs a LoRA strategy (the reference is the model with the adapter off)")
     model, _ = apply_strategy(model, cfg.finetune)
+    disable_dropout(model)
+    train, select_on = train_and_dev(train_dir, valid_dir, dev_images)
+    configs = {"model": model_cfg.model_dump(mode="json"), "scst": cfg.model_dump(mode="json"),
+               "generate": gen_cfg.model_dump(mode="json"), "dev_images": dev_images}
     loop = TrainLoop(
         stage="scst", model=model, processor=processor, prompt=model_cfg.prompt,
         base_name=str(sft_model_dir), strategy=cfg.finetune.strategy, cfg=cfg, gen_cfg=gen_cfg,
-        valid=ShardImages(valid_dir) if valid_dir else None,
-        configs={"model": model_cfg.model_dump(mode="json"), "scst": cfg.model_dump(mode="json"),
-                 "sft_model": str(sft_model_dir)},
-        on_metrics=on_metrics,
+        valid=select_on, configs={**configs, "sft_model": str(sft_model_dir)}, on_metrics=on_metrics,
+        identity=run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(sft_model_dir)),
     )
     reward = CaptionReward(read_references(train_dir))
-    return loop.run(ShardImages(train_dir), SCSTStep(loop, cfg, reward, gen_cfg))
+    answer = max(cfg.max_new_tokens, cfg.max_answer_tokens if cfg.xe_weight > 0 else 0)
+    check_token_budget(train, loop.builder, answer, model_token_limit(model, model_cfg.max_seq_len))
+    return loop.run(train, SCSTStep(loop, cfg, reward, gen_cfg))

@@ -6,10 +6,13 @@ from pathlib import Path
 import torch
 
 from ecomcap.config import FinetuneConfig, GenerateConfig, ModelConfig, SFTConfig
+from ecomcap.data.shards import read_report
 from ecomcap.modeling.load import load_base
 from ecomcap.modeling.strategies import apply_strategy, quantization_config
+from ecomcap.training.budget import check_token_budget, model_token_limit
 from ecomcap.training.collate import answer_logits, with_answers
-from ecomcap.training.data import Example, ShardImages
+from ecomcap.training.data import Example, train_and_dev
+from ecomcap.training.identity import model_fingerprint, run_identity
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
 from ecomcap.training.losses import sft_loss
 
@@ -22,8 +25,13 @@ def run_sft(
     cfg: SFTConfig,
     gen_cfg: GenerateConfig | None = None,
     on_metrics: MetricsCallback | None = None,
+    dev_images: int = 0,
 ) -> StageResult:
-    """Fine-tune `model_cfg`'s model on an ingested train split; returns the exported model."""
+    """Fine-tune `model_cfg`'s model on an ingested train split; returns the exported model.
+
+    `dev_images` > 0: the best checkpoint is picked on that many training images held out
+    (by id), not on `valid_dir`, which then stays unseen for the promotion gate.
+    """
     from ecomcap.modeling.prepare import ensure_model
 
     torch.manual_seed(cfg.seed)  # adapter init and sampling follow the seed, not the process history
@@ -31,13 +39,14 @@ def run_sft(
     model, processor = load_base(model_cfg, quantization_config(ft_cfg))
     model, _ = apply_strategy(model, ft_cfg)
     gen_cfg = gen_cfg or GenerateConfig()
+    train, select_on = train_and_dev(train_dir, valid_dir, dev_images)
+    configs = {"model": model_cfg.model_dump(mode="json"), "finetune": ft_cfg.model_dump(mode="json"),
+               "sft": cfg.model_dump(mode="json"), "dev_images": dev_images}
     loop = TrainLoop(
         stage="sft", model=model, processor=processor, prompt=model_cfg.prompt,
         base_name=model_cfg.name_or_path, strategy=ft_cfg.strategy, cfg=cfg, gen_cfg=gen_cfg,
-        valid=ShardImages(valid_dir) if valid_dir else None,
-        configs={"model": model_cfg.model_dump(mode="json"), "finetune": ft_cfg.model_dump(mode="json"),
-                 "sft": cfg.model_dump(mode="json")},
-        on_metrics=on_metrics, expand_references=cfg.references == "expand",
+        valid=select_on, configs=configs, on_metrics=on_metrics, expand_references=cfg.references == "expand",
+        identity=run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(model_cfg.name_or_path)),
     )
     builder = loop.builder
 
@@ -49,4 +58,5 @@ def run_sft(
         loss = sft_loss(logits, targets, cfg.label_smoothing)
         return loss, {"answer_tokens": float((targets != -100).sum())}
 
-    return loop.run(ShardImages(train_dir), step)
+    check_token_budget(train, builder, cfg.max_answer_tokens, model_token_limit(model, model_cfg.max_seq_len))
+    return loop.run(train, step)

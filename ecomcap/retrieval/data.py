@@ -164,7 +164,7 @@ def ingest_retrieval_split(src: str | Path, split: str, out_dir: str | Path, fmt
         items = finish_ingest(run, started).report
         group_file = _find(src, [f"MR_{split}_groups.jsonl"], "", required=False)
         if group_file is not None:
-            groups = {str(r["item_id"]): str(r["group"]) for r in (json.loads(x.text) for x in iter_lines(group_file))}
+            groups = _read_group_file(group_file)
     ok_ids = set(read_table(out / "items", ["image_id"]).column("image_id").to_pylist())
     report = {"split": split, "format": fmt, "items": _summary(items), "passed": bool(items["passed"])}
     if queries is not None:
@@ -256,6 +256,19 @@ def _shopee_items(src: Path, split: str, out: Path, cfg: IngestConfig, groups: d
                            [title] if title else [], load_error="missing_image_file") and row.get("label_group"):
                 groups[pid] = str(row["label_group"]).strip()
     return finish_ingest(run, started).report
+
+
+def _read_group_file(path: Path) -> dict[str, str]:
+    """{"item_id", "group"} lines; a malformed line is a clear error (groups are metadata we
+    evaluate matching with: a silently partial table would change the metric)."""
+    out = {}
+    for line in iter_lines(path):
+        try:
+            obj = parse_json_line(line)
+            out[str(obj["item_id"])] = str(obj["group"])
+        except (ValueError, KeyError) as exc:
+            raise EcomcapError(f"{path.name} line {line.line_no}: expected {{\"item_id\", \"group\"}} ({exc})") from None
+    return out
 
 
 def _write_groups(groups: dict[str, str], path: Path) -> None:

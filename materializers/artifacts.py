@@ -58,3 +58,9 @@ class GalleryDir:
     """A gallery embedding artifact (vectors.npy, items.jsonl, images.parquet, encoder/, index.json)."""
 
     path: str
+
+    @property
+    def index(self) -> dict[str, Any]:
+        import json
+
+        return json.loads((Path(self.path) / "index.json").read_text(encoding="utf-8"))

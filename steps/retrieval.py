@@ -43,3 +43,23 @@ def retrieval_evaluate(config: RetrievalRunConfig, gallery: GalleryDir, valid: R
                        train: RetrievalDataDir) -> Annotated[EvaluationReport, "retrieval_evaluation"]:
     metrics, eval_fp, html = wf.evaluate_stage(Path(gallery.path), Path(valid.path), Path(train.path), config)
     return EvaluationReport(metrics, eval_fp, html)
+
+
+@step(experiment_tracker=TRACKER, enable_cache=False)
+def retrieval_promote(config: RetrievalRunConfig, gallery: GalleryDir, evaluation: EvaluationReport,
+                      valid: RetrievalDataDir, validation_report: dict) -> Annotated[dict, "retrieval_gate_decision"]:
+    """Register encoder + index as one model version; `champion` moves only if the gate passes."""
+    from zenml import get_step_context
+
+    from ecomcap.retrieval.promote import promote_retriever
+
+    from ecomcap.retrieval.prepare import retrieval_source_fingerprint
+
+    tags = {"data_fingerprint": "|".join(r["fingerprint"][:16] for r in validation_report.values()),
+            "source_fingerprint": retrieval_source_fingerprint(config.data)}
+    decision = promote_retriever(Path(gallery.path), Path(valid.path), evaluation.metrics,
+                                 evaluation.eval_fingerprint, config, tags)
+    if decision.promote:
+        get_step_context().model.set_stage("production", force=True)
+    return {"promote": decision.promote, "reasons": decision.reasons,
+            "candidate_version": decision.candidate_version, "champion_after": decision.champion_after}

@@ -59,6 +59,19 @@ def test_retrieval_pipeline_runs_then_caches(repo):  # noqa: F811
                for p in (repo / ".run/retrieval/scratch").glob(f"ingest-{s}-*/report.json")}
     assert digests == {f"retrieval-{s}": r["fingerprint"][:36] for s, r in reports.items()}
 
+    # registered with the shared gate: the first candidate becomes champion, the cached rerun
+    # registers nothing new; the champion serves searches over its own gallery
+    from mlflow import MlflowClient as Registry
+
+    reg = Registry(tracking_uri=uri, registry_uri=uri)
+    champion = reg.get_model_version_by_alias("ecomcap-retriever", "champion")
+    assert len(reg.search_model_versions("name='ecomcap-retriever'")) == 1
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(uri)
+    hits = mlflow.pyfunc.load_model(f"models:/ecomcap-retriever/{champion.version}").predict(["红色 T恤"])
+    assert len(hits["item_ids"][0]) == 10
+
     from ecomcap.retrieval.gallery import load_gallery
 
     gallery = next((repo / ".run/retrieval/scratch").glob("gallery-*/gallery"))

@@ -115,5 +115,7 @@ class RetrievalRunConfig(_Strict):
     eval: RetrievalEvalConfig = Field(default_factory=RetrievalEvalConfig)
     gallery_dir: Path = Path(".run/retrieval/gallery")
     registry: RegistryConfig = Field(
-        default_factory=lambda: RegistryConfig(model_name="ecomcap-retriever", experiment="ecomcap-retrieval")
+        default_factory=lambda: RegistryConfig(model_name="ecomcap-retriever", experiment="retrieval_pipeline",
+                                               primary_metric="MeanRecall", guard_metrics=["R1"], tolerance=1.0,
+                                               floor=5.0)
     )

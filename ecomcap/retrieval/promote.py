@@ -23,15 +23,6 @@ def _scores(metrics: dict[str, Any], eval_fp: str):
                   per_item={str(q): float(v) for q, v in metrics["per_query"].items()})
 
 
-def _find_gallery(root: Path) -> Path:
-    hits = sorted(p.parent for p in root.rglob("index.json") if (p.parent / "vectors.npy").is_file())
-    if not hits:
-        from ecomcap.errors import EcomcapError
-
-        raise EcomcapError(f"registered retriever under {root} holds no gallery (index.json + vectors.npy)")
-    return hits[0]
-
-
 def promote_retriever(gallery_dir: Path, valid: Path, metrics: dict[str, Any], eval_fp: str,
                       cfg: RetrievalRunConfig, tags: dict[str, str] | None = None):
     """Register (or reuse) the candidate and gate it against the champion; returns the Decision."""
@@ -48,15 +39,18 @@ def promote_retriever(gallery_dir: Path, valid: Path, metrics: dict[str, Any], e
 
     def reevaluate(version: str):
         with tempfile.TemporaryDirectory(prefix="ecomcap-champion-") as tmp:
-            download_version(cfg.registry, version, Path(tmp) / "model")
-            champion = _find_gallery(Path(tmp) / "model")
+            champion = download_version(cfg.registry, version, "vectors.npy", Path(tmp) / "model")
             fresh = embed_gallery(champion / json.loads((champion / "index.json").read_text("utf-8"))["encoder_dir"],
                                   valid / "items", Path(tmp) / "gallery")
             scores = score_gallery(fresh, valid, cfg)
             return _scores({k.replace("@", ""): v for k, v in scores.items()} | {"per_query": scores["per_query"]},
                            eval_fp)
 
+    from ecomcap.registry import tracking
+
+    tags = {"config_hash": tracking.config_hash(cfg), "gallery_fingerprint": index["fingerprint"], **(tags or {})}
     return register_and_gate(
         cfg.registry, model_dir=encoder_dir, inference=inference, log_model=lambda _: log_retriever(gallery_dir),
-        scores=_scores(metrics, eval_fp), reevaluate=reevaluate, tags=tags or {},
-        description=f"{settings.get('arch')} dual encoder + {index['count']}-item gallery ({index['item_embedding']} items)")
+        scores=_scores(metrics, eval_fp), reevaluate=reevaluate, tags=tags,
+        description="ecomcap: Chinese product search dual encoder with its gallery index",
+        trained_as=f"{tags.get('source_fingerprint', '')}/{tags['config_hash']}")

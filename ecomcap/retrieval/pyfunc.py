@@ -25,7 +25,11 @@ class RetrieverModel(mlflow.pyfunc.PythonModel):
 
         from ecomcap.retrieval.metrics import topk_search
 
-        texts = model_input["query_text"].tolist() if isinstance(model_input, pd.DataFrame) else list(model_input)
+        if isinstance(model_input, pd.DataFrame):  # a "query_text" column, else the first one
+            col = "query_text" if "query_text" in model_input else model_input.columns[0]
+            texts = [str(t) for t in model_input[col].tolist()]
+        else:
+            texts = [str(t) for t in model_input]
         k = int((params or {}).get("top_k", 10))
         scores, idx = topk_search(self.encoder.encode_texts(texts), self.gallery.vectors, k)
         return pd.DataFrame({"query_text": texts,

@@ -78,3 +78,30 @@ def test_retrieval_pipeline_runs_then_caches(repo):  # noqa: F811
     gal = load_gallery(gallery)
     assert gal.vectors.shape[0] == reports["valid"]["items"]["rows_ok"]
     assert gal.encoder(device="cpu").encode_texts(["红色 T恤"]).shape == (1, gal.index["dim"])
+
+
+def test_comparison_table_command(tmp_path, monkeypatch):
+    """`ecomcap retrieval-table`: every row, the chance level, logged as one MLflow run."""
+    from ecomcap.cli import main
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "retrieval_local.yaml").read_text("utf-8"))
+    cfg = base["parameters"]["config"]
+    cfg["data"].update(work_dir=str(tmp_path / "data"), synth={"train_products": 30, "valid_products": 20})
+    cfg["encoder"].update(name_or_path=str(tmp_path / "tiny"), tiny=SMALL["encoder"]["tiny"])
+    cfg["train"].update(max_steps=6, batch_size=8, eval_every=3, save_every=0,
+                        hard_negatives={"enabled": True, "start_step": 3, "per_query": 5})
+    path = tmp_path / "table.yaml"
+    path.write_text(yaml.safe_dump(base, allow_unicode=True), "utf-8")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["retrieval-table", "--config", str(path), "--out", str(tmp_path / "table")]) == 0
+    result = json.loads((tmp_path / "table" / "table.json").read_text("utf-8"))
+    assert [r["name"] for r in result["rows"]] == ["zero-shot (random init)", "InfoNCE", "sigmoid",
+                                                   "InfoNCE + hard negatives", "InfoNCE + hard negatives, fused items"]
+    assert 0 < result["chance"]["MeanRecall"] < 100 and all("match_F1" in r for r in result["rows"])
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.search_runs([client.get_experiment_by_name("retrieval_comparison").experiment_id])[0]
+    assert "row4.MeanRecall" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"table.md", "table.json"}

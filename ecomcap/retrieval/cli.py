@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ecomcap.errors import EcomcapError
@@ -57,7 +58,24 @@ def _cmd_table(args: argparse.Namespace) -> int:
     from ecomcap.retrieval.experiments import comparison_table, format_table
 
     cfg = load_run_config(args.config, RetrievalRunConfig)
-    result = comparison_table(cfg, Path(args.out))
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:  # the table as one MLflow run: table.md/json plus each row's figures
+        import mlflow
+
+        from ecomcap.registry import tracking
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("retrieval_comparison")
+        with mlflow.start_run(run_name="comparison_table"):
+            result = comparison_table(cfg, Path(args.out))
+            tracking.log_artifact(Path(args.out) / "table.md")
+            tracking.log_artifact(Path(args.out) / "table.json")
+            for i, row in enumerate(result["rows"]):
+                tracking.log_metrics({k.replace("@", ""): v for k, v in row.items() if k not in ("name", "item")},
+                                     prefix=f"row{i}.")
+            mlflow.set_tags({f"row{i}": r["name"] for i, r in enumerate(result["rows"])})
+    else:
+        result = comparison_table(cfg, Path(args.out))
     print(format_table(result))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"} | {"rows": result["rows"]}, ensure_ascii=False))
     return 0
@@ -73,4 +91,5 @@ def add_retrieval_commands(sub) -> None:
     t = sub.add_parser("retrieval-table", help="zero-shot vs InfoNCE vs sigmoid vs +hard negatives vs fused")
     t.add_argument("--config", type=Path, required=True, help="retrieval run YAML (configs/retrieval_local.yaml)")
     t.add_argument("--out", type=Path, default=Path(".run/retrieval/table"))
+    t.add_argument("--tracking-uri", default=None, help="log the table to MLflow (default: MLFLOW_TRACKING_URI)")
     t.set_defaults(func=_cmd_table)

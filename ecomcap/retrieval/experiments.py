@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ecomcap.retrieval.config import HardNegativeConfig, RetrievalRunConfig
+from ecomcap.retrieval.data import read_queries
 from ecomcap.retrieval.encoder import load_encoder, save_encoder
 from ecomcap.retrieval.evaluate import embed_split, matching_of, recall_of
 from ecomcap.retrieval.prepare import prepare_retrieval_data
@@ -68,18 +69,12 @@ def comparison_table(cfg: RetrievalRunConfig, out_dir: Path) -> dict[str, Any]:
         row.pop("_chance")
         rows.append(row)
     result = {"rows": rows, "chance": {k: round(v, 2) for k, v in chance.items()},
-              "valid_queries": len(embed_queries(dirs["valid"])), "wall_s": round(time.perf_counter() - started, 1),
+              "valid_queries": len(read_queries(dirs["valid"])), "wall_s": round(time.perf_counter() - started, 1),
               "config": {"encoder": cfg.encoder.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
                          "synth": cfg.data.synth.model_dump(mode="json")}}
     (out_dir / "table.json").write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
     (out_dir / "table.md").write_text(format_table(result) + "\n", encoding="utf-8")
     return result
-
-
-def embed_queries(split_dir: Path) -> list[dict]:
-    from ecomcap.retrieval.data import read_queries
-
-    return read_queries(split_dir)
 
 
 def _vocab(train_dir: Path) -> list[str]:

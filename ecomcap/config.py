@@ -40,6 +40,7 @@ class IngestConfig(_Strict):
     max_bad_rate: float = Field(0.05, ge=0, le=1, description="fail when quarantined/rows_in exceeds it")
     min_side: int = Field(16, ge=1, description="images with a side under this are quarantined")
     max_pixels: int = Field(50_000_000, ge=1, description="decompression-bomb guard (width*height)")
+    max_aspect_ratio: float = Field(200.0, ge=1, description="longer/shorter side; Qwen2-VL refuses > 200")
     rows_per_shard: int = Field(20_000, ge=1)
     rows_per_group: int = Field(1_000, ge=1, description="Parquet row group size (memory bound)")
     clean: CleanConfig = Field(default_factory=CleanConfig)

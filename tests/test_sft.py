@@ -101,6 +101,17 @@ def test_checkpoints_are_picked_on_a_dev_split_of_train(tiny_model_cfg, small_da
     assert res.evals[-1]["n"] == 8  # scored on the 8 dev images, not on the valid split
 
 
+def test_dev_split_never_empties_the_training_set(small_data, caplog):
+    """The default dev_images (200) on a small train split: at most a fifth is held out."""
+    from ecomcap.training.data import train_and_dev
+
+    n = len(ShardImages(small_data["train"]))
+    with caplog.at_level("WARNING"):
+        train, select_on = train_and_dev(small_data["train"], small_data["valid"], 200)
+    assert len(select_on) == n // 5 and len(train) == n - n // 5 and "more than a fifth" in caplog.text
+    train, select_on = train_and_dev(small_data["train"], small_data["valid"], 10 * n)
+    assert len(train) >= n - n // 5 > 0
+
 def test_each_rank_restores_its_own_rng(tmp_path):
     """Ranks sample differently (SCST): a resumed rank 1 must continue rank 1's streams."""
     from ecomcap.training.checkpoint import load_checkpoint, save_checkpoint, save_rng

@@ -154,13 +154,23 @@ class Gate:
         s = Scores.from_tags(tags, self.names)
         if s is None or "scores_run" not in tags:
             return s
-        with tempfile.TemporaryDirectory(prefix="ecomcap-gate-") as tmp:
+        name = f"per_item/{s.eval_fingerprint}.json"
+        for attempt in range(4):
+            listed = [f.path for f in self.client.list_artifacts(tags["scores_run"], "per_item")]
+            if name not in listed:  # scored before per-item storage, or on another eval set
+                return s
             try:
-                path = self.client.download_artifacts(tags["scores_run"], f"per_item/{s.eval_fingerprint}.json", tmp)
-                per_item = json.loads(Path(path).read_text(encoding="utf-8"))
-            except Exception:  # missing artifact: the version was scored before per-item storage
-                per_item = None
-        return Scores(s.metrics, s.eval_fingerprint, per_item)
+                with tempfile.TemporaryDirectory(prefix="ecomcap-gate-") as tmp:
+                    path = self.client.download_artifacts(tags["scores_run"], name, tmp)
+                    return Scores(s.metrics, s.eval_fingerprint, json.loads(Path(path).read_text(encoding="utf-8")))
+            except Exception as exc:  # a store busy with concurrent gates: retry, then surface
+                if attempt == 3:
+                    raise EcomcapError(f"cannot read the per-item scores of version {version.version}: "
+                                       f"{str(exc).splitlines()[0][:200]}") from None
+                log.warning("gate: reading per-item scores of version %s failed (%s): retrying",
+                            version.version, str(exc).splitlines()[0][:120])
+                time.sleep(0.5 * (attempt + 1))
+        return s
 
     def _scores_run(self, version: str) -> str:
         tags = self.client.get_model_version(self.name, version).tags or {}

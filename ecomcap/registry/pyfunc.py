@@ -38,9 +38,10 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelCo
 
 
 def inference_settings(model_cfg: ModelConfig, gen_cfg: GenerateConfig) -> dict:
-    """What changes a caption besides the weights: prompt, decoding, image resolution bounds."""
-    return {"prompt": model_cfg.prompt, "generate": gen_cfg.model_dump(mode="json"),
-            "min_pixels": model_cfg.min_pixels, "max_pixels": model_cfg.max_pixels}
+    """What changes a caption besides the weights: prompt, decoding, image resolution bounds, the
+    dtype it runs in (not the batch size: that changes speed, not captions)."""
+    return {"prompt": model_cfg.prompt, "generate": gen_cfg.model_dump(mode="json", exclude={"batch_size"}),
+            "min_pixels": model_cfg.min_pixels, "max_pixels": model_cfg.max_pixels, "dtype": model_cfg.dtype}
 
 
 class CaptionModel(mlflow.pyfunc.PythonModel):

@@ -29,6 +29,13 @@ def test_fingerprint_is_weights_and_decoding_only(merged, tiny_model_cfg, tmp_pa
     assert weights_fingerprint(again, _info(again)) == weights_fingerprint(merged, _info(merged))
     beams3 = export_merged(moved, tmp_path / "beams3", tiny_model_cfg, gen.model_copy(update={"num_beams": 3}))
     assert weights_fingerprint(beams3, _info(beams3)) != weights_fingerprint(merged, _info(merged))
+    batch = export_merged(moved, tmp_path / "batch", tiny_model_cfg, gen.model_copy(update={"batch_size": 64}))
+    assert weights_fingerprint(batch, _info(batch)) == weights_fingerprint(merged, _info(merged))  # speed only
+    template = shutil.copytree(again, tmp_path / "template")  # same weights, another chat template
+    tpl = next(p for p in sorted(template.iterdir()) if "chat_template" in p.name
+               and "assistant" in p.read_text(encoding="utf-8"))
+    tpl.write_text(tpl.read_text(encoding="utf-8").replace("assistant", "Assistant"), encoding="utf-8")
+    assert weights_fingerprint(template, _info(template)) != weights_fingerprint(again, _info(again))
 
 
 def test_k8s_promote_rescores_the_champion_with_its_own_settings_on_the_device_it_has(merged, small_data, tmp_path):

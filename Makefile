@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export ZENML_ANALYTICS_OPT_IN := false
 
-.PHONY: setup run test e2e infer bench clean
+.PHONY: setup run test e2e infer bench clean dashboard dashboard-stop
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,14 @@ e2e: $(STAMP)
 # Batch inference with the registry's champion -> .run/caption_gen.jsonl
 infer: $(STAMP)
 	bash -c 'source scripts/zenml_env.sh && zenml pipeline run pipelines.inference.batch_inference_pipeline -c $${CONFIG:-configs/local.yaml}'
+
+# ZenML dashboard (run DAGs, the evaluation report) on http://127.0.0.1:$${ZENML_DASHBOARD_PORT:-8237},
+# offline, no login (local server, "default" user); prints each pipeline's newest run page.
+dashboard: $(STAMP)
+	bash scripts/dashboard.sh
+
+dashboard-stop: $(STAMP)
+	bash -c 'source scripts/zenml_env.sh && zenml logout --local'
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/metrics.py

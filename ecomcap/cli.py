@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gold", type=Path, required=True)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
+
+    from ecomcap.retrieval.cli import add_commands as add_retrieval_search
+
+    add_retrieval_search(sub)
     return p
 
 

@@ -18,9 +18,10 @@ def _inputs(run_id: str) -> dict[str, dict]:
     return out
 
 
-@pytest.fixture
-def store(tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One real SQLite store for the module (creating its tables takes seconds)."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
     yield
     mlflow.set_tracking_uri(None)
 
@@ -54,5 +55,5 @@ def test_log_dataset_generic_source_and_no_run(store, tmp_path):
     assert got["retrieval-gallery"]["digest"] == "f" * 36 and "synthetic" in got["retrieval-gallery"]["source"]
     assert got["retrieval-gallery"]["tags"]["items"] == "7"
     # what the UI's Datasets column reads: the run's inputs in a search over the experiment
-    listed = mlflow.search_runs(output_format="list")[0].inputs.dataset_inputs
-    assert [d.dataset.digest for d in listed] == ["f" * 36]
+    listed = mlflow.search_runs(output_format="list", filter_string=f"attributes.run_id = '{run.info.run_id}'")
+    assert [d.dataset.digest for d in listed[0].inputs.dataset_inputs] == ["f" * 36]

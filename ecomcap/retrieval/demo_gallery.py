@@ -2,7 +2,7 @@
 page's demo, its end-to-end test and the load benchmark (30,000 items like MUGE's pool).
 
 `HashingTextEncoder` is the classic feature-hashing baseline (scikit-learn's HashingVectorizer
-idea) over the metric tokens and their bigrams, signed and L2-normalised: deterministic, and
+idea) over the distinct metric tokens and their bigrams, signed and L2-normalised: deterministic, and
 queries sharing words with an item's text land near it. A gallery built with it says so in
 index.json (``"encoder_dir": "hashing:<dim>"``); trained galleries name their encoder directory.
 """
@@ -25,13 +25,14 @@ HASHING_PREFIX = "hashing:"
 class HashingTextEncoder:
     """Texts -> float32 [N, dim] unit vectors by signed feature hashing of tokens and bigrams."""
 
-    def __init__(self, dim: int = 64) -> None:
+    def __init__(self, dim: int = 256) -> None:
         self.dim = dim
         self.name = f"{HASHING_PREFIX}{dim}"
 
-    def _features(self, text: str) -> list[str]:
+    def _features(self, text: str) -> set[str]:
+        """Distinct tokens and bigrams (presence, not counts: "纯色" must not double "色")."""
         toks = tokenize(text)
-        return toks + [a + b for a, b in zip(toks, toks[1:])]
+        return set(toks) | {a + b for a, b in zip(toks, toks[1:])}
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -49,7 +50,7 @@ def item_text(attrs: dict) -> str:
     return f"{attrs['brand'] + ' ' if attrs['brand'] else ''}{attrs['colour']}{attrs['pattern']}{attrs['category']}"
 
 
-def demo_gallery(out: str | Path, n: int, dim: int = 64, seed: int = 0, image_size: int = 64) -> Path:
+def demo_gallery(out: str | Path, n: int, dim: int = 256, seed: int = 0, image_size: int = 64) -> Path:
     """Write a gallery artifact of `n` drawn products (deterministic for a seed)."""
     rng = random.Random(seed)
     attrs = [random_attributes(rng) for _ in range(n)]

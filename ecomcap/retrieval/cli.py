@@ -12,7 +12,7 @@ def _searcher(args: argparse.Namespace):
     from ecomcap.retrieval.store import StoreConfig
 
     gallery = args.gallery or champion_gallery(args.tracking_uri)
-    return open_searcher(gallery, StoreConfig(uri=args.store_uri))
+    return open_searcher(gallery, StoreConfig(uri=args.store_uri, ef=args.ef))
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -47,6 +47,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--store-uri", default=StoreConfig().uri,
                    help="vector store: a *.db file (embedded Milvus Lite) or http://host:19530 (server)")
+    p.add_argument("--ef", type=int, default=StoreConfig().ef, help="HNSW search breadth: higher = better recall, slower")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

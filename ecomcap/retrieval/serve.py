@@ -112,7 +112,8 @@ def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8300) -> None
 
 @contextlib.contextmanager
 def search_page_process(gallery: str | Path, store_uri: str, port: int | None = None,
-                        timeout_s: float = 300.0, log_path: str | Path | None = None) -> Iterator[str]:
+                        timeout_s: float = 300.0, log_path: str | Path | None = None,
+                        extra_args: tuple[str, ...] = ()) -> Iterator[str]:
     """`ecomcap serve-search` in its own process group on 127.0.0.1; yields the base URL once
     /healthz answers (the gallery is in the store by then); the group is killed on exit."""
     if port is None:
@@ -122,7 +123,7 @@ def search_page_process(gallery: str | Path, store_uri: str, port: int | None = 
     base = f"http://127.0.0.1:{port}"
     log_path = Path(log_path or tempfile.mkstemp(prefix="search_page_", suffix=".log")[1])
     cmd = [sys.executable, "-m", "ecomcap.cli", "serve-search", "--gallery", str(gallery), "--store-uri",
-           str(store_uri), "--host", "127.0.0.1", "--port", str(port)]
+           str(store_uri), "--host", "127.0.0.1", "--port", str(port), *extra_args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=Path(__file__).resolve().parents[2])

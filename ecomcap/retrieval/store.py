@@ -39,7 +39,7 @@ class StoreConfig(BaseModel):
     index_type: Literal["HNSW", "IVF_FLAT", "FLAT"] = "HNSW"
     hnsw_m: int = Field(16, ge=2)
     ef_construction: int = Field(200, ge=8)
-    ef: int = Field(64, ge=1, description="HNSW search breadth (>= top k)")
+    ef: int = Field(256, ge=1, description="HNSW search breadth (>= top k); recall vs speed")
     nlist: int = Field(128, ge=1, description="IVF_FLAT clusters")
     nprobe: int = Field(16, ge=1)
     insert_batch: int = Field(2000, ge=1)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from ecomcap.data.synth_draw import BRANDS, CATEGORIES, COLOURS, PATTERNS  # noqa: E402
 from ecomcap.retrieval.demo_gallery import HashingTextEncoder, demo_gallery  # noqa: E402
-from ecomcap.retrieval.gallery import read_gallery  # noqa: E402
+from ecomcap.retrieval.gallery_files import open_gallery  # noqa: E402
 from ecomcap.retrieval.serve import search_page_process  # noqa: E402
 from ecomcap.retrieval.store import StoreConfig, exact_topk  # noqa: E402
 
@@ -102,7 +102,7 @@ def run_clients(base: str, qs: list[str], clients: int, seconds: float, max_requ
 
 def page_recall(base: str, gallery_dir: Path, qs: list[str], k: int = 10) -> float:
     """Share of the exact top-k (ties at the k-th score count) that the page returns."""
-    gallery = read_gallery(gallery_dir)
+    gallery = open_gallery(gallery_dir)
     enc = HashingTextEncoder(gallery.vectors.shape[1])
     qv = enc.encode_texts(qs)
     exact = exact_topk(gallery.vectors, qv, k)

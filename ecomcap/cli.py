@@ -227,9 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
 
-    from ecomcap.retrieval.cli import add_commands as add_retrieval_search
+    from ecomcap.retrieval.cli import add_retrieval_commands
+    from ecomcap.retrieval.search_cli import add_search_commands
 
-    add_retrieval_search(sub)
+    add_retrieval_commands(sub)
+    add_search_commands(sub)
     return p
 
 

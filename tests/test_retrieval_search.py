@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from ecomcap.cli import main
 from ecomcap.errors import EcomcapError
 from ecomcap.retrieval.demo_gallery import demo_gallery
-from ecomcap.retrieval.gallery import ImageLookup
+from ecomcap.retrieval.gallery_files import ImageLookup
 from ecomcap.retrieval.search import RETRIEVER, champion_gallery, open_searcher
 from ecomcap.retrieval.serve import create_app
 from ecomcap.retrieval.store import StoreConfig

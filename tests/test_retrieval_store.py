@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.gallery import ImageLookup, read_gallery
+from ecomcap.retrieval.gallery_files import ImageLookup, open_gallery
 from ecomcap.retrieval.store import StoreConfig, VectorStore, ann_recall, exact_topk
 from tests.conftest import make_image
 from tests.retrieval_fixtures import random_gallery
@@ -28,7 +28,7 @@ def test_exact_topk_matches_torch_topk():
 
 @pytest.mark.parametrize("index_type", ["HNSW", "FLAT"])
 def test_embedded_store_search_and_recall_vs_exact(tmp_path, index_type):
-    gallery = read_gallery(random_gallery(tmp_path / "g", n=1500))
+    gallery = open_gallery(random_gallery(tmp_path / "g", n=1500))
     store = VectorStore(StoreConfig(uri=str(tmp_path / "milvus.db"), index_type=index_type, ef=32))
     try:
         name = store.ensure(gallery)
@@ -42,7 +42,7 @@ def test_embedded_store_search_and_recall_vs_exact(tmp_path, index_type):
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         recall = ann_recall(store, name, gallery, queries, k=10)
         assert recall == 1.0 if index_type == "FLAT" else recall >= 0.95
-        other = read_gallery(random_gallery(tmp_path / "g2", n=50, seed=1))
+        other = open_gallery(random_gallery(tmp_path / "g2", n=50, seed=1))
         name2 = store.ensure(other)  # a new gallery version: its own collection, the old one kept
         assert name2 != name and store.count(name2) == 50 and store.count(name) == 1500
     finally:
@@ -54,7 +54,7 @@ def test_ann_recall_counts_tied_items_as_found(tmp_path):
     v = np.load(root / "vectors.npy")
     v[20:] = v[0]  # 21 identical items: any 10 of them are a correct top-10
     np.save(root / "vectors.npy", v)
-    gallery = read_gallery(root)
+    gallery = open_gallery(root)
     store = VectorStore(StoreConfig(uri=str(tmp_path / "m.db"), index_type="FLAT"))
     try:
         assert ann_recall(store, store.ensure(gallery), gallery, v[:1], k=10) == 1.0
@@ -78,31 +78,31 @@ def test_gallery_checks_and_image_lookup(tmp_path):
     v = np.load(root / "vectors.npy")
     np.save(root / "vectors.npy", v * 2)
     with pytest.raises(EcomcapError, match="L2-normalised"):
-        read_gallery(root)
+        open_gallery(root)
     np.save(root / "vectors.npy", v[:-1])
-    with pytest.raises(EcomcapError, match="1099 vectors"):
-        read_gallery(root)
+    with pytest.raises(EcomcapError, match="do not match index.json"):
+        open_gallery(root)
     np.save(root / "vectors.npy", v)
     meta = json.loads((root / "index.json").read_text())
     (root / "index.json").write_text(json.dumps({k: x for k, x in meta.items() if k != "fingerprint"}))
     with pytest.raises(EcomcapError, match="lacks fingerprint"):
-        read_gallery(root)
+        open_gallery(root)
     (root / "images.parquet").unlink()
     with pytest.raises(EcomcapError, match="missing images.parquet"):
-        read_gallery(root)
+        open_gallery(root)
 
 
 def test_reopened_store_serves_the_existing_collection(tmp_path):
     """Another process (the CLI after the pipeline) finds the collection released: it must load
     it, not rebuild it, and search. (Within one process Milvus Lite keeps it loaded.)"""
     root = random_gallery(tmp_path / "g", n=300)
-    build = ("import sys; from ecomcap.retrieval.gallery import read_gallery; "
+    build = ("import sys; from ecomcap.retrieval.gallery_files import open_gallery; "
              "from ecomcap.retrieval.store import StoreConfig, VectorStore; "
-             "s = VectorStore(StoreConfig(uri=sys.argv[2])); print(s.ensure(read_gallery(sys.argv[1]))); s.close()")
+             "s = VectorStore(StoreConfig(uri=sys.argv[2])); print(s.ensure(open_gallery(sys.argv[1]))); s.close()")
     out = subprocess.run([sys.executable, "-c", build, str(root), str(tmp_path / "m.db")], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    gallery = read_gallery(root)
+    gallery = open_gallery(root)
     again = VectorStore(StoreConfig(uri=str(tmp_path / "m.db")))
     try:
         assert again.ensure(gallery) == out.stdout.split()[-1]

@@ -75,11 +75,11 @@ def parse_json_line(line: Line) -> dict[str, Any]:
     return obj
 
 
-def caption_record(obj: dict[str, Any], need_text: bool) -> tuple[str, list[str] | None]:
-    """Validate a caption record's shape: (image_id, texts or None); ValueError otherwise."""
-    image_id = obj.get("image_id")
+def caption_record(obj: dict[str, Any], need_text: bool, id_key: str = "image_id") -> tuple[str, list[str] | None]:
+    """Validate a caption (or item-text) record's shape: (id, texts or None); ValueError otherwise."""
+    image_id = obj.get(id_key)
     if image_id is None or str(image_id).strip() == "":
-        raise ValueError("record has no image_id")
+        raise ValueError(f"record has no {id_key}")
     texts = obj.get("text")
     if texts is None:
         if need_text:

@@ -1,65 +1,76 @@
-"""`ecomcap search` and `ecomcap serve-search`: the retrieval job's commands on the shared CLI."""
+"""`ecomcap retrieval-*` commands (registered by `ecomcap.cli`)."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-
-def _searcher(args: argparse.Namespace):
-    from ecomcap.retrieval.search import champion_gallery, open_searcher
-    from ecomcap.retrieval.store import StoreConfig
-
-    gallery = args.gallery or champion_gallery(args.tracking_uri)
-    return open_searcher(gallery, StoreConfig(uri=args.store_uri, ef=args.ef))
+from ecomcap.errors import EcomcapError
 
 
-def _cmd_search(args: argparse.Namespace) -> int:
-    searcher = _searcher(args)
-    try:
-        result = searcher.search(args.query, args.top)
-    finally:
-        searcher.store.close()
-    if args.json:
-        print(json.dumps(result, ensure_ascii=False))
-        return 0
-    print(f"top {len(result['results'])} for “{result['query']}” ({result['took_ms']:.1f} ms, "
-          f"gallery {searcher.gallery.root}):")
-    for r in result["results"]:
-        print(f"{r['rank']:>3}  {r['score']:.4f}  {r['item_id']}  {r['text']}")
+def _read_jsonl(path: Path, what: str) -> list[dict]:
+    if not path.is_file():
+        raise EcomcapError(f"{what} file {path} does not exist")
+    rows = []
+    for no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise EcomcapError(f"{path.name} line {no}: invalid JSON ({exc})") from None
+        if not isinstance(obj, dict) or "query_id" not in obj:
+            raise EcomcapError(f"{path.name} line {no}: expected an object with query_id")
+        rows.append(obj)
+    return rows
+
+
+def load_submission(pred: Path, gold: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(predictions, gold) by query id; EcomcapError with the file and line for malformed rows."""
+    gold_map = {}
+    for row in _read_jsonl(gold, "gold"):
+        gold_map[str(row["query_id"])] = [str(i) for i in row.get("item_ids") or []]
+    pred_map: dict[str, list[str]] = {}
+    for no, row in enumerate(_read_jsonl(pred, "prediction"), start=1):
+        qid, items = str(row["query_id"]), row.get("item_ids")
+        if not isinstance(items, list):
+            raise EcomcapError(f"query {qid}: item_ids is not a list")
+        if qid in pred_map:
+            raise EcomcapError(f"query {qid}: predicted twice")
+        pred_map[qid] = [str(i) for i in items]
+    return pred_map, gold_map
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ecomcap.retrieval.metrics import recall_scores
+
+    pred, gold = load_submission(args.pred, args.gold)
+    scores = recall_scores(pred, gold)
+    out = {k: round(scores[k], 2) for k in ("R@1", "R@5", "R@10", "MeanRecall")}
+    print(json.dumps(out) if args.json else "  ".join(f"{k} {v:.2f}" for k, v in out.items()))
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from ecomcap.retrieval.serve import serve
+def _cmd_table(args: argparse.Namespace) -> int:
+    from ecomcap.config import load_run_config
+    from ecomcap.retrieval.config import RetrievalRunConfig
+    from ecomcap.retrieval.experiments import comparison_table, format_table
 
-    serve(_searcher(args), args.host, args.port)
+    cfg = load_run_config(args.config, RetrievalRunConfig)
+    result = comparison_table(cfg, Path(args.out))
+    print(format_table(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"} | {"rows": result["rows"]}, ensure_ascii=False))
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    from ecomcap.retrieval.store import StoreConfig
+def add_retrieval_commands(sub) -> None:
+    e = sub.add_parser("retrieval-evaluate", help="MUGE Recall@1/5/10 + MeanRecall of a retrieval submission")
+    e.add_argument("--pred", type=Path, required=True, help='JSONL: {"query_id", "item_ids": [10 ids]}')
+    e.add_argument("--gold", type=Path, required=True, help="MUGE queries JSONL with item_ids")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_evaluate)
 
-    p.add_argument("--gallery", type=Path, default=None,
-                   help="a gallery index directory; default: the registry's ecomcap-retriever@champion")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                   help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)")
-    p.add_argument("--store-uri", default=StoreConfig().uri,
-                   help="vector store: a *.db file (embedded Milvus Lite) or http://host:19530 (server)")
-    p.add_argument("--ef", type=int, default=StoreConfig().ef, help="HNSW search breadth: higher = better recall, slower")
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("search", help="text -> top products of the champion's (or a gallery's) index")
-    s.add_argument("query")
-    s.add_argument("--top", type=int, default=10)
-    s.add_argument("--json", action="store_true")
-    _common(s)
-    s.set_defaults(func=_cmd_search)
-
-    v = sub.add_parser("serve-search", help="the search page (images and texts of the top items)")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8300)
-    _common(v)
-    v.set_defaults(func=_cmd_serve)
+    t = sub.add_parser("retrieval-table", help="zero-shot vs InfoNCE vs sigmoid vs +hard negatives vs fused")
+    t.add_argument("--config", type=Path, required=True, help="retrieval run YAML (configs/retrieval_local.yaml)")
+    t.add_argument("--out", type=Path, default=Path(".run/retrieval/table"))
+    t.set_defaults(func=_cmd_table)

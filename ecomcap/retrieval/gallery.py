@@ -1,132 +1,118 @@
-"""The gallery artifact: what the embed step writes and the vector store, search CLI and page read.
+"""The gallery embedding artifact: the contract between training and the vector store / search.
 
-A directory with ``vectors.npy`` (float32 [N, D], L2-normalised), ``items.jsonl`` ({"item_id",
-"text"} per row, same order), ``images.parquet`` (item_id, image bytes) and ``index.json``
-({"count", "dim", "item_embedding", "fusion_weight", "encoder_dir", "fingerprint"}). Reading
-checks the parts agree, so a broken artifact fails with its reason instead of wrong results.
+A directory holding
+- ``vectors.npy``     float32 [N, D], L2-normalised, row i = item i
+- ``items.jsonl``     one ``{"item_id", "text"}`` per row, same order
+- ``images.parquet``  (item_id, image bytes as stored: JPEG/PNG)
+- ``encoder/``        the encoder that made the vectors (``load_encoder`` reads it)
+- ``index.json``      {"count", "dim", "item_embedding", "fusion_weight", "encoder_dir", "fingerprint"}
+
+Written streaming (memory-mapped vectors, row-group Parquet), so a 1M-item catalogue fits.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import threading
-from collections import OrderedDict
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
 
+from ecomcap.data.shards import RowWriter, iter_batches, read_report
 from ecomcap.errors import EcomcapError
+from ecomcap.retrieval.encoder import Encoder, load_encoder
 
-FILES = ("vectors.npy", "items.jsonl", "images.parquet", "index.json")
-NORM_TOLERANCE = 1e-3
+IMAGES_SCHEMA = pa.schema([("item_id", pa.string()), ("image", pa.binary())])
+INDEX = "index.json"
 
 
 @dataclass
 class Gallery:
-    root: Path
-    vectors: np.ndarray  # float32 [N, D], unit rows
+    """A loaded gallery artifact (vectors memory-mapped)."""
+
+    path: Path
+    vectors: np.ndarray
     item_ids: list[str]
     texts: list[str]
-    meta: dict
+    index: dict[str, Any]
 
     @property
-    def fingerprint(self) -> str:
-        return str(self.meta["fingerprint"])
+    def encoder_dir(self) -> Path:
+        return (self.path / self.index["encoder_dir"]).resolve()
+
+    def encoder(self, device: str | None = None) -> Encoder:
+        return load_encoder(self.encoder_dir, device=device)
+
+    def images(self, item_ids: list[str]) -> dict[str, bytes]:
+        """Image bytes of the given items (a filtered Parquet read)."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.path / "images.parquet", filters=pc.field("item_id").isin(item_ids))
+        return dict(zip(table.column("item_id").to_pylist(), table.column("image").to_pylist()))
 
 
-def read_gallery(root: str | Path) -> Gallery:
-    root = Path(root)
-    missing = [f for f in FILES if not (root / f).is_file()]
-    if missing:
-        raise EcomcapError(f"{root} is not a gallery artifact: missing {', '.join(missing)}")
-    meta = json.loads((root / "index.json").read_text(encoding="utf-8"))
-    absent = [k for k in ("count", "dim", "encoder_dir", "fingerprint") if k not in meta]
-    if absent:
-        raise EcomcapError(f"{root}/index.json lacks {', '.join(absent)}")
-    vectors = np.load(root / "vectors.npy", mmap_mode="r")
-    items = [json.loads(line) for line in (root / "items.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    if vectors.ndim != 2 or vectors.dtype != np.float32:
-        raise EcomcapError(f"{root}/vectors.npy must be float32 [N, D], got {vectors.dtype} {vectors.shape}")
-    if not (len(items) == vectors.shape[0] == int(meta["count"])) or vectors.shape[1] != int(meta["dim"]):
-        raise EcomcapError(f"{root}: {vectors.shape[0]} vectors of dim {vectors.shape[1]}, {len(items)} items, "
-                           f"index.json says {meta['count']} x {meta['dim']}")
-    vectors = np.ascontiguousarray(vectors)
-    norms = np.linalg.norm(vectors, axis=1) if len(vectors) else np.ones(0)
-    if not np.all(np.abs(norms - 1) < NORM_TOLERANCE):
-        bad = int(np.argmax(np.abs(norms - 1)))
-        raise EcomcapError(f"{root}/vectors.npy rows must be L2-normalised (row {bad} has norm {norms[bad]:.4f})")
-    ids = [str(it["item_id"]) for it in items]
-    if len(set(ids)) != len(ids):
-        raise EcomcapError(f"{root}/items.jsonl has duplicate item ids")
-    return Gallery(root, vectors, ids, [str(it.get("text", "")) for it in items], meta)
+def embed_gallery(encoder_dir: str | Path, items_dir: str | Path, out_dir: str | Path,
+                  batch_size: int = 128, mode: str | None = None) -> Path:
+    """Embed every item of an ingested item dataset into a gallery artifact at `out_dir`."""
+    encoder = load_encoder(encoder_dir)
+    mode = mode or encoder.item_embedding
+    count = int(read_report(items_dir)["rows_ok"])
+    out = Path(out_dir)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copytree(encoder_dir, tmp / "encoder")
+    dim = encoder.dim
+    vectors = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(count, dim))
+    images = RowWriter(tmp, IMAGES_SCHEMA, rows_per_group=1000, single_name="images.parquet")
+    digest = hashlib.sha256(f"{mode}:{encoder.fusion_weight}".encode())
+    row = 0
+    with open(tmp / "items.jsonl", "w", encoding="utf-8") as items, \
+            tqdm(total=count, desc="embed gallery", unit="item", disable=None) as bar:
+        for batch in iter_batches(items_dir, ["image_id", "image", "texts"], batch_size):
+            ids = batch.column("image_id").to_pylist()
+            blobs = batch.column("image").to_pylist()
+            texts = [t[0] if t else "" for t in batch.column("texts").to_pylist()]
+            pics = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+            vec = encoder.encode_items(pics, texts, mode=mode)
+            vectors[row:row + len(ids)] = vec
+            row += len(ids)
+            for item_id, text, blob in zip(ids, texts, blobs):
+                items.write(json.dumps({"item_id": item_id, "text": text}, ensure_ascii=False) + "\n")
+                images.add({"item_id": item_id, "image": blob})
+                digest.update(f"{item_id}\t{text}\n".encode())
+            digest.update(vec.tobytes())
+            bar.update(len(ids))
+    if row != count:
+        raise EcomcapError(f"{items_dir}: report says {count} items, shards hold {row}")
+    vectors.flush()
+    del vectors
+    images.close()
+    index = {"count": count, "dim": dim, "item_embedding": mode, "fusion_weight": encoder.fusion_weight,
+             "encoder_dir": "encoder", "fingerprint": digest.hexdigest()}
+    (tmp / INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
-def write_gallery(root: str | Path, vectors: np.ndarray, items: list[tuple[str, str]],
-                  images: Iterable[tuple[str, bytes]], meta: dict) -> Path:
-    """Write the four files (``meta`` adds item_embedding, fusion_weight, encoder_dir; count, dim
-    and, unless given, a content fingerprint are filled in)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    vectors = np.asarray(vectors, dtype=np.float32)
-    np.save(root / "vectors.npy", vectors)
-    with open(root / "items.jsonl", "w", encoding="utf-8") as f:
-        for item_id, text in items:
-            f.write(json.dumps({"item_id": item_id, "text": text}, ensure_ascii=False) + "\n")
-    writer = None
-    batch: list[tuple[str, bytes]] = []
-
-    def flush() -> None:
-        nonlocal writer
-        table = pa.table({"item_id": [b[0] for b in batch], "image": [b[1] for b in batch]},
-                         schema=pa.schema([("item_id", pa.string()), ("image", pa.binary())]))
-        writer = writer or pq.ParquetWriter(root / "images.parquet", table.schema)
-        writer.write_table(table, row_group_size=1024)
-        batch.clear()
-
-    for row in images:
-        batch.append(row)
-        if len(batch) >= 1024:
-            flush()
-    if batch or writer is None:
-        flush()
-    writer.close()
-    h = hashlib.sha256(vectors.tobytes())
-    h.update(json.dumps(items, ensure_ascii=False).encode())
-    full = {"count": len(items), "dim": int(vectors.shape[1]), "fingerprint": h.hexdigest()[:16], **meta}
-    (root / "index.json").write_text(json.dumps(full, ensure_ascii=False, indent=2), encoding="utf-8")
-    return root
-
-
-class ImageLookup:
-    """Item images from ``images.parquet`` without loading them all: an id -> (row group, row)
-    map, and the last few row groups decoded in a small LRU cache."""
-
-    def __init__(self, path: str | Path, cached_groups: int = 8) -> None:
-        self._file = pq.ParquetFile(path)
-        self._where: dict[str, tuple[int, int]] = {}
-        for g in range(self._file.num_row_groups):
-            ids = self._file.read_row_group(g, columns=["item_id"]).column(0).to_pylist()
-            self._where.update({item_id: (g, i) for i, item_id in enumerate(ids)})
-        self._cache: OrderedDict[int, list[bytes]] = OrderedDict()
-        self._cached_groups = cached_groups
-        self._lock = threading.Lock()  # the search page serves images from several threads
-
-    def __contains__(self, item_id: str) -> bool:
-        return item_id in self._where
-
-    def get(self, item_id: str) -> bytes | None:
-        where = self._where.get(item_id)
-        if where is None:
-            return None
-        group, row = where
-        with self._lock:
-            if group not in self._cache:
-                self._cache[group] = self._file.read_row_group(group, columns=["image"]).column(0).to_pylist()
-                if len(self._cache) > self._cached_groups:
-                    self._cache.popitem(last=False)
-            self._cache.move_to_end(group)
-            return self._cache[group][row]
+def load_gallery(path: str | Path, mmap: bool = True) -> Gallery:
+    """Open a gallery artifact; raises EcomcapError when it is incomplete or inconsistent."""
+    path = Path(path)
+    index_file = path / INDEX
+    if not index_file.is_file():
+        raise EcomcapError(f"{path} is not a gallery artifact (no {INDEX})")
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    vectors = np.load(path / "vectors.npy", mmap_mode="r" if mmap else None)
+    rows = [json.loads(line) for line in (path / "items.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    if vectors.shape != (index["count"], index["dim"]) or len(rows) != index["count"]:
+        raise EcomcapError(f"{path}: vectors {vectors.shape} / items {len(rows)} do not match index.json "
+                           f"(count {index['count']}, dim {index['dim']})")
+    return Gallery(path, vectors, [r["item_id"] for r in rows], [r["text"] for r in rows], index)

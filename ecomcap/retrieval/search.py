@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.gallery import Gallery, read_gallery
+from ecomcap.retrieval.gallery import Gallery
+from ecomcap.retrieval.gallery_files import open_gallery
 from ecomcap.retrieval.store import StoreConfig, VectorStore
 
 RETRIEVER = "ecomcap-retriever"
@@ -28,10 +29,10 @@ def query_encoder(gallery: Gallery) -> Encode:
     """The text tower that made the gallery (index.json `encoder_dir`, relative to the gallery)."""
     from ecomcap.retrieval.demo_gallery import HASHING_PREFIX, HashingTextEncoder
 
-    name = str(gallery.meta["encoder_dir"])
+    name = str(gallery.index["encoder_dir"])
     if name.startswith(HASHING_PREFIX):
         return HashingTextEncoder(int(name[len(HASHING_PREFIX):])).encode_texts
-    path = Path(name) if Path(name).is_absolute() else gallery.root / name
+    path = Path(name) if Path(name).is_absolute() else gallery.path / name
     if not path.is_dir():
         raise EcomcapError(f"the gallery's encoder {path} is missing (index.json encoder_dir={name!r})")
     try:
@@ -96,4 +97,4 @@ def champion_gallery(tracking_uri: str | None = None, name: str = RETRIEVER, ali
 
 
 def open_searcher(gallery_dir: str | Path, store: StoreConfig | None = None, encode: Encode | None = None) -> Searcher:
-    return Searcher(read_gallery(gallery_dir), VectorStore(store or StoreConfig()), encode)
+    return Searcher(open_gallery(gallery_dir), VectorStore(store or StoreConfig()), encode)

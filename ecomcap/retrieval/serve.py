@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.gallery import ImageLookup
+from ecomcap.retrieval.gallery_files import ImageLookup
 from ecomcap.retrieval.search import MAX_TOP, Searcher
 
 _STYLE = """body{font-family:"Noto Sans CJK SC","WenQuanYi Zen Hei",sans-serif;margin:24px;color:#222}
@@ -104,7 +104,7 @@ def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8300) -> None
     """Run the page until interrupted (one process: an embedded store is held by one process)."""
     import uvicorn
 
-    app = create_app(searcher, ImageLookup(searcher.gallery.root / "images.parquet"))
+    app = create_app(searcher, ImageLookup(searcher.gallery.path / "images.parquet"))
     print(f"search page: http://{host}:{port}/?q=红色连衣裙  ({len(searcher.gallery.item_ids)} items, "
           f"store {searcher.store.cfg.uri})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -85,7 +85,7 @@ class VectorStore:
                                "store.uri at a server)") from exc
 
     def collection(self, gallery: Gallery) -> str:
-        return f"{self.cfg.collection_prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', gallery.fingerprint)}"
+        return f"{self.cfg.collection_prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', str(gallery.index['fingerprint']))}"
 
     def ensure(self, gallery: Gallery) -> str:
         """The gallery's collection, built on first use (vectors inserted in batches, indexed)."""

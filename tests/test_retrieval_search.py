@@ -95,3 +95,27 @@ def test_page_api_and_images(searcher, gallery):
     assert "<script>alert" not in evil.text and "&lt;script&gt;" in evil.text
     assert client.get("/", params={"q": "红色", "top": 1000}).status_code == 400
     assert client.get("/healthz").json()["items"] == 400
+
+
+def test_search_a_gallery_embedded_by_the_trained_encoder(tmp_path):
+    """The contract with training: a gallery from `embed_gallery` (tiny Chinese-CLIP encoder
+    shipped inside it) is searched with that encoder's text tower; the store's answer is the
+    exact top-k of the encoder's query vector."""
+    from ecomcap.retrieval.encoder import load_encoder, save_encoder
+    from ecomcap.retrieval.gallery import embed_gallery
+    from ecomcap.retrieval.store import exact_topk
+    from ecomcap.retrieval.tiny import build_tiny_encoder
+    from tests.test_retrieval_encoder import SMALL, TEXTS, _items_dataset, _jpeg
+
+    enc = load_encoder(build_tiny_encoder(tmp_path / "tiny", "chinese_clip", TEXTS, SMALL), device="cpu")
+    enc_dir = save_encoder(enc.dual, enc.pre, tmp_path / "enc", item_embedding="fused", fusion_weight=0.5)
+    rows = [(f"p{i}", _jpeg((40 * i % 256, 90, 200 - 30 * i % 200)), TEXTS[i % 3]) for i in range(12)]
+    gallery = embed_gallery(enc_dir, _items_dataset(tmp_path / "items", rows), tmp_path / "gallery", batch_size=4)
+    searcher = open_searcher(gallery, StoreConfig(uri=str(tmp_path / "m.db"), index_type="FLAT"))
+    try:
+        out = searcher.search("红色 条纹 T恤", 5)
+        q = load_encoder(gallery / "encoder", device="cpu").encode_texts(["红色 条纹 T恤"])
+        expected = [searcher.gallery.item_ids[i] for i in exact_topk(searcher.gallery.vectors, q, 5)[0]]
+        assert [r["item_id"] for r in out["results"]] == expected
+    finally:
+        searcher.store.close()

@@ -101,7 +101,7 @@ def create_app(searcher: Searcher, images: ImageLookup):
 
 
 def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8300) -> None:
-    """Run the page until interrupted (one process: an embedded store is held by one process)."""
+    """Run the page on one uvicorn process until interrupted."""
     import uvicorn
 
     app = create_app(searcher, ImageLookup(searcher.gallery.path / "images.parquet"))

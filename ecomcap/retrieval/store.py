@@ -80,9 +80,7 @@ class VectorStore:
             self.client = MilvusClient(uri=cfg.uri, token=os.environ.get(cfg.token_env, ""))
         except MilvusException as exc:
             where = "Milvus Lite file" if cfg.embedded else "Milvus server"
-            raise EcomcapError(f"cannot open the {where} {cfg.uri}: {exc.message} (an embedded store is "
-                               "held by one process at a time: stop the search page, or point "
-                               "store.uri at a server)") from exc
+            raise EcomcapError(f"cannot open the {where} {cfg.uri}: {exc.message}") from exc
 
     def collection(self, gallery: Gallery) -> str:
         return f"{self.cfg.collection_prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', str(gallery.index['fingerprint']))}"

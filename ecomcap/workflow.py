@@ -85,9 +85,21 @@ def validate_stage(splits: dict[str, Path], cfg: RunConfig) -> dict[str, Any]:
     tracking.set_tags({"data_fingerprint": data_fingerprint(fps), "eval_fingerprint": fps.get("valid", ""),
                        "source_fingerprint": source_fingerprint(cfg.data), "config_hash": tracking.config_hash(cfg),
                        "code_version": tracking.code_version()})
+    record_datasets("captions", reports, splits)
     for rep in reports.values():
         enforce(rep)
     return {s: {k: v for k, v in r.items() if k != "gx_result"} for s, r in reports.items()}
+
+
+SPLIT_CONTEXT = {"train": "training", "valid": "validation", "test": "test"}
+
+
+def record_datasets(job: str, reports: dict[str, dict], paths: dict[str, Path]) -> None:
+    """Each split as an MLflow dataset input ("<job>-<split>", digest = its fingerprint, source =
+    its directory), so runs show and compare which data they saw."""
+    for split, rep in reports.items():
+        tracking.log_dataset(f"{job}-{split}", rep["fingerprint"], paths[split], SPLIT_CONTEXT.get(split, split),
+                             tags={"rows_ok": rep["rows_ok"], "rows_quarantined": rep["rows_quarantined"]})
 
 
 def data_fingerprint(fingerprints: dict[str, str]) -> str:

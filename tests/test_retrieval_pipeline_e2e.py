@@ -71,6 +71,10 @@ def test_retrieval_pipeline_runs_then_caches(repo):  # noqa: F811
     mlflow.set_tracking_uri(uri)
     hits = mlflow.pyfunc.load_model(f"models:/ecomcap-retriever/{champion.version}").predict(["红色 T恤"])
     assert len(hits["item_ids"][0]) == 10
+    # what a user types: the champion's index in the embedded vector store
+    searched = sh(repo, 'ecomcap search "红色 T恤" --top 5 --json', OMP_NUM_THREADS="1")
+    assert searched.returncode == 0, searched.stderr[-3000:]
+    assert len(json.loads(searched.stdout.strip().splitlines()[-1])["results"]) == 5
 
     from ecomcap.retrieval.gallery import load_gallery
 

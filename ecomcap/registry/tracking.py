@@ -142,19 +142,3 @@ def last_run_summary(tracking_uri: str, experiment: str = "training_pipeline") -
     return {"run": r.info.run_name, "run_id": r.info.run_id,
             "metrics": {k: v for k, v in r.data.metrics.items() if k in HEADLINE or k.startswith(("val.", "data.", "gate."))},
             "gate": {k: v for k, v in r.data.tags.items() if k.startswith("gate.")}}
-
-
-def log_dataset(name: str, digest: str, source: str, context: str) -> None:
-    """Record an input data set (MLflow's Datasets column) with our fingerprint as its digest."""
-    if not active():
-        return
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    try:
-        src = resolve_dataset_source(str(Path(source).resolve()))
-    except Exception:  # an unresolvable location still gets recorded by name and digest
-        from mlflow.data.code_dataset_source import CodeDatasetSource
-
-        src = CodeDatasetSource({"location": source})
-    mlflow.log_input(MetaDataset(src, name=name, digest=digest[:36]), context=context)

@@ -191,6 +191,9 @@ class GenerateConfig(_Strict):
     top_k: int | None = None
     top_p: float | None = None
     batch_size: int = Field(16, ge=1)
+    prefill: Literal["once", "hf"] = Field(
+        "once", description="once: prompt+image prefilled once per image, cache expanded to beams/samples; "
+        "hf: stock generate (expands inputs before prefill), kept for comparison")
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
 
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from ecomcap.config import GenerateConfig
 from ecomcap.data.formats import write_predictions
 from ecomcap.inference.postprocess import postprocess
+from ecomcap.inference.prefill import generate
 from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.training.collate import PromptBuilder
 
@@ -52,7 +53,7 @@ def caption_batch(model, builder: PromptBuilder, images: Sequence[Image.Image], 
     device, dtype = model_device_dtype(model)
     enc = builder.prompts(images)
     enc = {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in enc.items()}
-    out = model.generate(**enc, **generate_kwargs(cfg, builder))
+    out = generate(model, enc, cfg.prefill, **generate_kwargs(cfg, builder))
     new = out[:, enc["input_ids"].shape[1]:]
     texts = builder.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
     return [postprocess(t, cfg.postprocess) for t in texts]

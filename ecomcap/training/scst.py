@@ -19,6 +19,7 @@ from ecomcap.data.shards import read_references
 from ecomcap.errors import EcomcapError
 from ecomcap.inference.generate import generate_kwargs
 from ecomcap.inference.postprocess import postprocess
+from ecomcap.inference.prefill import generate
 from ecomcap.modeling.load import load_trained
 from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.modeling.strategies import apply_strategy
@@ -77,7 +78,7 @@ class SCSTStep:
             no_repeat_ngram_size=0))
         self.sample_kw = generate_kwargs(sample_cfg, self.builder)
         self.greedy_kw = {**self.sample_kw, "do_sample": False}
-        self.post = gen_cfg.postprocess
+        self.post, self.prefill = gen_cfg.postprocess, gen_cfg.prefill
 
     def _decode(self, seqs: list[list[int]]) -> list[str]:
         return [postprocess(t, self.post) for t in self.tok.batch_decode(seqs, skip_special_tokens=True)]
@@ -86,7 +87,7 @@ class SCSTStep:
     def _generate(self, enc, **kw) -> torch.Tensor:
         model = self.loop.acc.unwrap_model(self.loop.model)
         model.eval()
-        out = model.generate(**enc, **kw)
+        out = generate(model, enc, self.prefill, **kw)
         model.train()
         return out[:, enc["input_ids"].shape[1]:]
 

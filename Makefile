@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/learning.py --stage sft --steps 1500
 	$(BIN)/python benchmarks/learning.py --stage scst
 	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/batch_inference.py
 	$(BIN)/python benchmarks/gpu_sft.py
 
 clean:

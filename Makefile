@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/learning.py --stage sft --steps 1500
 	$(BIN)/python benchmarks/learning.py --stage scst
 	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/batch_inference.py
 	$(BIN)/python benchmarks/gpu_sft.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/retrieval_topk.py
 

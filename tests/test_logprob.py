@@ -92,8 +92,8 @@ def test_deferred_backward_returns_the_graph(tiny_model_cfg, small_data):
 
 
 def test_gradient_checkpointing_keeps_lora_gradients(tiny_model_cfg, small_data):
-    """With frozen embeddings the checkpointed blocks' inputs carry no grad unless
-    `enable_input_require_grads` hooks them: vision and language LoRA must still get gradients."""
+    """With frozen embeddings the checkpointed blocks' inputs carry no grad; non-reentrant
+    checkpointing must still give vision and language LoRA their gradients."""
     grads = []
     for checkpointing in (False, True):
         model, pb, enc, seqs, adv, suppress = _setup(tiny_model_cfg, small_data["train"], True, checkpointing)

@@ -59,3 +59,62 @@ def test_checkpointing_keeps_frozen_parts_out_of_backward(tiny_model_cfg, small_
     out.logits.float().mean().backward()
     assert seen == {visual: False, layer0: strategy == "lora"}  # LoRA trains layer 0; partial does not
     assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_qlora_refuses_an_unquantised_base(tiny_model_cfg):
+    """apply_strategy('qlora') on a bf16 model silently trained plain LoRA, recorded as QLoRA."""
+    from ecomcap.config import FinetuneConfig
+    from ecomcap.modeling.load import load_base
+    from ecomcap.modeling.strategies import apply_strategy
+
+    model, _ = load_base(tiny_model_cfg)
+    with pytest.raises(EcomcapError, match="needs the base loaded in 4-bit"):
+        apply_strategy(model, FinetuneConfig(strategy="qlora", lora_r=2))
+
+
+def _adapter_dir(tiny_model_cfg, tmp_path, marker):
+    """A real LoRA adapter over the tiny base, with the given output marker."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from ecomcap.modeling.load import load_base
+
+    from ecomcap.training.checkpoint import save_processor
+
+    model, processor = load_base(tiny_model_cfg)
+    out = tmp_path / "adapter"
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(out)
+    save_processor(processor, out)
+    (out / "ecomcap_model.json").write_text(json.dumps({"kind": "adapter", "base": tiny_model_cfg.name_or_path,
+                                                        **marker}))
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal; the GPU path loads 4-bit")
+def test_scst_qlora_over_sft_lora_trains_on_the_4bit_base(tiny_model_cfg, small_data, tmp_path):
+    """SFT LoRA + SCST QLoRA: SCST trained over the bf16 merged base while evaluation, export and
+    registration reloaded it 4-bit. SCST now asks for the 4-bit base itself (on this CPU box that
+    is the clear CUDA error; the 4-bit load needs a GPU)."""
+    from ecomcap.config import SCSTConfig
+    from ecomcap.training.scst import run_scst
+
+    sft = _adapter_dir(tiny_model_cfg, tmp_path, {"strategy": "lora", "quantized_base": False})
+    cfg = SCSTConfig(output_dir=tmp_path / "scst", max_steps=1, batch_size=2, samples=2, eval_every=0,
+                     finetune={"strategy": "qlora", "lora_r": 2})
+    with pytest.raises(EcomcapError, match="needs a CUDA GPU"):
+        run_scst(sft, small_data["train"], None, tiny_model_cfg, cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal; the GPU path loads 4-bit")
+def test_marker_records_the_base_quantisation(tiny_model_cfg, tmp_path):
+    """The adapter's marker says whether its base was 4-bit; loading follows it, not the strategy
+    name (a LoRA trained over a merged QLoRA model is LoRA over a 4-bit base)."""
+    from ecomcap.modeling.load import load_trained
+
+    out = _adapter_dir(tiny_model_cfg, tmp_path, {"strategy": "lora", "quantized_base": True})
+    with pytest.raises(EcomcapError, match="needs a CUDA GPU"):
+        load_trained(out, tiny_model_cfg)
+    out = _adapter_dir(tiny_model_cfg, tmp_path / "b", {"strategy": "lora", "quantized_base": False})
+    model, _ = load_trained(out, tiny_model_cfg)
+    assert hasattr(model, "peft_config")

@@ -116,9 +116,19 @@ def upcast_trainable(model: torch.nn.Module) -> int:
     return n
 
 
+def is_4bit(model: torch.nn.Module) -> bool:
+    """Whether the language model's weights are bitsandbytes 4-bit (QLoRA's base)."""
+    return any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
+
+
 def freeze_for_kbit(model: torch.nn.Module) -> torch.nn.Module:
     """What QLoRA needs from `prepare_model_for_kbit_training`, without its upcast of every
-    16-bit parameter (vision tower, embeddings, head) to fp32: +3.5 GB on 7B for nothing."""
+    16-bit parameter (vision tower, embeddings, head) to fp32: +3.5 GB on 7B for nothing.
+    Refuses an unquantised model: LoRA over it would be trained, recorded as QLoRA, and then
+    evaluated over a 4-bit base."""
+    if not is_4bit(model):
+        raise EcomcapError("strategy 'qlora' needs the base loaded in 4-bit (load_base with "
+                           "quantization_config(finetune)); this model is not quantised: use 'lora'")
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -119,8 +119,12 @@ def export_model(model, processor, out_dir: Path, *, base: str, strategy: str, c
     is_adapter = hasattr(model, "peft_config")
     model.save_pretrained(tmp, safe_serialization=True)
     save_processor(processor, tmp)
-    write_output_marker(tmp, kind="adapter" if is_adapter else "full",
-                        base=base if is_adapter else None, extra={"strategy": strategy})
+    from ecomcap.modeling.strategies import is_4bit
+
+    # quantized_base: the base this adapter trained over was 4-bit (QLoRA, or LoRA over a merged
+    # QLoRA model); evaluation and export must load it the same way
+    write_output_marker(tmp, kind="adapter" if is_adapter else "full", base=base if is_adapter else None,
+                        extra={"strategy": strategy, "quantized_base": is_4bit(model)})
     (tmp / "training_config.json").write_text(
         json.dumps(configs, ensure_ascii=False, indent=2, default=str), encoding="utf-8"
     )

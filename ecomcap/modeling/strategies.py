@@ -111,9 +111,18 @@ def upcast_trainable(model: torch.nn.Module) -> int:
     n = 0
     for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            model.__dict__.setdefault(LOAD_DTYPE, p.dtype)  # exports go back to it
             p.data = p.data.float()
             n += 1
     return n
+
+
+LOAD_DTYPE = "_ecomcap_load_dtype"
+
+
+def load_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The 16-bit dtype the weights were loaded in, when `upcast_trainable` raised some to fp32."""
+    return model.__dict__.get(LOAD_DTYPE)
 
 
 def is_4bit(model: torch.nn.Module) -> bool:

@@ -118,3 +118,68 @@ def test_marker_records_the_base_quantisation(tiny_model_cfg, tmp_path):
     out = _adapter_dir(tiny_model_cfg, tmp_path / "b", {"strategy": "lora", "quantized_base": False})
     model, _ = load_trained(out, tiny_model_cfg)
     assert hasattr(model, "peft_config")
+
+
+def _with_sizes(src, dst, sizes):
+    """A copy of an ingested dataset whose stored width/height are replaced row by row."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(src, dst)
+    row = 0
+    for path in sorted((dst / "shards").glob("*.parquet")):
+        pf = pq.ParquetFile(path)
+        t, per_group = pf.read(), pf.metadata.row_group(0).num_rows
+        w, h = t.column("width").to_pylist(), t.column("height").to_pylist()
+        for k in range(len(w)):
+            if row + k in sizes:
+                w[k], h[k] = sizes[row + k]
+        row += len(w)
+        t = t.set_column(t.schema.get_field_index("width"), "width", pa.array(w, pa.int32()))
+        t = t.set_column(t.schema.get_field_index("height"), "height", pa.array(h, pa.int32()))
+        pq.write_table(t, path, row_group_size=per_group)
+    return dst
+
+
+def test_token_budget_reads_stored_sizes_not_image_bytes(hub_checkpoint, mixed_data, tmp_path, monkeypatch):
+    """The check read (and header-parsed) every image of the dataset before training, on every
+    rank; ingest stores width and height, so the check needs no image bytes."""
+    from ecomcap.modeling.processor import load_processor
+    from ecomcap.training.budget import check_token_budget, image_token_count
+    from ecomcap.training.collate import PromptBuilder
+    from ecomcap.training.data import ShardImages
+
+    processor = load_processor(hub_checkpoint)
+    pb = PromptBuilder(processor, "请描述这件商品。")
+    data = ShardImages(mixed_data["train"])
+    want = max(image_token_count(*data.image(i).size, processor.image_processor) for i in range(len(data)))
+
+    def no_bytes(i):
+        raise AssertionError("the budget check read image bytes")
+
+    monkeypatch.setattr(data, "image_bytes", no_bytes)
+    assert check_token_budget(data, pb, 64, limit=10_000).max_image_tokens == want
+    # the stored size is what counts: a 1400x1400 image in the metadata is over a small limit
+    big = ShardImages(_with_sizes(mixed_data["train"], tmp_path / "big", {3: (1400, 1400)}))
+    monkeypatch.setattr(big, "image_bytes", no_bytes)
+    with pytest.raises(EcomcapError, match=f"1 of {len(big)} images exceed.*{big.ids[3]}"):
+        check_token_budget(big, pb, 64, limit=1000)
+
+
+def test_token_budget_names_extreme_aspect_ratios(hub_checkpoint, mixed_data, tmp_path):
+    """An image over 200:1 (ingested before ingest quarantined them) aborted the run with
+    "lower model.max_pixels" advice that cannot help; the error now names the image and the fix."""
+    from ecomcap.modeling.processor import load_processor
+    from ecomcap.training.budget import check_token_budget
+    from ecomcap.training.collate import PromptBuilder
+    from ecomcap.training.data import ShardImages
+
+    pb = PromptBuilder(load_processor(hub_checkpoint), "请描述这件商品。")
+    data = ShardImages(_with_sizes(mixed_data["train"], tmp_path / "long", {2: (3000, 10)}))
+    with pytest.raises(EcomcapError) as err:
+        check_token_budget(data, pb, 64, limit=10_000)
+    msg = str(err.value)
+    assert f"{data.ids[2]} (3000x10)" in msg and "aspect ratio over 200" in msg
+    assert "max_aspect_ratio" in msg and "max_pixels" not in msg

@@ -101,7 +101,7 @@ def stage_scst(args, work: Path, model_cfg: ModelConfig, gen: GenerateConfig) ->
     sft_dir = finished_output(work / "sft")
     if sft_dir is None:
         raise SystemExit("run `benchmarks/learning.py --stage sft` first: SCST starts from its model")
-    curve = [json.loads(line) for line in (sft_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [json.loads(line) for line in (sft_dir.parent / "metrics.jsonl").read_text().splitlines()]  # the run's
     curve = [(r["step"], round(r["val_CIDEr-D"], 3)) for r in curve if "val_CIDEr-D" in r]
     print("SFT validation curve (greedy):", curve)
     before = evaluate_model(sft_dir, work, model_cfg, gen, "sft")

@@ -97,11 +97,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         from ecomcap.training.scst import run_scst
 
-        from ecomcap.training.identity import finished_output
+        from ecomcap.training.sft import sft_output
 
-        start = args.start or finished_output(cfg.sft.output_dir)
+        start = args.start or sft_output(work / "train", cfg.model, cfg.finetune, cfg.sft, cfg.data.dev_images)
         if start is None:
-            raise EcomcapError(f"no SFT output under {cfg.sft.output_dir}: run --stage sft first or pass --from")
+            raise EcomcapError(f"no finished SFT run of this config (model, finetune, sft, data) under "
+                               f"{cfg.sft.output_dir}: run --stage sft first or pass --from")
         res = run_scst(start, work / "train", work / "valid", cfg.model, cfg.scst, cfg.generate,
                        dev_images=cfg.data.dev_images)
     print(json.dumps({"stage": args.stage, "model_dir": str(res.model_dir), "steps": res.steps,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ecomcap.errors import EcomcapError
 
@@ -40,6 +40,7 @@ class IngestConfig(_Strict):
     max_bad_rate: float = Field(0.05, ge=0, le=1, description="fail when quarantined/rows_in exceeds it")
     min_side: int = Field(16, ge=1, description="images with a side under this are quarantined")
     max_pixels: int = Field(50_000_000, ge=1, description="decompression-bomb guard (width*height)")
+    max_aspect_ratio: float = Field(200.0, ge=1, description="longer/shorter side; Qwen2-VL refuses > 200")
     rows_per_shard: int = Field(20_000, ge=1)
     rows_per_group: int = Field(1_000, ge=1, description="Parquet row group size (memory bound)")
     clean: CleanConfig = Field(default_factory=CleanConfig)
@@ -234,8 +235,24 @@ class LaunchConfig(_Strict):
     multi_gpu: bool = True
 
 
+CAPTION_METRICS = ("CIDEr-D", "BLEU-4", "ROUGE-L")
+PER_IMAGE_METRICS = ("CIDEr-D", "ROUGE-L")  # corpus score == mean of per-image scores (not BLEU)
+
+
 class RunConfig(_Strict):
     """A whole run: one section per concern (the YAML files under configs/ have this shape)."""
+
+    @model_validator(mode="after")
+    def _gate_metrics_exist(self) -> "RunConfig":
+        """The gate's metrics must be ones captioning measures (a typo would fail only at promote)."""
+        r = self.registry
+        if r.primary_metric not in PER_IMAGE_METRICS:
+            raise ValueError(f"registry.primary_metric must be one of {PER_IMAGE_METRICS} (a mean of "
+                             f"per-image scores, which the paired bootstrap resamples), got {r.primary_metric!r}")
+        unknown = [m for m in r.guard_metrics if m not in CAPTION_METRICS]
+        if unknown:
+            raise ValueError(f"registry.guard_metrics must be among {CAPTION_METRICS}, got {unknown}")
+        return self
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -26,3 +26,14 @@ def test_unknown_key_is_an_error(tmp_path):
     p.write_text("sft:\n  max_step: 3\n", encoding="utf-8")
     with pytest.raises(EcomcapError, match="sft.max_step"):
         load_run_config(p)
+
+
+def test_gate_metrics_are_checked_when_the_config_loads(tmp_path):
+    """A typo in the gate's metrics fails at load time with one line, not at promote after training."""
+    p = tmp_path / "x.yaml"
+    p.write_text("registry:\n  guard_metrics: [BLEU4]\n", encoding="utf-8")
+    with pytest.raises(EcomcapError, match="guard_metrics"):
+        load_run_config(p)
+    p.write_text("registry:\n  primary_metric: BLEU-4\n", encoding="utf-8")  # corpus BLEU is no mean
+    with pytest.raises(EcomcapError, match="primary_metric"):
+        load_run_config(p)

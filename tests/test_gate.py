@@ -151,11 +151,12 @@ def test_replay_of_concurrent_gates_applies_the_gate_rule(client, tmp_path):
     x = new_version(client, tmp_path)
     gate.evaluate_and_promote(x, scores(1.0))
     a, b = new_version(client, tmp_path), new_version(client, tmp_path)
-    for v, s in ((a, scores(1.2, bleu=0.40)), (b, scores(1.3, bleu=0.30))):
+    for t, (v, s) in enumerate(((a, scores(1.2, bleu=0.40)), (b, scores(1.3, bleu=0.30)))):
         gate.record_scores(v, s)
-        client.set_model_version_tag(CFG.model_name, v, "gate", "passed")
+        for k, val in (("gate_base", x), ("gate_passed_at", str(t)), ("gate", "passed")):
+            client.set_model_version_tag(CFG.model_name, v, k, val)
     client.set_registered_model_alias(CFG.model_name, CHAMPION, b)  # b moved last in the race
-    gate._converge("fp")
+    gate._converge(client.get_model_version(CFG.model_name, x))
     assert champion(client) == a
 
 
@@ -198,6 +199,26 @@ def test_champion_set_by_hand_stays_until_beaten(client, tmp_path):
     v4 = new_version(client, tmp_path)  # beats the hand-set champion, not the better v2
     d = gate.evaluate_and_promote(v4, scores(1.2))
     assert d.promote and champion(client) == v4
+    # the eval set changes: the champion is re-scored, a better candidate takes over, and the
+    # replay never hands the alias back to the hand-set version scored on the old set
+    v5 = new_version(client, tmp_path)
+    d = gate.evaluate_and_promote(v5, scores(1.4, fp="new"), reevaluate=lambda v: scores(1.2, fp="new"))
+    assert d.promote and champion(client) == v5
+    v6 = new_version(client, tmp_path)
+    d = gate.evaluate_and_promote(v6, scores(1.6, fp="new"))
+    assert d.promote and champion(client) == v6
+
+
+def test_rollback_in_the_mlflow_ui_is_not_undone(client, tmp_path):
+    """Moving the alias by hand in the UI (no tag): the next gate compares against that version,
+    and the replay does not resurrect the version it replaced."""
+    gate = Gate(client, CFG)
+    v1, v2 = new_version(client, tmp_path), new_version(client, tmp_path)
+    gate.evaluate_and_promote(v1, scores(1.0))
+    gate.evaluate_and_promote(v2, scores(1.5))
+    client.set_registered_model_alias(CFG.model_name, CHAMPION, v1)  # what the UI does
+    v3 = new_version(client, tmp_path)
+    assert gate.evaluate_and_promote(v3, scores(1.2)).promote and champion(client) == v3
 
 
 def test_unreachable_registry_changes_nothing():

@@ -55,6 +55,15 @@ def test_hostile_captions_cost_a_reference_or_a_row(tmp_path):
     json.dumps(rep, ensure_ascii=False).encode("utf-8")  # the report itself is writable
 
 
+def test_an_extremely_elongated_image_is_quarantined(tmp_path):
+    """Qwen2-VL's image processor raises for > 200:1 images, for the whole batch it is in."""
+    (tmp_path / "IC_train.tsv").write_text(
+        f"ok\t{encode_base64(make_image('red'))}\nthin\t{encode_base64(make_image('red', (3400, 16), 'PNG'))}\n")
+    (tmp_path / "IC_train.jsonl").write_text('{"image_id": "ok", "text": ["红色"]}\n{"image_id": "thin", "text": ["红色"]}\n')
+    res = ingest_split(tmp_path, "train", tmp_path / "out")
+    assert res.report["rows_ok"] == 1 and res.report["reasons"] == {"extreme_aspect_ratio": 1}
+
+
 def test_evaluation_survives_broken_unicode(tmp_path):
     gold, pred = tmp_path / "gold.jsonl", tmp_path / "pred.jsonl"
     gold.write_text('{"image_id": "a", "text": ["红色连衣裙", "红色\\ud800的裙子"]}\n'

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 KUBE_VERSION = "1.30"  # oldest cluster version docs/kubernetes.md supports
 STEPS = ["ingest", "validate", "sft", "scst", "generate", "evaluate", "promote"]
-GPU_STEPS = {"sft", "scst", "generate"}
+GPU_STEPS = {"sft", "scst", "generate", "promote"}  # promote re-scores a champion on a GPU
 SETTINGS = {"docker": DockerSettings, "resources": ResourceSettings,
             "orchestrator.kubernetes": OrchSettings, "step_operator.kubernetes": OpSettings}
 NESTED = {"pod_settings": KubernetesPodSettings, "orchestrator_pod_settings": KubernetesPodSettings}

@@ -29,14 +29,24 @@ def test_fingerprint_is_weights_and_decoding_only(merged, tiny_model_cfg, tmp_pa
     assert weights_fingerprint(again, _info(again)) == weights_fingerprint(merged, _info(merged))
     beams3 = export_merged(moved, tmp_path / "beams3", tiny_model_cfg, gen.model_copy(update={"num_beams": 3}))
     assert weights_fingerprint(beams3, _info(beams3)) != weights_fingerprint(merged, _info(merged))
+    batch = export_merged(moved, tmp_path / "batch", tiny_model_cfg, gen.model_copy(update={"batch_size": 64}))
+    assert weights_fingerprint(batch, _info(batch)) == weights_fingerprint(merged, _info(merged))  # speed only
+    template = shutil.copytree(again, tmp_path / "template")  # same weights, another chat template
+    tpl = next(p for p in sorted(template.iterdir()) if "chat_template" in p.name
+               and "assistant" in p.read_text(encoding="utf-8"))
+    tpl.write_text(tpl.read_text(encoding="utf-8").replace("assistant", "Assistant"), encoding="utf-8")
+    assert weights_fingerprint(template, _info(template)) != weights_fingerprint(again, _info(again))
 
 
-def test_k8s_promote_runs_on_a_cpu_pod_and_rescores_the_champion_there(merged, small_data, tmp_path):
-    """configs/k8s.yaml says model.device: cuda for the GPU steps; promote runs on a CPU pod and
-    must re-evaluate the champion there with the champion's own recorded settings."""
+def test_k8s_promote_rescores_the_champion_with_its_own_settings_on_the_device_it_has(merged, small_data, tmp_path):
+    """configs/k8s.yaml: re-scoring a real champion is beam search over the validation set in its
+    own dtype, so promote runs on a GPU pod; the re-evaluation uses the device the step has
+    (here: this CPU box, with the k8s config's `model.device: cuda`)."""
     raw = yaml.safe_load((ROOT / "configs/k8s.yaml").read_text(encoding="utf-8"))
     gpu_steps = {name for name, s in raw["steps"].items() if s.get("step_operator")}
-    assert "promote" not in gpu_steps and "evaluate" not in gpu_steps  # CPU orchestrator pods
+    assert {"sft", "scst", "generate", "promote"} <= gpu_steps and "evaluate" not in gpu_steps
+    pod = raw["steps"]["promote"]["settings"]["step_operator.kubernetes"]["pod_settings"]
+    assert pod["resources"]["limits"]["nvidia.com/gpu"] == "1"
     cfg = load_run_config(ROOT / "configs/k8s.yaml")
     assert cfg.model.device == "cuda"
     uri = f"sqlite:///{tmp_path}/mlflow.db"

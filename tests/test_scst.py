@@ -158,3 +158,20 @@ def test_scst_resume_is_exact(tiny_model_cfg, small_data, sft_model, tmp_path):
     b = load_file(str(resumed.final_dir / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_run_scst_trains_a_policy_without_dropout(tiny_model_cfg, small_data, sft_model, tmp_path, monkeypatch):
+    """The model run_scst hands to its loop has no active dropout (LoRA dropout 0.3 configured)."""
+    from ecomcap.training import scst as scst_module
+
+    seen = {}
+
+    def stop(self, data, step_fn):
+        seen["p"] = [m.p for m in self.model.modules() if isinstance(m, torch.nn.Dropout)]
+        raise InterruptedError("inspected")
+
+    monkeypatch.setattr(scst_module.TrainLoop, "run", stop)
+    cfg = _scst_cfg(tmp_path, finetune=FinetuneConfig(strategy="lora", lora_r=4, lora_dropout=0.3))
+    with pytest.raises(InterruptedError):
+        run_scst(sft_model, small_data["train"], None, tiny_model_cfg, cfg, GEN)
+    assert seen["p"] and max(seen["p"]) == 0.0

@@ -23,15 +23,17 @@ def app(merged, tmp_path_factory):
 
 def test_one_bad_image_costs_one_row(app):
     good = encode_base64(make_image("red", (112, 112)))
+    thin = encode_base64(make_image("red", (600, 2), fmt="PNG"))  # Qwen's processor refuses > 200:1
     rows = [["ok1", good], ["not_b64", "!!!not base64!!!"], ["not_image", base64.b64encode(b"plain text").decode()],
-            ["ok2", good]]
+            ["thin", thin], ["ok2", good]]
     resp = app.post("/invocations", json={"dataframe_split": {"columns": ["image_id", "image"], "data": rows}})
     assert resp.status_code == 200, resp.text
     preds = resp.json()["predictions"]
-    assert [p["image_id"] for p in preds] == ["ok1", "not_b64", "not_image", "ok2"]
-    assert preds[0]["error"] == preds[3]["error"] == "" and preds[0]["caption"] == preds[3]["caption"]
+    assert [p["image_id"] for p in preds] == ["ok1", "not_b64", "not_image", "thin", "ok2"]
+    assert preds[0]["error"] == preds[4]["error"] == "" and preds[0]["caption"] == preds[4]["caption"]
     assert preds[1]["error"].startswith("unusable image") and preds[1]["caption"] == ""
-    assert preds[2]["error"].startswith("unusable image")
+    assert preds[2]["error"].startswith("unusable image") and "BytesIO" not in preds[2]["error"]
+    assert "extreme_aspect_ratio" in preds[3]["error"] and preds[3]["caption"] == ""
     assert "Traceback" not in resp.text and "stack_trace" not in resp.text
 
 

@@ -81,9 +81,33 @@ def test_a_changed_run_never_resumes_another_runs_checkpoint(tiny_model_cfg, sma
     assert other.resumed_from == 0 and other.steps == 6
     assert "not resumed" in caplog.text and "starts fresh" in caplog.text
     assert len(list(tmp_path.glob("run-*"))) == 2
-    from ecomcap.training.identity import finished_output
 
-    assert finished_output(tmp_path) == other.model_dir
+
+def test_scst_starts_from_the_sft_run_of_this_config(tiny_model_cfg, small_data, tmp_path):
+    """Two SFT configs share an output_dir; the SCST stage must pick the current config's run,
+    not whichever finished last, and say so clearly when it has not run."""
+    from ecomcap.training.sft import sft_output
+
+    ft = FinetuneConfig(strategy="full")
+    a_cfg, b_cfg = _cfg(tmp_path, eval_every=0, max_steps=2), _cfg(tmp_path, eval_every=0, max_steps=2, lr=1e-3)
+    a = run_sft(small_data["train"], None, tiny_model_cfg, ft, a_cfg, GEN)
+    run_sft(small_data["train"], None, tiny_model_cfg, ft, b_cfg, GEN)  # finishes last
+    assert sft_output(small_data["train"], tiny_model_cfg, ft, a_cfg, 0) == a.model_dir
+    assert sft_output(small_data["train"], tiny_model_cfg, ft, _cfg(tmp_path, lr=7e-4), 0) is None
+
+
+def test_a_checkpoint_of_another_world_size_is_not_resumed(tiny_model_cfg, small_data, tmp_path, caplog):
+    ft = FinetuneConfig(strategy="full")
+    with pytest.raises(InterruptedError):
+        run_sft(small_data["train"], None, tiny_model_cfg, ft, _cfg(tmp_path, eval_every=0, stop_after_steps=5), GEN)
+    run = next(tmp_path.glob("run-*"))
+    state = json.loads((run / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 1
+    state["world_size"] = 2  # as if written by a 2-process run
+    (run / "checkpoints" / "step-0000004" / "trainer_state.json").write_text(json.dumps(state))
+    with caplog.at_level("WARNING"):
+        res = run_sft(small_data["train"], None, tiny_model_cfg, ft, _cfg(tmp_path, eval_every=0), GEN)
+    assert res.resumed_from == 0 and "written by 2 processes" in caplog.text
 
 
 def test_checkpoints_are_picked_on_a_dev_split_of_train(tiny_model_cfg, small_data, tmp_path):
@@ -100,6 +124,17 @@ def test_checkpoints_are_picked_on_a_dev_split_of_train(tiny_model_cfg, small_da
                   _cfg(tmp_path, max_steps=3, eval_every=3, eval_images=50, save_every=0), GEN, dev_images=8)
     assert res.evals[-1]["n"] == 8  # scored on the 8 dev images, not on the valid split
 
+
+def test_dev_split_never_empties_the_training_set(small_data, caplog):
+    """The default dev_images (200) on a small train split: at most a fifth is held out."""
+    from ecomcap.training.data import train_and_dev
+
+    n = len(ShardImages(small_data["train"]))
+    with caplog.at_level("WARNING"):
+        train, select_on = train_and_dev(small_data["train"], small_data["valid"], 200)
+    assert len(select_on) == n // 5 and len(train) == n - n // 5 and "more than a fifth" in caplog.text
+    train, select_on = train_and_dev(small_data["train"], small_data["valid"], 10 * n)
+    assert len(train) >= n - n // 5 > 0
 
 def test_each_rank_restores_its_own_rng(tmp_path):
     """Ranks sample differently (SCST): a resumed rank 1 must continue rank 1's streams."""

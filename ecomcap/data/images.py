@@ -20,11 +20,16 @@ class ImageCheck:
     detail: str = ""
 
 
-def check_image(data: bytes, *, min_side: int, max_pixels: int, decode: bool = True) -> ImageCheck:
+MAX_ASPECT_RATIO = 200.0  # Qwen2-VL's image processor refuses anything more elongated
+
+
+def check_image(data: bytes, *, min_side: int, max_pixels: int, decode: bool = True,
+                max_aspect_ratio: float = MAX_ASPECT_RATIO) -> ImageCheck:
     """Open the header, bound the pixel count *before* decoding, then verify and decode.
 
     Decoding is what catches a truncated JPEG (``verify`` does not); it is bounded by
-    `max_pixels`, so memory per image is bounded too.
+    `max_pixels`, so memory per image is bounded too. An image more elongated than
+    `max_aspect_ratio` would make the model's image processor fail a whole batch.
     """
     if not data:
         return ImageCheck(False, reason="empty_image", detail="0 bytes")
@@ -35,12 +40,16 @@ def check_image(data: bytes, *, min_side: int, max_pixels: int, decode: bool = T
                 fmt, (w, h) = (img.format or "").upper(), img.size
     except Image.DecompressionBombError as exc:
         return ImageCheck(False, reason="too_many_pixels", detail=str(exc)[:200])
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:
+        return ImageCheck(False, reason="bad_image", detail="not an image format PIL can open")
+    except (OSError, ValueError, SyntaxError) as exc:
         return ImageCheck(False, reason="bad_image", detail=f"does not open: {exc}"[:200])
     if w * h > max_pixels:
         return ImageCheck(False, fmt, w, h, "too_many_pixels", f"{w}x{h} > {max_pixels} px")
     if min(w, h) < min_side:
         return ImageCheck(False, fmt, w, h, "image_too_small", f"{w}x{h}, min side {min_side}")
+    if max(w, h) > max_aspect_ratio * min(w, h):
+        return ImageCheck(False, fmt, w, h, "extreme_aspect_ratio", f"{w}x{h}, more than {max_aspect_ratio:g}:1")
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.verify()

@@ -144,7 +144,8 @@ class _Ingester:
         except ValueError as exc:
             self.reject(source, line_no, image_id, "bad_base64", str(exc))
             return
-        check = check_image(data, min_side=self.cfg.min_side, max_pixels=self.cfg.max_pixels)
+        check = check_image(data, min_side=self.cfg.min_side, max_pixels=self.cfg.max_pixels,
+                            max_aspect_ratio=self.cfg.max_aspect_ratio)
         if not check.ok:
             self.reject(source, line_no, image_id, check.reason or "bad_image", check.detail)
             return

@@ -21,7 +21,7 @@ def caption_report(
     """Metrics on pycocoevalcap's raw scale plus diversity/degeneration figures."""
     scored = {k: preds.get(k, "") for k in refs}
     out = evaluate(scored, refs, per_image=True)
-    out["per_image"] = {k: {"CIDEr-D": v["CIDEr-D"]} for k, v in out["per_image"].items()}
+    out["per_image"] = {k: {m: v[m] for m in ("CIDEr-D", "ROUGE-L")} for k, v in out["per_image"].items()}
     toks = tokenize_many(list(scored.values()))
     out["distinct"] = len(set(scored.values()))
     out["repeat_ngram"] = sum(repeated_ngram_share(t, 3) for t in toks) / max(len(toks), 1)

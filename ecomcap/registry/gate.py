@@ -9,17 +9,21 @@ Rules (RegistryConfig; `primary_metric` is CIDEr-D for captioning, MeanRecall fo
 - each guard metric (BLEU-4, ROUGE-L; R@1) trails the champion's by at most `tolerance`.
 No champion yet: the floor decides.
 
-Race safety without a lock service: a gate re-reads the champion right before moving the alias.
-Afterwards it replays, in version order, every version that passed a gate on this eval set,
-applying the same rules one by one as if the gates had run in sequence, and leaves the alias on
-the replay's winner. A champion set by hand (`set_by_hand`, e.g. a rollback) anchors the
-replay: it starts from that version and only versions registered after it can replace it.
+Race safety without a lock service: a gate re-reads the champion right before moving the alias
+and records on its version the champion it passed against (`gate_base`) and when. Afterwards it
+replays, in the order they passed, the versions that descend (through `gate_base`) from the
+last champion set by hand, or from the first one: a version that passed against the replay's
+current winner takes over as it did then; any other (a concurrent gate that passed against an
+older champion) must pass the same rules against the current winner. The alias ends on the
+replay's winner. A champion set by hand (`ecomcap champion`, e.g. a rollback) roots the replay,
+so a version it replaced never takes the alias back; it stays until a candidate beats it.
 """
 from __future__ import annotations
 
 import json
 import logging
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,7 +35,6 @@ from ecomcap.registry.bootstrap import GainInterval, paired_relative_gain
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORES_EXPERIMENT = "{name}-gate-scores"  # runs holding each version's per-item scores
-ANCHOR = "champion_anchor"  # registered-model tag "version:newest version then", set by hand
 
 
 @dataclass(frozen=True)
@@ -151,13 +154,23 @@ class Gate:
         s = Scores.from_tags(tags, self.names)
         if s is None or "scores_run" not in tags:
             return s
-        with tempfile.TemporaryDirectory(prefix="ecomcap-gate-") as tmp:
+        name = f"per_item/{s.eval_fingerprint}.json"
+        for attempt in range(4):
+            listed = [f.path for f in self.client.list_artifacts(tags["scores_run"], "per_item")]
+            if name not in listed:  # scored before per-item storage, or on another eval set
+                return s
             try:
-                path = self.client.download_artifacts(tags["scores_run"], f"per_item/{s.eval_fingerprint}.json", tmp)
-                per_item = json.loads(Path(path).read_text(encoding="utf-8"))
-            except Exception:  # missing artifact: the version was scored before per-item storage
-                per_item = None
-        return Scores(s.metrics, s.eval_fingerprint, per_item)
+                with tempfile.TemporaryDirectory(prefix="ecomcap-gate-") as tmp:
+                    path = self.client.download_artifacts(tags["scores_run"], name, tmp)
+                    return Scores(s.metrics, s.eval_fingerprint, json.loads(Path(path).read_text(encoding="utf-8")))
+            except Exception as exc:  # a store busy with concurrent gates: retry, then surface
+                if attempt == 3:
+                    raise EcomcapError(f"cannot read the per-item scores of version {version.version}: "
+                                       f"{str(exc).splitlines()[0][:200]}") from None
+                log.warning("gate: reading per-item scores of version %s failed (%s): retrying",
+                            version.version, str(exc).splitlines()[0][:120])
+                time.sleep(0.5 * (attempt + 1))
+        return s
 
     def _scores_run(self, version: str) -> str:
         tags = self.client.get_model_version(self.name, version).tags or {}
@@ -181,6 +194,7 @@ class Gate:
         self.record_scores(candidate_version, scores)
         self.client.set_registered_model_alias(self.name, CHALLENGER, candidate_version)
         before = self.champion()
+        self._notice_hand_move(before)
         if _version(before) == str(candidate_version):
             return self._finish(True, ["candidate is already the champion"], candidate_version, before,
                                 before, scores, scores, None)
@@ -199,9 +213,11 @@ class Gate:
                 continue
             # tagged only once it passed against the champion that is current now; the replay
             # of concurrent gates considers tagged versions only
-            self.client.set_model_version_tag(self.name, candidate_version, "gate", "passed")
+            for k, v in (("gate_base", _version(champ) or "none"), ("gate_passed_at", repr(time.time())),
+                         ("gate", "passed")):
+                self.client.set_model_version_tag(self.name, candidate_version, k, v)
             self._move(candidate_version, "gate")
-            self._converge(scores.eval_fingerprint)
+            self._converge(champ)
             return self._finish(True, reasons + rule_reasons, candidate_version, champ, before, scores,
                                 champ_scores, iv)
         return self._finish(False, reasons + ["champion kept moving: gave up"], candidate_version, champ,
@@ -211,9 +227,23 @@ class Gate:
         """A deliberate choice of champion (e.g. a rollback): it stays until a candidate beats it."""
         self.client.get_model_version(self.name, version)  # raises when it does not exist
         self.client.set_model_version_tag(self.name, version, "champion_reason", reason[:500])
-        newest = max((int(v.version) for v in self.client.search_model_versions(f"name='{self.name}'")), default=0)
-        self.client.set_registered_model_tag(self.name, ANCHOR, f"{version}:{newest}")
+        self.client.set_model_version_tag(self.name, version, "champion_set_at", repr(time.time()))
         self._move(version, "hand")
+
+    def _notice_hand_move(self, champ) -> None:
+        """A champion that a later gate had already replaced holds the alias again: someone moved
+        it outside the gate (the MLflow UI). Treat it as set by hand, so the replay keeps it."""
+        if champ is None or (champ.tags or {}).get("champion_set_by") == "hand":
+            return
+        for v in self.client.search_model_versions(f"name='{self.name}'"):
+            tags = v.tags or {}
+            if tags.get("gate_base") == str(champ.version) and tags.get("champion_set_by"):
+                log.info("gate: version %s was made champion outside the gate: kept as set by hand", champ.version)
+                self.client.set_model_version_tag(self.name, str(champ.version), "champion_reason",
+                                                  "alias moved outside the gate")
+                self.client.set_model_version_tag(self.name, str(champ.version), "champion_set_at", repr(time.time()))
+                self.client.set_model_version_tag(self.name, str(champ.version), "champion_set_by", "hand")
+                return
 
     def _move(self, version: str, by: str) -> None:
         self.client.set_model_version_tag(self.name, version, "champion_set_by", by)
@@ -231,22 +261,40 @@ class Gate:
             self.record_scores(str(champ.version), champ_scores)
         return champ_scores
 
-    def _converge(self, fingerprint: str) -> None:
-        """Replay, in version order, the versions that passed a gate on this eval set."""
-        anchor = (self.client.get_registered_model(self.name).tags or {}).get(ANCHOR)
-        winner, after = None, 0
-        if anchor:
-            winner, after = anchor.split(":")[0], int(anchor.split(":")[1])
-        winner_scores = self.scores_of(self.client.get_model_version(self.name, winner)) if winner else None
-        passed = [v for v in self.client.search_model_versions(f"name='{self.name}'")
-                  if int(v.version) > after and (v.tags or {}).get("gate") == "passed"
-                  and (v.tags or {}).get("eval_fingerprint") == fingerprint]
-        for v in sorted(passed, key=lambda v: int(v.version)):
-            s = self.scores_of(v)
+    def _converge(self, base) -> None:
+        """Replay the gates descending from the last hand-set (or first) champion; see the top."""
+        versions = {str(v.version): v for v in self.client.search_model_versions(f"name='{self.name}'")}
+        tag = lambda v, k: (versions[v].tags or {}).get(k) if v in versions else None  # noqa: E731
+        root = _version(base)
+        while root is not None and tag(root, "champion_set_by") != "hand" and tag(root, "gate_base") not in (None, "none"):
+            root = tag(root, "gate_base")
+        if root is not None and tag(root, "champion_set_by") != "hand":
+            root = None if tag(root, "gate_base") == "none" else root  # the first champion: replay it too
+        children: dict[str, list[str]] = {}
+        for v in versions:
+            if tag(v, "gate") == "passed":
+                children.setdefault(tag(v, "gate_base") or "none", []).append(v)
+        family, todo = [], [root or "none"]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                family.append(child)
+                todo.append(child)
+        if root is not None and tag(root, "champion_set_by") == "hand":  # only what passed after that
+            since = float(tag(root, "champion_set_at") or 0)
+            family = [v for v in family if float(tag(v, "gate_passed_at") or 0) > since]
+        family.sort(key=lambda v: (float(tag(v, "gate_passed_at") or 0), int(v)))
+        winner, winner_scores = root, None
+        for v in family:
+            if tag(v, "gate_base") == (winner or "none"):  # passed against this very champion
+                winner, winner_scores = v, None
+                continue
+            winner_scores = winner_scores or (self.scores_of(versions[winner]) if winner else None)
+            s = self.scores_of(versions[v])
             if s is not None and decide(s, winner_scores, self.cfg)[0]:
-                winner, winner_scores = str(v.version), s
-        if winner is not None and _version(self.champion()) != winner:
-            log.info("gate: the replay of the gates on this eval set leaves version %s as champion", winner)
+                winner, winner_scores = v, s
+        current = _version(self.champion())
+        if winner is not None and current != winner and current in family:
+            log.info("gate: the replay of concurrent gates leaves version %s as champion", winner)
             self._move(winner, "gate")
 
     def _finish(self, promote, reasons, cand, champ, before, scores, champ_scores, iv) -> Decision:

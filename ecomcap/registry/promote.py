@@ -43,7 +43,8 @@ def caption_scores(metrics: dict, eval_fp: str, cfg: RunConfig) -> Scores:
 
 def reevaluator(cfg: RunConfig, valid: Path, eval_fp: str):
     """Scores of a registered version on the current eval set, with the version's own recorded
-    inference settings (prompt, decoding, pixels) on whatever device this step has."""
+    inference settings (prompt, decoding, pixels, dtype) on whatever device this step has (on
+    Kubernetes, promote runs on a GPU pod for this: configs/k8s.yaml)."""
     def run(version: str) -> Scores:
         from ecomcap.workflow import evaluate_stage, generate_stage
 
@@ -52,9 +53,9 @@ def reevaluator(cfg: RunConfig, valid: Path, eval_fp: str):
             info = json.loads((model_dir / INFERENCE_FILE).read_text(encoding="utf-8"))
             own = cfg.model_copy(update={
                 "model": cfg.model.model_copy(update={
-                    "prompt": info["prompt"], "device": "auto", "dtype": "auto",
+                    "prompt": info["prompt"], "device": "auto", "dtype": info.get("dtype", "auto"),
                     "min_pixels": info.get("min_pixels"), "max_pixels": info.get("max_pixels")}),
-                "generate": GenerateConfig.model_validate(info["generate"])})
+                "generate": GenerateConfig.model_validate({**info["generate"], "batch_size": cfg.generate.batch_size})})
             preds = generate_stage(model_dir, valid, own, log=False)
             metrics, _, _ = evaluate_stage(preds, valid, own, log=False)
         return caption_scores(metrics, eval_fp, cfg)

@@ -38,9 +38,10 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelCo
 
 
 def inference_settings(model_cfg: ModelConfig, gen_cfg: GenerateConfig) -> dict:
-    """What changes a caption besides the weights: prompt, decoding, image resolution bounds."""
-    return {"prompt": model_cfg.prompt, "generate": gen_cfg.model_dump(mode="json"),
-            "min_pixels": model_cfg.min_pixels, "max_pixels": model_cfg.max_pixels}
+    """What changes a caption besides the weights: prompt, decoding, image resolution bounds, the
+    dtype it runs in (not the batch size: that changes speed, not captions)."""
+    return {"prompt": model_cfg.prompt, "generate": gen_cfg.model_dump(mode="json", exclude={"batch_size"}),
+            "min_pixels": model_cfg.min_pixels, "max_pixels": model_cfg.max_pixels, "dtype": model_cfg.dtype}
 
 
 class CaptionModel(mlflow.pyfunc.PythonModel):
@@ -65,11 +66,26 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         from ecomcap.inference.generate import caption_images
 
         rows = request_rows(model_input)
-        images = [r["image"] for r in rows if r["image"] is not None]
-        captions = iter(caption_images(self.model, self.builder, images, self.gen, progress=False) if images else [])
+        ok = [r for r in rows if r["image"] is not None]
+        try:
+            captions = caption_images(self.model, self.builder, [r["image"] for r in ok], self.gen,
+                                      progress=False) if ok else []
+        except Exception:  # one image the checks let through must not cost the batch: one by one
+            captions = [self._one(r) for r in ok]
+        for r, c in zip(ok, captions):
+            r["caption"] = c
         return pd.DataFrame({"image_id": [r["image_id"] for r in rows],
-                             "caption": [next(captions) if r["image"] is not None else "" for r in rows],
+                             "caption": [r.get("caption") or "" for r in rows],
                              "error": [r["error"] or "" for r in rows]})
+
+    def _one(self, row: dict) -> str:
+        from ecomcap.inference.generate import caption_images
+
+        try:
+            return caption_images(self.model, self.builder, [row["image"]], self.gen, progress=False)[0]
+        except Exception as exc:  # reported in the row, never as a stack trace
+            row["error"] = f"captioning failed: {type(exc).__name__}"
+            return ""
 
 
 def request_rows(model_input) -> list[dict]:
@@ -84,7 +100,9 @@ def request_rows(model_input) -> list[dict]:
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
     from PIL import Image
 
+    from ecomcap.config import IngestConfig
     from ecomcap.data.formats import decode_base64
+    from ecomcap.data.images import check_image
     from ecomcap.text import printable
 
     if isinstance(model_input, pd.DataFrame):
@@ -98,13 +116,16 @@ def request_rows(model_input) -> list[dict]:
         ids = list(range(len(b64)))
     rows = []
     for image_id, value in zip(ids, b64):
-        row = {"image_id": printable(str(image_id)), "image": None, "error": None}
+        row = {"image_id": printable(image_id) if isinstance(image_id, str) else image_id, "image": None,
+               "error": None}
         try:
             if not isinstance(value, str):
                 raise ValueError(f"image must be a base64 string, got {type(value).__name__}")
-            img = Image.open(io.BytesIO(decode_base64(value)))
-            img.load()
-            row["image"] = img.convert("RGB")
+            data = decode_base64(value)
+            check = check_image(data, min_side=1, max_pixels=IngestConfig().max_pixels)
+            if not check.ok:
+                raise ValueError(f"{check.reason}: {check.detail}")
+            row["image"] = Image.open(io.BytesIO(data)).convert("RGB")
         except Exception as exc:  # PIL raises many types for undecodable bytes
             row["error"] = f"unusable image: {printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}"
         rows.append(row)

@@ -31,17 +31,23 @@ def registry_client(cfg: RegistryConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri) if uri else MlflowClient()
 
 
-def weights_fingerprint(model_dir: str | Path, inference: dict) -> str:
-    """Hash of the weights (every *.safetensors) and of the settings that change outputs.
+# run records, not model: where it was merged from, how it was trained, its curves, and the
+# inference settings (hashed as a canonical dict instead)
+RUN_SPECIFIC = {"ecomcap_model.json", "training_config.json", "metrics.jsonl", "inference.json"}
 
-    Nothing run-specific (paths, timestamps, training configs) goes in: the same weights decoded
-    the same way are the same version; other decoding is another version.
+
+def weights_fingerprint(model_dir: str | Path, inference: dict) -> str:
+    """Hash of the model files (weights, model/processor/tokenizer configs, chat template) and of
+    the settings that change outputs.
+
+    Nothing run-specific (paths, training configs, curves) goes in: the same weights with the
+    same processor decoded the same way are the same version; other decoding is another version.
     """
     h = hashlib.sha256()
     root = Path(model_dir)
-    files = sorted(p for p in root.rglob("*.safetensors") if p.is_file())
-    if not files:
+    if not any(root.rglob("*.safetensors")):
         raise EcomcapError(f"{root} holds no *.safetensors weights to register")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in RUN_SPECIFIC)
     for p in files:
         h.update(p.relative_to(root).as_posix().encode())
         with open(p, "rb") as fh:

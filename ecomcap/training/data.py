@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ecomcap.data.shards import shard_paths
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,15 @@ def train_and_dev(train_dir: str | Path, valid_dir: str | Path | None,
     With `dev_images` > 0 the selection set is split off the training split, so the validation
     split that the gate scores on stays unseen by every training decision; 0 selects on valid.
     """
+    train_all = ShardImages(train_dir)
+    wanted, cap = dev_images, len(train_all) // 5  # never more than a fifth of the training images
+    if dev_images > cap:
+        dev_images = cap if cap >= 8 else 0
+        log.warning("data.dev_images %d is more than a fifth of the %d training images: %s", wanted,
+                    len(train_all), f"holding out {dev_images}" if dev_images else
+                    "too few to hold any out, checkpoints are picked on valid")
     if dev_images <= 0:
-        return ShardImages(train_dir), ShardImages(valid_dir) if valid_dir else None
+        return train_all, ShardImages(valid_dir) if valid_dir else None
     dev = dev_ids(train_dir, dev_images)
     return ShardImages(train_dir, keep=lambda i: i not in dev), ShardImages(train_dir, keep=dev.__contains__)
 

@@ -30,6 +30,7 @@ from ecomcap.inference.generate import caption_images
 from ecomcap.metrics import evaluate
 from ecomcap.modeling.strategies import ParamCount, count_parameters
 from ecomcap.training.checkpoint import (
+    STATE,
     export_model,
     latest_checkpoint,
     load_checkpoint,
@@ -169,9 +170,14 @@ class TrainLoop:
         cfg, acc = self.cfg, self.acc
         started = time.perf_counter()
         ckpts = self.out / "checkpoints"
-        state: dict[str, Any] = {"best": None, "evals": []}
+        state: dict[str, Any] = {"best": None, "evals": [], "world_size": acc.num_processes}
         step = 0
         last = latest_checkpoint(ckpts) if cfg.resume else None
+        saved_world = json.loads((last / STATE).read_text(encoding="utf-8")).get("world_size", 1) if last else None
+        if last is not None and saved_world != acc.num_processes:  # another data-to-step mapping
+            log.warning("%s: %s was written by %d processes, this run has %d: not resumed, starting at step 0",
+                        self.stage, last, saved_world, acc.num_processes)
+            last = None
         if last is not None:
             state = load_checkpoint(last, acc.unwrap_model(self.model), self.opt, self.sched,
                                     rank=acc.process_index)

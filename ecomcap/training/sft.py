@@ -17,6 +17,22 @@ from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
 from ecomcap.training.losses import sft_loss
 
 
+def sft_identity(train_dir: str | Path, model_cfg: ModelConfig, ft_cfg: FinetuneConfig, cfg: SFTConfig,
+                 dev_images: int) -> tuple[dict, str]:
+    """(the configs an SFT run records, its run identity): what `run_sft` trains under, and what
+    the SCST stage looks up to start from the SFT run of *this* config."""
+    configs = {"model": model_cfg.model_dump(mode="json"), "finetune": ft_cfg.model_dump(mode="json"),
+               "sft": cfg.model_dump(mode="json"), "dev_images": dev_images}
+    return configs, run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(model_cfg.name_or_path))
+
+
+def sft_output(train_dir: str | Path, model_cfg: ModelConfig, ft_cfg: FinetuneConfig, cfg: SFTConfig,
+               dev_images: int) -> Path | None:
+    """The model the finished SFT run of this config handed on (best, else final), if any."""
+    run = Path(cfg.output_dir) / f"run-{sft_identity(train_dir, model_cfg, ft_cfg, cfg, dev_images)[1]}"
+    return next((d for d in (run / "best", run / "model") if d.is_dir() and not (run / "checkpoints").is_dir()), None)
+
+
 def run_sft(
     train_dir: str | Path,
     valid_dir: str | Path | None,
@@ -40,13 +56,12 @@ def run_sft(
     model, _ = apply_strategy(model, ft_cfg)
     gen_cfg = gen_cfg or GenerateConfig()
     train, select_on = train_and_dev(train_dir, valid_dir, dev_images)
-    configs = {"model": model_cfg.model_dump(mode="json"), "finetune": ft_cfg.model_dump(mode="json"),
-               "sft": cfg.model_dump(mode="json"), "dev_images": dev_images}
+    configs, identity = sft_identity(train_dir, model_cfg, ft_cfg, cfg, dev_images)
     loop = TrainLoop(
         stage="sft", model=model, processor=processor, prompt=model_cfg.prompt,
         base_name=model_cfg.name_or_path, strategy=ft_cfg.strategy, cfg=cfg, gen_cfg=gen_cfg,
         valid=select_on, configs=configs, on_metrics=on_metrics, expand_references=cfg.references == "expand",
-        identity=run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(model_cfg.name_or_path)),
+        identity=identity,
     )
     builder = loop.builder
 

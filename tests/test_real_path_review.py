@@ -183,3 +183,20 @@ def test_token_budget_names_extreme_aspect_ratios(hub_checkpoint, mixed_data, tm
     msg = str(err.value)
     assert f"{data.ids[2]} (3000x10)" in msg and "aspect ratio over 200" in msg
     assert "max_aspect_ratio" in msg and "max_pixels" not in msg
+
+
+def test_merged_qlora_export_says_it_needs_cuda(tiny_model_cfg, tmp_path, monkeypatch):
+    """A model merged from QLoRA is registered as a 4-bit bitsandbytes checkpoint that only loads
+    on CUDA; inference.json says so. The 4-bit model cannot exist on this CPU box: `is_4bit` is a
+    stand-in (the tiny bf16 model plays the 4-bit one); the unquantised export has no such key."""
+    import json
+
+    from ecomcap.config import GenerateConfig
+    from ecomcap.registry.pyfunc import INFERENCE_FILE, export_merged
+
+    plain = export_merged(tiny_model_cfg.name_or_path, tmp_path / "plain", tiny_model_cfg, GenerateConfig())
+    assert "quantization" not in json.loads((plain / INFERENCE_FILE).read_text())
+    monkeypatch.setattr("ecomcap.modeling.strategies.is_4bit", lambda model: True)
+    q = export_merged(tiny_model_cfg.name_or_path, tmp_path / "q", tiny_model_cfg, GenerateConfig())
+    info = json.loads((q / INFERENCE_FILE).read_text())["quantization"]
+    assert info["bits"] == 4 and info["requires"] == "cuda" and info["merged_from_4bit"]

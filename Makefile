@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export ZENML_ANALYTICS_OPT_IN := false
 
-.PHONY: setup run test e2e infer bench clean
+.PHONY: setup run test e2e infer bench clean retrieval dashboard dashboard-stop
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,13 +32,27 @@ e2e: $(STAMP)
 infer: $(STAMP)
 	bash -c 'source scripts/zenml_env.sh && zenml pipeline run pipelines.inference.batch_inference_pipeline -c $${CONFIG:-configs/local.yaml}'
 
+# The second job: product retrieval (ingest -> validate -> train -> embed gallery -> evaluate -> promote)
+retrieval: $(STAMP)
+	bash -c 'source scripts/zenml_env.sh && bash scripts/setup_stack.sh && OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} zenml pipeline run pipelines.retrieval.retrieval_pipeline -c $${CONFIG:-configs/retrieval_local.yaml}'
+
+# ZenML dashboard (run DAGs, the evaluation report) on http://127.0.0.1:$${ZENML_DASHBOARD_PORT:-8237},
+# offline, no login (local server, "default" user); prints each pipeline's newest run page.
+dashboard: $(STAMP)
+	bash scripts/dashboard.sh
+
+dashboard-stop: $(STAMP)
+	bash -c 'source scripts/zenml_env.sh && zenml logout --local'
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/learning.py --stage sft --steps 1500
 	$(BIN)/python benchmarks/learning.py --stage scst
 	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/batch_inference.py
 	$(BIN)/python benchmarks/gpu_sft.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/retrieval_topk.py
 
 clean:
 	rm -rf .run .zen_config .mlflow .zen

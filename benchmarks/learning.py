@@ -79,8 +79,8 @@ def summary(stage: str, before: dict, after: dict, wall: float, extra: dict) -> 
 def stage_sft(args, work: Path, model_cfg: ModelConfig, gen: GenerateConfig) -> dict:
     from ecomcap.training.sft import run_sft
 
-    before = evaluate_model(work / "tiny", work, model_cfg, gen, "before")
-    sft_cfg = SFTConfig(output_dir=work / "sft", max_steps=args.steps, lr=1e-3, batch_size=32,
+    before = evaluate_model(work / "tiny", work, model_cfg, gen, f"{args.tag}before")
+    sft_cfg = SFTConfig(output_dir=work / args.tag, max_steps=args.steps, lr=1e-3, batch_size=32,
                         eval_every=150, eval_images=args.valid, save_every=300, resume=False)
     t0 = time.perf_counter()
     res = run_sft(work / "data" / "train", work / "data" / "valid", model_cfg,
@@ -88,8 +88,8 @@ def stage_sft(args, work: Path, model_cfg: ModelConfig, gen: GenerateConfig) -> 
     wall = time.perf_counter() - t0
     curve = [(e["step"], round(e["CIDEr-D"], 3)) for e in res.evals]
     print("validation during training (greedy):", curve)
-    after = evaluate_model(res.model_dir, work, model_cfg, gen, "after")
-    return summary("sft", before, after, wall, {"steps": res.steps, "val_curve": curve,
+    after = evaluate_model(res.model_dir, work, model_cfg, gen, f"{args.tag}after")
+    return summary("sft", before, after, wall, {"steps": res.steps, "val_curve": curve, "prompt": model_cfg.prompt,
                                                  "best_step": res.best_metrics["step"]})
 
 
@@ -98,7 +98,7 @@ def stage_scst(args, work: Path, model_cfg: ModelConfig, gen: GenerateConfig) ->
 
     from ecomcap.training.identity import finished_output
 
-    sft_dir = finished_output(work / "sft")
+    sft_dir = finished_output(work / args.tag)
     if sft_dir is None:
         raise SystemExit("run `benchmarks/learning.py --stage sft` first: SCST starts from its model")
     curve = [json.loads(line) for line in (sft_dir.parent / "metrics.jsonl").read_text().splitlines()]  # the run's
@@ -132,13 +132,19 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=2000)
     ap.add_argument("--valid", type=int, default=200)
     ap.add_argument("--work", type=Path, default=ROOT / ".run" / "bench_learning")
+    ap.add_argument("--prompt", default=None, help="instruction (default: ModelConfig's); the tiny model's "
+                    "vocabulary is built from the default prompt and the captions")
+    ap.add_argument("--tag", default="sft", help="SFT output directory name under --work (runs side by side)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(os.cpu_count() or 2)
+    torch.set_num_threads(args.threads)
     work = args.work
     prepare_data(DataConfig(work_dir=work / "data", synth=SynthConfig(train=args.train, valid=args.valid, test=0)))
     model_cfg = ModelConfig(name_or_path=str(work / "tiny"), tiny=TinyModelConfig())
     ensure_model(model_cfg, work / "data" / "train")
+    if args.prompt:
+        model_cfg = model_cfg.model_copy(update={"prompt": args.prompt})
     gen = GenerateConfig()  # production decoding: beam 5
     stage = stage_sft if args.stage == "sft" else stage_scst
     print(json.dumps(stage(args, work, model_cfg, gen), ensure_ascii=False))

@@ -116,20 +116,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from ecomcap.config import IngestConfig, RunConfig, load_run_config
     from ecomcap.data.ingest import ingest_split
     from ecomcap.data.shards import read_report
-    from ecomcap.inference.generate import generate_for_dataset
-    from ecomcap.modeling.load import load_trained
+    from ecomcap.inference.batch import caption_dataset
 
     cfg = load_run_config(args.config) if args.config else RunConfig()
     model_cfg, gen = cfg.model, cfg.generate
     if args.beams:
         gen = gen.model_copy(update={"num_beams": args.beams})
-    model, processor = load_trained(args.model, model_cfg)
+    if args.workers or args.chunk_size:
+        chunks = {k: v for k, v in (("workers", args.workers), ("chunk_size", args.chunk_size)) if v}
+        gen = gen.model_copy(update={"chunks": gen.chunks.model_copy(update=chunks)})
     data = Path(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         if not (data / "report.json").is_file():  # raw MUGE files: ingest (checks, quarantine) first
             data = ingest_split(data, args.split, Path(tmp) / args.split,
                                 IngestConfig(max_bad_rate=1.0)).out_dir
-        preds = generate_for_dataset(model, processor, model_cfg.prompt, data, args.out, gen)
+        preds = caption_dataset(args.model, model_cfg, data, args.out, gen, args.parts)
         report = read_report(data)
     print(json.dumps({"written": len(preds), "out": str(args.out), "rows_quarantined": report["rows_quarantined"]}))
     return 0
@@ -236,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--config", type=Path, default=None, help="run YAML (model + generate sections)")
     g.add_argument("--beams", type=int, default=None)
+    g.add_argument("--workers", type=int, default=None, help="worker processes (one per GPU on a GPU node)")
+    g.add_argument("--chunk-size", type=int, default=None, help="images per chunk (the unit of resume)")
+    g.add_argument("--parts", type=Path, default=None,
+                   help="finished chunks (default: <out>.parts); rerun with the same --out/--parts to resume")
     g.set_defaults(func=_cmd_generate)
 
     m = sub.add_parser("summary", help="metrics and gate decision of the newest pipeline run")
@@ -260,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reason", required=True, help="recorded on the version")
     c.add_argument("--tracking-uri", default=None, help="default: registry.tracking_uri or MLFLOW_TRACKING_URI")
     c.set_defaults(func=_cmd_champion)
+
+    from ecomcap.retrieval.cli import add_retrieval_commands
+    from ecomcap.retrieval.search_cli import add_search_commands
+
+    add_retrieval_commands(sub)
+    add_search_commands(sub)
     return p
 
 

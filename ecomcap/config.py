@@ -191,6 +191,16 @@ class PostprocessConfig(_Strict):
     normalize_width: bool = Field(True, description="full-width digits/letters -> ASCII, units")
 
 
+class ChunksConfig(_Strict):
+    """Catalogue-scale batch inference: chunks of a dataset, worker processes, resumable parts."""
+
+    chunk_size: int = Field(1024, ge=1, description="images per chunk: the unit of resume and of work sharing")
+    workers: int = Field(1, ge=1, description="worker processes on this machine (one per GPU on a GPU node)")
+    fan_out: int = Field(1, ge=1, description="batch_inference_pipeline: parallel generate steps (pods), "
+                         "step i taking chunks i, i+fan_out, ...; parts_dir must then be a shared volume")
+    parts_dir: Path | None = Field(None, description="where finished chunks are kept (default: next to the output)")
+
+
 class GenerateConfig(_Strict):
     """Batched caption generation."""
 
@@ -204,6 +214,10 @@ class GenerateConfig(_Strict):
     top_k: int | None = None
     top_p: float | None = None
     batch_size: int = Field(16, ge=1)
+    prefill: Literal["once", "hf"] = Field(
+        "once", description="once: prompt+image prefilled once per image, cache expanded to beams/samples; "
+        "hf: stock generate (expands inputs before prefill), kept for comparison")
+    chunks: ChunksConfig = Field(default_factory=ChunksConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
 
 

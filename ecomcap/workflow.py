@@ -85,9 +85,21 @@ def validate_stage(splits: dict[str, Path], cfg: RunConfig) -> dict[str, Any]:
     tracking.set_tags({"data_fingerprint": data_fingerprint(fps), "eval_fingerprint": fps.get("valid", ""),
                        "source_fingerprint": source_fingerprint(cfg.data), "config_hash": tracking.config_hash(cfg),
                        "code_version": tracking.code_version()})
+    record_datasets("captions", reports, splits)
     for rep in reports.values():
         enforce(rep)
     return {s: {k: v for k, v in r.items() if k != "gx_result"} for s, r in reports.items()}
+
+
+SPLIT_CONTEXT = {"train": "training", "valid": "validation", "test": "test"}
+
+
+def record_datasets(job: str, reports: dict[str, dict], paths: dict[str, Path]) -> None:
+    """Each split as an MLflow dataset input ("<job>-<split>", digest = its fingerprint, source =
+    its directory), so runs show and compare which data they saw."""
+    for split, rep in reports.items():
+        tracking.log_dataset(f"{job}-{split}", rep["fingerprint"], paths[split], SPLIT_CONTEXT.get(split, split),
+                             tags={"rows_ok": rep["rows_ok"], "rows_quarantined": rep["rows_quarantined"]})
 
 
 def data_fingerprint(fingerprints: dict[str, str]) -> str:
@@ -131,17 +143,39 @@ def scst_stage(sft_model: Path, train: Path, valid: Path, cfg: RunConfig, run_na
 
 def generate_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, log: bool = True) -> dict[str, str]:
     """Captions for every image of `data_dir`; logs caption_gen.jsonl (unless `log` is off)."""
-    from ecomcap.inference.generate import generate_for_dataset
-    from ecomcap.modeling.load import load_trained
+    from ecomcap.inference.batch import caption_dataset
 
     if log:
         tracking.log_config("generate", cfg.generate)
-    model, processor = load_trained(model_dir, cfg.model)
     out = _scratch(cfg, "generate") / "caption_gen.jsonl"
-    preds = generate_for_dataset(model, processor, cfg.model.prompt, data_dir, out, cfg.generate)
+    preds = caption_dataset(model_dir, cfg.model, data_dir, out, cfg.generate, parts_root(cfg))
     if log:
         tracking.log_artifact(out)
     return preds
+
+
+def generate_share_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, index: int) -> int:
+    """One share of a generate fan-out (a step/pod): chunks index, index+n, ... -> parts."""
+    from ecomcap.inference.batch import caption_share
+
+    return caption_share(model_dir, cfg.model, data_dir, cfg.generate, index, cfg.generate.chunks.fan_out,
+                         parts_root(cfg))
+
+
+def merge_generated_stage(model_dir: Path, data_dir: Path, cfg: RunConfig) -> dict[str, str]:
+    """After a fan-out: every share's parts -> caption_gen.jsonl (every id once), logged."""
+    from ecomcap.inference.batch import merge_dataset
+
+    tracking.log_config("generate", cfg.generate)
+    out = _scratch(cfg, "generate") / "caption_gen.jsonl"
+    preds = merge_dataset(model_dir, cfg.model, data_dir, out, cfg.generate, parts_root(cfg))
+    tracking.log_artifact(out)
+    return preds
+
+
+def parts_root(cfg: RunConfig) -> Path:
+    """Finished generate chunks, kept across runs (keyed by data, model and decoding)."""
+    return Path(cfg.generate.chunks.parts_dir or Path(cfg.data.work_dir).parent / "generate_parts")
 
 
 def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,

@@ -37,3 +37,30 @@ class EvaluationReport:
     eval_fingerprint: str
     samples_html: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetrievalDataDir:
+    """An ingested retrieval split: ``items/`` shard dataset, ``queries.parquet``, ``groups.parquet``,
+    the two quarantine tables and ``report.json``."""
+
+    path: str
+
+    @property
+    def report(self) -> dict[str, Any]:
+        import json
+
+        return json.loads((Path(self.path) / "report.json").read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class GalleryDir:
+    """A gallery embedding artifact (vectors.npy, items.jsonl, images.parquet, encoder/, index.json)."""
+
+    path: str
+
+    @property
+    def index(self) -> dict[str, Any]:
+        import json
+
+        return json.loads((Path(self.path) / "index.json").read_text(encoding="utf-8"))

@@ -1,6 +1,10 @@
 """ingest(test) -> generate with the registry's `champion` -> caption_gen.jsonl.
 
     zenml pipeline run pipelines.inference.batch_inference_pipeline -c configs/local.yaml
+
+`generate.chunks.fan_out: N` (N > 1) runs N `generate_<i>` steps in parallel (one GPU pod each
+on Kubernetes), each captioning every N-th chunk into the shared `generate.chunks.parts_dir`,
+then `merge_generated` writes caption_gen.jsonl with every id once (docs/kubernetes.md).
 """
 from __future__ import annotations
 
@@ -9,12 +13,26 @@ from zenml.config import CachePolicy
 
 from ecomcap.config import RunConfig
 from ecomcap.workflow import library_fingerprint, source_fingerprint
-from steps import champion_model, generate, ingest_split_step, write_predictions
+from steps import (
+    champion_model,
+    generate,
+    generate_share,
+    ingest_split_step,
+    merge_generated,
+    write_predictions,
+)
 
 
 @pipeline(enable_cache=True, cache_policy=CachePolicy(cache_func=library_fingerprint))
 def batch_inference_pipeline(config: RunConfig = RunConfig(), output: str = ".run/caption_gen.jsonl") -> None:  # noqa: B008
     test = ingest_split_step(config=config, split="test", source_fingerprint=source_fingerprint(config.data))
     model = champion_model(config=config)
-    predictions = generate(config=config, model=model, data=test)
+    fan_out = config.generate.chunks.fan_out
+    if fan_out <= 1:
+        predictions = generate(config=config, model=model, data=test)
+    else:
+        shares = [f"generate_{i}" for i in range(fan_out)]
+        for i, share in enumerate(shares):
+            generate_share(config=config, model=model, data=test, index=i, id=share)
+        predictions = merge_generated(config=config, model=model, data=test, after=shares)
     write_predictions(config=config, predictions=predictions, output=output)

@@ -10,7 +10,7 @@ mkdir -p "$(dirname "$MLFLOW_DB")" "$MLFLOW_ARTIFACTS"
 python - <<PY
 import mlflow
 mlflow.set_tracking_uri("$MLFLOW_TRACKING_URI")
-for name in ("training_pipeline", "batch_inference_pipeline", "ecomcap"):
+for name in ("training_pipeline", "batch_inference_pipeline", "retrieval_pipeline", "ecomcap"):
     if mlflow.get_experiment_by_name(name) is None:
         mlflow.create_experiment(name, artifact_location="file://$MLFLOW_ARTIFACTS/" + name)
 PY

@@ -1,8 +1,8 @@
 """Thin ZenML steps: unpack the one run config, call `ecomcap`, return typed `Annotated` outputs."""
 from steps.data import ingest, ingest_split_step, validate
 from steps.evaluate import evaluate, promote
-from steps.infer import champion_model, generate, write_predictions
+from steps.infer import champion_model, generate, generate_share, merge_generated, write_predictions
 from steps.train import scst, sft
 
 __all__ = ["ingest", "ingest_split_step", "validate", "sft", "scst", "generate", "evaluate", "promote",
-           "champion_model", "write_predictions"]
+           "champion_model", "write_predictions", "generate_share", "merge_generated"]

@@ -7,7 +7,7 @@ from typing import Annotated
 from zenml import step
 
 from ecomcap.config import RunConfig
-from ecomcap.workflow import generate_stage
+from ecomcap.workflow import generate_share_stage, generate_stage, merge_generated_stage
 from materializers import DatasetDir, ModelDir
 from steps._tracker import TRACKER
 
@@ -15,6 +15,17 @@ from steps._tracker import TRACKER
 @step(experiment_tracker=TRACKER)
 def generate(config: RunConfig, model: ModelDir, data: DatasetDir) -> Annotated[dict, "caption_gen"]:
     return generate_stage(Path(model.path), Path(data.path), config)
+
+
+@step(enable_cache=False)  # its output lives in parts_dir, not in the artifact: finished chunks are skipped
+def generate_share(config: RunConfig, model: ModelDir, data: DatasetDir, index: int) -> Annotated[int, "images"]:
+    """Share `index` of `generate.chunks.fan_out` (one pod each on Kubernetes)."""
+    return generate_share_stage(Path(model.path), Path(data.path), config, index)
+
+
+@step(experiment_tracker=TRACKER)
+def merge_generated(config: RunConfig, model: ModelDir, data: DatasetDir) -> Annotated[dict, "caption_gen"]:
+    return merge_generated_stage(Path(model.path), Path(data.path), config)
 
 
 @step(enable_cache=False)

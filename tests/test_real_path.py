@@ -139,6 +139,8 @@ def test_every_gpu_config_sizes_scst():
     from ecomcap.config import load_yaml
 
     for path in sorted(Path("configs").glob("*.yaml")):
+        if path.name.startswith("retrieval_"):  # the second job's run configs (no SCST)
+            continue
         cfg = load_run_config(path)
         if cfg.model.device != "cuda":
             continue

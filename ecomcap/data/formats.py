@@ -93,12 +93,12 @@ def record_id(obj: dict[str, Any], key: str = "image_id") -> str:
     return text
 
 
-def caption_record(obj: dict[str, Any], need_text: bool) -> tuple[str, list[str] | None]:
-    """Validate a caption record's shape: (image_id, texts or None); ValueError otherwise.
+def caption_record(obj: dict[str, Any], need_text: bool, id_key: str = "image_id") -> tuple[str, list[str] | None]:
+    """Validate a caption (or item-text) record's shape: (id, texts or None); ValueError otherwise.
 
     Texts are returned as they are, also ones that are not valid Unicode: dropping those is a
     per-reference decision of the caller (counted), not a reason to lose the record."""
-    image_id = record_id(obj)
+    image_id = record_id(obj, id_key)
     texts = obj.get("text")
     if texts is None:
         if need_text:

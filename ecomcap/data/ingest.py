@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -88,11 +88,18 @@ class _CaptionIndex:
 
 
 class _Ingester:
-    """Holds the writers and counters of one ingest run."""
+    """Holds the writers and counters of one ingest run.
 
-    def __init__(self, out_dir: Path, split: str, layout: SourceLayout, cfg: IngestConfig):
+    Captioning needs texts on every train/valid image; retrieval items (``needs_text=False``,
+    ``id_key="item_id"``) keep their optional texts when present. Readers other than the
+    image TSV (a CSV plus an image folder) feed rows through `add_row`.
+    """
+
+    def __init__(self, out_dir: Path, split: str, layout: SourceLayout, cfg: IngestConfig,
+                 needs_text: bool | None = None, id_key: str = "image_id"):
         self.out_dir, self.split, self.layout, self.cfg = out_dir, split, layout, cfg
-        self.needs_text = split != "test"
+        self.needs_text = split != "test" if needs_text is None else needs_text
+        self.id_key = id_key
         self.shards = RowWriter(out_dir / "shards", DATASET_SCHEMA, cfg.rows_per_group, cfg.rows_per_shard)
         self.quarantine = RowWriter(out_dir, QUARANTINE_SCHEMA, cfg.rows_per_group, single_name="quarantine.parquet")
         self.reasons: Counter = Counter()
@@ -110,7 +117,7 @@ class _Ingester:
         """Stream the captions JSONL into the on-disk index; bad lines are quarantined now."""
         for line in iter_lines(path):
             try:
-                image_id, texts = caption_record(parse_json_line(line), self.needs_text)
+                image_id, texts = caption_record(parse_json_line(line), self.needs_text, self.id_key)
             except ValueError as exc:
                 self.rows_in += 1
                 self.reject(path.name, line.line_no, "", "bad_json", str(exc))
@@ -132,34 +139,47 @@ class _Ingester:
         if len(cols) != ncols or not image_id:
             self.reject(source, line_no, image_id, "malformed_line", f"{len(cols)} columns, expected {ncols}")
             return
+        self.add_row(source, line_no, image_id, lambda: decode_base64(cols[1]), [cols[2]] if ncols == 3 else None)
+
+    def add_row(self, source: str, line_no: int, image_id: str, load: Callable[[], bytes],
+                inline_texts: list[str] | None = None, load_error: str = "bad_base64") -> bool:
+        """Check and store one image row from any reader; True when it went to the shards.
+
+        `load` returns the image bytes or raises ValueError (quarantined as `load_error`);
+        texts come inline or from the caption index.
+        """
         if not self.index.first_sighting(image_id):
             self.reject(source, line_no, image_id, "duplicate_id", "kept the first occurrence")
-            return
-        if ncols == 3:
-            has_record, texts = True, [cols[2]]
+            return False
+        if inline_texts is not None:
+            has_record, texts = True, inline_texts
         else:
             has_record, texts = self.index.take(image_id)
         try:
-            data = decode_base64(cols[1])
+            data = load()
         except ValueError as exc:
-            self.reject(source, line_no, image_id, "bad_base64", str(exc))
-            return
+            self.reject(source, line_no, image_id, load_error, str(exc))
+            return False
         check = check_image(data, min_side=self.cfg.min_side, max_pixels=self.cfg.max_pixels,
                             max_aspect_ratio=self.cfg.max_aspect_ratio)
         if not check.ok:
             self.reject(source, line_no, image_id, check.reason or "bad_image", check.detail)
-            return
+            return False
         kept: list[str] = []
         if self.needs_text:
             if not has_record or not texts:
                 self.reject(source, line_no, image_id, "no_captions", "no caption record for this image")
-                return
+                return False
             self.refs_in += len(texts)
             cleaned = clean_references(texts, self.cfg.clean, self.rules)
             if cleaned.reason:
                 self.reject(source, line_no, image_id, cleaned.reason, f"all {len(texts)} references dropped")
-                return
+                return False
             kept = cleaned.kept
+            self.refs_kept += len(kept)
+        elif texts:  # optional texts (retrieval item titles/captions): kept when they survive cleaning
+            self.refs_in += len(texts)
+            kept = clean_references(texts, self.cfg.clean, self.rules).kept
             self.refs_kept += len(kept)
         digest = hashlib.sha256(data).hexdigest()
         self.fingerprint.update(f"{image_id}\t{digest}\t{json.dumps(kept, ensure_ascii=False)}\n".encode())
@@ -171,6 +191,7 @@ class _Ingester:
                 "max_text_tokens": max((len(tokenize(t)) for t in kept), default=0),
             }
         )
+        return True
 
     def quarantine_orphans(self, source: str) -> None:
         reason = "captions_without_image" if self.needs_text else "id_without_image"
@@ -188,6 +209,7 @@ class _Ingester:
         return {
             "split": self.split,
             "format": self.layout.kind,
+            "needs_text": self.needs_text,
             "source": {"images": printable(str(self.layout.images), 4096),
                        "captions": printable(str(self.layout.captions or ""), 4096)},
             "rows_in": self.rows_in,
@@ -229,7 +251,15 @@ def ingest_split(src: str | Path, split: str, out_dir: str | Path, cfg: IngestCo
     run.ingest_images(layout.images)
     if layout.captions is not None:
         run.quarantine_orphans(layout.captions.name)
+    return finish_ingest(run, started)
+
+
+def finish_ingest(run: _Ingester, started: float) -> IngestResult:
+    """Close the writers, check the counts are conserved, write ``report.json``."""
     report = run.finish(started)
     assert report["rows_in"] == report["rows_ok"] + report["rows_quarantined"]
-    (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-    return IngestResult(out, report)
+    (run.out_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    return IngestResult(run.out_dir, report)
+
+
+Ingester = _Ingester  # the row checker / writer other jobs' readers drive (retrieval items)

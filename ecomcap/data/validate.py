@@ -63,7 +63,7 @@ def run_expectations(dataset_dir: str | Path, cfg: IngestConfig) -> dict[str, An
         batch_parameters={"dataframe": df}
     )
     suite = context.suites.add(gx.ExpectationSuite(name=f"ecomcap_{report['split']}"))
-    for exp in _expectations(cfg, report["split"] != "test"):
+    for exp in _expectations(cfg, report.get("needs_text", report["split"] != "test")):
         suite.add_expectation(exp)
     result = batch.validate(suite)
     as_json = result.describe_dict() if hasattr(result, "describe_dict") else result.to_json_dict()

@@ -1,26 +1,24 @@
 """Batched caption generation: beam search (or sampling) over images, `caption_gen.jsonl` out.
 
-Images are batched by similar size (fewer pad tokens), prompts are left-padded, special and
-vision tokens are suppressed, and every input id is written exactly once, in input order.
+Images are batched by image token count (fewer pad tokens), prompts are left-padded, special
+and vision tokens are suppressed, and every input id is written exactly once, in input order.
+Catalogue-scale runs (chunks, worker processes, resume) are in `ecomcap.inference.batch`.
 """
 from __future__ import annotations
 
 import io
-import logging
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from ecomcap.config import GenerateConfig
-from ecomcap.data.formats import write_predictions
 from ecomcap.inference.postprocess import postprocess
+from ecomcap.inference.prefill import generate
 from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.training.collate import PromptBuilder
-
-log = logging.getLogger(__name__)
 
 
 # Fields Qwen's published generation_config.json sets (near-greedy sampling); `generate` merges
@@ -61,16 +59,39 @@ def caption_batch(model, builder: PromptBuilder, images: Sequence[Image.Image], 
     device, dtype = model_device_dtype(model)
     enc = builder.prompts(images)
     enc = {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in enc.items()}
-    out = model.generate(**enc, **generate_kwargs(cfg, builder))
+    out = generate(model, enc, cfg.prefill, **generate_kwargs(cfg, builder))
     new = out[:, enc["input_ids"].shape[1]:]
     texts = builder.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
     return [postprocess(t, cfg.postprocess) for t in texts]
 
 
+def bucket_batches(weights: Sequence[float], batch_size: int) -> list[list[int]]:
+    """Indices sorted by weight (stable among equals), cut into batches: similar lengths together."""
+    order = sorted(range(len(weights)), key=lambda i: (weights[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar pixel count (stable within equal sizes)."""
-    order = sorted(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return bucket_batches([w * h for w, h in sizes], batch_size)
+
+
+def image_token_counts(processor, sizes: Sequence[tuple[int, int]]) -> list[int]:
+    """Image tokens per (width, height) after the processor's resize (min/max pixels, patch
+    and merge size); the pixel count where the processor is not Qwen2-VL-like."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    ip = getattr(processor, "image_processor", None)
+    size = dict(getattr(ip, "size", None) or {})
+    patch, merge = getattr(ip, "patch_size", None), getattr(ip, "merge_size", None)
+    if not (patch and merge and "shortest_edge" in size and "longest_edge" in size):
+        return [w * h for w, h in sizes]
+    factor = patch * merge
+    out = []
+    for w, h in sizes:
+        rh, rw = smart_resize(h, w, factor, size["shortest_edge"], size["longest_edge"])
+        out.append((rh // factor) * (rw // factor))
+    return out
 
 
 def caption_images(
@@ -79,15 +100,21 @@ def caption_images(
     images: Sequence[Image.Image],
     cfg: GenerateConfig,
     progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Captions for all `images`, batched by size, returned in input order."""
+    """Captions for all `images`, batched by image token count, returned in input order.
+
+    `on_batch(n)` is told after every batch how many images it captioned (progress).
+    """
     was_training = model.training
     model.eval()
     out: list[str] = [""] * len(images)
-    batches = size_batches([im.size for im in images], cfg.batch_size)
+    batches = bucket_batches(image_token_counts(builder.processor, [im.size for im in images]), cfg.batch_size)
     for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress or None):
         for i, text in zip(idx, caption_batch(model, builder, [images[i] for i in idx], cfg)):
             out[i] = text
+        if on_batch is not None:
+            on_batch(len(idx))
     model.train(was_training)
     return out
 
@@ -97,43 +124,22 @@ def decode_images(blobs: Iterable[bytes]) -> list[Image.Image]:
 
 
 def generate_for_dataset(
-    model, processor, prompt: str, dataset_dir: str | Path, out_path: str | Path,
-    cfg: GenerateConfig, limit: int | None = None,
+    model, processor, prompt: str, dataset_dir: str | Path, out_path: str | Path, cfg: GenerateConfig,
 ) -> dict[str, str]:
-    """Caption every image of an ingested dataset (in chunks) and write `caption_gen.jsonl`.
+    """Caption every image of an ingested dataset with a loaded model -> `caption_gen.jsonl`.
 
-    Ids the ingest quarantined (an image that does not decode cannot be captioned) are written
-    with an empty caption, so the file still has every input id exactly once.
+    In this process, chunk by chunk (parts in a temporary directory); quarantined ids get an
+    empty caption. Resumable, multi-process runs: `ecomcap.inference.batch.caption_dataset`.
     """
-    from ecomcap.data.shards import iter_batches, read_report
+    import tempfile
 
-    builder = PromptBuilder(processor, prompt)
-    preds: dict[str, str] = {}
-    chunk = max(cfg.batch_size * 16, 64)
-    for rb in iter_batches(dataset_dir, ["image_id", "image"], batch_size=chunk):
-        ids = rb.column(0).to_pylist()
-        if limit is not None:
-            ids = ids[: max(limit - len(preds), 0)]
-        if not ids:
-            break
-        images = decode_images(rb.column(1).to_pylist()[: len(ids)])
-        preds.update(zip(ids, caption_images(model, builder, images, cfg)))
-    quarantined = _quarantined_ids(Path(dataset_dir)) if limit is None else []
-    for qid in quarantined:
-        preds.setdefault(qid, "")
-    if quarantined:
-        log.warning("%d quarantined ids written with empty captions", len(quarantined))
-    report = read_report(dataset_dir)
-    log.info("captioned %d images of split %s", len(preds), report.get("split"))
-    write_predictions(out_path, preds.items())
-    return preds
+    from ecomcap.inference.batch import caption_chunks, merge_parts
+    from ecomcap.inference.chunks import PartStore, plan_chunks
 
-
-def _quarantined_ids(dataset_dir: Path) -> list[str]:
-    import pyarrow.parquet as pq
-
-    q = dataset_dir / "quarantine.parquet"
-    if not q.is_file():
-        return []
-    rows = pq.read_table(q, columns=["image_id", "reason"]).to_pylist()
-    return list(dict.fromkeys(r["image_id"] for r in rows if r["image_id"] and r["reason"] != "duplicate_id"))
+    dataset_dir = Path(dataset_dir)
+    chunks = plan_chunks(dataset_dir, cfg.chunks.chunk_size)
+    with tempfile.TemporaryDirectory(prefix="caption-parts-") as tmp:
+        store = PartStore(tmp)
+        with tqdm(total=sum(len(c) for c in chunks), desc="generate", unit="img") as bar:
+            caption_chunks(model, processor, prompt, dataset_dir, chunks, store, cfg, bar.update)
+        return merge_parts(dataset_dir, chunks, store, out_path)

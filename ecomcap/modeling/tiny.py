@@ -38,17 +38,23 @@ CHAT_TEMPLATE = (
 MARKER = "ecomcap_tiny.json"
 
 
-def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
-    """Character-level tokenizer: every character seen in `texts`, printable ASCII, specials."""
-    chars = set(chr(c) for c in range(32, 127)) | {"\n"}
-    chars |= set(CHAT_TEMPLATE)
+def char_tokenizer_model(texts: Iterable[str], specials: list[str], unk: str, extra: str = "") -> Tokenizer:
+    """Character-level `tokenizers` model: every character seen in `texts`, printable ASCII,
+    `extra`, then `specials` first in the vocabulary (shared by the tiny captioner and encoders)."""
+    chars = set(chr(c) for c in range(32, 127)) | {"\n"} | set(extra)
     for t in texts:
         chars.update(t)
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + sorted(chars - set("\r")))}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(chars - set("\r") - set(specials)))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tk.decoder = decoders.Fuse()
-    tk.add_special_tokens(SPECIAL_TOKENS)
+    tk.add_special_tokens(specials)
+    return tk
+
+
+def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """Character-level tokenizer: every character seen in `texts`, printable ASCII, specials."""
+    tk = char_tokenizer_model(texts, SPECIAL_TOKENS, "<|unk|>", extra=CHAT_TEMPLATE)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|unk|>"
     )

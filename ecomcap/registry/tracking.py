@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,6 +98,35 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
 def log_text(text: str, name: str) -> None:
     if active():
         mlflow.log_text(text, name)
+
+
+# MLflow stores a dataset digest in a 36-character column.
+MLFLOW_DIGEST_CHARS = 36
+
+
+def log_dataset(name: str, fingerprint: str, source: str | Path, context: str,
+                tags: dict[str, Any] | None = None) -> None:
+    """Record a dataset the run used (MLflow's Datasets column and the run's inputs): digest = the
+    data fingerprint (cut to MLflow's 36 characters; the full one is an input tag), source = where
+    the data lies (local path or object-store URI). Shared by the captioning and retrieval jobs."""
+    if not active():
+        return
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.exceptions import MlflowException
+
+    if not fingerprint:
+        raise ValueError(f"dataset {name!r}: an empty fingerprint cannot identify the data")
+    try:
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+            src = resolve_dataset_source(str(source))
+    except MlflowException:  # not a path/URI MLflow knows (e.g. "synthetic"): keep it as a tag
+        src = CodeDatasetSource({"source": str(source)})
+    input_tags = {"fingerprint": fingerprint, **{k: str(v) for k, v in (tags or {}).items()}}
+    mlflow.log_input(MetaDataset(src, name=name, digest=fingerprint[:MLFLOW_DIGEST_CHARS]),
+                     context=context, tags=input_tags)
 
 
 def last_run_summary(tracking_uri: str, experiment: str = "training_pipeline") -> dict[str, Any] | None:

@@ -102,15 +102,21 @@ def _forget_other_precision(mp: str) -> None:
 
 
 class TrainLoop:
-    """One stage's optimisation of the trainable parameters of `model`."""
+    """One stage's optimisation of the trainable parameters of `model`.
 
-    def __init__(self, *, stage: str, model, processor, prompt: str, base_name: str, strategy: str,
+    Other jobs subclass it (retrieval): override `examples_for`, `validate`, `_export` and
+    `primary_metric` (the validation score that picks the best model); no prompt, no builder.
+    """
+
+    primary_metric = "CIDEr-D"
+
+    def __init__(self, *, stage: str, model, processor, prompt: str | None, base_name: str, strategy: str,
                  cfg: LoopConfig, gen_cfg: GenerateConfig, valid: ShardImages | None,
                  configs: dict[str, Any], on_metrics: MetricsCallback | None = None,
                  expand_references: bool = False, identity: str | None = None):
         self.stage, self.cfg, self.gen_cfg = stage, cfg, gen_cfg
         self.processor, self.base_name, self.strategy, self.configs = processor, base_name, strategy, configs
-        self.builder = PromptBuilder(processor, prompt)
+        self.builder = PromptBuilder(processor, prompt) if prompt is not None else None
         self.on_metrics, self.expand = on_metrics, expand_references
         self.acc = make_accelerator(cfg, model)
         torch.manual_seed(cfg.seed)
@@ -248,11 +254,12 @@ class TrainLoop:
         entry = {"step": step, **scores}
         state["evals"].append(entry)
         self._emit(self.out / "metrics.jsonl", {"step": step, **{f"val_{k}": v for k, v in scores.items()}})
-        if state["best"] is None or scores["CIDEr-D"] > state["best"]["CIDEr-D"]:
+        key = self.primary_metric
+        if state["best"] is None or scores[key] > state["best"][key]:
             state["best"] = entry
             self._export(self.out / "best")
-        log.info("%s step %d: val CIDEr-D %.4f (best %.4f at step %d)", self.stage, step,
-                 scores["CIDEr-D"], state["best"]["CIDEr-D"], state["best"]["step"])
+        log.info("%s step %d: val %s %.4f (best %.4f at step %d)", self.stage, step, key,
+                 scores[key], state["best"][key], state["best"]["step"])
 
     def _export(self, path: Path) -> Path:
         """Main process writes; no barrier here (callers on one rank only must not deadlock)."""

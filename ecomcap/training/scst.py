@@ -18,6 +18,7 @@ from ecomcap.data.clean import repeated_ngram_share
 from ecomcap.data.shards import read_references, read_report
 from ecomcap.errors import EcomcapError
 from ecomcap.inference.generate import generate_kwargs
+from ecomcap.inference.prefill import generate
 from ecomcap.modeling.load import load_trained
 from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.modeling.strategies import apply_strategy
@@ -75,6 +76,7 @@ class SCSTStep:
         self.greedy_kw = {**self.sample_kw, "do_sample": False}
         self.policy = policy_logprob(loop, cfg, self.suppress)
         self.does_backward = self.policy.backward is not None  # the loop then skips its backward
+        self.prefill = gen_cfg.prefill
 
     def _decode(self, seqs: list[list[int]]) -> list[str]:
         """The sampled captions as decoded, not post-processed: collapsing a looping phrase would
@@ -85,7 +87,7 @@ class SCSTStep:
     def _generate(self, enc, **kw) -> torch.Tensor:
         model = self.loop.acc.unwrap_model(self.loop.model)
         model.eval()
-        out = model.generate(**enc, **kw)
+        out = generate(model, enc, self.prefill, **kw)
         model.train()
         return out[:, enc["input_ids"].shape[1]:]
 

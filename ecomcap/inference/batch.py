@@ -1,0 +1,205 @@
+"""Batch inference at catalogue scale: chunks, worker processes, resume, one merged output.
+
+    caption_dataset(...)   plan chunks -> caption the missing ones (in this process, or in
+                           `chunks.workers` processes sharing a queue) -> merge -> caption_gen.jsonl
+    caption_share(...)     one step/pod of a fan-out: chunks i, i+n, ... of the plan, no merge
+    merge_dataset(...)     after a fan-out: every part -> caption_gen.jsonl
+
+Every finished chunk is an atomically written part (`ecomcap.inference.chunks`), so a killed
+run resumes where it stopped and several machines can share one parts directory. Worker
+processes each load the model once; on a GPU node worker r sees GPU r only, on CPU the cores
+are split between the workers. Progress (images/s, ETA) covers all workers.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from ecomcap.config import GenerateConfig, ModelConfig
+from ecomcap.errors import EcomcapError
+from ecomcap.inference.chunks import Chunk, PartStore, plan_chunks, read_chunk, run_key
+from ecomcap.inference.generate import caption_images, decode_images
+from ecomcap.training.collate import PromptBuilder
+
+log = logging.getLogger(__name__)
+
+
+def _plan(model_ref: str, model_cfg: ModelConfig, dataset_dir: Path, cfg: GenerateConfig,
+          parts_root: Path) -> tuple[list[Chunk], PartStore]:
+    chunks = plan_chunks(dataset_dir, cfg.chunks.chunk_size)
+    decoding = {"generate": cfg.model_dump(mode="json", exclude={"chunks"}),
+                "model": model_cfg.model_dump(mode="json", exclude={"name_or_path", "prompt", "tiny"})}
+    key = run_key(dataset_dir, str(model_ref), model_cfg.prompt, decoding, cfg.chunks.chunk_size)
+    return chunks, PartStore(Path(parts_root) / key)
+
+
+def caption_chunks(model, processor, prompt: str, dataset_dir: Path, chunks: list[Chunk], store: PartStore,
+                   cfg: GenerateConfig, on_batch: Callable[[int], None] | None = None,
+                   stop_after_chunks: int | None = None) -> int:
+    """Caption and write every chunk that has no part yet; returns how many were written.
+
+    `stop_after_chunks` stops as if killed after that many parts (resume tests)."""
+    builder, written = PromptBuilder(processor, prompt), 0
+    for c in chunks:
+        if store.done(c):
+            continue
+        if stop_after_chunks is not None and written >= stop_after_chunks:
+            raise InterruptedError(f"stopped after {written} chunks (stop_after_chunks)")
+        table = read_chunk(dataset_dir, c, ["image_id", "image"])
+        images = decode_images(table.column("image").to_pylist())
+        caps = caption_images(model, builder, images, cfg, progress=False, on_batch=on_batch)
+        store.write(c, zip(table.column("image_id").to_pylist(), caps))
+        written += 1
+    return written
+
+
+def _load(model_ref: str, model_cfg: ModelConfig):
+    from ecomcap.modeling.load import load_trained
+
+    return load_trained(model_ref, model_cfg)
+
+
+def _worker_main(rank: int, workers: int, model_ref: str, model_cfg_json: str, dataset_dir: str,
+                 cfg_json: str, parts_dir: str, todo, counter, gpus: int) -> None:
+    """One worker process: load the model once, then take chunk indices off the queue."""
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)  # before CUDA is first touched
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    model_cfg = ModelConfig.model_validate_json(model_cfg_json)
+    cfg = GenerateConfig.model_validate_json(cfg_json)
+    chunks, _ = _plan(model_ref, model_cfg, Path(dataset_dir), cfg, Path(parts_dir))
+    store = PartStore(parts_dir)
+    model, processor = _load(model_ref, model_cfg)
+
+    def bump(n: int) -> None:
+        with counter.get_lock():
+            counter.value += n
+
+    while True:
+        try:
+            i = todo.get(timeout=1)
+        except queue_mod.Empty:
+            return
+        if i is None:
+            return
+        caption_chunks(model, processor, model_cfg.prompt, Path(dataset_dir), [chunks[i]], store, cfg, bump)
+
+
+def _run_processes(model_ref: str, model_cfg: ModelConfig, dataset_dir: Path, cfg: GenerateConfig,
+                   todo: list[Chunk], store: PartStore, bar: tqdm) -> None:
+    workers = min(cfg.chunks.workers, len(todo))
+    ctx = mp.get_context("spawn")  # fresh interpreters: safe with CUDA and threads
+    queue, counter = ctx.Queue(), ctx.Value("q", 0)
+    for c in todo:
+        queue.put(c.index)
+    for _ in range(workers):
+        queue.put(None)
+    gpus = torch.cuda.device_count() if model_cfg.device != "cpu" else 0
+    args = (workers, str(model_ref), model_cfg.model_dump_json(), str(dataset_dir), cfg.model_dump_json(),
+            str(store.dir), queue, counter, gpus)
+    procs = [ctx.Process(target=_worker_main, args=(r, *args), daemon=True) for r in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        seen = 0
+        while any(p.is_alive() for p in procs):
+            time.sleep(0.5)
+            now = counter.value
+            bar.update(now - seen)
+            seen = now
+        bar.update(counter.value - seen)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+    failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        raise EcomcapError(f"generate workers failed (rank, exit code): {failed}; finished chunks are kept, "
+                           "rerun to resume")
+
+
+def _caption_missing(model_ref: str, model_cfg: ModelConfig, dataset_dir: Path, cfg: GenerateConfig,
+                     chunks: list[Chunk], store: PartStore, loaded=None,
+                     stop_after_chunks: int | None = None) -> None:
+    todo = [c for c in chunks if not store.done(c)]
+    total = sum(len(c) for c in chunks)
+    left = sum(len(c) for c in todo)
+    log.info("%d images in %d chunks; %d chunks (%d images) to caption, %d already done in %s",
+             total, len(chunks), len(todo), left, len(chunks) - len(todo), store.dir)
+    if not todo:
+        return
+    t0 = time.perf_counter()
+    with tqdm(total=left, desc="generate", unit="img", smoothing=0.1) as bar:
+        if cfg.chunks.workers > 1 and len(todo) > 1 and stop_after_chunks is None:
+            _run_processes(model_ref, model_cfg, dataset_dir, cfg, todo, store, bar)
+        else:
+            model, processor = loaded or _load(model_ref, model_cfg)
+            caption_chunks(model, processor, model_cfg.prompt, dataset_dir, todo, store, cfg, bar.update,
+                           stop_after_chunks)
+    dt = time.perf_counter() - t0
+    log.info("captioned %d images in %.1f s (%.2f images/s)", left, dt, left / max(dt, 1e-9))
+
+
+def caption_dataset(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: str | Path,
+                    out_path: str | Path, cfg: GenerateConfig, parts_root: str | Path | None = None,
+                    loaded=None, stop_after_chunks: int | None = None) -> dict[str, str]:
+    """Caption every image of an ingested dataset (resuming finished chunks) -> `caption_gen.jsonl`.
+
+    Ids the ingest quarantined are written with an empty caption, so the file has every input
+    id exactly once. `loaded`: an already loaded (model, processor) for in-process work.
+    """
+    dataset_dir = Path(dataset_dir)
+    parts_root = Path(parts_root or cfg.chunks.parts_dir or f"{out_path}.parts")
+    chunks, store = _plan(str(model_ref), model_cfg, dataset_dir, cfg, parts_root)
+    _caption_missing(str(model_ref), model_cfg, dataset_dir, cfg, chunks, store, loaded, stop_after_chunks)
+    return merge_parts(dataset_dir, chunks, store, out_path)
+
+
+def caption_share(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: str | Path,
+                  cfg: GenerateConfig, index: int, count: int, parts_root: str | Path) -> int:
+    """Share `index` of `count` (a fan-out step or pod): its chunks only, no merge; returns images."""
+    if not 0 <= index < count:
+        raise EcomcapError(f"share index {index} outside 0..{count - 1}")
+    dataset_dir = Path(dataset_dir)
+    chunks, store = _plan(str(model_ref), model_cfg, dataset_dir, cfg, Path(parts_root))
+    mine = [c for c in chunks if c.index % count == index]
+    _caption_missing(str(model_ref), model_cfg, dataset_dir, cfg, mine, store)
+    return sum(len(c) for c in mine)
+
+
+def merge_dataset(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: str | Path,
+                  out_path: str | Path, cfg: GenerateConfig, parts_root: str | Path) -> dict[str, str]:
+    """Merge the parts of every chunk (after a fan-out) -> `caption_gen.jsonl`."""
+    dataset_dir = Path(dataset_dir)
+    chunks, store = _plan(str(model_ref), model_cfg, dataset_dir, cfg, Path(parts_root))
+    return merge_parts(dataset_dir, chunks, store, out_path)
+
+
+def merge_parts(dataset_dir: Path, chunks: list[Chunk], store: PartStore, out_path) -> dict[str, str]:
+    """Parts + the quarantined ids (empty captions) -> `caption_gen.jsonl`, every id once."""
+    quarantined = quarantined_ids(dataset_dir)
+    preds = store.merge(chunks, out_path, quarantined)
+    if quarantined:
+        log.warning("%d quarantined ids written with empty captions", len(quarantined))
+    return preds
+
+
+def quarantined_ids(dataset_dir: Path) -> list[str]:
+    """Ids the ingest quarantined (not duplicates: their id is captioned once already)."""
+    import pyarrow.parquet as pq
+
+    q = Path(dataset_dir) / "quarantine.parquet"
+    if not q.is_file():
+        return []
+    rows = pq.read_table(q, columns=["image_id", "reason"]).to_pylist()
+    return list(dict.fromkeys(r["image_id"] for r in rows if r["image_id"] and r["reason"] != "duplicate_id"))

@@ -1,0 +1,83 @@
+"""Prefill once per image, then expand the KV cache to the beams / samples.
+
+`generate(num_beams=n)` (and `num_return_sequences=k`) repeats every prompt n times *before*
+the prefill, so the prompt and its 256-1,280 image tokens go through the language model n
+times over. Here the prompt minus its last token is run once per image (vision tower and
+language model), the cache is repeated n times in the batch dimension, and the very same
+`generate` call (same logits processors, beam scorer, sampling RNG) continues from it: its
+prefill is then one token per beam. The 3D mRoPE positions (computed from `mm_token_type_ids`
+and `image_grid_thw`) are built once for the whole prompt and handed to `generate`, which
+expands and extends them exactly as on its own path, so decoding never reads the model's
+`rope_deltas` state (left per prompt, [B, 1], as the stock path leaves it).
+
+`mode="hf"` keeps the stock path (`generate` expands inputs before prefill) for comparison.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+PrefillMode = Literal["once", "hf"]
+
+
+def expand_size(kw: dict) -> int:
+    """How many sequences `generate` decodes per prompt (beams or returned samples)."""
+    return max(int(kw.get("num_beams") or 1), int(kw.get("num_return_sequences") or 1))
+
+
+def generative_model(model):
+    """The `GenerationMixin` model under PEFT/accelerate wrappers (the one holding `rope_deltas`)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, "module", inner)
+
+
+@torch.no_grad()
+def prefill_prompt(model, enc: dict[str, torch.Tensor], n: int):
+    """Run the prompt without its last token once per row; return (position_ids, cache for n copies).
+
+    `position_ids` covers the whole prompt ([4, B, L] for Qwen2.5-VL: text row + 3 mRoPE rows),
+    computed the way `generate` computes them; the cache holds the first L-1 tokens of each
+    prompt, repeated `n` times per row (row-major: the n copies of a prompt are adjacent, as
+    `generate` orders beams).
+    """
+    gm = generative_model(model)
+    ids = enc["input_ids"]
+    kwargs = {k: v for k, v in enc.items() if k != "input_ids"}
+    position_ids = gm._prepare_position_ids_for_generation(ids, dict(kwargs))
+    head = {
+        "input_ids": ids[:, :-1],
+        "attention_mask": enc["attention_mask"][:, :-1],
+        "position_ids": position_ids[..., :-1],
+    }
+    if "mm_token_type_ids" in enc:
+        head["mm_token_type_ids"] = enc["mm_token_type_ids"][:, :-1]
+    rest = {k: v for k, v in kwargs.items() if k not in head}
+    out = model(**head, **rest, use_cache=True, logits_to_keep=1, return_dict=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    return position_ids, cache
+
+
+@torch.no_grad()
+def generate_prefill_once(model, enc: dict[str, torch.Tensor], **kw):
+    """`model.generate(**enc, **kw)` with the prompt prefilled once per image.
+
+    Same outputs as the stock call (token ids; scores up to float rounding). Falls back to the
+    stock call when nothing is expanded (greedy, one sample) or the prompt is a single token.
+    """
+    n = expand_size(kw)
+    if n == 1 or enc["input_ids"].shape[1] < 2:
+        return model.generate(**enc, **kw)
+    position_ids, cache = prefill_prompt(model, enc, n)
+    rest = {k: v for k, v in enc.items() if k not in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                                       "video_grid_thw")}
+    return model.generate(**rest, position_ids=position_ids, cache=cache, **kw)
+
+
+def generate(model, enc: dict[str, torch.Tensor], mode: PrefillMode = "once", **kw):
+    """Dispatch: `once` (prefill once per image) or `hf` (stock `generate`)."""
+    if mode == "hf":
+        return model.generate(**enc, **kw)
+    return generate_prefill_once(model, enc, **kw)

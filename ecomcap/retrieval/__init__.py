@@ -1,0 +1,1 @@
+"""The second job: product retrieval (text -> image+text) and same-product matching."""

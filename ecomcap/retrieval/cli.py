@@ -1,0 +1,95 @@
+"""`ecomcap retrieval-*` commands (registered by `ecomcap.cli`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from ecomcap.errors import EcomcapError
+
+
+def _read_jsonl(path: Path, what: str) -> list[dict]:
+    if not path.is_file():
+        raise EcomcapError(f"{what} file {path} does not exist")
+    rows = []
+    for no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise EcomcapError(f"{path.name} line {no}: invalid JSON ({exc})") from None
+        if not isinstance(obj, dict) or "query_id" not in obj:
+            raise EcomcapError(f"{path.name} line {no}: expected an object with query_id")
+        rows.append(obj)
+    return rows
+
+
+def load_submission(pred: Path, gold: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(predictions, gold) by query id; EcomcapError with the file and line for malformed rows."""
+    gold_map = {}
+    for row in _read_jsonl(gold, "gold"):
+        gold_map[str(row["query_id"])] = [str(i) for i in row.get("item_ids") or []]
+    pred_map: dict[str, list[str]] = {}
+    for no, row in enumerate(_read_jsonl(pred, "prediction"), start=1):
+        qid, items = str(row["query_id"]), row.get("item_ids")
+        if not isinstance(items, list):
+            raise EcomcapError(f"query {qid}: item_ids is not a list")
+        if qid in pred_map:
+            raise EcomcapError(f"query {qid}: predicted twice")
+        pred_map[qid] = [str(i) for i in items]
+    return pred_map, gold_map
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ecomcap.retrieval.metrics import recall_scores
+
+    pred, gold = load_submission(args.pred, args.gold)
+    scores = recall_scores(pred, gold)
+    out = {k: round(scores[k], 2) for k in ("R@1", "R@5", "R@10", "MeanRecall")}
+    print(json.dumps(out) if args.json else "  ".join(f"{k} {v:.2f}" for k, v in out.items()))
+    return 0
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    from ecomcap.config import load_run_config
+    from ecomcap.retrieval.config import RetrievalRunConfig
+    from ecomcap.retrieval.experiments import comparison_table, format_table
+
+    cfg = load_run_config(args.config, RetrievalRunConfig)
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:  # the table as one MLflow run: table.md/json plus each row's figures
+        import mlflow
+
+        from ecomcap.registry import tracking
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("retrieval_comparison")
+        with mlflow.start_run(run_name="comparison_table"):
+            result = comparison_table(cfg, Path(args.out))
+            tracking.log_artifact(Path(args.out) / "table.md")
+            tracking.log_artifact(Path(args.out) / "table.json")
+            for i, row in enumerate(result["rows"]):
+                tracking.log_metrics({k.replace("@", ""): v for k, v in row.items() if k not in ("name", "item")},
+                                     prefix=f"row{i}.")
+            mlflow.set_tags({f"row{i}": r["name"] for i, r in enumerate(result["rows"])})
+    else:
+        result = comparison_table(cfg, Path(args.out))
+    print(format_table(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"} | {"rows": result["rows"]}, ensure_ascii=False))
+    return 0
+
+
+def add_retrieval_commands(sub) -> None:
+    e = sub.add_parser("retrieval-evaluate", help="MUGE Recall@1/5/10 + MeanRecall of a retrieval submission")
+    e.add_argument("--pred", type=Path, required=True, help='JSONL: {"query_id", "item_ids": [10 ids]}')
+    e.add_argument("--gold", type=Path, required=True, help="MUGE queries JSONL with item_ids")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_evaluate)
+
+    t = sub.add_parser("retrieval-table", help="zero-shot vs InfoNCE vs sigmoid vs +hard negatives vs fused")
+    t.add_argument("--config", type=Path, required=True, help="retrieval run YAML (configs/retrieval_local.yaml)")
+    t.add_argument("--out", type=Path, default=Path(".run/retrieval/table"))
+    t.add_argument("--tracking-uri", default=None, help="log the table to MLflow (default: MLFLOW_TRACKING_URI)")
+    t.set_defaults(func=_cmd_table)

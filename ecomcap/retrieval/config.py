@@ -1,0 +1,121 @@
+"""Retrieval settings, one pydantic model per concern (CLI, ZenML steps and YAML share them)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from ecomcap.config import IngestConfig, LoopConfig, RegistryConfig, _Strict
+
+Arch = Literal["chinese_clip", "clip", "siglip"]
+ItemEmbedding = Literal["image", "text", "fused"]
+
+
+class RetrievalSynthConfig(_Strict):
+    """Synthetic retrieval set: attribute-combination queries over a drawn product gallery."""
+
+    train_products: int = Field(600, ge=1, description="base products drawn for the train gallery")
+    valid_products: int = Field(300, ge=1)
+    train_max_positives: int = Field(30, ge=1, description="train queries keep up to this many positives")
+    distractors: int = Field(1, ge=0, description="one-attribute variants per base product")
+    max_views: int = Field(3, ge=1, description="drawings of one product (scale/crop/background/JPEG)")
+    image_size: int = Field(112, ge=16)
+    brand_rate: float = Field(0.35, ge=0, le=1)
+    seed: int = 0
+
+
+class RetrievalDataConfig(_Strict):
+    """Where retrieval data comes from; ingest settings are the captioning ones (same rules)."""
+
+    source: Literal["synthetic", "muge", "seed002", "shopee"] = "synthetic"
+    src_dir: Path | None = Field(None, description="directory of the raw files (not synthetic)")
+    work_dir: Path = Path(".run/retrieval/data")
+    splits: list[Literal["train", "valid", "test"]] = ["train", "valid"]
+    synth: RetrievalSynthConfig = Field(default_factory=RetrievalSynthConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+
+
+class TinyEncoderConfig(_Strict):
+    """A random-init dual encoder of the real class, built locally (CPU runs, tests)."""
+
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    projection_dim: int = 64
+    image_size: int = 64
+    patch_size: int = 16
+    seed: int = 0
+
+
+class EncoderConfig(_Strict):
+    """Which dual encoder: transformers class by `arch`, weights from a hub id or local path."""
+
+    arch: Arch = "chinese_clip"
+    name_or_path: str = "OFA-Sys/chinese-clip-vit-base-patch16"
+    tiny: TinyEncoderConfig | None = Field(None, description="build a tiny model at name_or_path when missing")
+    trust_remote_code: bool = False
+    max_text_len: int = Field(52, ge=4, description="Chinese-CLIP uses 52, SigLIP 64")
+    item_embedding: ItemEmbedding = "image"
+    fusion_weight: float = Field(0.5, ge=0, le=1, description="image share of a fused item embedding")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class HardNegativeConfig(_Strict):
+    """FlagEmbedding-style mining with the current model: sample from a rank window."""
+
+    enabled: bool = False
+    start_step: int = Field(150, ge=0, description="mine at this step, then train with the negatives")
+    rank_window: tuple[int, int] = (10, 210)
+    per_query: int = Field(15, ge=1)
+    per_example: int = Field(1, ge=0, description="negatives added to the batch per training pair")
+
+
+class RetrievalTrainConfig(LoopConfig):
+    """Contrastive fine-tuning; the loop (accelerate, checkpoints, resume) is the captioning one."""
+
+    output_dir: Path = Path(".run/retrieval/train")
+    max_steps: int = Field(300, ge=0)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    eval_every: int = Field(100, ge=0)
+    eval_images: int = Field(1000, ge=1, description="unused here: the full valid gallery is ranked")
+    save_every: int = Field(0, ge=0)
+    loss: Literal["infonce", "sigmoid"] = "infonce"
+    logit_init: Literal["auto", "model", "siglip"] = Field(
+        "auto", description="auto: SigLIP's t'=log 10, b=-10 for the sigmoid loss on a from-scratch model"
+    )
+    match_weight: float = Field(0.0, ge=0, description="weight of the same-product term (views of one product "
+                                "group as positives, Shopee-style); 0: off")
+    grad_cache_chunk: int | None = Field(None, ge=1, description="embed in chunks of this size (gradient caching)")
+    pixel_cache_items: int = Field(4096, ge=0, description="preprocessed item images kept in memory")
+    strategy: Literal["full", "lora"] = "full"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "query", "key", "value"]
+    hard_negatives: HardNegativeConfig = Field(default_factory=HardNegativeConfig)
+
+
+class RetrievalEvalConfig(_Strict):
+    top_k: int = Field(10, ge=10)
+    chunk: int = Field(1024, ge=1, description="queries per similarity block")
+    match_thresholds: list[float] = Field(
+        default_factory=lambda: [round(0.05 * i, 2) for i in range(19)] + [round(0.9 + 0.01 * i, 2) for i in range(10)]
+        + [0.995, 0.999, 0.9999, 1.0], description="cosine thresholds tried on the train groups")
+    match_at_least_two: bool = False
+    figure_queries: int = Field(6, ge=0, description="queries drawn with their top-5 images")
+
+
+class RetrievalRunConfig(_Strict):
+    """A whole retrieval run (configs/retrieval_*.yaml: parameters.config has this shape)."""
+
+    data: RetrievalDataConfig = Field(default_factory=RetrievalDataConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    train: RetrievalTrainConfig = Field(default_factory=RetrievalTrainConfig)
+    eval: RetrievalEvalConfig = Field(default_factory=RetrievalEvalConfig)
+    gallery_dir: Path = Path(".run/retrieval/gallery")
+    registry: RegistryConfig = Field(
+        default_factory=lambda: RegistryConfig(model_name="ecomcap-retriever", experiment="retrieval_pipeline",
+                                               primary_metric="MeanRecall", guard_metrics=["R1"], tolerance=1.0,
+                                               floor=5.0)
+    )

@@ -1,0 +1,50 @@
+"""The registered retriever: encoder and gallery index together, as an MLflow pyfunc.
+
+`predict` takes query texts (a DataFrame column "query_text" or a list of strings) and returns
+the top-10 item ids and scores over the gallery it was registered with, so
+`mlflow models serve -m models:/ecomcap-retriever@champion` answers searches.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow.pyfunc
+
+
+class RetrieverModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: query texts in, top-10 (item_ids, scores) out."""
+
+    def load_context(self, context) -> None:
+        from ecomcap.retrieval.gallery import load_gallery
+
+        self.gallery = load_gallery(context.artifacts["gallery"])
+        self.encoder = self.gallery.encoder()
+
+    def predict(self, context, model_input, params=None):  # untyped: MLflow infers no schema from hints
+        import pandas as pd
+
+        from ecomcap.retrieval.metrics import topk_search
+
+        if isinstance(model_input, pd.DataFrame):  # a "query_text" column, else the first one
+            col = "query_text" if "query_text" in model_input else model_input.columns[0]
+            texts = [str(t) for t in model_input[col].tolist()]
+        else:
+            texts = [str(t) for t in model_input]
+        k = int((params or {}).get("top_k", 10))
+        scores, idx = topk_search(self.encoder.encode_texts(texts), self.gallery.vectors, k)
+        return pd.DataFrame({"query_text": texts,
+                             "item_ids": [[self.gallery.item_ids[j] for j in row] for row in idx],
+                             "scores": [[round(float(s), 6) for s in row] for row in scores]})
+
+
+def log_retriever(gallery_dir: str | Path, name: str = "model") -> str:
+    """Log gallery (with its encoder) as a pyfunc model of the active run; returns the model URI."""
+    import ecomcap
+
+    info = mlflow.pyfunc.log_model(  # models-from-code: nothing is pickled
+        name=name, python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+        artifacts={"gallery": str(gallery_dir)}, code_paths=[str(Path(ecomcap.__file__).parent)],
+        pip_requirements=["torch", "transformers>=5,<6", "pillow", "pandas", "pydantic>=2", "pyarrow", "numpy",
+                          "safetensors", "tqdm"],
+    )
+    return info.model_uri

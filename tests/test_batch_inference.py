@@ -1,0 +1,180 @@
+"""Catalogue-scale batch inference: chunks read the right rows, a killed run resumes to the same
+output, worker processes give the same output as one process, every id exactly once."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ecomcap.config import GenerateConfig, IngestConfig
+from ecomcap.data.ingest import ingest_split
+from ecomcap.data.shards import read_table
+from ecomcap.errors import EcomcapError
+from ecomcap.inference.batch import caption_dataset
+from ecomcap.inference.chunks import PartStore, plan_chunks, read_chunk
+from ecomcap.inference.generate import bucket_batches, image_token_counts
+from ecomcap.modeling.load import load_base
+
+GEN = GenerateConfig(num_beams=2, max_new_tokens=5, batch_size=2)
+
+
+def _gen(chunk_size=2, workers=1):
+    return GEN.model_copy(update={"chunks": GEN.chunks.model_copy(update={"chunk_size": chunk_size,
+                                                                          "workers": workers})})
+
+
+def _raw_ids(small_data, split="test"):
+    lines = (small_data["raw"] / f"IC_{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["image_id"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def many_shards(small_data, tmp_path_factory):
+    """The train split ingested into 4-row shards of 3-row groups (chunks cross group bounds)."""
+    out = tmp_path_factory.mktemp("many_shards") / "train"
+    return ingest_split(small_data["raw"], "train", out, IngestConfig(rows_per_shard=4, rows_per_group=3)).out_dir
+
+
+def test_chunks_cover_every_row_once_in_order(many_shards):
+    want = read_table(many_shards, ["image_id"]).column(0).to_pylist()
+    for size in (1, 2, 3, 5):
+        chunks = plan_chunks(many_shards, size)
+        assert all(0 < len(c) <= size for c in chunks)
+        got = [i for c in chunks for i in read_chunk(many_shards, c, ["image_id"]).column(0).to_pylist()]
+        assert got == want
+
+
+def test_killed_run_resumes_to_the_same_output(tiny_model_cfg, small_data, tmp_path):
+    full = caption_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], tmp_path / "a.jsonl",
+                           _gen())
+    out = tmp_path / "b.jsonl"
+    with pytest.raises(InterruptedError):
+        caption_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], out, _gen(),
+                        stop_after_chunks=1)
+    (part_dir,) = [p for p in Path(f"{out}.parts").iterdir()]
+    (first,) = part_dir.glob("part-*.jsonl")
+    stamp = first.stat().st_mtime_ns
+    (part_dir / ".part-000001.jsonl.killed.tmp").write_text('{"image_id": "half', encoding="utf-8")  # killed mid-write
+    resumed = caption_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], out, _gen())
+    assert first.stat().st_mtime_ns == stamp  # the finished chunk was not redone
+    assert out.read_bytes() == (tmp_path / "a.jsonl").read_bytes()
+    assert resumed == full
+    ids = [json.loads(line)["image_id"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(ids) == sorted(_raw_ids(small_data)) and len(set(ids)) == len(ids)
+
+
+def test_other_decoding_does_not_reuse_parts(tiny_model_cfg, small_data, tmp_path):
+    out = tmp_path / "c.jsonl"
+    caption_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], out, _gen())
+    caption_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], out,
+                    _gen().model_copy(update={"max_new_tokens": 3}))
+    assert len(list(Path(f"{out}.parts").iterdir())) == 2
+
+
+def test_two_worker_processes_equal_one(tiny_model_cfg, small_data, tmp_path):
+    one = caption_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], tmp_path / "1.jsonl",
+                          _gen())
+    two = caption_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], tmp_path / "2.jsonl",
+                          _gen(workers=2))
+    assert two == one
+    assert (tmp_path / "1.jsonl").read_bytes() == (tmp_path / "2.jsonl").read_bytes()
+
+
+def test_merge_refuses_missing_parts_and_duplicate_ids(many_shards, tmp_path):
+    chunks = plan_chunks(many_shards, 4)
+    store = PartStore(tmp_path / "parts")
+    ids = [read_chunk(many_shards, c, ["image_id"]).column(0).to_pylist() for c in chunks]
+    for c, chunk_ids in zip(chunks[:-1], ids):
+        store.write(c, [(i, "x") for i in chunk_ids])
+    with pytest.raises(EcomcapError, match="no part yet"):
+        store.merge(chunks, tmp_path / "out.jsonl")
+    store.write(chunks[-1], [(ids[0][0], "dup")] + [(i, "x") for i in ids[-1][1:]])
+    with pytest.raises(EcomcapError, match="captioned twice"):
+        store.merge(chunks, tmp_path / "out.jsonl")
+    with pytest.raises(EcomcapError, match="captions for"):
+        store.write(chunks[0], [(ids[0][0], "too few")])
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_batches_bucket_by_image_token_count(tiny_model_cfg):
+    _, processor = load_base(tiny_model_cfg)
+    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 224 * 224}
+    sizes = [(224, 224), (60, 90), (500, 500), (90, 60), (112, 112), (224, 223)]
+    tokens = image_token_counts(processor, sizes)
+    assert tokens == [64, 6, 64, 6, 16, 64]
+    assert bucket_batches(tokens, 2) == [[1, 3], [4, 0], [2, 5]]
+
+
+@pytest.mark.e2e
+def test_cli_killed_with_sigkill_resumes(tiny_model_cfg, small_data, tmp_path):
+    """The real thing: `ecomcap generate` killed (SIGKILL) after its first part, then rerun."""
+    def cmd(out):
+        return [sys.executable, "-m", "ecomcap.cli", "generate", "--model", tiny_model_cfg.name_or_path,
+                "--data", str(small_data["valid"]), "--out", str(out), "--chunk-size", "1", "--beams", "2"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd(tmp_path / "ref.jsonl"), check=True, env=env, capture_output=True)
+    out = tmp_path / "run.jsonl"
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(Path(f"{out}.parts").glob("*/part-*.jsonl")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(Path(f"{out}.parts").glob("*/part-*.jsonl")))
+    assert 0 < done < 8 and not out.exists()
+    subprocess.run(cmd(out), check=True, env=env, capture_output=True)
+    assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+
+
+@pytest.mark.e2e
+def test_pipeline_fans_generate_out_and_merges(tmp_path):
+    """batch_inference_pipeline with `chunks.fan_out: 3`: three parallel generate steps, then one
+    merge (graph only, in a throwaway ZenML store: nothing runs, the developer's store is untouched)."""
+    code = (
+        "from ecomcap.config import RunConfig\n"
+        "from pipelines.inference import batch_inference_pipeline\n"
+        "import json\n"
+        "out = {}\n"
+        "for n in (1, 3):\n"
+        "    p = batch_inference_pipeline.copy()\n"
+        "    p.prepare(config=RunConfig.model_validate({'generate': {'chunks': {'fan_out': n}}}))\n"
+        "    out[n] = {k: sorted(v.upstream_steps) for k, v in p.invocations.items()}\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {**os.environ, "ZENML_CONFIG_PATH": str(tmp_path / "zen"), "ZENML_ANALYTICS_OPT_IN": "false",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("ZENML_STORE_URL", None)
+    script = tmp_path / "graph.py"  # ZenML wants a main module with a file (its source root)
+    script.write_text(code, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    graphs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert graphs["1"]["write_predictions"] == ["generate"] and "generate_0" not in graphs["1"]
+    fan = graphs["3"]
+    assert all(fan[f"generate_{i}"] == ["champion_model", "ingest_split_step"] for i in range(3))
+    assert fan["merge_generated"] == ["champion_model", "generate_0", "generate_1", "generate_2",
+                                      "ingest_split_step"]
+    assert fan["write_predictions"] == ["merge_generated"]
+
+
+def test_fan_out_shares_then_merge_equal_one_run(tiny_model_cfg, small_data, tmp_path):
+    from ecomcap.inference.batch import caption_share, merge_dataset
+
+    one = caption_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], tmp_path / "1.jsonl",
+                          _gen())
+    parts = tmp_path / "shared"
+    with pytest.raises(EcomcapError, match="no part yet"):
+        merge_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], tmp_path / "2.jsonl",
+                      _gen(), parts)
+    n = [caption_share(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], _gen(), i, 2, parts)
+         for i in range(2)]
+    assert sum(n) == len(read_table(small_data["test"], ["image_id"]))
+    merged = merge_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], tmp_path / "2.jsonl",
+                           _gen(), parts)
+    assert merged == one and (tmp_path / "1.jsonl").read_bytes() == (tmp_path / "2.jsonl").read_bytes()

@@ -1,0 +1,81 @@
+"""The encoder API and the gallery artifact (the contract with the vector store / search page)."""
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ecomcap.data.shards import DATASET_SCHEMA, RowWriter
+from ecomcap.retrieval.config import TinyEncoderConfig
+from ecomcap.retrieval.encoder import load_encoder, save_encoder
+from ecomcap.retrieval.gallery import embed_gallery, load_gallery
+from ecomcap.retrieval.model import load_dual_encoder
+from ecomcap.retrieval.tiny import build_tiny_encoder
+
+TEXTS = ["红色 条纹 T恤", "MODA 连衣裙", "蓝色 波点 背包"]
+SMALL = TinyEncoderConfig(hidden=32, layers=1, heads=2, projection_dim=16, image_size=32, patch_size=8)
+
+
+def _jpeg(rgb, size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("arch,cls", [("chinese_clip", "ChineseCLIPModel"), ("clip", "CLIPModel"),
+                                      ("siglip", "SiglipModel")])
+def test_tiny_encoder_of_each_class_loads_and_embeds(tmp_path, arch, cls):
+    path = build_tiny_encoder(tmp_path / arch, arch, TEXTS, SMALL)
+    enc = load_encoder(path, device="cpu")
+    assert type(enc.dual.model).__name__ == cls
+    t = enc.encode_texts(TEXTS)
+    i = enc.encode_images([Image.new("RGB", (50, 40), (200, 0, 0)), Image.new("L", (30, 30))])
+    dim = SMALL.hidden if arch == "siglip" else SMALL.projection_dim  # SigLIP: no projection
+    assert t.dtype == np.float32 and t.shape == (3, dim) and i.shape == (2, dim)
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(i, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(t[0], t[1])  # different texts, different vectors
+    if arch == "siglip":  # SigLIP's from-scratch init, not transformers' zeros
+        t_, b = enc.dual.scale_bias()
+        assert float(t_) == pytest.approx(np.log(10)) and float(b) == -10.0
+
+
+def test_saved_encoder_reproduces_embeddings_and_settings(tmp_path):
+    path = build_tiny_encoder(tmp_path / "tiny", "chinese_clip", TEXTS, SMALL)
+    enc = load_encoder(path, device="cpu")
+    out = save_encoder(enc.dual, enc.pre, tmp_path / "exported", item_embedding="fused", fusion_weight=0.7)
+    again = load_encoder(out, device="cpu")
+    np.testing.assert_allclose(again.encode_texts(TEXTS), enc.encode_texts(TEXTS), atol=1e-6)
+    assert again.item_embedding == "fused" and again.fusion_weight == 0.7
+    assert load_dual_encoder(out).arch == "chinese_clip"
+
+
+def _items_dataset(root, rows):
+    writer = RowWriter(root / "shards", DATASET_SCHEMA, rows_per_group=2)
+    for item_id, data, text in rows:
+        writer.add({"image_id": item_id, "image": data, "format": "JPEG", "width": 40, "height": 30,
+                    "sha256": "0" * 64, "texts": [text] if text else [], "n_texts": int(bool(text)),
+                    "max_text_tokens": len(text)})
+    report = {"split": "valid", "rows_ok": writer.rows, "shards": writer.close()}
+    (root / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    return root
+
+
+def test_gallery_artifact_format(tmp_path):
+    path = build_tiny_encoder(tmp_path / "tiny", "clip", TEXTS, SMALL)
+    enc = load_encoder(path, device="cpu")
+    enc_dir = save_encoder(enc.dual, enc.pre, tmp_path / "enc", item_embedding="fused", fusion_weight=0.5)
+    rows = [("a", _jpeg((255, 0, 0)), "红色 T恤"), ("b", _jpeg((0, 0, 255)), ""), ("c", _jpeg((0, 255, 0)), "背包")]
+    items = _items_dataset(tmp_path / "items", rows)
+    gal = load_gallery(embed_gallery(enc_dir, items, tmp_path / "gallery", batch_size=2))
+    assert gal.item_ids == ["a", "b", "c"] and gal.texts == ["红色 T恤", "", "背包"]
+    assert gal.vectors.dtype == np.float32 and gal.vectors.shape == (3, gal.index["dim"])
+    np.testing.assert_allclose(np.linalg.norm(gal.vectors, axis=1), 1.0, atol=1e-5)
+    assert gal.index["count"] == 3 and gal.index["item_embedding"] == "fused"
+    assert gal.index["encoder_dir"] == "encoder" and len(gal.index["fingerprint"]) == 64
+    # the vectors are what the shipped encoder computes for those items
+    again = gal.encoder(device="cpu")
+    pics = [Image.open(io.BytesIO(d)) for _, d, _ in rows]
+    np.testing.assert_allclose(gal.vectors, again.encode_items(pics, [t for *_, t in rows]), atol=1e-5)
+    assert gal.images(["c"]) == {"c": rows[2][1]}

@@ -21,6 +21,15 @@ import torch
 PrefillMode = Literal["once", "hf"]
 
 
+def cache_kwarg() -> str:
+    """The name `generate` takes a ready cache under: `past_key_values` up to transformers 5.23
+    (which rejects `cache` as an unused model kwarg), `cache` from 5.24 on (where
+    `past_key_values` is a deprecated alias)."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
 def expand_size(kw: dict) -> int:
     """How many sequences `generate` decodes per prompt (beams or returned samples)."""
     return max(int(kw.get("num_beams") or 1), int(kw.get("num_return_sequences") or 1))
@@ -73,7 +82,7 @@ def generate_prefill_once(model, enc: dict[str, torch.Tensor], **kw):
     position_ids, cache = prefill_prompt(model, enc, n)
     rest = {k: v for k, v in enc.items() if k not in ("pixel_values", "image_grid_thw", "pixel_values_videos",
                                                        "video_grid_thw")}
-    return model.generate(**rest, position_ids=position_ids, cache=cache, **kw)
+    return model.generate(**rest, position_ids=position_ids, **{cache_kwarg(): cache}, **kw)
 
 
 def generate(model, enc: dict[str, torch.Tensor], mode: PrefillMode = "once", **kw):

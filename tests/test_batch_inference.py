@@ -75,6 +75,31 @@ def test_other_decoding_does_not_reuse_parts(tiny_model_cfg, small_data, tmp_pat
     assert len(list(Path(f"{out}.parts").iterdir())) == 2
 
 
+def test_parts_follow_the_model_content_not_its_path(tiny_model_cfg, small_data, tmp_path):
+    """Each Kubernetes pod loads the model into its own temporary directory: the same model under
+    another path finds the parts; the same path retrained in place (new weights) does not."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    parts = tmp_path / "parts"
+    first = caption_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], tmp_path / "a.jsonl",
+                            _gen(), parts)
+    copy = tmp_path / "pod-copy"
+    shutil.copytree(tiny_model_cfg.name_or_path, copy)
+    again = caption_dataset(str(copy), tiny_model_cfg, small_data["test"], tmp_path / "b.jsonl", _gen(), parts,
+                            stop_after_chunks=0)  # would raise if any chunk had to be captioned again
+    assert again == first and len(list(parts.iterdir())) == 1
+    (weights,) = copy.glob("*.safetensors")
+    state = load_file(weights)
+    name = sorted(state)[len(state) // 2]
+    state[name] = state[name] + 1.0  # retrained in place: same file name, same size
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(InterruptedError):
+        caption_dataset(str(copy), tiny_model_cfg, small_data["test"], tmp_path / "b.jsonl", _gen(), parts,
+                        stop_after_chunks=0)
+
+
 def test_two_worker_processes_equal_one(tiny_model_cfg, small_data, tmp_path):
     one = caption_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], tmp_path / "1.jsonl",
                           _gen())

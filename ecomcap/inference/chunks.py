@@ -4,8 +4,9 @@ A chunk is a row range of one shard (reads stay sequential; no chunk spans two f
 finished chunk is one `caption_gen` part, written to a temporary name and renamed into place,
 so a part either exists whole or not at all: a killed run leaves no half part, and a rerun
 skips every chunk whose part exists. Parts live under a key of everything that decides the
-captions (dataset fingerprint, model, prompt, decoding, chunk size), so a rerun with another
-model or config never picks up stale parts. The merge checks that every id comes exactly once.
+captions (dataset fingerprint, model content, prompt, decoding, chunk size), so a rerun with
+another model or config never picks up stale parts, while the same model loaded from another
+path (each Kubernetes pod copies it into its own temporary directory) finds them. The merge checks that every id comes exactly once.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 from ecomcap.data.formats import write_predictions
 from ecomcap.data.shards import read_report, shard_paths
 from ecomcap.errors import EcomcapError
+from ecomcap.training.identity import model_fingerprint
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,23 @@ def read_chunk(dataset_dir: str | Path, chunk: Chunk, columns: list[str]) -> pa.
     return table.slice(chunk.start - first, len(chunk))
 
 
+def model_identity(model: str | Path) -> dict:
+    """What `load_trained` loads, by content, not path: the directory's fingerprint (configs,
+    weight sizes, head/tail bytes) and, for an adapter, its base's identity (a hub id as it is)."""
+    from ecomcap.modeling.load import read_output_marker
+
+    ident: dict = {"fingerprint": model_fingerprint(model)}
+    info = read_output_marker(model) if Path(model).is_dir() else None
+    if info and info.get("kind") == "adapter" and info.get("base"):
+        ident["base"] = model_identity(info["base"])
+        ident["quantized_base"] = info.get("quantized_base", info.get("strategy") == "qlora")
+    return ident
+
+
 def run_key(dataset_dir: str | Path, model: str, prompt: str, decoding: dict, chunk_size: int) -> str:
     """Identity of a batch-inference run: parts of the same key are interchangeable."""
-    src = Path(model)
-    model_id = str(src.resolve()) if src.exists() else model
-    blob = json.dumps({"data": read_report(dataset_dir)["fingerprint"], "model": model_id, "prompt": prompt,
+    blob = json.dumps({"data": read_report(dataset_dir)["fingerprint"], "model": model_identity(model),
+                       "prompt": prompt,
                        "decoding": decoding, "chunk_size": chunk_size}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -110,21 +110,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overlay(base: dict, flags: dict) -> dict:
+    """`base` with the flags that were given (None: not given) laid over it, nested dicts too."""
+    out = dict(base)
+    for k, v in flags.items():
+        if isinstance(v, dict):
+            out[k] = _overlay(out.get(k) or {}, v)
+        elif v is not None:
+            out[k] = v
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import tempfile
 
-    from ecomcap.config import IngestConfig, RunConfig, load_run_config
+    from ecomcap.config import GenerateConfig, IngestConfig, RunConfig, load_run_config
     from ecomcap.data.ingest import ingest_split
     from ecomcap.data.shards import read_report
     from ecomcap.inference.batch import caption_dataset
 
     cfg = load_run_config(args.config) if args.config else RunConfig()
     model_cfg, gen = cfg.model, cfg.generate
-    if args.beams:
-        gen = gen.model_copy(update={"num_beams": args.beams})
-    if args.workers or args.chunk_size:
-        chunks = {k: v for k, v in (("workers", args.workers), ("chunk_size", args.chunk_size)) if v}
-        gen = gen.model_copy(update={"chunks": gen.chunks.model_copy(update=chunks)})
+    flags = {"num_beams": args.beams, "chunks": {"workers": args.workers, "chunk_size": args.chunk_size}}
+    gen = GenerateConfig.model_validate(_overlay(gen.model_dump(), flags))  # validated, like a YAML value
     data = Path(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         if not (data / "report.json").is_file():  # raw MUGE files: ingest (checks, quarantine) first
@@ -236,9 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="test", choices=["train", "valid", "test"])
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--config", type=Path, default=None, help="run YAML (model + generate sections)")
-    g.add_argument("--beams", type=int, default=None)
-    g.add_argument("--workers", type=int, default=None, help="worker processes (one per GPU on a GPU node)")
-    g.add_argument("--chunk-size", type=int, default=None, help="images per chunk (the unit of resume)")
+    g.add_argument("--beams", type=_positive_int, default=None)
+    g.add_argument("--workers", type=_positive_int, default=None, help="worker processes (one per GPU on a GPU node)")
+    g.add_argument("--chunk-size", type=_positive_int, default=None, help="images per chunk (the unit of resume)")
     g.add_argument("--parts", type=Path, default=None,
                    help="finished chunks (default: <out>.parts); rerun with the same --out/--parts to resume")
     g.set_defaults(func=_cmd_generate)

@@ -203,3 +203,34 @@ def test_fan_out_shares_then_merge_equal_one_run(tiny_model_cfg, small_data, tmp
     merged = merge_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], tmp_path / "2.jsonl",
                            _gen(), parts)
     assert merged == one and (tmp_path / "1.jsonl").read_bytes() == (tmp_path / "2.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("flag", [["--chunk-size", "-5"], ["--chunk-size", "0"], ["--workers", "0"],
+                                  ["--beams", "0"], ["--workers", "two"]])
+def test_cli_generate_refuses_non_positive_counts(flag, tmp_path, capsys):
+    from ecomcap.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", "m", "--data", str(tmp_path), "--out", str(tmp_path / "o.jsonl"), *flag])
+    assert exc.value.code == 2
+    assert flag[0] in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_generate_flags_override_the_config_validated(tmp_path):
+    from ecomcap.cli import _overlay
+    from ecomcap.config import GenerateConfig
+
+    base = GenerateConfig(num_beams=4).model_dump()
+    got = GenerateConfig.model_validate(_overlay(base, {"num_beams": None, "chunks": {"workers": 3,
+                                                                                     "chunk_size": None}}))
+    assert (got.num_beams, got.chunks.workers, got.chunks.chunk_size) == (4, 3, GenerateConfig().chunks.chunk_size)
+
+
+def test_merge_refuses_a_plan_that_does_not_cover_the_dataset(tiny_model_cfg, small_data, tmp_path):
+    """An unvalidated chunk size (as `model_copy` let through) plans no chunks: nothing captioned must
+    not become a file of only the quarantined ids."""
+    bad = GEN.model_copy(update={"chunks": GEN.chunks.model_copy(update={"chunk_size": -5})})
+    with pytest.raises(EcomcapError, match="covers 0 images"):
+        caption_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], tmp_path / "o.jsonl", bad)
+    assert not (tmp_path / "o.jsonl").exists()

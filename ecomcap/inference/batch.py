@@ -187,8 +187,16 @@ def merge_dataset(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: st
 
 def merge_parts(dataset_dir: Path, chunks: list[Chunk], store: PartStore, out_path) -> dict[str, str]:
     """Parts + the quarantined ids (empty captions) -> `caption_gen.jsonl`, every id once."""
+    from ecomcap.data.shards import read_report
+
+    rows_ok, planned = read_report(dataset_dir)["rows_ok"], sum(len(c) for c in chunks)
+    if planned != rows_ok:  # count in and out: a bad plan must not write a short file
+        raise EcomcapError(f"{dataset_dir}: the chunk plan covers {planned} images but the dataset holds "
+                           f"{rows_ok}; nothing written")
     quarantined = quarantined_ids(dataset_dir)
     preds = store.merge(chunks, out_path, quarantined)
+    log.info("%d ids written: %d captioned + %d quarantined (empty captions)", len(preds), rows_ok,
+             len(preds) - rows_ok)
     if quarantined:
         log.warning("%d quarantined ids written with empty captions", len(quarantined))
     return preds

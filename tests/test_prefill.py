@@ -12,7 +12,7 @@ from PIL import Image
 
 from ecomcap.config import FinetuneConfig, GenerateConfig
 from ecomcap.inference.generate import caption_images, generate_kwargs
-from ecomcap.inference.prefill import generate
+from ecomcap.inference.prefill import expand_size, generate
 from ecomcap.modeling.load import load_base
 from ecomcap.modeling.strategies import apply_strategy
 from ecomcap.training.collate import PromptBuilder
@@ -145,3 +145,68 @@ def test_prefill_once_runs_on_transformers_5_23(tiny_model_cfg):
     res = subprocess.run([sys.executable, "-c", code, str(T523), tiny_model_cfg.model_dump_json()],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0 and "OK 5.23" in res.stdout, res.stderr[-3000:]
+
+
+class _Work:
+    """Counts what goes through the language model (tokens) and the vision tower (calls, images)."""
+
+    def __init__(self, model):
+        from ecomcap.inference.prefill import generative_model
+
+        inner = generative_model(model).model
+        self.lm_tokens = self.vision_calls = self.images = 0
+        self.hooks = [inner.language_model.register_forward_hook(self._lm, with_kwargs=True),
+                      inner.visual.register_forward_hook(self._vision, with_kwargs=True)]
+
+    def _lm(self, module, args, kwargs, out):
+        self.lm_tokens += kwargs["inputs_embeds"].shape[0] * kwargs["inputs_embeds"].shape[1]
+
+    def _vision(self, module, args, kwargs, out):
+        self.vision_calls += 1
+        self.images += (kwargs.get("grid_thw") if "grid_thw" in kwargs else args[1]).shape[0]
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("extra", [dict(num_beams=5), dict(num_beams=1, do_sample=True, num_return_sequences=4)])
+def test_prefill_once_runs_the_prompt_once_per_image(tiny_model_cfg, extra):
+    """The point of the change: the language model sees each prompt once, not once per beam/sample,
+    and the vision tower encodes each image once."""
+    model, pb = _model(tiny_model_cfg)
+    enc = pb.prompts(_images())
+    kw = {**generate_kwargs(GenerateConfig(num_beams=extra["num_beams"], max_new_tokens=8), pb), **extra}
+    work = {}
+    for mode in ("hf", "once"):
+        w = _Work(model)
+        torch.manual_seed(0)
+        generate(model, enc, mode, **kw)
+        w.close()
+        work[mode] = w
+    n, prompt = expand_size(kw), int(enc["attention_mask"].shape[0] * enc["input_ids"].shape[1])
+    assert work["hf"].lm_tokens >= n * prompt  # stock: every prompt n times over
+    assert work["once"].lm_tokens < work["hf"].lm_tokens - (n - 1) * prompt * 0.9
+    assert work["once"].lm_tokens <= prompt + n * len(SIZES) * 8  # prompts once, then one token per beam and step
+    assert (work["once"].vision_calls, work["once"].images) == (1, len(SIZES))
+
+
+def test_scst_rollouts_use_the_configured_prefill(tiny_model_cfg, small_data, tmp_path, monkeypatch):
+    """SCST samples (and greedy baselines) through `generate.prefill` of the run config (a spy
+    around the real function records the mode)."""
+    from ecomcap.config import SCSTConfig
+    from ecomcap.training import scst
+
+    modes = []
+    real = scst.generate
+
+    def spy(model, enc, mode="once", **kw):
+        modes.append(mode)
+        return real(model, enc, mode, **kw)
+
+    monkeypatch.setattr(scst, "generate", spy)
+    cfg = SCSTConfig(output_dir=tmp_path / "scst", max_steps=1, batch_size=2, samples=2, eval_every=0,
+                     save_every=0, max_new_tokens=4, finetune=FinetuneConfig(strategy="lora", lora_r=4))
+    scst.run_scst(tiny_model_cfg.name_or_path, small_data["train"], None, tiny_model_cfg, cfg,
+                  GenerateConfig(num_beams=1, max_new_tokens=4, prefill="hf"))
+    assert modes and set(modes) == {"hf"}

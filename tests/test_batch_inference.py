@@ -234,3 +234,28 @@ def test_merge_refuses_a_plan_that_does_not_cover_the_dataset(tiny_model_cfg, sm
     with pytest.raises(EcomcapError, match="covers 0 images"):
         caption_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], tmp_path / "o.jsonl", bad)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_worker_gpu_follows_the_parents_visible_devices():
+    """GPU counts here are given, not detected (no GPU on this machine): the assignment only."""
+    from ecomcap.inference.batch import worker_gpu
+
+    assert [worker_gpu(r, 2, "3,5") for r in range(3)] == ["3", "5", "3"]
+    uuids = "GPU-aaaa-1111,GPU-bbbb-2222"
+    assert [worker_gpu(r, 2, uuids) for r in range(2)] == ["GPU-aaaa-1111", "GPU-bbbb-2222"]
+    assert [worker_gpu(r, 2, None) for r in range(3)] == ["0", "1", "0"]
+    assert worker_gpu(1, 1, "7,bad") == "7"  # CUDA stops at an invalid entry: one usable GPU
+
+
+def test_worker_threads_respect_affinity_and_omp_num_threads(monkeypatch):
+    """CPU affinity stands in for a cgroup-limited container (os.sched_getaffinity patched: a mock)."""
+    from ecomcap.inference import batch
+
+    monkeypatch.setattr(batch.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(batch.os, "cpu_count", lambda: 64)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    quota = batch.available_cpus()
+    assert quota <= 4
+    assert batch.worker_threads(2) == max(1, quota // 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert batch.worker_threads(1) == 1

@@ -67,13 +67,42 @@ def _load(model_ref: str, model_cfg: ModelConfig):
     return load_trained(model_ref, model_cfg)
 
 
+def worker_gpu(rank: int, gpus: int, inherited: str | None) -> str:
+    """The one GPU worker `rank` sees: round-robin over the GPUs the parent may use (its
+    CUDA_VISIBLE_DEVICES, indices or UUIDs, as a scheduler or the user set it), else 0..gpus-1."""
+    visible = [d.strip() for d in (inherited or "").split(",") if d.strip()][:gpus] or \
+        [str(i) for i in range(gpus)]
+    return visible[rank % len(visible)]
+
+
+def available_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    Kubernetes CPU limit), not the machine's core count."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def worker_threads(workers: int) -> int:
+    """Threads per CPU worker: the usable cores split between workers, at most an explicit
+    OMP_NUM_THREADS (the user's own cap)."""
+    n = max(1, available_cpus() // workers)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return min(n, int(omp)) if omp.isdigit() and int(omp) > 0 else n
+
+
 def _worker_main(rank: int, workers: int, model_ref: str, model_cfg_json: str, dataset_dir: str,
                  cfg_json: str, parts_dir: str, todo, counter, gpus: int) -> None:
     """One worker process: load the model once, then take chunk indices off the queue."""
-    if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)  # before CUDA is first touched
+    if gpus:  # before CUDA is first touched
+        os.environ["CUDA_VISIBLE_DEVICES"] = worker_gpu(rank, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(worker_threads(workers))
     model_cfg = ModelConfig.model_validate_json(model_cfg_json)
     cfg = GenerateConfig.model_validate_json(cfg_json)
     chunks, _ = _plan(model_ref, model_cfg, Path(dataset_dir), cfg, Path(parts_dir))

@@ -200,6 +200,13 @@ class ChunksConfig(_Strict):
                          "step i taking chunks i, i+fan_out, ...; parts_dir must then be a shared volume")
     parts_dir: Path | None = Field(None, description="where finished chunks are kept (default: next to the output)")
 
+    @model_validator(mode="after")
+    def _fan_out_shares_parts(self):
+        if self.fan_out > 1 and self.parts_dir is None:  # else each pod writes its own, the merge finds none
+            raise ValueError(f"fan_out {self.fan_out} needs parts_dir: a path every generate_<i> step mounts "
+                             "(a shared volume, e.g. /data/ecomcap/generate_parts; docs/kubernetes.md)")
+        return self
+
 
 class GenerateConfig(_Strict):
     """Batched caption generation."""

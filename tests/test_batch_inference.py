@@ -167,7 +167,7 @@ def test_pipeline_fans_generate_out_and_merges(tmp_path):
         "out = {}\n"
         "for n in (1, 3):\n"
         "    p = batch_inference_pipeline.copy()\n"
-        "    p.prepare(config=RunConfig.model_validate({'generate': {'chunks': {'fan_out': n}}}))\n"
+        "    p.prepare(config=RunConfig.model_validate({'generate': {'chunks': {'fan_out': n, 'parts_dir': '/tmp/p'}}}))\n"
         "    out[n] = {k: sorted(v.upstream_steps) for k, v in p.invocations.items()}\n"
         "print(json.dumps(out))\n"
     )
@@ -259,3 +259,40 @@ def test_worker_threads_respect_affinity_and_omp_num_threads(monkeypatch):
     assert batch.worker_threads(2) == max(1, quota // 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert batch.worker_threads(1) == 1
+
+
+def test_parent_returns_when_every_worker_dies_with_many_chunks_left(small_data, tmp_path):
+    """Workers that die at load (an unloadable model dir) with thousands of chunks to hand out:
+    the parent reports the failure and exits instead of hanging (run in a subprocess, with a timeout)."""
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json", encoding="utf-8")
+    code = (
+        "import sys; from pathlib import Path; from tqdm import tqdm\n"
+        "from ecomcap.config import GenerateConfig, ModelConfig\n"
+        "from ecomcap.errors import EcomcapError\n"
+        "from ecomcap.inference.batch import _run_processes\n"
+        "from ecomcap.inference.chunks import Chunk, PartStore\n"
+        "todo = [Chunk(i, 'x.parquet', 0, 1) for i in range(20000)]\n"
+        "cfg = GenerateConfig.model_validate({'chunks': {'workers': 2}})\n"
+        "try:\n"
+        "    _run_processes(sys.argv[1], ModelConfig(name_or_path=sys.argv[1]), Path(sys.argv[2]), cfg, todo,\n"
+        "                   PartStore(sys.argv[3]), tqdm(disable=True))\n"
+        "except EcomcapError as exc:\n"
+        "    print('FAILED AS EXPECTED', exc)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", code, str(broken), str(small_data["test"]), str(tmp_path / "p")],
+                         capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0 and "FAILED AS EXPECTED" in res.stdout, res.stderr[-2000:]
+    assert "workers failed" in res.stdout
+
+
+def test_fan_out_without_a_shared_parts_dir_is_refused():
+    from pydantic import ValidationError
+
+    from ecomcap.config import RunConfig
+
+    with pytest.raises(ValidationError, match="fan_out 3 needs parts_dir"):
+        RunConfig.model_validate({"generate": {"chunks": {"fan_out": 3}}})
+    ok = RunConfig.model_validate({"generate": {"chunks": {"fan_out": 3, "parts_dir": "/data/parts"}}})
+    assert ok.generate.chunks.parts_dir == Path("/data/parts")

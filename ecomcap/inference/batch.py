@@ -1,7 +1,7 @@
 """Batch inference at catalogue scale: chunks, worker processes, resume, one merged output.
 
     caption_dataset(...)   plan chunks -> caption the missing ones (in this process, or in
-                           `chunks.workers` processes sharing a queue) -> merge -> caption_gen.jsonl
+                           `chunks.workers` processes sharing the chunk list) -> merge -> caption_gen.jsonl
     caption_share(...)     one step/pod of a fan-out: chunks i, i+n, ... of the plan, no merge
     merge_dataset(...)     after a fan-out: every part -> caption_gen.jsonl
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import queue as queue_mod
 import time
 from pathlib import Path
 from typing import Callable
@@ -97,8 +96,9 @@ def worker_threads(workers: int) -> int:
 
 
 def _worker_main(rank: int, workers: int, model_ref: str, model_cfg_json: str, dataset_dir: str,
-                 cfg_json: str, parts_dir: str, todo, counter, gpus: int) -> None:
-    """One worker process: load the model once, then take chunk indices off the queue."""
+                 cfg_json: str, parts_dir: str, todo: list[int], taken, counter, gpus: int) -> None:
+    """One worker process: load the model once, then take the next chunk of `todo` (the shared
+    `taken` counter says how many are handed out) until none is left."""
     if gpus:  # before CUDA is first touched
         os.environ["CUDA_VISIBLE_DEVICES"] = worker_gpu(rank, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     else:
@@ -114,27 +114,24 @@ def _worker_main(rank: int, workers: int, model_ref: str, model_cfg_json: str, d
             counter.value += n
 
     while True:
-        try:
-            i = todo.get(timeout=1)
-        except queue_mod.Empty:
+        with taken.get_lock():
+            j = taken.value
+            taken.value += 1
+        if j >= len(todo):
             return
-        if i is None:
-            return
-        caption_chunks(model, processor, model_cfg.prompt, Path(dataset_dir), [chunks[i]], store, cfg, bump)
+        caption_chunks(model, processor, model_cfg.prompt, Path(dataset_dir), [chunks[todo[j]]], store, cfg, bump)
 
 
 def _run_processes(model_ref: str, model_cfg: ModelConfig, dataset_dir: Path, cfg: GenerateConfig,
                    todo: list[Chunk], store: PartStore, bar: tqdm) -> None:
     workers = min(cfg.chunks.workers, len(todo))
     ctx = mp.get_context("spawn")  # fresh interpreters: safe with CUDA and threads
-    queue, counter = ctx.Queue(), ctx.Value("q", 0)
-    for c in todo:
-        queue.put(c.index)
-    for _ in range(workers):
-        queue.put(None)
+    # a shared counter over the todo list, not a queue: a queue's feeder thread blocks the
+    # parent's exit on a full pipe when every worker died before reading it
+    taken, counter = ctx.Value("q", 0), ctx.Value("q", 0)
     gpus = torch.cuda.device_count() if model_cfg.device != "cpu" else 0
     args = (workers, str(model_ref), model_cfg.model_dump_json(), str(dataset_dir), cfg.model_dump_json(),
-            str(store.dir), queue, counter, gpus)
+            str(store.dir), [c.index for c in todo], taken, counter, gpus)
     procs = [ctx.Process(target=_worker_main, args=(r, *args), daemon=True) for r in range(workers)]
     for p in procs:
         p.start()

@@ -148,7 +148,7 @@ def generate_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, log: bool = 
     if log:
         tracking.log_config("generate", cfg.generate)
     out = _scratch(cfg, "generate") / "caption_gen.jsonl"
-    preds = caption_dataset(model_dir, cfg.model, data_dir, out, cfg.generate, parts_root(cfg))
+    preds = caption_dataset(model_dir, cfg.model, data_dir, out, cfg.generate, parts_root(cfg), cleanup=True)
     if log:
         tracking.log_artifact(out)
     return preds
@@ -168,13 +168,13 @@ def merge_generated_stage(model_dir: Path, data_dir: Path, cfg: RunConfig) -> di
 
     tracking.log_config("generate", cfg.generate)
     out = _scratch(cfg, "generate") / "caption_gen.jsonl"
-    preds = merge_dataset(model_dir, cfg.model, data_dir, out, cfg.generate, parts_root(cfg))
+    preds = merge_dataset(model_dir, cfg.model, data_dir, out, cfg.generate, parts_root(cfg), cleanup=True)
     tracking.log_artifact(out)
     return preds
 
 
 def parts_root(cfg: RunConfig) -> Path:
-    """Finished generate chunks, kept across runs (keyed by data, model and decoding)."""
+    """Finished generate chunks, kept until their run's merge (keyed by data, model and decoding)."""
     return Path(cfg.generate.chunks.parts_dir or Path(cfg.data.work_dir).parent / "generate_parts")
 
 

@@ -296,3 +296,21 @@ def test_fan_out_without_a_shared_parts_dir_is_refused():
         RunConfig.model_validate({"generate": {"chunks": {"fan_out": 3}}})
     ok = RunConfig.model_validate({"generate": {"chunks": {"fan_out": 3, "parts_dir": "/data/parts"}}})
     assert ok.generate.chunks.parts_dir == Path("/data/parts")
+
+
+def test_pipeline_generate_leaves_no_parts_behind(tiny_model_cfg, small_data, tmp_path):
+    """The promote re-evaluation and every training run caption through generate_stage into the
+    persistent parts root: a finished run removes its parts (a killed one keeps them to resume)."""
+    from ecomcap.config import RunConfig
+    from ecomcap.workflow import generate_stage, parts_root
+
+    cfg = RunConfig.model_validate({"model": tiny_model_cfg.model_dump(mode="json"),
+                                    "data": {"work_dir": str(tmp_path / "run" / "data")},
+                                    "generate": _gen().model_dump(mode="json")})
+    with pytest.raises(InterruptedError):
+        caption_dataset(tiny_model_cfg.name_or_path, cfg.model, small_data["test"], tmp_path / "x.jsonl",
+                        cfg.generate, parts_root(cfg), stop_after_chunks=1, cleanup=True)
+    assert len(list(parts_root(cfg).glob("*/part-*.jsonl"))) == 1  # a killed run keeps its parts
+    preds = generate_stage(Path(tiny_model_cfg.name_or_path), small_data["test"], cfg, log=False)
+    assert sorted(preds) == sorted(_raw_ids(small_data))
+    assert list(parts_root(cfg).iterdir()) == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -178,17 +179,19 @@ def _caption_missing(model_ref: str, model_cfg: ModelConfig, dataset_dir: Path, 
 
 def caption_dataset(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: str | Path,
                     out_path: str | Path, cfg: GenerateConfig, parts_root: str | Path | None = None,
-                    loaded=None, stop_after_chunks: int | None = None) -> dict[str, str]:
+                    loaded=None, stop_after_chunks: int | None = None, cleanup: bool = False) -> dict[str, str]:
     """Caption every image of an ingested dataset (resuming finished chunks) -> `caption_gen.jsonl`.
 
     Ids the ingest quarantined are written with an empty caption, so the file has every input
     id exactly once. `loaded`: an already loaded (model, processor) for in-process work.
+    `cleanup`: remove this run's parts once the merged file is written (pipelines, whose
+    parts root persists across runs and models; the CLI keeps them, a rerun is then instant).
     """
     dataset_dir = Path(dataset_dir)
     parts_root = Path(parts_root or cfg.chunks.parts_dir or f"{out_path}.parts")
     chunks, store = _plan(str(model_ref), model_cfg, dataset_dir, cfg, parts_root)
     _caption_missing(str(model_ref), model_cfg, dataset_dir, cfg, chunks, store, loaded, stop_after_chunks)
-    return merge_parts(dataset_dir, chunks, store, out_path)
+    return merge_parts(dataset_dir, chunks, store, out_path, cleanup)
 
 
 def caption_share(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: str | Path,
@@ -204,14 +207,16 @@ def caption_share(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: st
 
 
 def merge_dataset(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: str | Path,
-                  out_path: str | Path, cfg: GenerateConfig, parts_root: str | Path) -> dict[str, str]:
+                  out_path: str | Path, cfg: GenerateConfig, parts_root: str | Path,
+                  cleanup: bool = False) -> dict[str, str]:
     """Merge the parts of every chunk (after a fan-out) -> `caption_gen.jsonl`."""
     dataset_dir = Path(dataset_dir)
     chunks, store = _plan(str(model_ref), model_cfg, dataset_dir, cfg, Path(parts_root))
-    return merge_parts(dataset_dir, chunks, store, out_path)
+    return merge_parts(dataset_dir, chunks, store, out_path, cleanup)
 
 
-def merge_parts(dataset_dir: Path, chunks: list[Chunk], store: PartStore, out_path) -> dict[str, str]:
+def merge_parts(dataset_dir: Path, chunks: list[Chunk], store: PartStore, out_path,
+                cleanup: bool = False) -> dict[str, str]:
     """Parts + the quarantined ids (empty captions) -> `caption_gen.jsonl`, every id once."""
     from ecomcap.data.shards import read_report
 
@@ -223,6 +228,8 @@ def merge_parts(dataset_dir: Path, chunks: list[Chunk], store: PartStore, out_pa
     preds = store.merge(chunks, out_path, quarantined)
     log.info("%d ids written: %d captioned + %d quarantined (empty captions)", len(preds), rows_ok,
              len(preds) - rows_ok)
+    if cleanup:
+        shutil.rmtree(store.dir, ignore_errors=True)
     if quarantined:
         log.warning("%d quarantined ids written with empty captions", len(quarantined))
     return preds

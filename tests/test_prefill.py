@@ -210,3 +210,14 @@ def test_scst_rollouts_use_the_configured_prefill(tiny_model_cfg, small_data, tm
     scst.run_scst(tiny_model_cfg.name_or_path, small_data["train"], None, tiny_model_cfg, cfg,
                   GenerateConfig(num_beams=1, max_new_tokens=4, prefill="hf"))
     assert modes and set(modes) == {"hf"}
+
+
+def test_a_checkpoint_asking_for_a_static_cache_keeps_the_stock_path(tiny_model_cfg):
+    """generation_config.json with `cache_implementation: static`: `generate` refuses a passed cache,
+    so prefill once falls back to the stock call (same beams) instead of raising."""
+    model, pb = _model(tiny_model_cfg)
+    enc = pb.prompts(_images(SIZES[:2]))
+    kw = dict(generate_kwargs(GenerateConfig(num_beams=2, max_new_tokens=5), pb),
+              return_dict_in_generate=True, output_scores=True)
+    model.generation_config.cache_implementation = "static"
+    _assert_same(generate(model, enc, "hf", **kw), generate(model, enc, "once", **kw))

@@ -74,10 +74,15 @@ def generate_prefill_once(model, enc: dict[str, torch.Tensor], **kw):
     """`model.generate(**enc, **kw)` with the prompt prefilled once per image.
 
     Same outputs as the stock call (token ids; scores up to float rounding). Falls back to the
-    stock call when nothing is expanded (greedy, one sample) or the prompt is a single token.
+    stock call when nothing is expanded (greedy, one sample), the prompt is a single token or the
+    generation config names a cache implementation of its own.
     """
     n = expand_size(kw)
-    if n == 1 or enc["input_ids"].shape[1] < 2:
+    # a checkpoint's generation_config asking for its own cache ("static", "offloaded", ...)
+    # makes `generate` refuse a passed one: such models keep the stock path
+    own_cache = kw.get("cache_implementation") or getattr(
+        getattr(generative_model(model), "generation_config", None), "cache_implementation", None)
+    if n == 1 or enc["input_ids"].shape[1] < 2 or own_cache:
         return model.generate(**enc, **kw)
     position_ids, cache = prefill_prompt(model, enc, n)
     rest = {k: v for k, v in enc.items() if k not in ("pixel_values", "image_grid_thw", "pixel_values_videos",

@@ -314,3 +314,57 @@ def test_pipeline_generate_leaves_no_parts_behind(tiny_model_cfg, small_data, tm
     preds = generate_stage(Path(tiny_model_cfg.name_or_path), small_data["test"], cfg, log=False)
     assert sorted(preds) == sorted(_raw_ids(small_data))
     assert list(parts_root(cfg).iterdir()) == []
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Worker processes (multiprocessing spawn_main) whose parent is `pid`, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"spawn_main" in cmd:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    """Exists and is not a zombie (an exited process nobody reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux")
+def test_workers_die_with_a_sigkilled_parent(tiny_model_cfg, small_data, tmp_path):
+    """SIGKILL to the process that started the workers (no cleanup runs): the workers go too."""
+    code = (
+        "import sys; from ecomcap.config import GenerateConfig, ModelConfig\n"
+        "from ecomcap.inference.batch import caption_dataset\n"
+        "cfg = GenerateConfig.model_validate({'num_beams': 4, 'max_new_tokens': 40, 'batch_size': 1,\n"
+        "                                     'chunks': {'workers': 2, 'chunk_size': 1}})\n"
+        "caption_dataset(sys.argv[1], ModelConfig.model_validate_json(sys.argv[2]), sys.argv[3], sys.argv[4], cfg)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code, tiny_model_cfg.name_or_path, tiny_model_cfg.model_dump_json(),
+                             str(small_data["train"]), str(tmp_path / "o.jsonl")], env=env,
+                            cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 60, []
+    while len(workers) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+        workers = _spawned_children(proc.pid)
+    assert len(workers) == 2
+    time.sleep(8)  # the workers are past start-up (loading or captioning)
+    assert all(Path(f"/proc/{w}").exists() for w in workers)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while any(_running(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = [w for w in workers if _running(w)]
+    for w in alive:  # before the fix: clean up what the test started
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived their SIGKILLed parent"

@@ -12,10 +12,13 @@ are split between the workers. Progress (images/s, ETA) covers all workers.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -96,10 +99,23 @@ def worker_threads(workers: int) -> int:
     return min(n, int(omp)) if omp.isdigit() and int(omp) > 0 else n
 
 
+def die_with_parent(parent: int) -> None:
+    """A worker must not outlive its parent (a SIGKILLed `ecomcap generate` or pod process runs no
+    cleanup and `daemon=True` does not help): Linux sends it SIGTERM when the parent dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            log.warning("prctl(PR_SET_PDEATHSIG) unavailable: workers may outlive a killed parent")
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
 def _worker_main(rank: int, workers: int, model_ref: str, model_cfg_json: str, dataset_dir: str,
-                 cfg_json: str, parts_dir: str, todo: list[int], taken, counter, gpus: int) -> None:
+                 cfg_json: str, parts_dir: str, todo: list[int], taken, counter, gpus: int, parent: int) -> None:
     """One worker process: load the model once, then take the next chunk of `todo` (the shared
     `taken` counter says how many are handed out) until none is left."""
+    die_with_parent(parent)
     if gpus:  # before CUDA is first touched
         os.environ["CUDA_VISIBLE_DEVICES"] = worker_gpu(rank, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     else:
@@ -132,7 +148,7 @@ def _run_processes(model_ref: str, model_cfg: ModelConfig, dataset_dir: Path, cf
     taken, counter = ctx.Value("q", 0), ctx.Value("q", 0)
     gpus = torch.cuda.device_count() if model_cfg.device != "cpu" else 0
     args = (workers, str(model_ref), model_cfg.model_dump_json(), str(dataset_dir), cfg.model_dump_json(),
-            str(store.dir), [c.index for c in todo], taken, counter, gpus)
+            str(store.dir), [c.index for c in todo], taken, counter, gpus, os.getpid())
     procs = [ctx.Process(target=_worker_main, args=(r, *args), daemon=True) for r in range(workers)]
     for p in procs:
         p.start()

@@ -14,7 +14,7 @@ from ecomcap.config import GenerateConfig, IngestConfig
 from ecomcap.data.ingest import ingest_split
 from ecomcap.data.shards import read_table
 from ecomcap.errors import EcomcapError
-from ecomcap.inference.batch import caption_dataset
+from ecomcap.inference.batch import caption_dataset, quarantined_ids
 from ecomcap.inference.chunks import PartStore, plan_chunks, read_chunk
 from ecomcap.inference.generate import bucket_batches, image_token_counts
 from ecomcap.modeling.load import load_base
@@ -368,3 +368,31 @@ def test_workers_die_with_a_sigkilled_parent(tiny_model_cfg, small_data, tmp_pat
     for w in alive:  # before the fix: clean up what the test started
         os.kill(w, signal.SIGKILL)
     assert not alive, f"workers {alive} outlived their SIGKILLed parent"
+
+
+def test_a_chunk_is_decoded_one_batch_at_a_time(tiny_model_cfg, small_data, tmp_path, monkeypatch):
+    """Decoded RGB images of a whole chunk (2,048 photos: GBs) must not sit in memory at once:
+    at the first batch's generation at most one batch of images has been opened (PIL's
+    `Image.open` and the batch call are wrapped by spies that count, then call the real ones)."""
+    from PIL import Image
+
+    from ecomcap.inference import generate as gen_mod
+
+    events, real_open, real_batch = [], Image.open, gen_mod.caption_batch
+
+    def open_spy(*a, **kw):
+        events.append("open")
+        return real_open(*a, **kw)
+
+    def batch_spy(model, builder, images, cfg):
+        events.append(("batch", len(images)))
+        return real_batch(model, builder, images, cfg)
+
+    monkeypatch.setattr(Image, "open", open_spy)
+    monkeypatch.setattr(gen_mod, "caption_batch", batch_spy)
+    cfg = GEN.model_copy(update={"batch_size": 2, "max_new_tokens": 2,
+                                 "chunks": GEN.chunks.model_copy(update={"chunk_size": 8})})
+    preds = caption_dataset(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["test"], tmp_path / "o.jsonl", cfg)
+    first = next(i for i, e in enumerate(events) if isinstance(e, tuple))
+    assert events[:first].count("open") <= 2
+    assert sum(e[1] for e in events if isinstance(e, tuple)) == len(preds) - len(quarantined_ids(small_data["test"]))

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ecomcap.config import GenerateConfig, ModelConfig
 from ecomcap.errors import EcomcapError
 from ecomcap.inference.chunks import Chunk, PartStore, plan_chunks, read_chunk, run_key
-from ecomcap.inference.generate import caption_images, decode_images
+from ecomcap.inference.generate import LazyImages, caption_images
 from ecomcap.training.collate import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ def caption_chunks(model, processor, prompt: str, dataset_dir: Path, chunks: lis
             continue
         if stop_after_chunks is not None and written >= stop_after_chunks:
             raise InterruptedError(f"stopped after {written} chunks (stop_after_chunks)")
-        table = read_chunk(dataset_dir, c, ["image_id", "image"])
-        images = decode_images(table.column("image").to_pylist())
-        caps = caption_images(model, builder, images, cfg, progress=False, on_batch=on_batch)
+        table = read_chunk(dataset_dir, c, ["image_id", "image", "width", "height"])
+        images = LazyImages(table.column("image").to_pylist())  # decoded batch by batch
+        sizes = list(zip(table.column("width").to_pylist(), table.column("height").to_pylist()))
+        caps = caption_images(model, builder, images, cfg, progress=False, on_batch=on_batch, sizes=sizes)
         store.write(c, zip(table.column("image_id").to_pylist(), caps))
         written += 1
     return written

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from collections import abc
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -101,15 +102,19 @@ def caption_images(
     cfg: GenerateConfig,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[str]:
     """Captions for all `images`, batched by image token count, returned in input order.
 
-    `on_batch(n)` is told after every batch how many images it captioned (progress).
+    `on_batch(n)` is told after every batch how many images it captioned (progress). With
+    `sizes` ((width, height) per image, e.g. from the shard columns) `images` may be
+    `LazyImages`: only one batch is then decoded at a time.
     """
     was_training = model.training
     model.eval()
     out: list[str] = [""] * len(images)
-    batches = bucket_batches(image_token_counts(builder.processor, [im.size for im in images]), cfg.batch_size)
+    sizes = sizes if sizes is not None else [im.size for im in images]
+    batches = bucket_batches(image_token_counts(builder.processor, sizes), cfg.batch_size)
     for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress or None):
         for i, text in zip(idx, caption_batch(model, builder, [images[i] for i in idx], cfg)):
             out[i] = text
@@ -119,8 +124,18 @@ def caption_images(
     return out
 
 
-def decode_images(blobs: Iterable[bytes]) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+class LazyImages(abc.Sequence):
+    """Encoded images decoded on access: a chunk of 2,048 full-size photos holds its JPEG bytes,
+    not 2,048 decoded RGB arrays (several MB each), while a batch is captioned."""
+
+    def __init__(self, blobs: Sequence[bytes]):
+        self.blobs = blobs
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, i):
+        return Image.open(io.BytesIO(self.blobs[i])).convert("RGB")
 
 
 def generate_for_dataset(

@@ -7,8 +7,9 @@
 
 Every finished chunk is an atomically written part (`ecomcap.inference.chunks`), so a killed
 run resumes where it stopped and several machines can share one parts directory. Worker
-processes each load the model once; on a GPU node worker r sees GPU r only, on CPU the cores
-are split between the workers. Progress (images/s, ETA) covers all workers.
+processes each load the model once and die with their parent; on a GPU node worker r sees the
+r-th GPU the parent may use, on CPU the usable cores are split between the workers. Progress
+(images/s, ETA) covers all workers.
 """
 from __future__ import annotations
 

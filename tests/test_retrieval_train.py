@@ -60,6 +60,21 @@ def test_lora_sigmoid_run_exports_merged_weights(data, tmp_path):
     assert type(enc.dual.model).__name__ == "ChineseCLIPModel"
     t, b = enc.dual.scale_bias()  # the sigmoid loss on a from-scratch model starts at SigLIP's init
     assert abs(float(t) - np.log(10)) < 0.1 and abs(float(b) + 10) < 0.1
+    # ... and LoRA trains the logit scale and bias too (they are not adapter weights)
+    assert abs(float(t) - np.log(10)) > 1e-5 and abs(float(b) + 10) > 1e-5
+
+
+def test_lora_leaves_logit_scale_and_bias_trainable(tmp_path):
+    from ecomcap.retrieval.train import apply_strategy, prepare_encoder
+
+    for arch in ("chinese_clip", "siglip"):
+        cfg = RetrievalRunConfig(
+            encoder=EncoderConfig(name_or_path=str(tmp_path / arch), arch=arch, tiny=TINY, device="cpu"),
+            train=RetrievalTrainConfig(output_dir=tmp_path / "o", strategy="lora", loss="sigmoid",
+                                       lora_targets=["query", "value", "q_proj", "v_proj"]))
+        dual, _, scratch = prepare_encoder(cfg, ["红色 T恤", "蓝色 连衣裙"])
+        dual = apply_strategy(dual, cfg, scratch)
+        assert all(p.requires_grad for p in dual.logit_parameters()), arch
 
 
 def test_a_short_run_beats_its_random_init(data, tmp_path):

@@ -181,7 +181,7 @@ def apply_strategy(dual: DualEncoder, cfg: RetrievalRunConfig, from_scratch: boo
         targets = [t for t in tc.lora_targets if t in names]
         dual.model = get_peft_model(dual.model, LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha,
                                                            target_modules=targets))
-        for p in dual.scale_bias():
+        for p in dual.logit_parameters():  # peft froze them; the loss needs both to learn
             p.requires_grad_(True)
     return dual
 

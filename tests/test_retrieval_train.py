@@ -86,3 +86,25 @@ def test_a_short_run_beats_its_random_init(data, tmp_path):
     before = recall_of(embed_split(load_encoder(tmp_path / "tiny", device="cpu"), data["valid"], "fused"))
     after = recall_of(embed_split(load_encoder(res.model_dir, device="cpu"), data["valid"], "fused"))
     assert after["MeanRecall"] > before["MeanRecall"] + 5
+
+
+@pytest.mark.parametrize("grad_cache_chunk", [None, 3])
+def test_mixed_precision_runs_the_towers_under_autocast(data, tmp_path, monkeypatch, grad_cache_chunk):
+    """bf16 configs must train in bf16: the towers bypass accelerate's forward wrapper."""
+    import torch
+
+    from ecomcap.retrieval.model import DualEncoder
+
+    seen = []
+    real = DualEncoder.embed_text
+
+    def spy(self, inputs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(self, inputs)
+
+    monkeypatch.setattr(DualEncoder, "embed_text", spy)
+    cfg = _cfg(tmp_path, f"bf16_{grad_cache_chunk}", max_steps=1, eval_every=0, save_every=0,
+               mixed_precision="bf16", grad_cache_chunk=grad_cache_chunk,
+               hard_negatives=HardNegativeConfig(enabled=False))
+    train_retriever(data["train"], None, cfg)
+    assert seen and all(seen)

@@ -131,17 +131,27 @@ def make_step_fn(loop: RetrievalLoop, data: TrainingSet, cfg: RetrievalRunConfig
             d_in.update({f"t_{k}": v.to(device) for k, v in pre.texts(texts).items()})
         return d_in
 
+    def autocast(fn):
+        """The towers are called on the unwrapped module, outside accelerate's forward wrapper:
+        run them (both gradient-caching passes too) and the loss under its autocast, so a
+        bf16/fp16 config trains in mixed precision rather than silently in fp32."""
+        def run(*args):
+            with loop.acc.autocast():
+                return fn(*args)
+        return run
+
     def step(batch: Batch):
         nonlocal pos, sib_pos
         pos = batch.pos.to(device)
-        towers = [(query_fn, {k: v.to(device) for k, v in pre.texts(batch.query_texts).items()}),
-                  (item_fn, item_inputs(batch.items, batch.item_texts))]
+        towers = [(autocast(query_fn), {k: v.to(device) for k, v in pre.texts(batch.query_texts).items()}),
+                  (autocast(item_fn), item_inputs(batch.items, batch.item_texts))]
         if batch.siblings is not None:
             sib_pos = batch.sibling_pos.to(device)
-            towers.append((item_fn, item_inputs(batch.siblings, batch.sibling_texts)))
+            towers.append((autocast(item_fn), item_inputs(batch.siblings, batch.sibling_texts)))
         if cfg.train.grad_cache_chunk:
-            return grad_cache_backward(towers, loss_fn, cfg.train.grad_cache_chunk, backward=loop.acc.backward)
-        return loss_fn(*(fn(inp) for fn, inp in towers))
+            return grad_cache_backward(towers, autocast(loss_fn), cfg.train.grad_cache_chunk,
+                                       backward=loop.acc.backward)
+        return autocast(loss_fn)(*(fn(inp) for fn, inp in towers))
 
     cache: dict[int, torch.Tensor] = {}
 

@@ -72,8 +72,12 @@ def test_cli_search_uses_the_registered_champion(gallery, tmp_path, capsys):
         client.set_registered_model_alias(RETRIEVER, "champion", version.version)
     finally:
         mlflow.set_tracking_uri(None)
-    found = champion_gallery(uri, dst=tmp_path / "dl")
+    before = mlflow.get_tracking_uri()
+    found = champion_gallery(uri, cache_dir=tmp_path / "dl")
     assert (found / "index.json").read_text() == (gallery / "index.json").read_text()
+    assert mlflow.get_tracking_uri() == before  # the global MLflow URIs are left alone
+    assert champion_gallery(uri, cache_dir=tmp_path / "dl") == found  # one download per version
+    assert len([p for p in (tmp_path / "dl").rglob("vectors.npy")]) == 1
     assert main(["search", "红色连衣裙", "--top", "2", "--tracking-uri", uri, "--store-uri",
                  str(tmp_path / "c.db")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

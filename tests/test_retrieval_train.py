@@ -108,3 +108,24 @@ def test_mixed_precision_runs_the_towers_under_autocast(data, tmp_path, monkeypa
                hard_negatives=HardNegativeConfig(enabled=False))
     train_retriever(data["train"], None, cfg)
     assert seen and all(seen)
+
+
+def test_hard_negative_mining_streams_the_gallery(data, tmp_path, monkeypatch):
+    """Mining embeds the train items batch by batch, never the whole gallery decoded at once."""
+    from ecomcap.retrieval import train
+    from ecomcap.retrieval.encoder import Encoder
+
+    sizes = []
+    real = Encoder.encode_items
+
+    def spy(self, images, texts, *args, **kwargs):
+        sizes.append(len(images))
+        return real(self, images, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "encode_items", spy)
+    monkeypatch.setattr(train, "MINING_BATCH", 8)
+    cfg = _cfg(tmp_path, "stream", max_steps=1, eval_every=0, save_every=0,
+               hard_negatives=HardNegativeConfig(enabled=True, start_step=0, per_query=2))
+    train_retriever(data["train"], None, cfg)
+    assert sum(sizes) > 8 and max(sizes) <= 8
+    assert (tmp_path / "stream" / "hard_negatives.json").is_file()

@@ -15,7 +15,7 @@ from ecomcap.errors import EcomcapError
 from ecomcap.retrieval.batches import Batch, TrainingSet
 from ecomcap.retrieval.config import RetrievalRunConfig
 from ecomcap.retrieval.encoder import Encoder, fuse, load_preprocessor, save_encoder
-from ecomcap.retrieval.evaluate import embed_split, recall_of
+from ecomcap.retrieval.evaluate import embed_items, embed_split, recall_of
 from ecomcap.retrieval.gradcache import grad_cache_backward
 from ecomcap.retrieval.losses import info_nce, sigmoid_loss
 from ecomcap.retrieval.metrics import tracking_names
@@ -25,6 +25,7 @@ from ecomcap.retrieval.tiny import ensure_tiny_encoder
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
 
 log = logging.getLogger(__name__)
+MINING_BATCH = 256  # items decoded and embedded at a time when mining hard negatives
 
 
 class RetrievalLoop(TrainLoop):
@@ -61,9 +62,10 @@ class RetrievalLoop(TrainLoop):
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
         hn, mode = self.run_cfg.train.hard_negatives, self.run_cfg.encoder.item_embedding
+        ids, items = embed_items(self._encoder(), data.items_dir, mode, MINING_BATCH)  # streamed: 100k+ items
+        if ids != data.items.ids:
+            raise EcomcapError(f"{data.items_dir}: items changed while mining hard negatives")
         enc = self._encoder()
-        items = enc.encode_items([data.items.image(i) for i in range(len(data.items))],
-                                 [t[0] if t else "" for t in data.items.texts], mode=mode)
         queries = enc.encode_texts([q["query_text"] for q in data.queries])
         self.model.train()
         negatives = mine_hard_negatives(queries, items, data.positives, data.groups, hn.rank_window,

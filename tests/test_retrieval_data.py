@@ -4,6 +4,7 @@ import csv
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from ecomcap.data.formats import encode_base64
 from ecomcap.data.shards import read_table
@@ -118,3 +119,18 @@ def test_synthetic_set_is_deterministic_and_muge_shaped(tmp_path):
     assert a["valid"]["groups"] == 40  # base products + one one-attribute distractor each
     report = ingest_retrieval_split(tmp_path / "a", "valid", tmp_path / "ing", "muge")
     assert report["passed"] and report["items"]["rows_ok"] == a["valid"]["items"]
+
+
+def test_the_pipeline_config_rejects_shopee_in_one_line(tmp_path):
+    """Shopee has no queries.parquet: refused when the run config loads, not by a raw
+    FileNotFoundError deep in training."""
+    from ecomcap.config import load_run_config
+    from ecomcap.errors import EcomcapError
+    from ecomcap.retrieval.config import RetrievalRunConfig
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("parameters:\n  config:\n    data:\n      source: shopee\n      src_dir: /data/shopee\n",
+                   encoding="utf-8")
+    with pytest.raises(EcomcapError) as err:
+        load_run_config(cfg, RetrievalRunConfig)
+    assert "'shopee' has no search queries" in str(err.value)

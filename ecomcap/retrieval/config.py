@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ecomcap.config import IngestConfig, LoopConfig, RegistryConfig, _Strict
 
@@ -119,3 +119,14 @@ class RetrievalRunConfig(_Strict):
                                                primary_metric="MeanRecall", guard_metrics=["R1"], tolerance=1.0,
                                                floor=5.0)
     )
+
+    @model_validator(mode="after")
+    def _needs_queries(self) -> "RetrievalRunConfig":
+        """Shopee ships titles and product groups but no search queries: its ingest serves
+        same-product matching (library), not this pipeline's query -> item training and Recall@K."""
+        if self.data.source == "shopee":
+            raise ValueError("data.source 'shopee' has no search queries, which the retrieval pipeline trains "
+                             "and evaluates on; use source muge, seed002 or synthetic (Shopee ingest serves "
+                             "product matching through ecomcap.retrieval.data.ingest_retrieval_split)")
+        return self
+

@@ -79,3 +79,25 @@ def test_gallery_artifact_format(tmp_path):
     pics = [Image.open(io.BytesIO(d)) for _, d, _ in rows]
     np.testing.assert_allclose(gal.vectors, again.encode_items(pics, [t for *_, t in rows]), atol=1e-5)
     assert gal.images(["c"]) == {"c": rows[2][1]}
+
+
+def test_hub_layout_siglip_dir_loads_its_sentencepiece_tokenizer(tmp_path):
+    """google/siglip-base-patch16-224 ships spiece.model + SiglipTokenizer (needs sentencepiece):
+    a directory of that layout, weights of the real class, loads through load_encoder."""
+    import sentencepiece as spm
+
+    out = build_tiny_encoder(tmp_path / "siglip", "siglip", ["abcdefghijklmnopqrstuvwxyz0123456789"], SMALL, 64)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["red cotton dress", "blue silk shirt", "green hat black shoes white socks"] * 20),
+                      encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(out / "spiece"), vocab_size=24,
+                                   model_type="unigram", pad_id=-1, unk_id=2, bos_id=-1, eos_id=1,
+                                   character_coverage=1.0, minloglevel=2)
+    for name in ("tokenizer.json", "special_tokens_map.json", "spiece.vocab"):
+        (out / name).unlink(missing_ok=True)
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "SiglipTokenizer",
+                                                           "model_max_length": 64}), encoding="utf-8")
+    enc = load_encoder(out, device="cpu")
+    assert "Siglip" in type(enc.pre.tokenizer).__name__
+    emb = enc.encode_texts(["red dress", "blue shirt"])
+    assert emb.shape == (2, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)

@@ -123,3 +123,20 @@ def test_search_a_gallery_embedded_by_the_trained_encoder(tmp_path):
         assert [r["item_id"] for r in out["results"]] == expected
     finally:
         searcher.store.close()
+
+
+def test_page_errors_for_a_bad_top_and_images_of_ids_with_slashes(searcher, gallery, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jpeg = ImageLookup(gallery / "images.parquet").get(searcher.gallery.item_ids[0])
+    pq.write_table(pa.table({"item_id": ["shop/a/123"], "image": [jpeg]}), tmp_path / "images.parquet")
+    client = TestClient(create_app(searcher, ImageLookup(tmp_path / "images.parquet")))
+    page = client.get("/", params={"q": "红色", "top": "abc"})
+    assert page.status_code == 400 and page.headers["content-type"].startswith("text/html")
+    assert "top must be a whole number between 1 and 100, got &#x27;abc&#x27;" in page.text
+    api = client.get("/api/search", params={"q": "红色", "top": "abc"})
+    assert api.status_code == 400 and "top must be a whole number" in api.json()["error"]
+    img = client.get("/images/shop%2Fa%2F123")
+    assert img.status_code == 200 and img.content == jpeg
+    assert client.get("/images/shop/a/123").status_code == 200

@@ -101,3 +101,16 @@ def test_hub_layout_siglip_dir_loads_its_sentencepiece_tokenizer(tmp_path):
     assert "Siglip" in type(enc.pre.tokenizer).__name__
     emb = enc.encode_texts(["red dress", "blue shirt"])
     assert emb.shape == (2, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_ensure_tiny_encoder_rebuilds_when_the_vocabulary_changes(tmp_path):
+    from ecomcap.retrieval.encoder import load_preprocessor
+    from ecomcap.retrieval.tiny import ensure_tiny_encoder
+
+    path = ensure_tiny_encoder(tmp_path / "t", "chinese_clip", ["红色 T恤"], SMALL)
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_encoder(path, "chinese_clip", ["红色 T恤"], SMALL) == path  # same texts: reused
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    ensure_tiny_encoder(path, "chinese_clip", ["红色 T恤", "蓝色 连衣裙"], SMALL)  # new characters
+    tok = load_preprocessor(path, "chinese_clip", 16).tokenizer
+    assert tok.unk_token_id not in tok("蓝色连衣裙")["input_ids"]

@@ -134,3 +134,30 @@ def test_the_pipeline_config_rejects_shopee_in_one_line(tmp_path):
     with pytest.raises(EcomcapError) as err:
         load_run_config(cfg, RetrievalRunConfig)
     assert "'shopee' has no search queries" in str(err.value)
+
+
+def test_retrieval_config_settings_that_did_nothing_are_gone_and_device_is_used(tmp_path, monkeypatch):
+    """eval.top_k and gallery_dir were accepted and ignored: now refused; encoder.device reaches
+    the gallery embedding (and evaluation / champion re-scoring through the same call)."""
+    from ecomcap.config import load_run_config
+    from ecomcap.errors import EcomcapError
+    from ecomcap.retrieval import gallery
+    from ecomcap.retrieval.config import RetrievalRunConfig
+    from ecomcap.retrieval.workflow import embed_stage
+
+    for extra in ("    gallery_dir: .run/g\n", "    eval: {top_k: 10}\n"):
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text("parameters:\n  config:\n" + extra, encoding="utf-8")
+        with pytest.raises(EcomcapError):
+            load_run_config(cfg, RetrievalRunConfig)
+    seen = []
+
+    def spy(path, device=None, trust_remote_code=False):
+        seen.append(device)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(gallery, "load_encoder", spy)
+    cfg = RetrievalRunConfig.model_validate({"encoder": {"device": "cpu"}, "data": {"work_dir": str(tmp_path / "d")}})
+    with pytest.raises(RuntimeError, match="stop here"):
+        embed_stage(tmp_path / "model", tmp_path / "valid", cfg)
+    assert seen == ["cpu"]

@@ -58,7 +58,13 @@ class EncoderConfig(_Strict):
     max_text_len: int = Field(52, ge=4, description="Chinese-CLIP uses 52, SigLIP 64")
     item_embedding: ItemEmbedding = "image"
     fusion_weight: float = Field(0.5, ge=0, le=1, description="image share of a fused item embedding")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where galleries are embedded and models evaluated/re-scored (auto: cuda when "
+        "present); training runs on the accelerator's device")
+
+    def torch_device(self) -> str | None:
+        """None for auto (load_encoder then picks cuda when present)."""
+        return None if self.device == "auto" else self.device
 
 
 class HardNegativeConfig(_Strict):
@@ -97,7 +103,6 @@ class RetrievalTrainConfig(LoopConfig):
 
 
 class RetrievalEvalConfig(_Strict):
-    top_k: int = Field(10, ge=10)
     chunk: int = Field(1024, ge=1, description="queries per similarity block")
     match_thresholds: list[float] = Field(
         default_factory=lambda: [round(0.05 * i, 2) for i in range(19)] + [round(0.9 + 0.01 * i, 2) for i in range(10)]
@@ -113,7 +118,6 @@ class RetrievalRunConfig(_Strict):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     train: RetrievalTrainConfig = Field(default_factory=RetrievalTrainConfig)
     eval: RetrievalEvalConfig = Field(default_factory=RetrievalEvalConfig)
-    gallery_dir: Path = Path(".run/retrieval/gallery")
     registry: RegistryConfig = Field(
         default_factory=lambda: RegistryConfig(model_name="ecomcap-retriever", experiment="retrieval_pipeline",
                                                primary_metric="MeanRecall", guard_metrics=["R1"], tolerance=1.0,

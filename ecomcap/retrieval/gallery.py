@@ -59,9 +59,9 @@ class Gallery:
 
 
 def embed_gallery(encoder_dir: str | Path, items_dir: str | Path, out_dir: str | Path,
-                  batch_size: int = 128, mode: str | None = None) -> Path:
+                  batch_size: int = 128, mode: str | None = None, device: str | None = None) -> Path:
     """Embed every item of an ingested item dataset into a gallery artifact at `out_dir`."""
-    encoder = load_encoder(encoder_dir)
+    encoder = load_encoder(encoder_dir, device=device)
     mode = mode or encoder.item_embedding
     count = int(read_report(items_dir)["rows_ok"])
     out = Path(out_dir)

@@ -46,7 +46,7 @@ def promote_retriever(gallery_dir: Path, valid: Path, metrics: dict[str, Any], e
         with tempfile.TemporaryDirectory(prefix="ecomcap-champion-") as tmp:
             champion = download_version(cfg.registry, version, "vectors.npy", Path(tmp) / "model")
             fresh = embed_gallery(champion / json.loads((champion / "index.json").read_text("utf-8"))["encoder_dir"],
-                                  valid / "items", Path(tmp) / "gallery")
+                                  valid / "items", Path(tmp) / "gallery", device=cfg.encoder.torch_device())
             scores = score_gallery(fresh, valid, cfg)
             return _scores({k.replace("@", ""): v for k, v in scores.items()} | {"per_query": scores["per_query"]},
                            eval_fp)

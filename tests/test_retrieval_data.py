@@ -161,3 +161,30 @@ def test_retrieval_config_settings_that_did_nothing_are_gone_and_device_is_used(
     with pytest.raises(RuntimeError, match="stop here"):
         embed_stage(tmp_path / "model", tmp_path / "valid", cfg)
     assert seen == ["cpu"]
+
+
+def test_retrieval_validate_stage_records_splits_like_captioning(tmp_path):
+    """One dataset recorder for both jobs (ecomcap.workflow.record_datasets): each split with its
+    ingested directory as source, the shared context names and its row counts."""
+    import mlflow
+
+    from ecomcap.retrieval.config import RetrievalDataConfig, RetrievalRunConfig
+    from ecomcap.retrieval.prepare import prepare_retrieval_data
+    from ecomcap.retrieval.workflow import validate_stage
+
+    data = prepare_retrieval_data(RetrievalDataConfig(
+        work_dir=tmp_path / "d", synth=RetrievalSynthConfig(train_products=4, valid_products=4, image_size=32)))
+    cfg = RetrievalRunConfig.model_validate({"data": {"work_dir": str(tmp_path / "d")}})
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        with mlflow.start_run() as run:
+            reports = validate_stage({"train": data["train"], "valid": data["valid"]}, cfg)
+        inputs = {di.dataset.name: (di.dataset, {t.key: t.value for t in di.tags})
+                  for di in mlflow.get_run(run.info.run_id).inputs.dataset_inputs}
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert set(inputs) == {"retrieval-train", "retrieval-valid"}
+    for split, context in (("train", "training"), ("valid", "validation")):
+        ds, tags = inputs[f"retrieval-{split}"]
+        assert tags["mlflow.data.context"] == context and str(data[split]) in ds.source
+        assert tags["rows_ok"] == str(reports[split]["items"]["rows_ok"])

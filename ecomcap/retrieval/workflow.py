@@ -31,7 +31,8 @@ def validate_stage(splits: dict[str, Path], cfg: RetrievalRunConfig) -> dict[str
     """GX suite on each split's items + the bad-row gate on items and queries; logs reports and
     records each split as an MLflow input data set (digest = its fingerprint)."""
     from ecomcap.data.validate import enforce, validate_dataset
-    from ecomcap.retrieval.prepare import enforce_retrieval, retrieval_source
+    from ecomcap.retrieval.prepare import enforce_retrieval
+    from ecomcap.workflow import record_datasets
 
     tracking.log_config("data", cfg.data)
     reports, gx_reports = {}, {}
@@ -47,8 +48,8 @@ def validate_stage(splits: dict[str, Path], cfg: RetrievalRunConfig) -> dict[str
             if table in report:
                 tracking.log_metrics({k: report[table][k] for k in ("rows_in", "rows_ok", "rows_quarantined")},
                                      prefix=f"data.{split}.{table}.")
-        tracking.log_dataset(f"retrieval-{split}", report["fingerprint"], str(retrieval_source(cfg.data)[0]),
-                             "training" if split == "train" else "evaluation")
+    record_datasets("retrieval", {s: {"fingerprint": r["fingerprint"], **{k: r["items"][k] for k in (
+        "rows_ok", "rows_quarantined")}} for s, r in reports.items()}, splits)
     tracking.set_tags({"eval_fingerprint": reports.get("valid", {}).get("fingerprint", ""),
                        "config_hash": tracking.config_hash(cfg), "code_version": tracking.code_version()})
     for split, report in reports.items():

@@ -107,7 +107,7 @@ def test_search_a_gallery_embedded_by_the_trained_encoder(tmp_path):
     exact top-k of the encoder's query vector."""
     from ecomcap.retrieval.encoder import load_encoder, save_encoder
     from ecomcap.retrieval.gallery import embed_gallery
-    from ecomcap.retrieval.store import exact_topk
+    from ecomcap.retrieval.metrics import topk_search
     from ecomcap.retrieval.tiny import build_tiny_encoder
     from tests.test_retrieval_encoder import SMALL, TEXTS, _items_dataset, _jpeg
 
@@ -119,7 +119,7 @@ def test_search_a_gallery_embedded_by_the_trained_encoder(tmp_path):
     try:
         out = searcher.search("红色 条纹 T恤", 5)
         q = load_encoder(gallery / "encoder", device="cpu").encode_texts(["红色 条纹 T恤"])
-        expected = [searcher.gallery.item_ids[i] for i in exact_topk(searcher.gallery.vectors, q, 5)[0]]
+        expected = [searcher.gallery.item_ids[i] for i in topk_search(q, searcher.gallery.vectors, 5)[1][0]]
         assert [r["item_id"] for r in out["results"]] == expected
     finally:
         searcher.store.close()

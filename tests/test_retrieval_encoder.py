@@ -114,3 +114,29 @@ def test_ensure_tiny_encoder_rebuilds_when_the_vocabulary_changes(tmp_path):
     ensure_tiny_encoder(path, "chinese_clip", ["红色 T恤", "蓝色 连衣裙"], SMALL)  # new characters
     tok = load_preprocessor(path, "chinese_clip", 16).tokenizer
     assert tok.unk_token_id not in tok("蓝色连衣裙")["input_ids"]
+
+
+@pytest.mark.parametrize("size", [32, {"height": 32, "width": 32}])
+def test_hub_layout_chinese_clip_dir_with_vocab_txt_and_released_preprocessor(tmp_path, size):
+    """OFA-Sys/chinese-clip-*: vocab.txt + BertTokenizer, preprocessor_config.json with
+    do_center_crop false (a square resize, no crop); non-square product photos must embed."""
+    from transformers import AutoTokenizer
+
+    out = build_tiny_encoder(tmp_path / "cc", "chinese_clip", ["红色条纹T恤连衣裙"], SMALL)
+    vocab = AutoTokenizer.from_pretrained(str(out)).get_vocab()
+    for name in ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (out / name).unlink(missing_ok=True)
+    (out / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n", encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True,
+                                                           "model_max_length": 52}), encoding="utf-8")
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": 32, "do_center_crop": False, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "ChineseCLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": size}), encoding="utf-8")
+    enc = load_encoder(out, device="cpu")
+    assert type(enc.pre.tokenizer).__name__.startswith("BertTokenizer")
+    ids = enc.pre.texts(["红色连衣裙"])["input_ids"][0].tolist()
+    assert enc.pre.tokenizer.unk_token_id not in ids
+    wide = Image.new("RGB", (60, 30), "red")
+    emb = enc.encode_items([wide, wide.rotate(90, expand=True)], ["红色", "红色"], mode="image")
+    assert emb.shape == (2, 16) and np.isfinite(emb).all()

@@ -79,6 +79,14 @@ def test_gallery_artifact_format(tmp_path):
     pics = [Image.open(io.BytesIO(d)) for _, d, _ in rows]
     np.testing.assert_allclose(gal.vectors, again.encode_items(pics, [t for *_, t in rows]), atol=1e-5)
     assert gal.images(["c"]) == {"c": rows[2][1]}
+    # the synthetic-gallery writer identifies the same content the same way (one fingerprint)
+    from ecomcap.retrieval.gallery_files import open_gallery, write_gallery
+
+    copy = write_gallery(tmp_path / "copy", np.asarray(gal.vectors), list(zip(gal.item_ids, gal.texts)),
+                         [(i, d) for i, d, _ in rows], {"item_embedding": "fused", "fusion_weight": 0.5,
+                                                        "encoder_dir": "../gallery/encoder"})
+    opened = open_gallery(copy)
+    assert opened.index["fingerprint"] == gal.index["fingerprint"] and opened.images(["b"]) == {"b": rows[1][1]}
 
 
 def test_hub_layout_siglip_dir_loads_its_sentencepiece_tokenizer(tmp_path):

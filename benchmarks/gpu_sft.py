@@ -14,7 +14,7 @@ benchmarks/memory.py's extrapolation.
 
     python benchmarks/gpu_sft.py [--steps 10] [--smoke]   # --smoke: tiny width on CPU (code check)
 
-Runs only on a CUDA machine (about 5 minutes on one H100); elsewhere it prints a 'skipped'
+Runs only on a CUDA machine (target: under 8 minutes on one H100/H200; not yet measured); elsewhere it prints a 'skipped'
 JSON and exits 0. Last line: one JSON object.
 """
 from __future__ import annotations
@@ -60,20 +60,26 @@ def images(n: int, scale: float):
 
 
 def matmul_flops(cfg, enc, answer_len: int, backward: bool) -> float:
-    """Matmul FLOPs of one teacher-forced step (x2 for the input-gradient backward of the frozen
-    language model; the frozen vision tower runs forward only). Embeddings are lookups."""
+    """Matmul FLOPs of one teacher-forced step over `enc` (a batch with its answers appended:
+    the attention mask already counts the answer tokens). Backward of the frozen language model
+    is the input gradient only: 1x forward for the projections and the head, 2x for attention
+    (dQ and dK from QK^T, dP and dV from PV). The frozen vision tower runs forward only.
+    Embeddings are lookups."""
     t, v = cfg.text_config, cfg.vision_config
     h, i, L = t.hidden_size, t.intermediate_size, t.num_hidden_layers
     kv = t.num_key_value_heads * (h // t.num_attention_heads)
-    lens = enc["attention_mask"].sum(-1).float() + answer_len
+    lens = enc["attention_mask"].sum(-1).float()
     per_token = 2 * L * (2 * h * h + 2 * h * kv + 3 * h * i)
-    text = float((per_token * lens).sum() + (2 * 2 * L * h * lens * lens / 2).sum())  # causal QK^T, AV
-    text += 2 * h * t.vocab_size * (answer_len + 1) * len(lens)  # head on the answer positions only
+    linear = float((per_token * lens).sum())
+    linear += 2 * h * t.vocab_size * (answer_len + 1) * len(lens)  # head on the answer positions only
+    attention = float((2 * 2 * L * h * lens * lens / 2).sum())  # causal QK^T and PV
     patches = float(enc["image_grid_thw"].prod(-1).sum())
     vh, vi = v.hidden_size, v.intermediate_size
     vision = patches * 2 * (1176 * vh + v.depth * (4 * vh * vh + 3 * vh * vi))
     vision += patches / 4 * 2 * (4 * vh * 4 * vh + 4 * vh * v.out_hidden_size)  # merger MLP
-    return text * (2 if backward else 1) + vision
+    if backward:
+        return linear * 2 + attention * 3 + vision
+    return linear + attention + vision
 
 
 def load(tmp: Path, smoke: bool, device):

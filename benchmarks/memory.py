@@ -205,7 +205,9 @@ def fit(points: dict[tuple[int, int], dict], rows: int, dv_fallback: float) -> d
 
 # ----------------------------------------------------------------------------- extrapolating
 def static_bytes(arch: HubArch, ft: FinetuneConfig) -> dict[str, float]:
-    """Weights, trainable fp32 copies, gradients and AdamW states of the full-depth model."""
+    """Weights, trainable fp32 copies, gradients and AdamW states of the full-depth model, and
+    for non-LoRA strategies the bf16 copy bf16 autocast caches of every fp32 trainable weight
+    (2 B/param; LoRA's own copies are in the measured LoRA rows)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from ecomcap.modeling.strategies import LM_LAYER, layer_range, lora_target_regex
@@ -228,7 +230,8 @@ def static_bytes(arch: HubArch, ft: FinetuneConfig) -> dict[str, float]:
         rx = re.compile(lora_target_regex(ft))
         trainable += sum(ft.lora_r * (mod.in_features + mod.out_features) for n, mod in model.named_modules()
                          if isinstance(mod, torch.nn.Linear) and rx.fullmatch(n))
-    return {"weights": weights, "trainable": trainable * 16}  # fp32 weight + grad + 2 AdamW moments
+    cached = trainable * 2 if ft.strategy not in ("lora", "qlora") else 0.0  # autocast's bf16 copies
+    return {"weights": weights, "trainable": trainable * 16, "autocast_copies": cached}  # 16: fp32 w+g+2 moments
 
 
 def token_counts(cfg: RunConfig) -> tuple[int, int]:
@@ -258,7 +261,7 @@ def dynamic(f: dict[str, float], rows: int, arch: HubArch, tokens_ratio: float) 
                                   + f["dV"] * arch.vision_depth)
 
 
-def extrapolate(path: str, fits: dict[str, dict[str, float]]) -> dict[str, dict]:
+def extrapolate(path: str, fits: dict[str, dict[str, float]], gc_measured: bool = False) -> dict[str, dict]:
     cfg = load_run_config(ROOT / path)
     arch = QWEN25_VL_7B if "7B" in cfg.model.name_or_path else QWEN25_VL_3B
     prompt, image = token_counts(cfg)
@@ -268,6 +271,9 @@ def extrapolate(path: str, fits: dict[str, dict[str, float]]) -> dict[str, dict]
     sft_fit = fits["sft_gc" if cfg.finetune.gradient_checkpointing else "sft"]
     ratio = (prompt + image + cfg.sft.max_answer_tokens) / measured
     out["sft"] = (sum(sft_static.values()), dynamic(sft_fit, cfg.sft.batch_size, arch, ratio), 0.0)
+    # rows whose activations come from the analytic checkpointing estimate, not a measurement
+    estimated = {"sft": cfg.finetune.gradient_checkpointing and not gc_measured,
+                 "scst_after": cfg.scst.finetune.gradient_checkpointing and not gc_measured}
     # SCST trains a fresh LoRA over the (merged) SFT model; 4-bit when SFT was QLoRA
     scst_ft = cfg.scst.finetune.model_copy(update={"strategy": "qlora" if cfg.finetune.strategy == "qlora"
                                                    else cfg.scst.finetune.strategy})
@@ -285,7 +291,7 @@ def extrapolate(path: str, fits: dict[str, dict[str, float]]) -> dict[str, dict]
     out["scst_after"] = (scst_static, dynamic(after_fit, chunk, arch, ratio) + features, sampling)
     return {stage: {"static_gib": s / GIB, "train_gib": d / GIB, "sampling_gib": g / GIB,
                     "extrapolated_peak_gib": round((s + max(d, g)) / GIB, 2),
-                    "fits_80gb": (s + max(d, g)) / GIB < GPU_GIB}
+                    "fits_80gb": (s + max(d, g)) / GIB < GPU_GIB, "estimated": estimated.get(stage, False)}
             for stage, (s, d, g) in out.items()} | {"_arch": f"{'7B' if arch is QWEN25_VL_7B else '3B'}",
                                                    "_tokens": {"prompt": prompt, "image": image}}
 
@@ -328,17 +334,19 @@ def main() -> None:
     print(f"  {'config':28s} {'arch':4s} {'stage':12s} {'static':>8s} {'train':>8s} {'sampling':>9s} {'peak GiB':>9s}  fits")
     results = {}
     for path in args.configs:
-        res = extrapolate(path, fits)
+        res = extrapolate(path, fits, gc_measured=args.with_gc)
         results[Path(path).name] = {k: v for k, v in res.items() if not k.startswith("_")}
         for stage, r in results[Path(path).name].items():
             print(f"  {Path(path).name:28s} {res['_arch']:4s} {stage:12s} {r['static_gib']:8.2f} {r['train_gib']:8.2f} "
-                  f"{r['sampling_gib']:9.2f} {r['extrapolated_peak_gib']:9.2f}  {'yes' if r['fits_80gb'] else 'NO'}")
+                  f"{r['sampling_gib']:9.2f} {r['extrapolated_peak_gib']:9.2f}  {'yes' if r['fits_80gb'] else 'NO'}"
+                  f"{'  (checkpointing estimated, not measured)' if r['estimated'] else ''}")
     print(f"\n(wall {time.perf_counter() - started:.0f} s; tensor bytes only, add ~1-3 GiB for the CUDA "
           "context and allocator)")
     print(json.dumps({"bench": "memory", "gpu_gib": GPU_GIB, "model": "Qwen2.5-VL-3B full width, 1-2 layers, "
                       "linear in layers/rows/tokens", "fits_per_row_gib": {
                           s: {k: round(v / GIB, 4) for k, v in f.items()} for s, f in fits.items()},
-                      "configs": {c: {s: {"extrapolated_peak_gib": r["extrapolated_peak_gib"]} for s, r in st.items()}
+                      "configs": {c: {s: {"extrapolated_peak_gib": r["extrapolated_peak_gib"],
+                                          "estimated": r["estimated"]} for s, r in st.items()}
                                   for c, st in results.items()},
                       "measured": {s: {f"{k[0]}x{k[1]}": v for k, v in pts.items()} for s, pts in measured.items() if pts}}))
 

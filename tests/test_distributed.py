@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ecomcap.modeling.load import load_trained
@@ -56,3 +57,33 @@ def test_accelerate_configs_are_valid(path):
 def test_expected_accelerate_configs_exist():
     names = {p.stem for p in ACCELERATE_CONFIGS}
     assert {"single_gpu", "multi_gpu_ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"} <= names
+
+
+@pytest.mark.parametrize("lora_vision", [True, False], ids=["deferred-tower", "chunked-no-sync"])
+def test_two_process_scst_chunked_equals_unchunked(tiny_model_cfg, small_data, tmp_path, lora_vision):
+    """SCST's chunked log-prob pass under real 2-process DDP (gloo): chunks of 2 rows give the
+    all-reduced gradients of one forward over all rows. With a training vision tower this is the
+    deferred path (chunks as non-synced micro-steps, the last returned to the loop's backward),
+    the one DeepSpeed also takes; without it, chunks are backwarded under no_sync."""
+    from safetensors.torch import load_file
+
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "tests" / "ddp_scst_chunk_job.py"), str(small_data["train"]), tiny_model_cfg.name_or_path,
+           str(tmp_path), "1" if lora_vision else "0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    for res in ranks:
+        assert res["deferred0"].item() == res["deferred2"].item() == float(lora_vision)
+        assert abs(res["loss0"].item() - res["loss2"].item()) < 1e-5
+        assert res["rows0"].item() == 6 and res["rows2"].item() == 2  # the chunk size was honoured
+        names = [n[3:] for n in res if n.startswith("c0/")]
+        assert names and any(".visual." in n for n in names) == lora_vision
+        assert {n[3:] for n in res if n.startswith("c2/")} == set(names)
+        for n in names:
+            torch.testing.assert_close(res[f"c2/{n}"], res[f"c0/{n}"], rtol=1e-4, atol=1e-6, msg=n)
+    for n in (k for k in ranks[0] if k.startswith("c")):  # all-reduced: both ranks hold the same
+        torch.testing.assert_close(ranks[1][n], ranks[0][n], rtol=1e-5, atol=1e-7, msg=n)
+    assert ranks[0]["loss0"].item() != ranks[1]["loss0"].item()  # the ranks really had different data

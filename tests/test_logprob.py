@@ -77,23 +77,32 @@ def test_chunked_equals_unchunked(tiny_model_cfg, small_data, lora_vision):
             torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_deferred_backward_returns_the_graph(tiny_model_cfg, small_data):
-    model, pb, enc, seqs, adv, suppress = _setup(tiny_model_cfg, small_data["train"], True)
-    want = _reference(model, pb, enc, seqs, adv, suppress, kl_weight=0.0)
+@pytest.mark.parametrize("lora_vision", [False, True])
+def test_deferred_backward_is_chunked_too(tiny_model_cfg, small_data, lora_vision):
+    """DeepSpeed / DDP with a training tower: `logprob_chunk` was ignored (all K x B rows in one
+    forward). Now every chunk but the last is backwarded as a micro-step and the last returned
+    with its graph (carrying the earlier chunks' feature gradients into the tower)."""
+    model, pb, enc, seqs, adv, suppress = _setup(tiny_model_cfg, small_data["train"], lora_vision)
+    want = _reference(model, pb, enc, seqs, adv, suppress, kl_weight=0.2)
     want_g = _grads(model)
-    policy = PolicyLogprob(model=model, inner=model, pad_id=pb.pad_id, suppress=suppress, backward=None, chunk=2)
-    loss, _ = policy(enc, seqs, K, adv)
-    assert loss.requires_grad
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    partial = []
+    policy = PolicyLogprob(model=model, inner=model, pad_id=pb.pad_id, suppress=suppress, backward=None, chunk=2,
+                           kl_weight=0.2, partial_backward=lambda loss: (partial.append(1), loss.backward()))
+    loss, logs = policy(enc, seqs, K, adv)
+    hook.remove()
+    assert loss.requires_grad and len(partial) == 2  # 6 rows, chunks of 2: two micro-steps + the last
+    assert max(rows) <= 2  # no forward (policy or KL reference) over all rows at once
     loss.backward()
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     got_g = _grads(model)
+    assert got_g.keys() == want_g.keys() and any(".visual." in n for n in got_g) == lora_vision
     for n in want_g:
         torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-6, msg=n)
-
-
 def test_gradient_checkpointing_keeps_lora_gradients(tiny_model_cfg, small_data):
-    """With frozen embeddings the checkpointed blocks' inputs carry no grad unless
-    `enable_input_require_grads` hooks them: vision and language LoRA must still get gradients."""
+    """With frozen embeddings the checkpointed blocks' inputs carry no grad; non-reentrant
+    checkpointing must still give vision and language LoRA their gradients."""
     grads = []
     for checkpointing in (False, True):
         model, pb, enc, seqs, adv, suppress = _setup(tiny_model_cfg, small_data["train"], True, checkpointing)

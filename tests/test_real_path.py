@@ -22,25 +22,40 @@ LAYER1 = "model.language_model.layers.1.mlp.up_proj.weight"
 
 def test_small_update_is_not_rounded_away_under_bf16_weights(tiny_model_cfg, small_data, tmp_path):
     """Adam's first step moves each weight by ~lr; at lr 1e-6 that is far below bf16's resolution
-    (~1e-4 at 0.02), so pure-bf16 training would leave the weights bit-identical."""
+    (~1e-4 at 0.02), so pure-bf16 training would leave the weights bit-identical. The fp32 weight
+    lives in the checkpoint (resume); the export goes back to the load dtype (bf16)."""
     cfg = tiny_model_cfg.model_copy(update={"dtype": "bfloat16"})
     base, _ = load_base(cfg)
     before = base.state_dict()[LAYER1].float().clone()
-    res = run_sft(small_data["train"], None, cfg, FinetuneConfig(strategy="partial", partial_layers=(1, 1)),
-                  SFTConfig(output_dir=tmp_path / "o", max_steps=1, batch_size=2, lr=1e-6,
-                            warmup_ratio=0, eval_every=0, save_every=0, weight_decay=0),
-                  GenerateConfig(num_beams=1, max_new_tokens=4))
-    saved = load_file(str(res.final_dir / "model.safetensors"))
-    after = next(v for k, v in saved.items() if k.endswith("layers.1.mlp.up_proj.weight"))
+    ft = FinetuneConfig(strategy="partial", partial_layers=(1, 1))
+    sft = SFTConfig(output_dir=tmp_path / "o", max_steps=2, batch_size=2, lr=1e-6, warmup_ratio=0,
+                    eval_every=0, save_every=1, weight_decay=0)
+    gen = GenerateConfig(num_beams=1, max_new_tokens=4)
+    with pytest.raises(InterruptedError):  # stop after step 1: its checkpoint stays for resume
+        run_sft(small_data["train"], None, cfg, ft, sft.model_copy(update={"stop_after_steps": 1}), gen)
+    ckpt = load_file(str(next((tmp_path / "o").rglob("step-0000001/trainable.safetensors"))))
+    after = next(v for k, v in ckpt.items() if k.endswith("layers.1.mlp.up_proj.weight"))
     assert after.dtype == torch.float32
     delta = (after - before).abs()
     assert delta.max() > 1e-7 and delta.max() < 1e-5  # moved, by about lr
+    res = run_sft(small_data["train"], None, cfg, ft, sft, gen)  # resumes and exports
+    saved = load_file(str(res.final_dir / "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}  # not a 2x fp32 export
+    config = json.loads((res.final_dir / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert json.loads((res.final_dir / "ecomcap_model.json").read_text())["quantized_base"] is False
+    reloaded, _ = load_trained(res.final_dir, cfg)
+    assert next(p.dtype for n, p in reloaded.named_parameters() if n.endswith("layers.1.mlp.up_proj.weight")) \
+        == torch.bfloat16
 
 
 @pytest.mark.parametrize("strategy", ["lora", "qlora", "partial", "full"])
-def test_trainable_fp32_frozen_stay_16_bit(tiny_model_cfg, strategy):
+def test_trainable_fp32_frozen_stay_16_bit(tiny_model_cfg, strategy, monkeypatch):
     """Also QLoRA: the vision tower and embeddings are not upcast (peft's
-    prepare_model_for_kbit_training did, +3.5 GB on 7B)."""
+    prepare_model_for_kbit_training did, +3.5 GB on 7B). The 4-bit load needs CUDA: for qlora
+    the base's 4-bit check is a stand-in here (the bf16 model plays the quantised one)."""
+    if strategy == "qlora":
+        monkeypatch.setattr("ecomcap.modeling.strategies.is_4bit", lambda model: True)
     model, _ = load_base(tiny_model_cfg.model_copy(update={"dtype": "bfloat16"}))
     model, _ = apply_strategy(model, FinetuneConfig(strategy=strategy, partial_layers="upper_half", lora_r=4))
     dtypes = {n: p.dtype for n, p in model.named_parameters()}

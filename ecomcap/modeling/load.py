@@ -125,17 +125,19 @@ def load_trained(path: str | Path, cfg: ModelConfig | None = None, quantized: bo
     info = read_output_marker(path) if path.is_dir() else None
     if info is None:
         return load_base(cfg.model_copy(update={"name_or_path": str(path)}), _qlora_config() if quantized else None)
-    if info["kind"] == "full":
-        return load_base(cfg.model_copy(update={"name_or_path": str(path)}))
+    if info["kind"] == "full":  # 4-bit when a QLoRA stage trains over it (SCST after full SFT)
+        return load_base(cfg.model_copy(update={"name_or_path": str(path)}), _qlora_config() if quantized else None)
     if info["kind"] != "adapter":
         raise EcomcapError(f"{path}: unknown output kind {info['kind']!r}")
     from peft import PeftModel
 
     if not (path / "adapter_config.json").is_file():
         raise EcomcapError(f"{path} says it holds an adapter but has no adapter_config.json")
-    # the base as training saw it: 4-bit when the adapter was trained with QLoRA (an adapter
-    # evaluated over an unquantised base is not the model that was trained)
-    model, _ = load_trained(info["base"], cfg, quantized=quantized or info.get("strategy") == "qlora")
+    # the base as training saw it: 4-bit when the adapter trained over a 4-bit base (an adapter
+    # evaluated over an unquantised base is not the model that was trained); markers written
+    # before `quantized_base` existed say it by their strategy
+    was_4bit = info.get("quantized_base", info.get("strategy") == "qlora")
+    model, _ = load_trained(info["base"], cfg, quantized=quantized or bool(was_4bit))
     if hasattr(model, "merge_and_unload"):  # an adapter under this one: merged, as in training
         if getattr(model, "is_loaded_in_4bit", False):
             log.warning("merging the adapter under %s into the 4-bit base (requantised, as SCST did)", path)

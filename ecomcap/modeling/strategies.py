@@ -111,30 +111,58 @@ def upcast_trainable(model: torch.nn.Module) -> int:
     n = 0
     for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            model.__dict__.setdefault(LOAD_DTYPE, p.dtype)  # exports go back to it
             p.data = p.data.float()
             n += 1
     return n
 
 
+LOAD_DTYPE = "_ecomcap_load_dtype"
+
+
+def load_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The 16-bit dtype the weights were loaded in, when `upcast_trainable` raised some to fp32."""
+    return model.__dict__.get(LOAD_DTYPE)
+
+
+def is_4bit(model: torch.nn.Module) -> bool:
+    """Whether the language model's weights are bitsandbytes 4-bit (QLoRA's base)."""
+    return any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
+
+
 def freeze_for_kbit(model: torch.nn.Module) -> torch.nn.Module:
     """What QLoRA needs from `prepare_model_for_kbit_training`, without its upcast of every
-    16-bit parameter (vision tower, embeddings, head) to fp32: +3.5 GB on 7B for nothing."""
+    16-bit parameter (vision tower, embeddings, head) to fp32: +3.5 GB on 7B for nothing.
+    Refuses an unquantised model: LoRA over it would be trained, recorded as QLoRA, and then
+    evaluated over a 4-bit base."""
+    if not is_4bit(model):
+        raise EcomcapError("strategy 'qlora' needs the base loaded in 4-bit (load_base with "
+                           "quantization_config(finetune)); this model is not quantised: use 'lora'")
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute activations in backward. With frozen embeddings (LoRA, partial) the checkpointed
-    blocks' inputs carry no grad: `enable_input_require_grads` hooks the embedding outputs."""
+    """Recompute activations in backward (non-reentrant: the trainable weights inside a block get
+    their gradients even when the block's input carries none; see `drop_input_grad_hooks`)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+    drop_input_grad_hooks(model)  # before peft adds its own (it would overwrite the handles)
     model.config.use_cache = False
+
+
+def drop_input_grad_hooks(model: torch.nn.Module) -> None:
+    """transformers 5.x (on enabling checkpointing) and peft (on wrapping a checkpointed model)
+    call `enable_input_require_grads`, which hooks every submodel's input embeddings, the vision
+    patch embedding too: the frozen vision tower and frozen lower layers would then run in
+    backward. Only reentrant checkpointing needs those hooks; ours is non-reentrant."""
+    for module in model.modules():
+        if getattr(module, "_require_grads_hooks", None):
+            module.disable_input_require_grads()
 
 
 def apply_strategy(model: torch.nn.Module, cfg: FinetuneConfig) -> tuple[torch.nn.Module, ParamCount]:
@@ -164,6 +192,8 @@ def apply_strategy(model: torch.nn.Module, cfg: FinetuneConfig) -> tuple[torch.n
         _freeze_all_but(model, lambda n: bool(MERGER.search(n) or (cfg.train_vision and VISION.search(n))))
     elif cfg.strategy == "full":
         _freeze_all_but(model, lambda n: True)
+    if cfg.gradient_checkpointing:
+        drop_input_grad_hooks(model)
     upcast_trainable(model)
     counts = count_parameters(model)
     if counts.trainable == 0:

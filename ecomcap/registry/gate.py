@@ -193,8 +193,9 @@ class Gate:
         self.check_reachable()
         self.record_scores(candidate_version, scores)
         self.client.set_registered_model_alias(self.name, CHALLENGER, candidate_version)
+        seen_at = time.time()
         before = self.champion()
-        self._notice_hand_move(before)
+        self._notice_hand_move(before, seen_at)
         if _version(before) == str(candidate_version):
             return self._finish(True, ["candidate is already the champion"], candidate_version, before,
                                 before, scores, scores, None)
@@ -227,27 +228,30 @@ class Gate:
         """A deliberate choice of champion (e.g. a rollback): it stays until a candidate beats it."""
         self.client.get_model_version(self.name, version)  # raises when it does not exist
         self.client.set_model_version_tag(self.name, version, "champion_reason", reason[:500])
-        self.client.set_model_version_tag(self.name, version, "champion_set_at", repr(time.time()))
         self._move(version, "hand")
 
-    def _notice_hand_move(self, champ) -> None:
-        """A champion that a later gate had already replaced holds the alias again: someone moved
-        it outside the gate (the MLflow UI). Treat it as set by hand, so the replay keeps it."""
+    def _notice_hand_move(self, champ, seen_at: float) -> None:
+        """A champion that a later gate had already replaced before we read it holds the alias
+        again: someone moved it outside the gate (the MLflow UI). Treat it as set by hand, so the
+        replay keeps it. (A successor's `champion_set_at` is written after its alias move, so one
+        that moved while we were reading is not mistaken for a replaced champion.)"""
         if champ is None or (champ.tags or {}).get("champion_set_by") == "hand":
             return
         for v in self.client.search_model_versions(f"name='{self.name}'"):
             tags = v.tags or {}
-            if tags.get("gate_base") == str(champ.version) and tags.get("champion_set_by"):
+            if tags.get("gate_base") == str(champ.version) and float(tags.get("champion_set_at") or "inf") < seen_at:
                 log.info("gate: version %s was made champion outside the gate: kept as set by hand", champ.version)
                 self.client.set_model_version_tag(self.name, str(champ.version), "champion_reason",
                                                   "alias moved outside the gate")
-                self.client.set_model_version_tag(self.name, str(champ.version), "champion_set_at", repr(time.time()))
                 self.client.set_model_version_tag(self.name, str(champ.version), "champion_set_by", "hand")
+                self.client.set_model_version_tag(self.name, str(champ.version), "champion_set_at", repr(time.time()))
                 return
 
     def _move(self, version: str, by: str) -> None:
-        self.client.set_model_version_tag(self.name, version, "champion_set_by", by)
+        """Move the alias, then record who moved it and when (after the move: see _notice_hand_move)."""
         self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
+        self.client.set_model_version_tag(self.name, version, "champion_set_by", by)
+        self.client.set_model_version_tag(self.name, version, "champion_set_at", repr(time.time()))
 
     def _comparable(self, champ, scores: Scores, reevaluate, reasons: list[str]) -> Scores | None:
         if champ is None:

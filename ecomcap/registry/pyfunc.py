@@ -31,9 +31,13 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelCo
     model.save_pretrained(out, safe_serialization=True)
     save_processor(processor, out)
     write_output_marker(out, kind="full", base=None, extra={"merged_from": str(model_dir)})
-    (out / INFERENCE_FILE).write_text(json.dumps(
-        inference_settings(model_cfg, gen_cfg), ensure_ascii=False, indent=2),
-        encoding="utf-8")
+    from ecomcap.modeling.strategies import is_4bit
+
+    settings = inference_settings(model_cfg, gen_cfg)
+    if is_4bit(model):  # merged from QLoRA: a 4-bit bitsandbytes checkpoint loads (serves) on CUDA only
+        settings["quantization"] = {"method": "bitsandbytes", "bits": 4, "quant_type": "nf4",
+                                    "merged_from_4bit": True, "requires": "cuda"}
+    (out / INFERENCE_FILE).write_text(json.dumps(settings, ensure_ascii=False, indent=2), encoding="utf-8")
     return out
 
 

@@ -3,8 +3,9 @@
 Qwen2.5-VL turns each image into (h/28)*(w/28) tokens after resizing it into
 [min_pixels, max_pixels], so a large or long image can take thousands of tokens. A sequence
 over the limit gets cut somewhere (the classic "image features and image tokens do not match"
-failure) or runs out of memory hours into a run; here it is found up front, from each image's
-header (no decoding), with the ids of the images that would not fit.
+failure) or runs out of memory hours into a run; here it is found up front, from the width and
+height ingest stored with each image (metadata columns only: no image bytes are read, so every
+rank can afford it and all ranks stop alike), with the ids of the images that would not fit.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import io
 import logging
 from dataclasses import dataclass
 
+import pyarrow.parquet as pq
 from PIL import Image
 
 from ecomcap.errors import EcomcapError
@@ -48,31 +50,59 @@ def model_token_limit(model, max_seq_len: int | None) -> int:
     return min(limit, max_seq_len) if max_seq_len else limit
 
 
+def image_sizes(data) -> list[tuple[int, int]]:
+    """(width, height) of each of `data`'s rows from the shards' metadata columns; an image
+    header only for shards written without them."""
+    by_file: dict[int, list[tuple[int, int]] | None] = {}
+    out = []
+    for i, (f, g, r) in enumerate(data.where):
+        if f not in by_file:
+            pf = pq.ParquetFile(data.files[f])
+            if {"width", "height"} <= set(pf.schema_arrow.names):
+                t = pf.read(columns=["width", "height"])
+                sizes = list(zip(t.column("width").to_pylist(), t.column("height").to_pylist()))
+                starts = [0]
+                for k in range(pf.num_row_groups - 1):
+                    starts.append(starts[-1] + pf.metadata.row_group(k).num_rows)
+                by_file[f] = [sizes, starts]
+            else:
+                by_file[f] = None
+        meta = by_file[f]
+        if meta is not None and meta[0][meta[1][g] + r][0]:
+            out.append(meta[0][meta[1][g] + r])
+        else:
+            out.append(Image.open(io.BytesIO(data.image_bytes(i))).size)
+    return out
+
+
 def check_token_budget(data, builder, answer_tokens: int, limit: int, show: int = 5) -> Budget:
     """Raise (listing the images) when any prompt + image + answer would exceed `limit`."""
     processor = builder.processor
     # the template holds one <|image_pad|>; the processor expands it to the image's tokens
     prompt = len(processor.tokenizer(builder.text, add_special_tokens=False)["input_ids"]) - 1
     over: list[tuple[str, int]] = []
-    unusable: list[str] = []
+    extreme: list[str] = []
     most = 0
-    for i in range(len(data)):
+    for i, (w, h) in enumerate(image_sizes(data)):
         try:
-            w, h = Image.open(io.BytesIO(data.image_bytes(i))).size
             n = image_token_count(w, h, processor.image_processor)
-        except (ValueError, OSError):  # aspect ratio > 200 or no readable header
-            unusable.append(data.ids[i])
+        except ValueError:  # aspect ratio > 200: the processor refuses it (and the whole batch)
+            extreme.append(f"{data.ids[i]} ({w}x{h})")
             continue
         most = max(most, n)
         if prompt + n + answer_tokens > limit:
             over.append((data.ids[i], n))
     budget = Budget(len(data), prompt, answer_tokens, most, prompt + most + answer_tokens, limit)
-    if over or unusable:
+    if extreme:
+        raise EcomcapError(
+            f"{len(extreme)} of {len(data)} training images have an aspect ratio over 200:1, which "
+            f"Qwen2.5-VL's image processor cannot resize (e.g. {', '.join(extreme[:show])}); re-ingest "
+            "the data: ingest quarantines them (reason extreme_aspect_ratio, data.ingest.max_aspect_ratio)")
+    if over:
         listed = ", ".join(f"{i} ({n} image tokens)" for i, n in over[:show])
         raise EcomcapError(
             f"{len(over)} of {len(data)} images exceed the {limit}-token limit with a {prompt}-token "
-            f"prompt and {answer_tokens} answer tokens{': ' + listed if listed else ''}"
-            f"{f'; {len(unusable)} images cannot be resized (e.g. {unusable[0]})' if unusable else ''}; "
+            f"prompt and {answer_tokens} answer tokens: {listed}; "
             "lower model.max_pixels, or raise model.max_seq_len")
     log.info("token budget: %d images, prompt %d + image <= %d + answer %d = %d <= %d", budget.images,
              prompt, most, answer_tokens, budget.longest, limit)

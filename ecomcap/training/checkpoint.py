@@ -110,6 +110,32 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
     return json.loads((path / STATE).read_text(encoding="utf-8"))
 
 
+def _save_weights(model, out: Path, is_adapter: bool) -> None:
+    """save_pretrained in the dtype the weights were loaded in: trainables train in fp32 (see
+    `upcast_trainable`), but a full 7B export in fp32 would be ~30 GB with config.json saying
+    float32. fp32 stays only in checkpoints (trainable.safetensors), for exact resume."""
+    from ecomcap.modeling.strategies import load_dtype
+
+    target = None if is_adapter else load_dtype(model)
+    if target is None:
+        model.save_pretrained(out, safe_serialization=True)
+        return
+    cast: dict[int, torch.Tensor] = {}  # by storage: tied weights stay one tensor
+    state = {}
+    for name, t in model.state_dict().items():
+        if t.dtype == torch.float32:
+            key = t.data_ptr()
+            if key not in cast:
+                cast[key] = t.detach().to(device="cpu", dtype=target)
+            t = cast[key]
+        state[name] = t
+    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    config["dtype"] = str(target).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    model.config.dtype = config["dtype"]
+
+
 def export_model(model, processor, out_dir: Path, *, base: str, strategy: str, configs: dict,
                  metrics_log: Path | None = None) -> Path:
     """A loadable directory: adapter (LoRA/QLoRA) or full weights, processor, configs used."""
@@ -117,10 +143,14 @@ def export_model(model, processor, out_dir: Path, *, base: str, strategy: str, c
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     is_adapter = hasattr(model, "peft_config")
-    model.save_pretrained(tmp, safe_serialization=True)
+    _save_weights(model, tmp, is_adapter)
     save_processor(processor, tmp)
-    write_output_marker(tmp, kind="adapter" if is_adapter else "full",
-                        base=base if is_adapter else None, extra={"strategy": strategy})
+    from ecomcap.modeling.strategies import is_4bit
+
+    # quantized_base: the base this adapter trained over was 4-bit (QLoRA, or LoRA over a merged
+    # QLoRA model); evaluation and export must load it the same way
+    write_output_marker(tmp, kind="adapter" if is_adapter else "full", base=base if is_adapter else None,
+                        extra={"strategy": strategy, "quantized_base": is_4bit(model)})
     (tmp / "training_config.json").write_text(
         json.dumps(configs, ensure_ascii=False, indent=2, default=str), encoding="utf-8"
     )

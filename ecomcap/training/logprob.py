@@ -50,9 +50,11 @@ class PolicyLogprob:
     length_normalize: bool = False
     kl_weight: float = 0.0
     chunk: int = 0
-    # None: do not backward here; one chunk, the loss is returned with its graph (DeepSpeed counts
-    # one backward per micro-step; DDP with a training vision tower needs the tower in that backward)
+    # None: the last chunk's loss is returned with its graph for the loop's backward (DeepSpeed
+    # steps its engine in that backward; DDP with a training vision tower needs the tower in the
+    # synchronised backward); the chunks before it go through `partial_backward`
     backward: Callable[[torch.Tensor], None] | None = field(default=lambda loss: loss.backward())
+    partial_backward: Callable[[torch.Tensor], None] = field(default=lambda loss: loss.backward())
     no_sync: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
     autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
 
@@ -67,12 +69,7 @@ class PolicyLogprob:
             feats = encode_images(self.inner, enc, grad_vision)
         ref_feats = self._reference_features(enc, feats, grad_vision)
         if self.backward is None:
-            pg, kl = self._chunk_loss(enc, seqs, list(range(n)), k, feats, ref_feats, advantage)
-            loss = pg / n + (self.kl_weight * kl / max(total_tokens, 1) if self.kl_weight > 0 else 0.0)
-            logs = {"sample_len": total_tokens / max(n, 1), "pg_loss": float(pg.detach()) / n}
-            if self.kl_weight > 0:
-                logs["kl"] = float(kl.detach()) / max(total_tokens, 1)
-            return loss, logs
+            return self._deferred(enc, seqs, k, advantage, feats, ref_feats, grad_vision, total_tokens)
         leaves = [f.detach().requires_grad_(grad_vision) for f in feats]
         size = self.chunk or n
         bounds = list(range(0, n, size))
@@ -89,12 +86,46 @@ class PolicyLogprob:
         if grad_vision:  # the tower's backward, once, with the gradients the chunks left on its output
             torch.autograd.backward(feats, [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
                                             for leaf in leaves])
+        return torch.tensor(self._total(pg_sum, kl_sum, n, total_tokens)), self._logs(pg_sum, kl_sum, n, total_tokens)
+
+    def _deferred(self, enc, seqs, k, advantage, feats, ref_feats, grad_vision, total_tokens):
+        """DeepSpeed (one engine step per optimizer step) and DDP with a training vision tower
+        (the tower must be in the synchronised backward): every chunk but the last is backwarded
+        here by `partial_backward` (a non-boundary micro-step: DeepSpeed accumulates, DDP does
+        not sync); the last chunk's loss is returned with its graph for the loop's backward, with
+        a zero-valued term that carries the earlier chunks' feature gradients through the tower.
+        Its value is the whole step's loss (the earlier chunks' part added as a constant)."""
+        n = len(seqs)
+        size = self.chunk or n
+        bounds = list(range(0, n, size))
+        leaves = [f.detach().requires_grad_(grad_vision) for f in feats]
+        pg_sum = kl_sum = 0.0
+        for r0 in bounds[:-1]:
+            rows = list(range(r0, min(r0 + size, n)))
+            with self.no_sync():
+                pg, kl = self._chunk_loss(enc, seqs, rows, k, leaves, ref_feats, advantage)
+                self.partial_backward(pg / n + (self.kl_weight * kl / max(total_tokens, 1) if self.kl_weight > 0 else 0.0))
+            pg_sum += float(pg.detach())
+            kl_sum += float(kl.detach()) if self.kl_weight > 0 else 0.0
+        rows = list(range(bounds[-1], n))
+        pg, kl = self._chunk_loss(enc, seqs, rows, k, feats, ref_feats, advantage)
+        loss = pg / n + (self.kl_weight * kl / max(total_tokens, 1) if self.kl_weight > 0 else 0.0)
+        if grad_vision and len(bounds) > 1:
+            loss = loss + sum(((f - f.detach()) * leaf.grad).sum() for f, leaf in zip(feats, leaves)
+                              if leaf.grad is not None)
+        earlier = self._total(pg_sum, kl_sum, n, total_tokens)
+        pg_sum += float(pg.detach())
+        kl_sum += float(kl.detach()) if self.kl_weight > 0 else 0.0
+        return loss + earlier, self._logs(pg_sum, kl_sum, n, total_tokens)
+
+    def _total(self, pg_sum, kl_sum, n, total_tokens) -> float:
+        return pg_sum / n + (self.kl_weight * kl_sum / max(total_tokens, 1) if self.kl_weight > 0 else 0.0)
+
+    def _logs(self, pg_sum, kl_sum, n, total_tokens) -> dict[str, float]:
         logs = {"sample_len": total_tokens / max(n, 1), "pg_loss": pg_sum / n}
-        value = pg_sum / n
         if self.kl_weight > 0:
             logs["kl"] = kl_sum / max(total_tokens, 1)
-            value += self.kl_weight * logs["kl"]
-        return torch.tensor(value), logs
+        return logs
 
     def _inputs(self, enc, seqs, rows, k, feats):
         images = [r // k for r in rows]
@@ -139,9 +170,15 @@ def policy_logprob(loop, cfg, suppress: Sequence[int]) -> PolicyLogprob:
 
     acc = loop.acc
     inner = acc.unwrap_model(loop.model)
-    defer = acc.distributed_type == DistributedType.DEEPSPEED or (acc.num_processes > 1 and vision_trains(inner))
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    defer = deepspeed or (acc.num_processes > 1 and vision_trains(inner))
+    if deepspeed:  # a micro-step that is not the accumulation boundary: backward, no engine step
+        partial = lambda loss: acc.deepspeed_engine_wrapped.backward(loss, sync_gradients=False)  # noqa: E731
+        no_sync = contextlib.nullcontext
+    else:
+        partial, no_sync = acc.backward, lambda: acc.no_sync(loop.model)
     return PolicyLogprob(
         model=loop.model, inner=inner, pad_id=loop.builder.pad_id, suppress=suppress,
         length_normalize=cfg.length_normalize, kl_weight=cfg.kl_weight, chunk=cfg.logprob_chunk,
-        backward=None if defer else acc.backward, no_sync=lambda: acc.no_sync(loop.model),
+        backward=None if defer else acc.backward, partial_backward=partial, no_sync=no_sync,
         autocast=acc.autocast)

@@ -62,15 +62,29 @@ class StageResult:
     param_digest: str = ""  # hash of this process's trainable weights (ranks must agree)
 
 
-def make_accelerator(cfg: LoopConfig, model: torch.nn.Module | None = None) -> Accelerator:
-    mp = cfg.mixed_precision
+def resolve_precision(requested: str, model: torch.nn.Module | None, bf16_ok: bool) -> str:
+    """accelerate's mixed precision for these weights. Trainables are fp32 (see
+    `upcast_trainable`); autocast joins them with 16-bit frozen weights: bf16 weights need "bf16",
+    fp16 weights (GPUs without bf16: T4, V100, or `dtype: float16`) "fp16" (with a GradScaler)."""
+    dtypes = {p.dtype for p in model.parameters()} if model is not None else set()
+    mp = requested
     if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-        if model is not None and mp == "no":  # bf16 weights, fp32 trainables: autocast joins them
-            mp = "bf16" if any(p.dtype == torch.bfloat16 for p in model.parameters()) else "no"
-    if mp == "no" and model is not None and any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
-        raise EcomcapError("mixed_precision 'no' with 16-bit weights: set mixed_precision to bf16 or auto "
+        if torch.bfloat16 in dtypes:
+            mp = "bf16"
+        elif torch.float16 in dtypes:
+            mp = "fp16"
+        else:
+            mp = "bf16" if bf16_ok else "no"
+    if mp == "no" and dtypes & {torch.bfloat16, torch.float16}:
+        want = "bf16" if torch.bfloat16 in dtypes else "fp16"
+        raise EcomcapError(f"mixed_precision 'no' with 16-bit weights: set mixed_precision to {want} or auto "
                            "(trainable weights are kept in fp32; autocast runs the 16-bit frozen ones)")
+    return mp
+
+
+def make_accelerator(cfg: LoopConfig, model: torch.nn.Module | None = None) -> Accelerator:
+    bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    mp = resolve_precision(cfg.mixed_precision, model, bf16_ok)
     _forget_other_precision(mp)
     return Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum

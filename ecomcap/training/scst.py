@@ -149,7 +149,8 @@ def run_scst(
     in `run_sft`, the same held-out training images pick the best checkpoint)."""
     torch.manual_seed(cfg.seed)  # adapter init and sampling follow the seed, not the process history
     gen_cfg = gen_cfg or GenerateConfig()
-    model, processor = load_trained(sft_model_dir, model_cfg)
+    # 4-bit base for SCST QLoRA (whatever SFT used), as evaluation and export will load it
+    model, processor = load_trained(sft_model_dir, model_cfg, quantized=cfg.finetune.strategy == "qlora")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if cfg.kl_weight > 0 and cfg.finetune.strategy not in ("lora", "qlora"):

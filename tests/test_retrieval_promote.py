@@ -1,5 +1,7 @@
 """Retriever promotion on a real SQLite MLflow registry with tiny encoders: what identifies a
 version (encoder AND gallery index), a second version, the champion's re-evaluation, a rejection."""
+import os
+
 import mlflow
 import pytest
 
@@ -26,7 +28,12 @@ def setup(tmp_path_factory):
                                                      "bootstrap_resamples": 200})})
     ensure_tiny_encoder(cfg.encoder.name_or_path, cfg.encoder.arch, ["红色 T恤 连衣裙"], TINY, cfg.encoder.max_text_len)
     mlflow.set_tracking_uri(uri)
-    return root, data, cfg
+    yield root, data, cfg
+    # promote opens its run under set_experiment, which also pins MLFLOW_EXPERIMENT_ID: undo both
+    # so later test modules on other stores start clean
+    mlflow.set_tracking_uri(None)
+    mlflow.tracking.fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 def _promote(gallery, data, cfg):

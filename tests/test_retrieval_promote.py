@@ -5,7 +5,12 @@ import os
 import mlflow
 import pytest
 
-from ecomcap.retrieval.config import EncoderConfig, RetrievalDataConfig, RetrievalRunConfig, RetrievalSynthConfig
+from ecomcap.retrieval.config import (
+    EncoderConfig,
+    RetrievalDataConfig,
+    RetrievalRunConfig,
+    RetrievalSynthConfig,
+)
 from ecomcap.retrieval.gallery import embed_gallery
 from ecomcap.retrieval.prepare import prepare_retrieval_data
 from ecomcap.retrieval.promote import promote_retriever

@@ -39,7 +39,7 @@ from ecomcap.data.synth_draw import BRANDS, CATEGORIES, COLOURS, PATTERNS  # noq
 from ecomcap.retrieval.demo_gallery import HashingTextEncoder, demo_gallery  # noqa: E402
 from ecomcap.retrieval.gallery_files import open_gallery  # noqa: E402
 from ecomcap.retrieval.serve import search_page_process  # noqa: E402
-from ecomcap.retrieval.store import StoreConfig, exact_topk  # noqa: E402
+from ecomcap.retrieval.store import StoreConfig, tie_recall  # noqa: E402
 
 MAX_SECONDS = 300
 
@@ -103,19 +103,14 @@ def run_clients(base: str, qs: list[str], clients: int, seconds: float, max_requ
 def page_recall(base: str, gallery_dir: Path, qs: list[str], k: int = 10) -> float:
     """Share of the exact top-k (ties at the k-th score count) that the page returns."""
     gallery = open_gallery(gallery_dir)
-    enc = HashingTextEncoder(gallery.vectors.shape[1])
-    qv = enc.encode_texts(qs)
-    exact = exact_topk(gallery.vectors, qv, k)
-    kth = np.einsum("qd,qd->q", qv, gallery.vectors[exact[:, -1]])
+    qv = HashingTextEncoder(gallery.vectors.shape[1]).encode_texts(qs)
     index = {item_id: i for i, item_id in enumerate(gallery.item_ids)}
-    found = []
-    for q, v, top, floor in zip(qs, qv, exact, kth):
+    answers = []
+    for q in qs:
         url = f"{base}/api/search?q={urllib.parse.quote(q)}&top={k}"
         with urllib.request.urlopen(url, timeout=30) as r:
-            rows = [index[x["item_id"]] for x in json.load(r)["results"]]
-        scores = gallery.vectors[rows] @ v
-        found.append(sum(r in set(top.tolist()) or s >= floor - 1e-5 for r, s in zip(rows, scores)) / k)
-    return float(np.mean(found))
+            answers.append([index[x["item_id"]] for x in json.load(r)["results"]])
+    return tie_recall(gallery.vectors, qv, answers, k)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """End to end: `make dashboard`'s ZenML server, rendered by headless Chromium, shows a finished
-training_pipeline run: its DAG (every step and artifact node, the edges between them) and the
-evaluation report's HTML visualisation. Clean copy and run machinery: tests/test_pipeline_e2e.py.
+run of each pipeline (training_pipeline, retrieval_pipeline): its DAG (every step and artifact
+node, the edges between them) and the evaluation report's HTML visualisation. Clean copy and run machinery: tests/test_pipeline_e2e.py.
 
 Needs Debian's chromium (``apt-get install -y chromium``). Screenshots land in tmp_path and, when
 ECOMCAP_SCREENSHOTS is set, in that directory too.
@@ -23,6 +23,10 @@ pytestmark = pytest.mark.e2e
 TRAINING_NODES = ["ingest", "validate", "sft", "scst", "generate", "evaluate", "promote",
                   "train_data", "valid_data", "validation_report", "sft_model", "model", "caption_gen",
                   "evaluation", "gate_decision"]
+
+RETRIEVAL_NODES = ["retrieval_ingest", "retrieval_validate", "retrieval_train", "embed_gallery", "retrieval_evaluate",
+                   "retrieval_promote", "retrieval_train_data", "retrieval_valid_data", "retrieval_validation_report",
+                   "retriever", "gallery", "retrieval_evaluation", "retrieval_gate_decision"]
 
 
 def check_run_page(page: Page, run_url: str, nodes: list[str], report: str, report_text: str,
@@ -79,3 +83,25 @@ def test_dashboard_shows_training_run_dag_and_report(repo, tmp_path):  # noqa: F
         if dest:
             Path(dest).mkdir(parents=True, exist_ok=True)
             shutil.copy2(png, Path(dest) / png.name)
+
+
+def test_dashboard_shows_retrieval_run_dag_and_report(repo, tmp_path):  # noqa: F811
+    from tests.test_retrieval_pipeline_e2e import _config
+
+    ensure_chromium()
+    cfg = _config(repo)
+    run = sh(repo, f"bash scripts/setup_stack.sh && zenml pipeline run pipelines.retrieval.retrieval_pipeline -c {cfg}",
+             OMP_NUM_THREADS="1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    port = _free_port()
+    up = sh(repo, "make -o .venv/.installed dashboard", ZENML_DASHBOARD_PORT=str(port))
+    try:
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
+        url = re.search(r"last retrieval_pipeline run \(completed\): (\S+)", up.stdout)
+        assert url and url.group(1).startswith(f"http://127.0.0.1:{port}/projects/default/runs/"), up.stdout
+        with chromium_page() as page:
+            check_run_page(page, url.group(1), RETRIEVAL_NODES, "retrieval_evaluation", "MeanRecall",
+                           tmp_path / "screenshots", "retrieval")
+    finally:
+        down = sh(repo, "make -o .venv/.installed dashboard-stop")
+    assert down.returncode == 0 and "shut down" in down.stdout + down.stderr

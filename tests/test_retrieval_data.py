@@ -4,6 +4,7 @@ import csv
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from ecomcap.data.formats import encode_base64
 from ecomcap.data.shards import read_table
@@ -118,3 +119,72 @@ def test_synthetic_set_is_deterministic_and_muge_shaped(tmp_path):
     assert a["valid"]["groups"] == 40  # base products + one one-attribute distractor each
     report = ingest_retrieval_split(tmp_path / "a", "valid", tmp_path / "ing", "muge")
     assert report["passed"] and report["items"]["rows_ok"] == a["valid"]["items"]
+
+
+def test_the_pipeline_config_rejects_shopee_in_one_line(tmp_path):
+    """Shopee has no queries.parquet: refused when the run config loads, not by a raw
+    FileNotFoundError deep in training."""
+    from ecomcap.config import load_run_config
+    from ecomcap.errors import EcomcapError
+    from ecomcap.retrieval.config import RetrievalRunConfig
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("parameters:\n  config:\n    data:\n      source: shopee\n      src_dir: /data/shopee\n",
+                   encoding="utf-8")
+    with pytest.raises(EcomcapError) as err:
+        load_run_config(cfg, RetrievalRunConfig)
+    assert "'shopee' has no search queries" in str(err.value)
+
+
+def test_retrieval_config_settings_that_did_nothing_are_gone_and_device_is_used(tmp_path, monkeypatch):
+    """eval.top_k and gallery_dir were accepted and ignored: now refused; encoder.device reaches
+    the gallery embedding (and evaluation / champion re-scoring through the same call)."""
+    from ecomcap.config import load_run_config
+    from ecomcap.errors import EcomcapError
+    from ecomcap.retrieval import gallery
+    from ecomcap.retrieval.config import RetrievalRunConfig
+    from ecomcap.retrieval.workflow import embed_stage
+
+    for extra in ("    gallery_dir: .run/g\n", "    eval: {top_k: 10}\n"):
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text("parameters:\n  config:\n" + extra, encoding="utf-8")
+        with pytest.raises(EcomcapError):
+            load_run_config(cfg, RetrievalRunConfig)
+    seen = []
+
+    def spy(path, device=None, trust_remote_code=False):
+        seen.append(device)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(gallery, "load_encoder", spy)
+    cfg = RetrievalRunConfig.model_validate({"encoder": {"device": "cpu"}, "data": {"work_dir": str(tmp_path / "d")}})
+    with pytest.raises(RuntimeError, match="stop here"):
+        embed_stage(tmp_path / "model", tmp_path / "valid", cfg)
+    assert seen == ["cpu"]
+
+
+def test_retrieval_validate_stage_records_splits_like_captioning(tmp_path):
+    """One dataset recorder for both jobs (ecomcap.workflow.record_datasets): each split with its
+    ingested directory as source, the shared context names and its row counts."""
+    import mlflow
+
+    from ecomcap.retrieval.config import RetrievalDataConfig, RetrievalRunConfig
+    from ecomcap.retrieval.prepare import prepare_retrieval_data
+    from ecomcap.retrieval.workflow import validate_stage
+
+    data = prepare_retrieval_data(RetrievalDataConfig(
+        work_dir=tmp_path / "d", synth=RetrievalSynthConfig(train_products=4, valid_products=4, image_size=32)))
+    cfg = RetrievalRunConfig.model_validate({"data": {"work_dir": str(tmp_path / "d")}})
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        with mlflow.start_run() as run:
+            reports = validate_stage({"train": data["train"], "valid": data["valid"]}, cfg)
+        inputs = {di.dataset.name: (di.dataset, {t.key: t.value for t in di.tags})
+                  for di in mlflow.get_run(run.info.run_id).inputs.dataset_inputs}
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert set(inputs) == {"retrieval-train", "retrieval-valid"}
+    for split, context in (("train", "training"), ("valid", "validation")):
+        ds, tags = inputs[f"retrieval-{split}"]
+        assert tags["mlflow.data.context"] == context and str(data[split]) in ds.source
+        assert tags["rows_ok"] == str(reports[split]["items"]["rows_ok"])

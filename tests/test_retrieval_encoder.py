@@ -79,3 +79,72 @@ def test_gallery_artifact_format(tmp_path):
     pics = [Image.open(io.BytesIO(d)) for _, d, _ in rows]
     np.testing.assert_allclose(gal.vectors, again.encode_items(pics, [t for *_, t in rows]), atol=1e-5)
     assert gal.images(["c"]) == {"c": rows[2][1]}
+    # the synthetic-gallery writer identifies the same content the same way (one fingerprint)
+    from ecomcap.retrieval.gallery_files import open_gallery, write_gallery
+
+    copy = write_gallery(tmp_path / "copy", np.asarray(gal.vectors), list(zip(gal.item_ids, gal.texts)),
+                         [(i, d) for i, d, _ in rows], {"item_embedding": "fused", "fusion_weight": 0.5,
+                                                        "encoder_dir": "../gallery/encoder"})
+    opened = open_gallery(copy)
+    assert opened.index["fingerprint"] == gal.index["fingerprint"] and opened.images(["b"]) == {"b": rows[1][1]}
+
+
+def test_hub_layout_siglip_dir_loads_its_sentencepiece_tokenizer(tmp_path):
+    """google/siglip-base-patch16-224 ships spiece.model + SiglipTokenizer (needs sentencepiece):
+    a directory of that layout, weights of the real class, loads through load_encoder."""
+    import sentencepiece as spm
+
+    out = build_tiny_encoder(tmp_path / "siglip", "siglip", ["abcdefghijklmnopqrstuvwxyz0123456789"], SMALL, 64)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["red cotton dress", "blue silk shirt", "green hat black shoes white socks"] * 20),
+                      encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(out / "spiece"), vocab_size=24,
+                                   model_type="unigram", pad_id=-1, unk_id=2, bos_id=-1, eos_id=1,
+                                   character_coverage=1.0, minloglevel=2)
+    for name in ("tokenizer.json", "special_tokens_map.json", "spiece.vocab"):
+        (out / name).unlink(missing_ok=True)
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "SiglipTokenizer",
+                                                           "model_max_length": 64}), encoding="utf-8")
+    enc = load_encoder(out, device="cpu")
+    assert "Siglip" in type(enc.pre.tokenizer).__name__
+    emb = enc.encode_texts(["red dress", "blue shirt"])
+    assert emb.shape == (2, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_ensure_tiny_encoder_rebuilds_when_the_vocabulary_changes(tmp_path):
+    from ecomcap.retrieval.encoder import load_preprocessor
+    from ecomcap.retrieval.tiny import ensure_tiny_encoder
+
+    path = ensure_tiny_encoder(tmp_path / "t", "chinese_clip", ["红色 T恤"], SMALL)
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_encoder(path, "chinese_clip", ["红色 T恤"], SMALL) == path  # same texts: reused
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    ensure_tiny_encoder(path, "chinese_clip", ["红色 T恤", "蓝色 连衣裙"], SMALL)  # new characters
+    tok = load_preprocessor(path, "chinese_clip", 16).tokenizer
+    assert tok.unk_token_id not in tok("蓝色连衣裙")["input_ids"]
+
+
+@pytest.mark.parametrize("size", [32, {"height": 32, "width": 32}])
+def test_hub_layout_chinese_clip_dir_with_vocab_txt_and_released_preprocessor(tmp_path, size):
+    """OFA-Sys/chinese-clip-*: vocab.txt + BertTokenizer, preprocessor_config.json with
+    do_center_crop false (a square resize, no crop); non-square product photos must embed."""
+    from transformers import AutoTokenizer
+
+    out = build_tiny_encoder(tmp_path / "cc", "chinese_clip", ["红色条纹T恤连衣裙"], SMALL)
+    vocab = AutoTokenizer.from_pretrained(str(out)).get_vocab()
+    for name in ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (out / name).unlink(missing_ok=True)
+    (out / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n", encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True,
+                                                           "model_max_length": 52}), encoding="utf-8")
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": 32, "do_center_crop": False, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "ChineseCLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": size}), encoding="utf-8")
+    enc = load_encoder(out, device="cpu")
+    assert type(enc.pre.tokenizer).__name__.startswith("BertTokenizer")
+    ids = enc.pre.texts(["红色连衣裙"])["input_ids"][0].tolist()
+    assert enc.pre.tokenizer.unk_token_id not in ids
+    wide = Image.new("RGB", (60, 30), "red")
+    emb = enc.encode_items([wide, wide.rotate(90, expand=True)], ["红色", "红色"], mode="image")
+    assert emb.shape == (2, 16) and np.isfinite(emb).all()

@@ -86,12 +86,15 @@ def test_grad_cache_equals_one_shot_loss_and_gradients(tmp_path, arch):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_grad_cache_replays_dropout_masks(tmp_path):
-    """In train mode (dropout on) each chunk's re-forward reuses its RNG state: the gradients
-    equal back-propagation through the very embeddings the loss saw."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: dropout there draws from the device RNG"))])
+def test_grad_cache_replays_dropout_masks(tmp_path, device):
+    """In train mode (dropout on) each chunk's re-forward reuses its RNG state (CPU and device):
+    the gradients equal back-propagation through the very embeddings the loss saw."""
     dual = load_dual_encoder(build_tiny_encoder(tmp_path / "cc", "chinese_clip", ["红色 T恤"], SMALL)).train()
-    towers = _towers(dual)
-    pos = torch.eye(6, dtype=torch.bool)
+    dual = dual.to(device)
+    towers = [(fn, {k: v.to(device) for k, v in inp.items()}) for fn, inp in _towers(dual)]
+    pos = torch.eye(6, dtype=torch.bool, device=device)
     loss_fn = _loss_fn(dual, pos)
     torch.manual_seed(3)
     embs = [torch.cat([fn({k: v[i:i + 3] for k, v in inp.items()}) for i in (0, 3)]) for fn, inp in towers]

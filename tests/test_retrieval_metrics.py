@@ -101,3 +101,17 @@ def test_retrieval_evaluate_cli(tmp_path, capsys):
     assert main(["retrieval-evaluate", "--pred", str(pred), "--gold", str(gold)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "query 1: duplicate item ids" in err[0]
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([{"query_id": 1, "item_ids": [3]}, {"query_id": 1, "item_ids": [4]}], "gold.jsonl line 2: query 1 appears twice"),
+    ([{"query_id": 1, "item_ids": [3]}, {"query_id": 2, "query_text": "蓝色"}], "gold.jsonl line 2: query 2 has no item_ids"),
+    ([{"query_id": 1, "item_ids": []}], "gold.jsonl line 1: query 1 has no item_ids"),
+])
+def test_retrieval_evaluate_rejects_bad_gold_rows(tmp_path, capsys, rows, message):
+    gold, pred = tmp_path / "gold.jsonl", tmp_path / "pred.jsonl"
+    _write(gold, rows)
+    _write(pred, [{"query_id": 1, "item_ids": [3] + list(range(10, 19))}])
+    assert main(["retrieval-evaluate", "--pred", str(pred), "--gold", str(gold)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -72,8 +72,12 @@ def test_cli_search_uses_the_registered_champion(gallery, tmp_path, capsys):
         client.set_registered_model_alias(RETRIEVER, "champion", version.version)
     finally:
         mlflow.set_tracking_uri(None)
-    found = champion_gallery(uri, dst=tmp_path / "dl")
+    before = mlflow.get_tracking_uri()
+    found = champion_gallery(uri, cache_dir=tmp_path / "dl")
     assert (found / "index.json").read_text() == (gallery / "index.json").read_text()
+    assert mlflow.get_tracking_uri() == before  # the global MLflow URIs are left alone
+    assert champion_gallery(uri, cache_dir=tmp_path / "dl") == found  # one download per version
+    assert len([p for p in (tmp_path / "dl").rglob("vectors.npy")]) == 1
     assert main(["search", "红色连衣裙", "--top", "2", "--tracking-uri", uri, "--store-uri",
                  str(tmp_path / "c.db")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -103,7 +107,7 @@ def test_search_a_gallery_embedded_by_the_trained_encoder(tmp_path):
     exact top-k of the encoder's query vector."""
     from ecomcap.retrieval.encoder import load_encoder, save_encoder
     from ecomcap.retrieval.gallery import embed_gallery
-    from ecomcap.retrieval.store import exact_topk
+    from ecomcap.retrieval.metrics import topk_search
     from ecomcap.retrieval.tiny import build_tiny_encoder
     from tests.test_retrieval_encoder import SMALL, TEXTS, _items_dataset, _jpeg
 
@@ -115,7 +119,24 @@ def test_search_a_gallery_embedded_by_the_trained_encoder(tmp_path):
     try:
         out = searcher.search("红色 条纹 T恤", 5)
         q = load_encoder(gallery / "encoder", device="cpu").encode_texts(["红色 条纹 T恤"])
-        expected = [searcher.gallery.item_ids[i] for i in exact_topk(searcher.gallery.vectors, q, 5)[0]]
+        expected = [searcher.gallery.item_ids[i] for i in topk_search(q, searcher.gallery.vectors, 5)[1][0]]
         assert [r["item_id"] for r in out["results"]] == expected
     finally:
         searcher.store.close()
+
+
+def test_page_errors_for_a_bad_top_and_images_of_ids_with_slashes(searcher, gallery, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jpeg = ImageLookup(gallery / "images.parquet").get(searcher.gallery.item_ids[0])
+    pq.write_table(pa.table({"item_id": ["shop/a/123"], "image": [jpeg]}), tmp_path / "images.parquet")
+    client = TestClient(create_app(searcher, ImageLookup(tmp_path / "images.parquet")))
+    page = client.get("/", params={"q": "红色", "top": "abc"})
+    assert page.status_code == 400 and page.headers["content-type"].startswith("text/html")
+    assert "top must be a whole number between 1 and 100, got &#x27;abc&#x27;" in page.text
+    api = client.get("/api/search", params={"q": "红色", "top": "abc"})
+    assert api.status_code == 400 and "top must be a whole number" in api.json()["error"]
+    img = client.get("/images/shop%2Fa%2F123")
+    assert img.status_code == 200 and img.content == jpeg
+    assert client.get("/images/shop/a/123").status_code == 200

@@ -7,23 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from ecomcap.errors import EcomcapError
 from ecomcap.retrieval.gallery_files import ImageLookup, open_gallery
-from ecomcap.retrieval.store import StoreConfig, VectorStore, ann_recall, exact_topk
+from ecomcap.retrieval.store import StoreConfig, VectorStore, ann_recall
 from tests.conftest import make_image
 from tests.retrieval_fixtures import random_gallery
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_exact_topk_matches_torch_topk():
-    rng = np.random.default_rng(1)
-    g, q = rng.standard_normal((500, 16)).astype(np.float32), rng.standard_normal((70, 16)).astype(np.float32)
-    ours = exact_topk(g, q, 10, chunk=32)
-    ref = torch.topk(torch.from_numpy(q @ g.T), 10, dim=1).indices.numpy()
-    assert np.array_equal(ours, ref)
 
 
 @pytest.mark.parametrize("index_type", ["HNSW", "FLAT"])
@@ -110,3 +101,13 @@ def test_reopened_store_serves_the_existing_collection(tmp_path):
         assert again.search(name, gallery.vectors[[3]], 1)[0][0].item_id == gallery.item_ids[3]
     finally:
         again.close()
+
+
+def test_tie_recall_counts_exact_and_tied_answers_only():
+    from ecomcap.retrieval.store import tie_recall
+
+    v = np.eye(4, dtype=np.float32)[[0, 0, 1, 2, 3]]  # rows 0 and 1 are the same vector
+    q = v[:1]
+    assert tie_recall(v, q, [[1]], k=1) == 1.0  # row 1 ties with the exact answer row 0
+    assert tie_recall(v, q, [[2]], k=1) == 0.0
+    assert tie_recall(v, q, [[0, 2]], k=2) == 0.5 and tie_recall(v, q, [[2, 3]], k=2) == 0.0

@@ -60,6 +60,21 @@ def test_lora_sigmoid_run_exports_merged_weights(data, tmp_path):
     assert type(enc.dual.model).__name__ == "ChineseCLIPModel"
     t, b = enc.dual.scale_bias()  # the sigmoid loss on a from-scratch model starts at SigLIP's init
     assert abs(float(t) - np.log(10)) < 0.1 and abs(float(b) + 10) < 0.1
+    # ... and LoRA trains the logit scale and bias too (they are not adapter weights)
+    assert abs(float(t) - np.log(10)) > 1e-5 and abs(float(b) + 10) > 1e-5
+
+
+def test_lora_leaves_logit_scale_and_bias_trainable(tmp_path):
+    from ecomcap.retrieval.train import apply_strategy, prepare_encoder
+
+    for arch in ("chinese_clip", "siglip"):
+        cfg = RetrievalRunConfig(
+            encoder=EncoderConfig(name_or_path=str(tmp_path / arch), arch=arch, tiny=TINY, device="cpu"),
+            train=RetrievalTrainConfig(output_dir=tmp_path / "o", strategy="lora", loss="sigmoid",
+                                       lora_targets=["query", "value", "q_proj", "v_proj"]))
+        dual, _, scratch = prepare_encoder(cfg, ["红色 T恤", "蓝色 连衣裙"])
+        dual = apply_strategy(dual, cfg, scratch)
+        assert all(p.requires_grad for p in dual.logit_parameters()), arch
 
 
 def test_a_short_run_beats_its_random_init(data, tmp_path):
@@ -71,3 +86,46 @@ def test_a_short_run_beats_its_random_init(data, tmp_path):
     before = recall_of(embed_split(load_encoder(tmp_path / "tiny", device="cpu"), data["valid"], "fused"))
     after = recall_of(embed_split(load_encoder(res.model_dir, device="cpu"), data["valid"], "fused"))
     assert after["MeanRecall"] > before["MeanRecall"] + 5
+
+
+@pytest.mark.parametrize("grad_cache_chunk", [None, 3])
+def test_mixed_precision_runs_the_towers_under_autocast(data, tmp_path, monkeypatch, grad_cache_chunk):
+    """bf16 configs must train in bf16: the towers bypass accelerate's forward wrapper."""
+    import torch
+
+    from ecomcap.retrieval.model import DualEncoder
+
+    seen = []
+    real = DualEncoder.embed_text
+
+    def spy(self, inputs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(self, inputs)
+
+    monkeypatch.setattr(DualEncoder, "embed_text", spy)
+    cfg = _cfg(tmp_path, f"bf16_{grad_cache_chunk}", max_steps=1, eval_every=0, save_every=0,
+               mixed_precision="bf16", grad_cache_chunk=grad_cache_chunk,
+               hard_negatives=HardNegativeConfig(enabled=False))
+    train_retriever(data["train"], None, cfg)
+    assert seen and all(seen)
+
+
+def test_hard_negative_mining_streams_the_gallery(data, tmp_path, monkeypatch):
+    """Mining embeds the train items batch by batch, never the whole gallery decoded at once."""
+    from ecomcap.retrieval import train
+    from ecomcap.retrieval.encoder import Encoder
+
+    sizes = []
+    real = Encoder.encode_items
+
+    def spy(self, images, texts, *args, **kwargs):
+        sizes.append(len(images))
+        return real(self, images, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "encode_items", spy)
+    monkeypatch.setattr(train, "MINING_BATCH", 8)
+    cfg = _cfg(tmp_path, "stream", max_steps=1, eval_every=0, save_every=0,
+               hard_negatives=HardNegativeConfig(enabled=True, start_step=0, per_query=2))
+    train_retriever(data["train"], None, cfg)
+    assert sum(sizes) > 8 and max(sizes) <= 8
+    assert (tmp_path / "stream" / "hard_negatives.json").is_file()

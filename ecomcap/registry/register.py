@@ -60,8 +60,10 @@ def weights_fingerprint(model_dir: str | Path, inference: dict) -> str:
 def download_version(cfg: RegistryConfig, version: str, marker: str, dst: str | Path | None = None) -> Path:
     """The model directory (the folder holding the file `marker`) inside a registered version."""
     try:
+        # resolved by a client bound to cfg's registry: `models:/name/v` alone would use the global one
+        source = registry_client(cfg).get_model_version_download_uri(cfg.model_name, version)
         root = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{cfg.model_name}/{version}",
+            artifact_uri=source,
             dst_path=str(dst or tempfile.mkdtemp(prefix="ecomcap-version-")),
             tracking_uri=cfg.tracking_uri))
     except Exception as exc:  # MLflow raises many types for missing/corrupt artifacts

@@ -35,7 +35,8 @@ class TrainingSet:
 
     def __init__(self, split_dir: str | Path, seed: int = 0, cache_groups: int = 64):
         split_dir = Path(split_dir)
-        self.items = ShardImages(split_dir / "items", cache_groups=cache_groups)
+        self.items_dir = split_dir / "items"
+        self.items = ShardImages(self.items_dir, cache_groups=cache_groups)
         row = {item_id: i for i, item_id in enumerate(self.items.ids)}
         self.queries = read_queries(split_dir)
         self.positives = [[row[i] for i in q["item_ids"] if i in row] for q in self.queries]

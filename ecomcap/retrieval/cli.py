@@ -28,9 +28,15 @@ def _read_jsonl(path: Path, what: str) -> list[dict]:
 
 def load_submission(pred: Path, gold: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(predictions, gold) by query id; EcomcapError with the file and line for malformed rows."""
-    gold_map = {}
-    for row in _read_jsonl(gold, "gold"):
-        gold_map[str(row["query_id"])] = [str(i) for i in row.get("item_ids") or []]
+    gold_map: dict[str, list[str]] = {}
+    for no, row in enumerate(_read_jsonl(gold, "gold"), start=1):
+        qid, items = str(row["query_id"]), row.get("item_ids")
+        if qid in gold_map:
+            raise EcomcapError(f"{gold.name} line {no}: query {qid} appears twice in the gold file")
+        if not isinstance(items, list) or not items:
+            raise EcomcapError(f"{gold.name} line {no}: query {qid} has no item_ids (a gold row needs "
+                               "at least one relevant item; is this the queries file without answers?)")
+        gold_map[qid] = [str(i) for i in items]
     pred_map: dict[str, list[str]] = {}
     for no, row in enumerate(_read_jsonl(pred, "prediction"), start=1):
         qid, items = str(row["query_id"]), row.get("item_ids")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ecomcap.config import IngestConfig, LoopConfig, RegistryConfig, _Strict
 
@@ -58,7 +58,13 @@ class EncoderConfig(_Strict):
     max_text_len: int = Field(52, ge=4, description="Chinese-CLIP uses 52, SigLIP 64")
     item_embedding: ItemEmbedding = "image"
     fusion_weight: float = Field(0.5, ge=0, le=1, description="image share of a fused item embedding")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where galleries are embedded and models evaluated/re-scored (auto: cuda when "
+        "present); training runs on the accelerator's device")
+
+    def torch_device(self) -> str | None:
+        """None for auto (load_encoder then picks cuda when present)."""
+        return None if self.device == "auto" else self.device
 
 
 class HardNegativeConfig(_Strict):
@@ -97,7 +103,6 @@ class RetrievalTrainConfig(LoopConfig):
 
 
 class RetrievalEvalConfig(_Strict):
-    top_k: int = Field(10, ge=10)
     chunk: int = Field(1024, ge=1, description="queries per similarity block")
     match_thresholds: list[float] = Field(
         default_factory=lambda: [round(0.05 * i, 2) for i in range(19)] + [round(0.9 + 0.01 * i, 2) for i in range(10)]
@@ -113,9 +118,19 @@ class RetrievalRunConfig(_Strict):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     train: RetrievalTrainConfig = Field(default_factory=RetrievalTrainConfig)
     eval: RetrievalEvalConfig = Field(default_factory=RetrievalEvalConfig)
-    gallery_dir: Path = Path(".run/retrieval/gallery")
     registry: RegistryConfig = Field(
         default_factory=lambda: RegistryConfig(model_name="ecomcap-retriever", experiment="retrieval_pipeline",
                                                primary_metric="MeanRecall", guard_metrics=["R1"], tolerance=1.0,
                                                floor=5.0)
     )
+
+    @model_validator(mode="after")
+    def _needs_queries(self) -> "RetrievalRunConfig":
+        """Shopee ships titles and product groups but no search queries: its ingest serves
+        same-product matching (library), not this pipeline's query -> item training and Recall@K."""
+        if self.data.source == "shopee":
+            raise ValueError("data.source 'shopee' has no search queries, which the retrieval pipeline trains "
+                             "and evaluates on; use source muge, seed002 or synthetic (Shopee ingest serves "
+                             "product matching through ecomcap.retrieval.data.ingest_retrieval_split)")
+        return self
+

@@ -50,6 +50,11 @@ class Preprocessor:
 def load_preprocessor(path: str | Path, arch: str, max_len: int, trust_remote_code: bool = False) -> Preprocessor:
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     ip = AutoImageProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    size = getattr(ip, "size", None) or {}
+    if not getattr(ip, "do_center_crop", True) and "shortest_edge" in size:
+        # Chinese-CLIP's released config (do_center_crop false, "size": 224) means its own square
+        # resize without a crop; a shortest-edge resize would give non-square pixels the model rejects
+        ip.size = {"height": size["shortest_edge"], "width": size["shortest_edge"]}
     return Preprocessor(tok, ip, arch, max_len)
 
 

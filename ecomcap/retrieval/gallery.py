@@ -32,6 +32,24 @@ IMAGES_SCHEMA = pa.schema([("item_id", pa.string()), ("image", pa.binary())])
 INDEX = "index.json"
 
 
+class GalleryDigest:
+    """The one gallery fingerprint (index.json "fingerprint"), fed batch by batch by every writer
+    (the same however the items are batched): item embedding settings, the items' ids and
+    texts, and their vectors."""
+
+    def __init__(self, mode: str, fusion_weight: float):
+        self._head = f"{mode}:{fusion_weight}"
+        self._items, self._vectors = hashlib.sha256(), hashlib.sha256()
+
+    def update(self, ids: list[str], texts: list[str], vectors: np.ndarray) -> None:
+        for item_id, text in zip(ids, texts):
+            self._items.update(f"{item_id}\t{text}\n".encode())
+        self._vectors.update(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(f"{self._head}|{self._items.hexdigest()}|{self._vectors.hexdigest()}".encode()).hexdigest()
+
+
 @dataclass
 class Gallery:
     """A loaded gallery artifact (vectors memory-mapped)."""
@@ -59,9 +77,9 @@ class Gallery:
 
 
 def embed_gallery(encoder_dir: str | Path, items_dir: str | Path, out_dir: str | Path,
-                  batch_size: int = 128, mode: str | None = None) -> Path:
+                  batch_size: int = 128, mode: str | None = None, device: str | None = None) -> Path:
     """Embed every item of an ingested item dataset into a gallery artifact at `out_dir`."""
-    encoder = load_encoder(encoder_dir)
+    encoder = load_encoder(encoder_dir, device=device)
     mode = mode or encoder.item_embedding
     count = int(read_report(items_dir)["rows_ok"])
     out = Path(out_dir)
@@ -72,7 +90,7 @@ def embed_gallery(encoder_dir: str | Path, items_dir: str | Path, out_dir: str |
     dim = encoder.dim
     vectors = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(count, dim))
     images = RowWriter(tmp, IMAGES_SCHEMA, rows_per_group=1000, single_name="images.parquet")
-    digest = hashlib.sha256(f"{mode}:{encoder.fusion_weight}".encode())
+    digest = GalleryDigest(mode, encoder.fusion_weight)
     row = 0
     with open(tmp / "items.jsonl", "w", encoding="utf-8") as items, \
             tqdm(total=count, desc="embed gallery", unit="item", disable=None) as bar:
@@ -87,8 +105,7 @@ def embed_gallery(encoder_dir: str | Path, items_dir: str | Path, out_dir: str |
             for item_id, text, blob in zip(ids, texts, blobs):
                 items.write(json.dumps({"item_id": item_id, "text": text}, ensure_ascii=False) + "\n")
                 images.add({"item_id": item_id, "image": blob})
-                digest.update(f"{item_id}\t{text}\n".encode())
-            digest.update(vec.tobytes())
+            digest.update(ids, texts, vec)
             bar.update(len(ids))
     if row != count:
         raise EcomcapError(f"{items_dir}: report says {count} items, shards hold {row}")

@@ -7,7 +7,6 @@ instead of a traceback or wrong results.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -15,11 +14,11 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ecomcap.data.shards import RowWriter
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.gallery import INDEX, Gallery, load_gallery
+from ecomcap.retrieval.gallery import IMAGES_SCHEMA, INDEX, Gallery, GalleryDigest, load_gallery
 
 FILES = ("vectors.npy", "items.jsonl", "images.parquet", INDEX)
 NORM_TOLERANCE = 1e-3
@@ -51,7 +50,8 @@ def open_gallery(root: str | Path) -> Gallery:
 def write_gallery(root: str | Path, vectors: np.ndarray, items: list[tuple[str, str]],
                   images: Iterable[tuple[str, bytes]], meta: dict) -> Path:
     """Write the four files (``meta`` adds item_embedding, fusion_weight, encoder_dir; count, dim
-    and, unless given, a content fingerprint are filled in)."""
+    and, unless given, the fingerprint are filled in) with embed_gallery's image writer and
+    fingerprint, so both kinds of gallery are identified the same way."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     vectors = np.asarray(vectors, dtype=np.float32)
@@ -59,28 +59,14 @@ def write_gallery(root: str | Path, vectors: np.ndarray, items: list[tuple[str, 
     with open(root / "items.jsonl", "w", encoding="utf-8") as f:
         for item_id, text in items:
             f.write(json.dumps({"item_id": item_id, "text": text}, ensure_ascii=False) + "\n")
-    writer = None
-    batch: list[tuple[str, bytes]] = []
-
-    def flush() -> None:
-        nonlocal writer
-        table = pa.table({"item_id": [b[0] for b in batch], "image": [b[1] for b in batch]},
-                         schema=pa.schema([("item_id", pa.string()), ("image", pa.binary())]))
-        writer = writer or pq.ParquetWriter(root / "images.parquet", table.schema)
-        writer.write_table(table, row_group_size=1024)
-        batch.clear()
-
-    for row in images:
-        batch.append(row)
-        if len(batch) >= 1024:
-            flush()
-    if batch or writer is None:
-        flush()
+    writer = RowWriter(root, IMAGES_SCHEMA, rows_per_group=1000, single_name="images.parquet")
+    for item_id, blob in images:
+        writer.add({"item_id": item_id, "image": blob})
     writer.close()
-    h = hashlib.sha256(vectors.tobytes())
-    h.update(json.dumps(items, ensure_ascii=False).encode())
-    full = {"count": len(items), "dim": int(vectors.shape[1]), "fingerprint": h.hexdigest()[:16], **meta}
-    (root / "index.json").write_text(json.dumps(full, ensure_ascii=False, indent=2), encoding="utf-8")
+    digest = GalleryDigest(meta.get("item_embedding", "image"), meta.get("fusion_weight", 0.5))
+    digest.update([i for i, _ in items], [t for _, t in items], vectors)
+    full = {"count": len(items), "dim": int(vectors.shape[1]), "fingerprint": digest.hexdigest(), **meta}
+    (root / INDEX).write_text(json.dumps(full, ensure_ascii=False, indent=2), encoding="utf-8")
     return root
 
 

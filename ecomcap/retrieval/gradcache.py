@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 Inputs = dict[str, torch.Tensor]
 Tower = tuple[Callable[[Inputs], torch.Tensor], Inputs]
@@ -19,6 +20,34 @@ Tower = tuple[Callable[[Inputs], torch.Tensor], Inputs]
 def _chunks(inputs: Inputs, size: int) -> list[Inputs]:
     n = next(iter(inputs.values())).shape[0]
     return [{k: v[i:i + size] for k, v in inputs.items()} for i in range(0, n, size)]
+
+
+class RandState:
+    """The CPU RNG plus the RNG of every accelerator the inputs live on (as GradCache's
+    RandContext and torch.utils.checkpoint do): on CUDA dropout draws from the device RNG, so
+    restoring only the CPU state would re-forward with different masks."""
+
+    def __init__(self, inputs: Inputs):
+        self.cpu = torch.get_rng_state()
+        self.devices, self.states = get_device_states(*inputs.values())
+
+    def replay(self):
+        """Context manager: run with these states, then put the RNGs back as they were."""
+        return _Replay(self)
+
+
+class _Replay:
+    def __init__(self, state: RandState):
+        self.state = state
+
+    def __enter__(self):
+        self.fork = torch.random.fork_rng(devices=self.state.devices)
+        self.fork.__enter__()
+        torch.set_rng_state(self.state.cpu)
+        set_device_states(self.state.devices, self.state.states)
+
+    def __exit__(self, *exc):
+        return self.fork.__exit__(*exc)
 
 
 def grad_cache_backward(towers: list[Tower], loss_fn: Callable[..., tuple[torch.Tensor, dict]], chunk: int,
@@ -34,7 +63,7 @@ def grad_cache_backward(towers: list[Tower], loss_fn: Callable[..., tuple[torch.
         pieces, rng = _chunks(inputs, chunk), []
         embs = []
         for piece in pieces:
-            rng.append(torch.get_rng_state())
+            rng.append(RandState(piece))
             with torch.no_grad():
                 embs.append(fn(piece))
         cached.append(torch.cat(embs).detach().requires_grad_())
@@ -45,8 +74,7 @@ def grad_cache_backward(towers: list[Tower], loss_fn: Callable[..., tuple[torch.
     for (fn, _), rep, rng, pieces in zip(towers, cached, states, parts):
         grads = rep.grad.split(chunk)
         for piece, state, grad in zip(pieces, rng, grads):
-            with torch.random.fork_rng(devices=[]):
-                torch.set_rng_state(state)
+            with state.replay():
                 emb = fn(piece)
             (emb * grad).sum().backward()
     return loss.detach(), extra

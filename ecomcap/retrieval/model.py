@@ -44,10 +44,16 @@ class DualEncoder(nn.Module):
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return F.normalize(_features(self.model.get_image_features(pixel_values=pixel_values)).float(), dim=-1)
 
+    def logit_parameters(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """The real (log scale, bias) Parameters: set requires_grad here, not on scale_bias()'s
+        reshaped views (a flag on a view leaves the Parameter frozen)."""
+        bias = self.model.logit_bias if hasattr(self.model, "logit_bias") else self.logit_bias
+        return self.model.logit_scale, bias
+
     def scale_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(log scale t', bias b): logits = exp(t') * cos + b."""
-        bias = self.model.logit_bias if hasattr(self.model, "logit_bias") else self.logit_bias
-        return self.model.logit_scale.reshape(()), bias.reshape(())
+        scale, bias = self.logit_parameters()
+        return scale.reshape(()), bias.reshape(())
 
     def init_siglip_logits(self) -> None:
         """SigLIP's from-scratch initialisation t' = log 10, b = -10 (transformers sets 0, 0)."""

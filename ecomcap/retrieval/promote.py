@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ecomcap.retrieval.config import RetrievalRunConfig
+from ecomcap.retrieval.model import SETTINGS, detect_arch
 
 SCORE_KEYS = ("R1", "R5", "R10", "MeanRecall")
 
@@ -33,15 +34,19 @@ def promote_retriever(gallery_dir: Path, valid: Path, metrics: dict[str, Any], e
 
     index = json.loads((gallery_dir / "index.json").read_text(encoding="utf-8"))
     encoder_dir = gallery_dir / index["encoder_dir"]
-    settings = json.loads((encoder_dir / "retrieval.json").read_text(encoding="utf-8"))
+    settings_file = encoder_dir / SETTINGS  # absent for a zero-shot (hub-layout) encoder
+    settings = (json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file()
+                else {"arch": detect_arch(encoder_dir)})
+    # the gallery index is part of the version: the same encoder over new items is a new version
     inference = {"item_embedding": index["item_embedding"], "fusion_weight": index["fusion_weight"],
-                 "arch": settings.get("arch"), "max_text_len": settings.get("max_text_len")}
+                 "arch": settings.get("arch"), "max_text_len": settings.get("max_text_len"),
+                 "gallery": index["fingerprint"]}
 
     def reevaluate(version: str):
         with tempfile.TemporaryDirectory(prefix="ecomcap-champion-") as tmp:
             champion = download_version(cfg.registry, version, "vectors.npy", Path(tmp) / "model")
             fresh = embed_gallery(champion / json.loads((champion / "index.json").read_text("utf-8"))["encoder_dir"],
-                                  valid / "items", Path(tmp) / "gallery")
+                                  valid / "items", Path(tmp) / "gallery", device=cfg.encoder.torch_device())
             scores = score_gallery(fresh, valid, cfg)
             return _scores({k.replace("@", ""): v for k, v in scores.items()} | {"per_query": scores["per_query"]},
                            eval_fp)

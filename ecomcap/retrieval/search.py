@@ -6,7 +6,8 @@ holds the encoder and its gallery index, promoted together).
 """
 from __future__ import annotations
 
-import tempfile
+import hashlib
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -72,28 +73,41 @@ class Searcher:
                 "results": results}
 
 
+CACHE_DIR = ".run/retrieval/versions"
+
+
 def champion_gallery(tracking_uri: str | None = None, name: str = RETRIEVER, alias: str = "champion",
-                     dst: str | Path | None = None) -> Path:
-    """Download the registered retriever behind `alias`; the directory of its gallery index."""
+                     cache_dir: str | Path = CACHE_DIR) -> Path:
+    """The gallery index directory of the registered retriever behind `alias`.
+
+    Downloaded once per (registry, model, version) into `cache_dir` with the shared
+    `download_version` and reused by every later search; the global MLflow URIs are left alone.
+    """
     import mlflow
+
+    from ecomcap.config import RegistryConfig
+    from ecomcap.registry.register import download_version
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
-        version = client.get_model_version_by_alias(name, alias)
+        version = str(client.get_model_version_by_alias(name, alias).version)
     except Exception as exc:  # MLflow raises RestException / MlflowException variants
         raise EcomcapError(f"no '{alias}' version of registered model '{name}' at "
                            f"{tracking_uri or mlflow.get_tracking_uri()}: {str(exc).splitlines()[0]} "
                            "(run the retrieval pipeline first, or pass --gallery DIR)") from None
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    root = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{name}/{version.version}",
-        dst_path=str(dst or tempfile.mkdtemp(prefix="ecomcap-retriever-"))))
-    found = sorted(p.parent for p in root.rglob("index.json") if (p.parent / "vectors.npy").is_file())
-    if not found:
-        raise EcomcapError(f"version {version.version} of '{name}' holds no gallery index (index.json + vectors.npy)")
-    return found[0]
+    registry = tracking_uri or mlflow.get_tracking_uri()
+    key = hashlib.sha256(registry.encode()).hexdigest()[:12]
+    dst = Path(cache_dir).expanduser().resolve() / key / name / version
+    done = dst / "gallery_dir.txt"  # written last: a half-finished download is not reused
+    if done.is_file():
+        return dst / done.read_text(encoding="utf-8")
+    shutil.rmtree(dst, ignore_errors=True)
+    found = download_version(RegistryConfig(model_name=name, tracking_uri=tracking_uri), version,
+                             "vectors.npy", dst / "model")
+    if not (found / "index.json").is_file():
+        raise EcomcapError(f"version {version} of '{name}' holds no gallery index (index.json + vectors.npy)")
+    done.write_text(found.relative_to(dst).as_posix(), encoding="utf-8")
+    return found
 
 
 def open_searcher(gallery_dir: str | Path, store: StoreConfig | None = None, encode: Encode | None = None) -> Searcher:

@@ -63,30 +63,40 @@ def render_page(q: str, top: int, result: dict | None, error: str | None, items:
                    f"“{e(result['query'])}” in {result['took_ms']:.1f} ms</p><div class=grid>{cards}</div></body></html>")
 
 
+def parse_top(raw: str) -> int:
+    """The `top` query parameter, with the page's own message when it is not a number."""
+    try:
+        return int(raw)
+    except ValueError:
+        raise EcomcapError(f"top must be a whole number between 1 and {MAX_TOP}, got {raw!r}") from None
+
+
 def create_app(searcher: Searcher, images: ImageLookup):
-    from fastapi import FastAPI, HTTPException, Query
+    from fastapi import FastAPI, HTTPException
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     app = FastAPI(title="ecomcap search", docs_url=None, redoc_url=None)
     n_items = len(searcher.gallery.item_ids)
 
     @app.get("/", response_class=HTMLResponse)
-    def page(q: str = "", top: int = Query(10)):
+    def page(q: str = "", top: str = "10"):
         if not q.strip():
-            return HTMLResponse(render_page(q, top, None, None, n_items))
+            return HTMLResponse(render_page(q, 10, None, None, n_items))
         try:
-            return HTMLResponse(render_page(q, top, searcher.search(q, top), None, n_items))
-        except EcomcapError as exc:
-            return HTMLResponse(render_page(q, top, None, str(exc), n_items), status_code=400)
+            k = parse_top(top)
+            return HTMLResponse(render_page(q, k, searcher.search(q, k), None, n_items))
+        except EcomcapError as exc:  # the page's own error, never FastAPI's 422 JSON
+            shown = int(top) if top.strip().lstrip("-").isdigit() else 10
+            return HTMLResponse(render_page(q, shown, None, str(exc), n_items), status_code=400)
 
     @app.get("/api/search")
-    def api(q: str, top: int = Query(10)):
+    def api(q: str, top: str = "10"):
         try:
-            return searcher.search(q, top)
+            return searcher.search(q, parse_top(top))
         except EcomcapError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
 
-    @app.get("/images/{item_id}")
+    @app.get("/images/{item_id:path}")  # item ids may hold "/"
     def image(item_id: str):
         data = images.get(item_id)
         if data is None:

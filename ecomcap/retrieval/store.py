@@ -6,7 +6,7 @@ outgrow one machine; credentials come from the environment variable named by `to
 from the config. Each gallery version is its own collection, named by the gallery's fingerprint,
 so promoting a new index never overwrites the one the champion serves.
 
-Recall is measured with exact search (`exact_topk`); the store's approximate search is reported
+Recall is measured with exact search (`metrics.topk_search`, via `tie_recall`); the store's approximate search is reported
 against it (`ann_recall`).
 """
 from __future__ import annotations
@@ -139,29 +139,26 @@ class VectorStore:
         self.client.close()
 
 
-def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-    """Brute-force top-k gallery rows per query (inner product), best first: the reference."""
-    out = np.empty((len(queries), min(k, len(vectors))), dtype=np.int64)
-    for i in range(0, len(queries), chunk):
-        sims = queries[i:i + chunk] @ vectors.T
-        part = np.argpartition(-sims, out.shape[1] - 1, axis=1)[:, :out.shape[1]]
-        order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1, kind="stable")
-        out[i:i + chunk] = np.take_along_axis(part, order, axis=1)
-    return out
+def tie_recall(vectors: np.ndarray, queries: np.ndarray, answers: list[list[int]], k: int = 10,
+               tie_eps: float = 1e-5) -> float:
+    """Recall of approximate top-k `answers` (gallery rows per query) against exact search
+    (`metrics.topk_search`), averaged over queries: the share of the k answers that belong to
+    the exact top-k (1.0 = exact). An answer scoring as high as the exact k-th counts too: items
+    with equal scores (duplicate texts) are interchangeable, and which of them a tie keeps is
+    arbitrary. Used by `ann_recall` and the page load benchmark."""
+    from ecomcap.retrieval.metrics import topk_search
+
+    queries = np.asarray(queries, dtype=np.float32)
+    exact_scores, exact = topk_search(queries, vectors, k)
+    found = []
+    for q, rows, top, floor in zip(queries, answers, exact, exact_scores[:, -1]):
+        top_set, scores = set(top.tolist()), np.asarray(vectors[rows]) @ q if rows else []
+        found.append(sum(r in top_set or s >= floor - tie_eps for r, s in zip(rows, scores)) / len(top))
+    return float(np.mean(found))
 
 
 def ann_recall(store: VectorStore, name: str, gallery: Gallery, queries: np.ndarray, k: int = 10,
                tie_eps: float = 1e-5) -> float:
-    """Recall of the store's approximate top-k against exact search, averaged over queries: the
-    share of the k answers that belong to the exact top-k (1.0 = exact). An answer scoring as
-    high as the exact k-th counts too: items with equal scores (duplicate texts) are
-    interchangeable, and which of them a tie keeps is arbitrary."""
-    queries = np.asarray(queries, dtype=np.float32)
-    exact = exact_topk(gallery.vectors, queries, k)
-    kth = np.einsum("qd,qd->q", queries, gallery.vectors[exact[:, -1]])
-    approx = store.search(name, queries, k)
-    found = []
-    for hits, top, floor in zip(approx, exact, kth):
-        top_set = set(top.tolist())
-        found.append(sum(h.row in top_set or h.score >= floor - tie_eps for h in hits) / len(top))
-    return float(np.mean(found))
+    """`tie_recall` of the store's approximate search over `gallery`."""
+    approx = store.search(name, np.asarray(queries, dtype=np.float32), k)
+    return tie_recall(gallery.vectors, queries, [[h.row for h in hits] for hits in approx], k, tie_eps)

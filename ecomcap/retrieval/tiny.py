@@ -8,6 +8,7 @@ path as `OFA-Sys/chinese-clip-vit-base-patch16` or `google/siglip-base-patch16-2
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -76,7 +77,7 @@ def _image_processor(arch: Arch, size: int):
 def build_tiny_encoder(out_dir: str | Path, arch: Arch, texts: Iterable[str],
                        cfg: TinyEncoderConfig | None = None, max_len: int = 52) -> Path:
     """Write a loadable tiny dual encoder (safetensors, tokenizer, image processor)."""
-    cfg = cfg or TinyEncoderConfig()
+    cfg, texts = cfg or TinyEncoderConfig(), list(texts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_char_tokenizer(texts, max_len)
@@ -89,14 +90,23 @@ def build_tiny_encoder(out_dir: str | Path, arch: Arch, texts: Iterable[str],
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     _image_processor(arch, cfg.image_size).save_pretrained(out)
-    (out / MARKER).write_text(json.dumps({"arch": arch, **cfg.model_dump()}, indent=2), encoding="utf-8")
+    (out / MARKER).write_text(json.dumps(_marker(arch, cfg, texts, max_len), indent=2), encoding="utf-8")
     return out
+
+
+def _marker(arch: Arch, cfg: TinyEncoderConfig, texts: list[str], max_len: int) -> dict:
+    """What the built directory depends on: class, sizes, text length and the vocabulary (the
+    character set of `texts`), so new data with new characters rebuilds rather than reusing
+    a tokenizer that maps them to [UNK]."""
+    chars = "".join(sorted(set("".join(texts))))
+    vocab = hashlib.sha256(chars.encode("utf-8")).hexdigest()[:16]
+    return {"arch": arch, **cfg.model_dump(), "max_len": max_len, "vocab": vocab}
 
 
 def ensure_tiny_encoder(out_dir: str | Path, arch: Arch, texts: Iterable[str], cfg: TinyEncoderConfig,
                         max_len: int = 52) -> Path:
     """Build once per settings; reuse a directory built the same way."""
-    marker = Path(out_dir) / MARKER
-    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == {"arch": arch, **cfg.model_dump()}:
+    marker, texts = Path(out_dir) / MARKER, list(texts)
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == _marker(arch, cfg, texts, max_len):
         return Path(out_dir)
     return build_tiny_encoder(out_dir, arch, texts, cfg, max_len)

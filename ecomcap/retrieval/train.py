@@ -15,7 +15,7 @@ from ecomcap.errors import EcomcapError
 from ecomcap.retrieval.batches import Batch, TrainingSet
 from ecomcap.retrieval.config import RetrievalRunConfig
 from ecomcap.retrieval.encoder import Encoder, fuse, load_preprocessor, save_encoder
-from ecomcap.retrieval.evaluate import embed_split, recall_of
+from ecomcap.retrieval.evaluate import embed_items, embed_split, recall_of
 from ecomcap.retrieval.gradcache import grad_cache_backward
 from ecomcap.retrieval.losses import info_nce, sigmoid_loss
 from ecomcap.retrieval.metrics import tracking_names
@@ -25,6 +25,7 @@ from ecomcap.retrieval.tiny import ensure_tiny_encoder
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
 
 log = logging.getLogger(__name__)
+MINING_BATCH = 256  # items decoded and embedded at a time when mining hard negatives
 
 
 class RetrievalLoop(TrainLoop):
@@ -61,9 +62,10 @@ class RetrievalLoop(TrainLoop):
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
         hn, mode = self.run_cfg.train.hard_negatives, self.run_cfg.encoder.item_embedding
+        ids, items = embed_items(self._encoder(), data.items_dir, mode, MINING_BATCH)  # streamed: 100k+ items
+        if ids != data.items.ids:
+            raise EcomcapError(f"{data.items_dir}: items changed while mining hard negatives")
         enc = self._encoder()
-        items = enc.encode_items([data.items.image(i) for i in range(len(data.items))],
-                                 [t[0] if t else "" for t in data.items.texts], mode=mode)
         queries = enc.encode_texts([q["query_text"] for q in data.queries])
         self.model.train()
         negatives = mine_hard_negatives(queries, items, data.positives, data.groups, hn.rank_window,
@@ -131,17 +133,27 @@ def make_step_fn(loop: RetrievalLoop, data: TrainingSet, cfg: RetrievalRunConfig
             d_in.update({f"t_{k}": v.to(device) for k, v in pre.texts(texts).items()})
         return d_in
 
+    def autocast(fn):
+        """The towers are called on the unwrapped module, outside accelerate's forward wrapper:
+        run them (both gradient-caching passes too) and the loss under its autocast, so a
+        bf16/fp16 config trains in mixed precision rather than silently in fp32."""
+        def run(*args):
+            with loop.acc.autocast():
+                return fn(*args)
+        return run
+
     def step(batch: Batch):
         nonlocal pos, sib_pos
         pos = batch.pos.to(device)
-        towers = [(query_fn, {k: v.to(device) for k, v in pre.texts(batch.query_texts).items()}),
-                  (item_fn, item_inputs(batch.items, batch.item_texts))]
+        towers = [(autocast(query_fn), {k: v.to(device) for k, v in pre.texts(batch.query_texts).items()}),
+                  (autocast(item_fn), item_inputs(batch.items, batch.item_texts))]
         if batch.siblings is not None:
             sib_pos = batch.sibling_pos.to(device)
-            towers.append((item_fn, item_inputs(batch.siblings, batch.sibling_texts)))
+            towers.append((autocast(item_fn), item_inputs(batch.siblings, batch.sibling_texts)))
         if cfg.train.grad_cache_chunk:
-            return grad_cache_backward(towers, loss_fn, cfg.train.grad_cache_chunk, backward=loop.acc.backward)
-        return loss_fn(*(fn(inp) for fn, inp in towers))
+            return grad_cache_backward(towers, autocast(loss_fn), cfg.train.grad_cache_chunk,
+                                       backward=loop.acc.backward)
+        return autocast(loss_fn)(*(fn(inp) for fn, inp in towers))
 
     cache: dict[int, torch.Tensor] = {}
 
@@ -181,7 +193,7 @@ def apply_strategy(dual: DualEncoder, cfg: RetrievalRunConfig, from_scratch: boo
         targets = [t for t in tc.lora_targets if t in names]
         dual.model = get_peft_model(dual.model, LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha,
                                                            target_modules=targets))
-        for p in dual.scale_bias():
+        for p in dual.logit_parameters():  # peft froze them; the loss needs both to learn
             p.requires_grad_(True)
     return dual
 

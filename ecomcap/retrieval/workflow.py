@@ -31,7 +31,8 @@ def validate_stage(splits: dict[str, Path], cfg: RetrievalRunConfig) -> dict[str
     """GX suite on each split's items + the bad-row gate on items and queries; logs reports and
     records each split as an MLflow input data set (digest = its fingerprint)."""
     from ecomcap.data.validate import enforce, validate_dataset
-    from ecomcap.retrieval.prepare import enforce_retrieval, retrieval_source
+    from ecomcap.retrieval.prepare import enforce_retrieval
+    from ecomcap.workflow import record_datasets
 
     tracking.log_config("data", cfg.data)
     reports, gx_reports = {}, {}
@@ -47,8 +48,8 @@ def validate_stage(splits: dict[str, Path], cfg: RetrievalRunConfig) -> dict[str
             if table in report:
                 tracking.log_metrics({k: report[table][k] for k in ("rows_in", "rows_ok", "rows_quarantined")},
                                      prefix=f"data.{split}.{table}.")
-        tracking.log_dataset(f"retrieval-{split}", report["fingerprint"], str(retrieval_source(cfg.data)[0]),
-                             "training" if split == "train" else "evaluation")
+    record_datasets("retrieval", {s: {"fingerprint": r["fingerprint"], **{k: r["items"][k] for k in (
+        "rows_ok", "rows_quarantined")}} for s, r in reports.items()}, splits)
     tracking.set_tags({"eval_fingerprint": reports.get("valid", {}).get("fingerprint", ""),
                        "config_hash": tracking.config_hash(cfg), "code_version": tracking.code_version()})
     for split, report in reports.items():
@@ -73,7 +74,8 @@ def embed_stage(model_dir: Path, valid: Path, cfg: RetrievalRunConfig) -> Path:
     """The versioned gallery artifact: the valid split's items embedded by the candidate."""
     from ecomcap.retrieval.gallery import embed_gallery
 
-    return embed_gallery(model_dir, valid / "items", _scratch(cfg, "gallery") / "gallery")
+    return embed_gallery(model_dir, valid / "items", _scratch(cfg, "gallery") / "gallery",
+                         device=cfg.encoder.torch_device())
 
 
 def score_gallery(gallery_dir: Path, valid: Path, cfg: RetrievalRunConfig) -> dict[str, Any]:
@@ -84,7 +86,7 @@ def score_gallery(gallery_dir: Path, valid: Path, cfg: RetrievalRunConfig) -> di
 
     gal = load_gallery(gallery_dir)
     queries = read_queries(valid)
-    q = gal.encoder().encode_texts([x["query_text"] for x in queries])
+    q = gal.encoder(cfg.encoder.torch_device()).encode_texts([x["query_text"] for x in queries])
     ranked = ranked_ids(q, gal.vectors, gal.item_ids, 10, cfg.eval.chunk)
     pred = {x["query_id"]: r for x, r in zip(queries, ranked)}
     gold = {x["query_id"]: x["item_ids"] for x in queries}
@@ -118,7 +120,7 @@ def evaluate_stage(gallery_dir: Path, valid: Path, train: Path, cfg: RetrievalRu
         return {**metrics, "per_query": per_query}, eval_fp, page
     table = []
     for name, path in (("zero-shot", cfg.encoder.name_or_path), ("fine-tuned", gal.encoder_dir)):
-        enc = load_encoder(path)
+        enc = load_encoder(path, device=cfg.encoder.torch_device())
         for mode in ("image", "text", "fused"):
             s = recall_of(embed_split(enc, valid, mode))
             table.append({"model": name, "item": mode, **{k: round(s[k], 2) for k in KEYS}})

@@ -94,9 +94,8 @@ def stage_sft(args, work: Path, model_cfg: ModelConfig, gen: GenerateConfig) -> 
 
 
 def stage_scst(args, work: Path, model_cfg: ModelConfig, gen: GenerateConfig) -> dict:
-    from ecomcap.training.scst import run_scst
-
     from ecomcap.training.identity import finished_output
+    from ecomcap.training.scst import run_scst
 
     sft_dir = finished_output(work / args.tag)
     if sft_dir is None:

@@ -96,7 +96,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       dev_images=cfg.data.dev_images)
     else:
         from ecomcap.training.scst import run_scst
-
         from ecomcap.training.sft import sft_output
 
         start = args.start or sft_output(work / "train", cfg.model, cfg.finetune, cfg.sft, cfg.data.dev_images)

@@ -10,8 +10,14 @@ from zenml.config import CachePolicy
 from ecomcap.retrieval.config import RetrievalRunConfig
 from ecomcap.retrieval.prepare import retrieval_source_fingerprint
 from ecomcap.workflow import library_fingerprint
-from steps.retrieval import (embed_gallery, retrieval_evaluate, retrieval_ingest, retrieval_promote, retrieval_train,
-                             retrieval_validate)
+from steps.retrieval import (
+    embed_gallery,
+    retrieval_evaluate,
+    retrieval_ingest,
+    retrieval_promote,
+    retrieval_train,
+    retrieval_validate,
+)
 
 MODEL = Model(name="ecomcap-retriever", description="Chinese product search dual encoder + gallery index")
 

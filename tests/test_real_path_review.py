@@ -79,7 +79,6 @@ def _adapter_dir(tiny_model_cfg, tmp_path, marker):
     from peft import LoraConfig, get_peft_model
 
     from ecomcap.modeling.load import load_base
-
     from ecomcap.training.checkpoint import save_processor
 
     model, processor = load_base(tiny_model_cfg)

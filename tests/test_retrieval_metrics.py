@@ -8,7 +8,13 @@ import torch
 
 from ecomcap.cli import main
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.metrics import chance_recall, check_submission, match_f1, recall_scores, topk_search
+from ecomcap.retrieval.metrics import (
+    chance_recall,
+    check_submission,
+    match_f1,
+    recall_scores,
+    topk_search,
+)
 
 
 def _muge_reference(pred, gold):

@@ -6,8 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecomcap.retrieval.config import (EncoderConfig, HardNegativeConfig, RetrievalDataConfig, RetrievalRunConfig,
-                                      RetrievalSynthConfig, RetrievalTrainConfig, TinyEncoderConfig)
+from ecomcap.retrieval.config import (
+    EncoderConfig,
+    HardNegativeConfig,
+    RetrievalDataConfig,
+    RetrievalRunConfig,
+    RetrievalSynthConfig,
+    RetrievalTrainConfig,
+    TinyEncoderConfig,
+)
 from ecomcap.retrieval.encoder import load_encoder
 from ecomcap.retrieval.prepare import prepare_retrieval_data
 from ecomcap.retrieval.train import train_retriever

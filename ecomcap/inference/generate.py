@@ -7,8 +7,8 @@ Catalogue-scale runs (chunks, worker processes, resume) are in `ecomcap.inferenc
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from collections import abc
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -20,7 +20,6 @@ from ecomcap.inference.postprocess import postprocess
 from ecomcap.inference.prefill import generate
 from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.training.collate import PromptBuilder
-
 
 # Fields Qwen's published generation_config.json sets (near-greedy sampling); `generate` merges
 # that file into every call, so each is set here for every decoding mode, never inherited.

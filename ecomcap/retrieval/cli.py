@@ -38,7 +38,7 @@ def load_submission(pred: Path, gold: Path) -> tuple[dict[str, list[str]], dict[
                                "at least one relevant item; is this the queries file without answers?)")
         gold_map[qid] = [str(i) for i in items]
     pred_map: dict[str, list[str]] = {}
-    for no, row in enumerate(_read_jsonl(pred, "prediction"), start=1):
+    for _no, row in enumerate(_read_jsonl(pred, "prediction"), start=1):
         qid, items = str(row["query_id"]), row.get("item_ids")
         if not isinstance(items, list):
             raise EcomcapError(f"query {qid}: item_ids is not a list")

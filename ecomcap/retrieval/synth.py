@@ -23,7 +23,14 @@ from PIL import Image
 
 from ecomcap.data.formats import open_tsv_writer, write_image_tsv, write_jsonl
 from ecomcap.data.synth import captions_for
-from ecomcap.data.synth_draw import BRANDS, CATEGORIES, COLOURS, PATTERNS, image_for, random_attributes
+from ecomcap.data.synth_draw import (
+    BRANDS,
+    CATEGORIES,
+    COLOURS,
+    PATTERNS,
+    image_for,
+    random_attributes,
+)
 from ecomcap.retrieval.config import RetrievalSynthConfig
 
 _VALUES = {"category": CATEGORIES, "colour": COLOURS, "pattern": PATTERNS, "brand": BRANDS}

@@ -25,7 +25,9 @@ from transformers import (
     SiglipConfig,
     SiglipModel,
 )
-from transformers.models.chinese_clip.image_processing_pil_chinese_clip import ChineseCLIPImageProcessorPil
+from transformers.models.chinese_clip.image_processing_pil_chinese_clip import (
+    ChineseCLIPImageProcessorPil,
+)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 

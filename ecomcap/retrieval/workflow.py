@@ -100,8 +100,8 @@ def evaluate_stage(gallery_dir: Path, valid: Path, train: Path, cfg: RetrievalRu
                    log: bool = True) -> tuple[dict[str, Any], str, str]:
     """(metrics, eval fingerprint, query-results HTML); logs Recall@K, the zero-shot vs
     fine-tuned (image / text / fused items) table, matching F1 and the top-5 picture."""
-    from ecomcap.retrieval.evaluate import embed_split, matching_of, recall_of
     from ecomcap.retrieval.encoder import load_encoder
+    from ecomcap.retrieval.evaluate import embed_split, matching_of, recall_of
     from ecomcap.retrieval.figures import query_grid, query_html
     from ecomcap.retrieval.gallery import load_gallery
     from ecomcap.retrieval.metrics import tracking_names

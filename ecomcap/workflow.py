@@ -54,10 +54,15 @@ def source_fingerprint(data: DataConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def _scratch(cfg: RunConfig, what: str) -> Path:
-    root = Path(cfg.data.work_dir).parent / "scratch"
+def scratch_dir(work_dir: str | Path, what: str) -> Path:
+    """A fresh folder for one stage's output, next to the data (both jobs' stages use it)."""
+    root = Path(work_dir).parent / "scratch"
     root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f"{what}-", dir=root))
+
+
+def _scratch(cfg: RunConfig, what: str) -> Path:
+    return scratch_dir(cfg.data.work_dir, what)
 
 
 def ingest_stage(cfg: RunConfig, split: str) -> Path:

@@ -3,7 +3,6 @@ ingest -> validate -> train -> embed gallery -> evaluate -> promote, with MLflow
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,9 @@ KEYS = ("R@1", "R@5", "R@10", "MeanRecall")
 
 
 def _scratch(cfg: RetrievalRunConfig, what: str) -> Path:
-    root = Path(cfg.data.work_dir).parent / "scratch"
-    root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{what}-", dir=root))
+    from ecomcap.workflow import scratch_dir
+
+    return scratch_dir(cfg.data.work_dir, what)
 
 
 def ingest_stage(cfg: RetrievalRunConfig, split: str) -> Path:

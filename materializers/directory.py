@@ -27,6 +27,14 @@ def _copy_tree(src: str, dst: str) -> None:
             fileio.copy(os.path.join(root, str(name)), os.path.join(target, str(name)), overwrite=True)
 
 
+def save_report_view(uri: str, report: dict) -> dict[str, VisualizationType]:
+    """An ingest report as the dashboard's JSON view (both jobs' dataset artifacts)."""
+    path = os.path.join(uri, "report_view.json")
+    with fileio.open(path, "w") as fh:
+        fh.write(json.dumps(report, ensure_ascii=False, indent=2))
+    return {path: VisualizationType.JSON}
+
+
 class _DirMaterializer(BaseMaterializer):
     SKIP_REGISTRATION: ClassVar[bool] = True
 
@@ -53,10 +61,7 @@ class DatasetDirMaterializer(_DirMaterializer):
         return {k: r[k] for k in ("split", "rows_in", "rows_ok", "rows_quarantined", "bad_rate", "fingerprint")}
 
     def save_visualizations(self, data: DatasetDir) -> dict[str, VisualizationType]:
-        path = os.path.join(self.uri, "report_view.json")
-        with fileio.open(path, "w") as fh:
-            fh.write(json.dumps(data.report, ensure_ascii=False, indent=2))
-        return {path: VisualizationType.JSON}
+        return save_report_view(self.uri, data.report)
 
 
 class ModelDirMaterializer(_DirMaterializer):

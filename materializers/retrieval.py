@@ -6,10 +6,9 @@ import os
 from typing import Any, ClassVar
 
 from zenml.enums import ArtifactType, VisualizationType
-from zenml.io import fileio
 
 from materializers.artifacts import GalleryDir, RetrievalDataDir
-from materializers.directory import _DirMaterializer
+from materializers.directory import _DirMaterializer, save_report_view
 
 
 class RetrievalDataDirMaterializer(_DirMaterializer):
@@ -25,10 +24,7 @@ class RetrievalDataDirMaterializer(_DirMaterializer):
         return out
 
     def save_visualizations(self, data: RetrievalDataDir) -> dict[str, VisualizationType]:
-        path = os.path.join(self.uri, "report_view.json")
-        with fileio.open(path, "w") as fh:
-            fh.write(json.dumps(data.report, ensure_ascii=False, indent=2))
-        return {path: VisualizationType.JSON}
+        return save_report_view(self.uri, data.report)
 
 
 class GalleryDirMaterializer(_DirMaterializer):

@@ -89,23 +89,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg.data.splits.append("valid")
     prepare_data(cfg.data)
     work = Path(cfg.data.work_dir)
-    if args.stage == "sft":
-        from ecomcap.training.sft import run_sft
+    from ecomcap.training.stages import launch_stage  # launch.num_processes processes, as in the pipeline
 
-        res = run_sft(work / "train", work / "valid", cfg.model, cfg.finetune, cfg.sft, cfg.generate,
-                      dev_images=cfg.data.dev_images)
+    if args.stage == "sft":
+        res = launch_stage("sft", cfg, train=work / "train", valid=work / "valid", run_name="")
     else:
-        from ecomcap.training.scst import run_scst
         from ecomcap.training.sft import sft_output
 
         start = args.start or sft_output(work / "train", cfg.model, cfg.finetune, cfg.sft, cfg.data.dev_images)
         if start is None:
             raise EcomcapError(f"no finished SFT run of this config (model, finetune, sft, data) under "
                                f"{cfg.sft.output_dir}: run --stage sft first or pass --from")
-        res = run_scst(start, work / "train", work / "valid", cfg.model, cfg.scst, cfg.generate,
-                       dev_images=cfg.data.dev_images)
-    print(json.dumps({"stage": args.stage, "model_dir": str(res.model_dir), "steps": res.steps,
-                      "best": res.best_metrics, "params": str(res.params)}, ensure_ascii=False))
+        res = launch_stage("scst", cfg, sft_model=start, train=work / "train", valid=work / "valid", run_name="")
+    print(json.dumps({"stage": args.stage, **{k: res[k] for k in ("model_dir", "steps", "ranks")}},
+                     ensure_ascii=False))
     return 0
 
 

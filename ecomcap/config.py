@@ -249,11 +249,13 @@ class RegistryConfig(_Strict):
 
 
 class LaunchConfig(_Strict):
-    """Multi-process training of the sft/scst steps (ZenML's `run_with_accelerate`)."""
+    """How the training steps run: in processes of their own, N of them under `accelerate launch`
+    (one per GPU of the machine or pod; see ecomcap/launch.py). The same path for 1 and N."""
 
-    num_processes: int = Field(1, ge=1, description="> 1: the step runs under `accelerate launch`")
-    config_file: str | None = Field(None, description="e.g. configs/accelerate/deepspeed_zero2.yaml")
-    multi_gpu: bool = True
+    num_processes: int = Field(1, ge=1, description="training processes (GPUs) on the step's machine")
+    config_file: str | None = Field(
+        None, description="accelerate config: configs/accelerate/deepspeed_zero{2,3}.yaml; none: DDP")
+    main_process_port: int | None = Field(None, description="rendezvous port; none: a free one")
 
 
 CAPTION_METRICS = ("CIDEr-D", "BLEU-4", "ROUGE-L")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -109,41 +108,6 @@ def record_datasets(job: str, reports: dict[str, dict], paths: dict[str, Path]) 
 
 def data_fingerprint(fingerprints: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def sft_stage(train: Path, valid: Path, cfg: RunConfig, run_name: str) -> Path:
-    from ecomcap.training.sft import run_sft
-
-    tracking.log_config("model", cfg.model)
-    tracking.log_config("finetune", cfg.finetune)
-    tracking.log_config("sft", cfg.sft)
-    sft = cfg.sft.model_copy(update={"output_dir": Path(cfg.sft.output_dir) / run_name})
-    res = run_sft(train, valid, cfg.model, cfg.finetune, sft, cfg.generate, tracking.metrics_callback(),
-                  dev_images=cfg.data.dev_images)
-    tracking.log_metrics({"trainable_params": res.params.trainable, "total_params": res.params.total,
-                          "wall_s": res.wall_s}, prefix="sft.")
-    return res.model_dir
-
-
-def scst_stage(sft_model: Path, train: Path, valid: Path, cfg: RunConfig, run_name: str) -> Path:
-    """SCST on top of SFT, or the SFT model unchanged when `scst.enabled` is false."""
-    if not cfg.scst.enabled or cfg.scst.max_steps == 0:
-        return sft_model
-    from ecomcap.training.scst import run_scst
-
-    tracking.log_config("scst", cfg.scst)
-    from ecomcap.registry.pyfunc import export_merged
-
-    scst = cfg.scst.model_copy(update={"output_dir": Path(cfg.scst.output_dir) / run_name})
-    res = run_scst(sft_model, train, valid, cfg.model, scst, cfg.generate, tracking.metrics_callback(),
-                   dev_images=cfg.data.dev_images)
-    tracking.log_metrics({"wall_s": res.wall_s}, prefix="scst.")
-    # the adapter's base is the SFT artifact's local path, which a remote artifact store (another
-    # pod) does not have: hand on a standalone, merged model instead
-    merged = export_merged(res.model_dir, Path(scst.output_dir) / "merged", cfg.model, cfg.generate)
-    if (res.model_dir / "metrics.jsonl").is_file():
-        shutil.copy(res.model_dir / "metrics.jsonl", merged / "metrics.jsonl")
-    return merged
 
 
 def generate_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, log: bool = True) -> dict[str, str]:

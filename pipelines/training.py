@@ -7,31 +7,19 @@ from __future__ import annotations
 from zenml import Model, pipeline
 from zenml.config import CachePolicy
 
-from ecomcap.config import LaunchConfig, RunConfig
+from ecomcap.config import RunConfig
 from ecomcap.workflow import library_fingerprint, source_fingerprint
 from steps import evaluate, generate, ingest, promote, scst, sft, validate
 
 MODEL = Model(name="ecomcap-captioner", description="Chinese e-commerce product captioner (Qwen2.5-VL)")
 
 
-def launched(step_fn, launch: LaunchConfig):
-    """The step itself, or wrapped to run under `accelerate launch` on several processes/GPUs."""
-    if launch.num_processes <= 1:
-        return step_fn
-    from zenml.integrations.huggingface.steps import run_with_accelerate
-
-    kwargs = {"num_processes": launch.num_processes, "multi_gpu": launch.multi_gpu}
-    if launch.config_file:
-        kwargs["config_file"] = launch.config_file
-    return run_with_accelerate(step_fn, **kwargs)
-
-
 @pipeline(model=MODEL, enable_cache=True, cache_policy=CachePolicy(cache_func=library_fingerprint))
 def training_pipeline(config: RunConfig = RunConfig()) -> None:  # noqa: B008  (a value, not a call per run)
     train, valid = ingest(config=config, source_fingerprint=source_fingerprint(config.data))
     report = validate(config=config, train=train, valid=valid)
-    sft_model = launched(sft, config.launch)(config=config, train=train, valid=valid, after="validate")
-    model = launched(scst, config.launch)(config=config, sft_model=sft_model, train=train, valid=valid)
+    sft_model = sft(config=config, train=train, valid=valid, after="validate")
+    model = scst(config=config, sft_model=sft_model, train=train, valid=valid)
     predictions = generate(config=config, model=model, data=valid)
     evaluation = evaluate(config=config, predictions=predictions, valid=valid, sft_model=sft_model, model=model)
     promote(config=config, model=model, evaluation=evaluation, valid=valid, validation_report=report)

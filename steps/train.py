@@ -7,7 +7,7 @@ from typing import Annotated
 from zenml import step
 
 from ecomcap.config import RunConfig
-from ecomcap.workflow import scst_stage, sft_stage
+from ecomcap.training.stages import scst_stage, sft_stage
 from materializers import DatasetDir, ModelDir
 from steps._tracker import TRACKER, run_name
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,23 @@ log = logging.getLogger(__name__)
 OUTPUT_MARKER = "ecomcap_model.json"
 
 
+def local_rank() -> int:
+    """This process's GPU under torchrun / `accelerate launch` (LOCAL_RANK), else 0."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def pick_device(cfg: ModelConfig) -> torch.device:
+    """CPU, or this rank's own GPU: N ranks loading before the Accelerator exists must not all
+    land on GPU 0 (N copies of the model there, none on the others)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise EcomcapError("model.device is 'cuda' but no CUDA device is available")
     if cfg.device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda")
+    rank, count = local_rank(), torch.cuda.device_count()
+    if rank >= count:
+        raise EcomcapError(f"LOCAL_RANK {rank} but only {count} GPU(s) are visible: launch.num_processes "
+                           "must not exceed the GPUs of the machine (or pod)")
+    return torch.device("cuda", rank)
 
 
 def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -66,6 +78,8 @@ def load_base(cfg: ModelConfig, quantization_config: Any = None):
     """(model, processor) for `cfg.name_or_path`, on the chosen device, in eval mode."""
     _check_source(cfg.name_or_path)
     device = pick_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # libraries that use "the" current GPU (bitsandbytes) agree
     dtype = pick_dtype(cfg, device)
     kwargs: dict[str, Any] = dict(
         dtype=dtype,
@@ -73,7 +87,9 @@ def load_base(cfg: ModelConfig, quantization_config: Any = None):
         trust_remote_code=cfg.trust_remote_code,
     )
     if quantization_config is not None:
-        kwargs.update(quantization_config=quantization_config, device_map={"": device.index or 0})
+        # 4-bit weights are placed at load time: on this rank's GPU (QLoRA under DDP)
+        kwargs.update(quantization_config=quantization_config,
+                      device_map={"": device.index if device.type == "cuda" else "cpu"})
     try:
         processor = load_processor(
             cfg.name_or_path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,

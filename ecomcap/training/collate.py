@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from ecomcap.errors import EcomcapError
 from ecomcap.modeling.processor import eos_token_id
 
 IGNORE = -100
@@ -32,7 +33,15 @@ class PromptBuilder:
             self.pad_id = self.eos_id
 
     def prompts(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        """Left-padded prompt batch (input_ids, attention_mask, mm_token_type_ids, pixels, grid)."""
+        """Left-padded prompt batch (input_ids, attention_mask, mm_token_type_ids, pixels, grid).
+
+        Every row carries its image: a text-only batch takes another forward path through the
+        VLM (no vision tower), and under DDP/ZeRO-3 ranks that take different paths wait on each
+        other's collectives forever (a known hang in LLaMA-Factory/TRL), so it is refused here."""
+        missing = [i for i, im in enumerate(images) if not isinstance(im, Image.Image)]
+        if missing or not images:
+            raise EcomcapError(f"training batch rows {missing or 'all'} have no image: every batch must be "
+                               "multimodal (text-only rows desynchronise the ranks of a multi-process run)")
         enc = self.processor(
             text=[self.text] * len(images), images=list(images), padding=True, return_tensors="pt"
         )

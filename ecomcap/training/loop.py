@@ -60,6 +60,7 @@ class StageResult:
     wall_s: float = 0.0
     resumed_from: int = 0
     param_digest: str = ""  # hash of this process's trainable weights (ranks must agree)
+    order_digest: str = ""  # hash of the shared data order of the last epoch (ranks must agree)
 
 
 def resolve_precision(requested: str, model: torch.nn.Module | None, bf16_ok: bool) -> str:
@@ -156,6 +157,12 @@ class TrainLoop:
             self._orders = {epoch: epoch_order(data, self.cfg.seed, epoch, self.expand)}
         return self._orders[epoch]
 
+    def _order_digest(self, data) -> str:
+        """Hash of the first epoch's shared order (each rank takes its slices of it)."""
+        if not isinstance(data, ShardImages):
+            return ""
+        return hashlib.sha256(json.dumps(self._order(data, 0)).encode()).hexdigest()[:16]
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict[str, Any] | None:
         if self.valid is None or len(self.valid) == 0:
@@ -243,7 +250,8 @@ class TrainLoop:
                 record_finished(self.root, self.out, best or final)
         acc.wait_for_everyone()
         return StageResult(best or final, final, best, step, self.params, state["best"], state["evals"],
-                           time.perf_counter() - started, resumed_from, _digest(acc.unwrap_model(self.model)))
+                           time.perf_counter() - started, resumed_from, _digest(acc.unwrap_model(self.model)),
+                           self._order_digest(data))
 
     def _evaluate(self, step: int, state: dict[str, Any]) -> None:
         if not self.acc.is_main_process:

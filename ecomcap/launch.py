@@ -1,0 +1,141 @@
+"""Run a training stage in its own processes: 1 with plain Python, N under `accelerate launch`.
+
+ZenML cannot wrap a step that takes a pydantic config and artifacts in `run_with_accelerate`
+(PITFALLS), so a step calls `launch()` instead: it writes a spec (the function to call and its
+JSON arguments), starts the processes on it, streams their output (progress bars, logs), checks
+the exit of every rank and returns what rank 0 wrote. The same path serves one process and N,
+on the local orchestrator and inside a Kubernetes step pod (N = the pod's GPUs), for DDP and
+DeepSpeed alike (`launch.config_file`). Rank 0 logs to the step's MLflow run: its id travels in
+the environment.
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ecomcap.config import LaunchConfig
+from ecomcap.errors import EcomcapError
+
+log = logging.getLogger(__name__)
+ENTRY = "ecomcap.launch"  # `python -m ecomcap.launch SPEC`: what every process runs
+TAIL_LINES = 60
+
+
+def launch(target: str, kwargs: dict[str, Any], cfg: LaunchConfig, *, name: str,
+           workdir: str | Path | None = None) -> dict[str, Any]:
+    """Call `target` ("module:function", JSON kwargs) in `cfg.num_processes` processes; returns
+    the JSON-able result rank 0's call returned. Raises EcomcapError with the failing output."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"launch-{name}-", dir=workdir))
+    spec = scratch / "spec.json"
+    result = scratch / "result.json"
+    spec.write_text(json.dumps({"target": target, "kwargs": kwargs, "result": str(result)},
+                               ensure_ascii=False, default=str), encoding="utf-8")
+    cmd = command(spec, cfg)
+    log.info("%s: %d process(es): %s", name, cfg.num_processes, " ".join(cmd))
+    code, tail = _stream(cmd, _child_env())
+    if code != 0:
+        raise EcomcapError(f"{name}: the training processes failed (exit {code}; {cfg.num_processes} "
+                           f"process(es), {cfg.config_file or 'no accelerate config'}). Last output:\n"
+                           + "".join(tail))
+    if not result.is_file():
+        raise EcomcapError(f"{name}: the processes exited 0 but rank 0 wrote no result ({result})")
+    out = json.loads(result.read_text(encoding="utf-8"))
+    shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def command(spec: Path, cfg: LaunchConfig) -> list[str]:
+    """The command line: plain Python for one process without an accelerate config, else
+    `accelerate launch` (torchrun under it; DeepSpeed's engine when the config file says so)."""
+    if cfg.num_processes == 1 and not cfg.config_file:
+        return [sys.executable, "-m", ENTRY, str(spec)]
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    if accelerate is None:
+        raise EcomcapError("launch.num_processes > 1 needs the `accelerate` command (pip install accelerate)")
+    cmd = [accelerate, "launch", "--num_processes", str(cfg.num_processes), "--num_machines", "1",
+           "--main_process_port", str(cfg.main_process_port or _free_port())]
+    if cfg.config_file:
+        if not Path(cfg.config_file).is_file():
+            raise EcomcapError(f"launch.config_file {cfg.config_file} does not exist")
+        cmd += ["--config_file", str(cfg.config_file)]
+    else:
+        # the torchrun launcher: NCCL on GPUs, gloo on CPU
+        cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return cmd + ["-m", ENTRY, str(spec)]
+
+
+def _free_port() -> int:
+    """Two launches on one machine (two pipelines, tests) must not share a rendezvous port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env() -> dict[str, str]:
+    """This environment, plus: the `ecomcap` this process imports, and the active MLflow run."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is not None:
+            env["ECOMCAP_MLFLOW_RUN_ID"] = run.info.run_id
+            env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        pass
+    return env
+
+
+def _stream(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run, echoing output as it comes (progress shows in the step log); keep the last lines."""
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace", bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            tail.append(line)
+        code = proc.wait()
+    sys.stdout.flush()
+    return code, list(tail)
+
+
+def main(spec_path: str) -> int:
+    """One process's work: call the target; rank 0 records the result (and logs to MLflow)."""
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    run_id = os.environ.get("ECOMCAP_MLFLOW_RUN_ID")
+    if run_id and rank == 0:
+        import mlflow
+
+        mlflow.start_run(run_id=run_id)  # the step's run: stage metrics land beside the step's
+    module, func = spec["target"].split(":")
+    try:
+        out = getattr(importlib.import_module(module), func)(**spec["kwargs"])
+    except EcomcapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        tmp = Path(spec["result"]).with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, ensure_ascii=False, default=str), encoding="utf-8")
+        tmp.replace(spec["result"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

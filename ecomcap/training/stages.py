@@ -1,0 +1,110 @@
+"""The training steps' work: each stage runs in processes of its own (`ecomcap.launch`).
+
+`sft_stage`/`scst_stage` run in the step's process: they log the configs, launch
+`launch.num_processes` training processes on `sft_process`/`scst_process`, and log what rank 0
+returned. Everything the processes need travels as JSON (paths, the run config), so the same
+code runs one process on a laptop and N ranks in a Kubernetes GPU pod.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ecomcap.config import RunConfig
+from ecomcap.errors import EcomcapError
+from ecomcap.launch import launch
+from ecomcap.paths import require_durable_paths
+from ecomcap.registry import tracking
+
+
+def launch_stage(stage: str, cfg: RunConfig, **kwargs: Any) -> dict[str, Any]:
+    """Run `<stage>_process` in `cfg.launch.num_processes` processes; rank 0's summary."""
+    require_durable_paths(cfg)
+    args = {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}
+    return launch(f"{__name__}:{stage}_process", {**args, "config": cfg.model_dump(mode="json")},
+                  cfg.launch, name=stage)
+
+
+def sft_stage(train: Path, valid: Path, cfg: RunConfig, run_name: str) -> Path:
+    tracking.log_config("model", cfg.model)
+    tracking.log_config("finetune", cfg.finetune)
+    tracking.log_config("sft", cfg.sft)
+    tracking.log_config("launch", cfg.launch)
+    res = launch_stage("sft", cfg, train=train, valid=valid, run_name=run_name)
+    _check_ranks("sft", res)
+    tracking.log_metrics({k: res[k] for k in ("trainable_params", "total_params", "wall_s")}, prefix="sft.")
+    return Path(res["model_dir"])
+
+
+def scst_stage(sft_model: Path, train: Path, valid: Path, cfg: RunConfig, run_name: str) -> Path:
+    """SCST on top of SFT, or the SFT model unchanged when `scst.enabled` is false."""
+    if not cfg.scst.enabled or cfg.scst.max_steps == 0:
+        return sft_model
+    from ecomcap.registry.pyfunc import export_merged
+
+    tracking.log_config("scst", cfg.scst)
+    tracking.log_config("launch", cfg.launch)
+    res = launch_stage("scst", cfg, sft_model=sft_model, train=train, valid=valid, run_name=run_name)
+    _check_ranks("scst", res)
+    tracking.log_metrics({"wall_s": res["wall_s"]}, prefix="scst.")
+    model_dir = Path(res["model_dir"])
+    # the adapter's base is the SFT artifact's local path, which a remote artifact store (another
+    # pod) does not have: hand on a standalone, merged model instead (one process, after training)
+    merged = export_merged(model_dir, Path(res["output_dir"]) / "merged", cfg.model, cfg.generate)
+    if (model_dir / "metrics.jsonl").is_file():
+        shutil.copy(model_dir / "metrics.jsonl", merged / "metrics.jsonl")
+    return merged
+
+
+def _summary(res, output_dir: Path) -> dict[str, Any]:
+    """Rank 0's account of the stage, with every rank's weights and data-order digests."""
+    return {"model_dir": str(res.model_dir), "output_dir": str(output_dir), "steps": res.steps,
+            "wall_s": res.wall_s, "trainable_params": res.params.trainable, "total_params": res.params.total,
+            "resumed_from": res.resumed_from,
+            "ranks": _all_ranks({"weights": res.param_digest, "data_order": res.order_digest})}
+
+
+def _all_ranks(mine: dict[str, str]) -> list[dict[str, str]]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def _check_ranks(stage: str, res: dict[str, Any]) -> None:
+    """Every rank must end with the same weights, having walked the same data order: a rank that
+    drifted (a missed all-reduce, another seed) would otherwise go unnoticed until evaluation."""
+    ranks = res["ranks"]
+    for key in ("weights", "data_order"):
+        if len({r[key] for r in ranks}) > 1:
+            raise EcomcapError(f"{stage}: the {len(ranks)} training processes disagree on {key}: "
+                               f"{[r[key] for r in ranks]}")
+    tracking.log_metrics({"world_size": len(ranks)}, prefix=f"{stage}.")
+    tracking.set_tags({f"{stage}.weights_digest": ranks[0]["weights"], f"{stage}.data_order_digest":
+                       ranks[0]["data_order"]})
+
+
+def sft_process(train: str, valid: str, config: dict, run_name: str) -> dict[str, Any]:
+    """One training process of the SFT stage (every rank runs it; rank 0's return is kept)."""
+    from ecomcap.training.sft import run_sft
+
+    cfg = RunConfig.model_validate(config)
+    sft = cfg.sft.model_copy(update={"output_dir": Path(cfg.sft.output_dir) / run_name})
+    res = run_sft(train, valid, cfg.model, cfg.finetune, sft, cfg.generate, tracking.metrics_callback(),
+                  dev_images=cfg.data.dev_images)
+    return _summary(res, Path(sft.output_dir))
+
+
+def scst_process(sft_model: str, train: str, valid: str, config: dict, run_name: str) -> dict[str, Any]:
+    """One training process of the SCST stage."""
+    from ecomcap.training.scst import run_scst
+
+    cfg = RunConfig.model_validate(config)
+    scst = cfg.scst.model_copy(update={"output_dir": Path(cfg.scst.output_dir) / run_name})
+    res = run_scst(sft_model, train, valid, cfg.model, scst, cfg.generate, tracking.metrics_callback(),
+                   dev_images=cfg.data.dev_images)
+    return _summary(res, Path(scst.output_dir))

@@ -1,0 +1,104 @@
+"""Training stages in processes of their own (`ecomcap.launch`): one process with plain Python,
+two under `accelerate launch` (torchrun, gloo on this CPU box); per-rank GPU placement."""
+import pytest
+import torch
+
+from ecomcap.config import LaunchConfig, ModelConfig
+from ecomcap.errors import EcomcapError
+from ecomcap.launch import command, launch
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_every_rank_runs_and_rank0_result_comes_back(tmp_path, n):
+    res = launch("tests.launch_targets:report", {"out": str(tmp_path), "value": 21}, LaunchConfig(num_processes=n),
+                 name="t")
+    assert res == {"rank": 0, "world": n, "value": 42}
+    assert sorted(p.name for p in tmp_path.glob("rank*.txt")) == [f"rank{r}.txt" for r in range(n)]
+    assert all(p.read_text() == f"{n}\n" for p in tmp_path.glob("rank*.txt"))
+
+
+def test_a_failing_rank_fails_the_stage_with_its_output(tmp_path):
+    with pytest.raises(EcomcapError, match="boom on rank 1") as err:
+        launch("tests.launch_targets:fail_on_rank", {"rank": 1}, LaunchConfig(num_processes=2), name="sft")
+    assert "sft: the training processes failed" in str(err.value)
+
+
+def test_a_clear_error_stays_clear(tmp_path):
+    with pytest.raises(EcomcapError, match="the data has no train split"):
+        launch("tests.launch_targets:clear_error", {}, LaunchConfig(), name="sft")
+
+
+def test_rank0_logs_to_the_steps_mlflow_run(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run() as run:
+        res = launch("tests.launch_targets:log_metric", {"name": "sft.loss"}, LaunchConfig(num_processes=2),
+                     name="sft")
+    assert res == {"active": True}
+    assert mlflow.get_run(run.info.run_id).data.metrics["sft.loss"] == 1.5
+
+
+def test_commands(tmp_path):
+    spec = tmp_path / "spec.json"
+    assert command(spec, LaunchConfig())[1:] == ["-m", "ecomcap.launch", str(spec)]
+    ds = command(spec, LaunchConfig(num_processes=2, config_file="configs/accelerate/deepspeed_zero3.yaml",
+                                    main_process_port=29555))
+    assert ds[1:] == ["launch", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "29555",
+                      "--config_file", "configs/accelerate/deepspeed_zero3.yaml", "-m", "ecomcap.launch", str(spec)]
+    with pytest.raises(EcomcapError, match="does not exist"):
+        command(spec, LaunchConfig(num_processes=2, config_file="configs/accelerate/nope.yaml"))
+
+
+@pytest.fixture
+def two_fake_gpus(monkeypatch):
+    """MOCK (no GPU exists here): CUDA reports two devices; placement calls are recorded."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    return calls
+
+
+def test_each_rank_loads_onto_its_own_gpu(two_fake_gpus, tiny_model_cfg, monkeypatch):
+    """Rank 1 of a 2-GPU launch: 4-bit weights placed on GPU 1 at load time, others moved there."""
+    from ecomcap.modeling import load
+
+    seen = []
+
+    class Model:
+        def to(self, device):
+            seen.append(("to", str(device)))
+            return self
+
+        def eval(self):
+            return self
+
+    def from_pretrained(name, **kwargs):
+        seen.append(("device_map", kwargs.get("device_map")))
+        return Model()
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(load.AutoModelForImageTextToText, "from_pretrained", from_pretrained)
+    cfg = ModelConfig(name_or_path=tiny_model_cfg.name_or_path, device="cuda")
+    assert load.pick_device(cfg) == torch.device("cuda", 1)
+    load.load_base(cfg, quantization_config=object())
+    load.load_base(cfg)
+    assert seen == [("device_map", {"": 1}), ("device_map", None), ("to", "cuda:1")]
+    assert two_fake_gpus == [("set_device", "cuda:1")] * 2
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(EcomcapError, match="only 2 GPU"):
+        load.pick_device(cfg)
+
+
+def test_a_batch_without_an_image_is_refused(tiny_model_cfg, small_data):
+    from PIL import Image
+
+    from ecomcap.modeling.processor import load_processor
+    from ecomcap.training.collate import PromptBuilder
+
+    builder = PromptBuilder(load_processor(tiny_model_cfg.name_or_path), "描述商品。")
+    with pytest.raises(EcomcapError, match="multimodal"):
+        builder.prompts([Image.new("RGB", (32, 32)), None])

@@ -33,7 +33,7 @@ E2E = {
 def _write_config(repo: Path, name: str, **changes) -> str:
     cfg = yaml.safe_load(yaml.safe_dump(E2E))
     for section, update in changes.items():
-        cfg[section].update(update)
+        cfg.setdefault(section, {}).update(update)
     path = repo / "configs" / name
     path.write_text(yaml.safe_dump({"parameters": {"config": cfg}}, allow_unicode=True), encoding="utf-8")
     return f"configs/{name}"

@@ -89,7 +89,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg.data.splits.append("valid")
     prepare_data(cfg.data)
     work = Path(cfg.data.work_dir)
-    from ecomcap.training.stages import launch_stage  # launch.num_processes processes, as in the pipeline
+    from ecomcap.training.stages import (
+        launch_stage,  # launch.num_processes processes, as in the pipeline
+    )
 
     if args.stage == "sft":
         res = launch_stage("sft", cfg, train=work / "train", valid=work / "valid", run_name="")

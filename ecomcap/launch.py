@@ -25,6 +25,7 @@ from typing import Any
 
 from ecomcap.config import LaunchConfig
 from ecomcap.errors import EcomcapError
+from ecomcap.processes import die_with_parent, worker_threads
 
 log = logging.getLogger(__name__)
 ENTRY = "ecomcap.launch"  # `python -m ecomcap.launch SPEC`: what every process runs
@@ -42,7 +43,7 @@ def launch(target: str, kwargs: dict[str, Any], cfg: LaunchConfig, *, name: str,
                                ensure_ascii=False, default=str), encoding="utf-8")
     cmd = command(spec, cfg)
     log.info("%s: %d process(es): %s", name, cfg.num_processes, " ".join(cmd))
-    code, tail = _stream(cmd, _child_env())
+    code, tail = _stream(cmd, _child_env(cfg.num_processes))
     if code != 0:
         raise EcomcapError(f"{name}: the training processes failed (exit {code}; {cfg.num_processes} "
                            f"process(es), {cfg.config_file or 'no accelerate config'}). Last output:\n"
@@ -81,9 +82,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child_env() -> dict[str, str]:
-    """This environment, plus: the `ecomcap` this process imports, and the active MLflow run."""
+def _child_env(processes: int) -> dict[str, str]:
+    """This environment, plus: the `ecomcap` this process imports, the active MLflow run, and on
+    CPU the usable cores split between the processes (torchrun would give each one thread)."""
     env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(worker_threads(processes)))
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -102,8 +105,9 @@ def _child_env() -> dict[str, str]:
 def _stream(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
     """Run, echoing output as it comes (progress shows in the step log); keep the last lines."""
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    parent = os.getpid()
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace", bufsize=1) as proc:
+                          errors="replace", bufsize=1, preexec_fn=lambda: die_with_parent(parent)) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -81,7 +82,8 @@ def main() -> int:
             failed[name] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc(limit=3)
     found = closure()
-    carried = {d for d, (_, loc) in found.items() if loc.startswith("/tmp/site")}
+    site = os.environ.get("DC_SITE", "/tmp/site").rstrip("/") + "/"
+    carried = {d for d, (_, loc) in found.items() if (loc + "/").startswith(site)}
     for dist, (ver, loc) in found.items():
         print(f"{dist:28} {ver:22} {'carried' if dist in carried else 'image  '} {loc}")
     bad: dict[str, str] = {}

@@ -31,13 +31,18 @@ def test_a_clear_error_stays_clear(tmp_path):
 def test_rank0_logs_to_the_steps_mlflow_run(tmp_path, monkeypatch):
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    with mlflow.start_run() as run:
-        res = launch("tests.launch_targets:log_metric", {"name": "sft.loss"}, LaunchConfig(num_processes=2),
-                     name="sft")
-    assert res == {"active": True}
-    assert mlflow.get_run(run.info.run_id).data.metrics["sft.loss"] == 1.5
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the child must get it from the launcher
+    try:
+        with mlflow.start_run() as run:
+            res = launch("tests.launch_targets:log_metric", {"name": "sft.loss"}, LaunchConfig(num_processes=2),
+                         name="sft")
+        assert res == {"active": True}
+        assert mlflow.get_run(run.info.run_id).data.metrics["sft.loss"] == 1.5
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def test_commands(tmp_path):

@@ -16,7 +16,7 @@ SMALL = {"sft": {"max_steps": 12, "batch_size": 4, "eval_every": 6, "eval_images
          "data": {"dev_images": 8, "synth": {"train": 64, "valid": 8, "test": 4, "seed": 11}}}
 
 
-def _last_run(repo):
+def _last_run(repo):  # noqa: F811
     uri = f"sqlite:///{repo}/.mlflow/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("training_pipeline")

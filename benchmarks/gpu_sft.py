@@ -181,8 +181,11 @@ def scst(model, builder, args, device) -> list[dict]:
                         "logprob_chunk": args.logprob_chunk if variant == "after" else b * k,
                         "images_per_s": round(b / total, 2), "generate_s": round(t_gen, 2),
                         "step_s": round(total, 2), "peak_mem_gib": peak_gib(device)})
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as exc:  # some kernels raise a plain RuntimeError
+            if "out of memory" not in str(exc).lower():
+                raise
             opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
             out.append({"stage": f"scst_step_{variant}", "images": b, "samples": k, "error": "CUDA OOM",
                         "peak_mem_gib": peak_gib(device)})
         print(json.dumps(out[-1]), flush=True)
@@ -216,7 +219,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="SFT images per step (configs/qwen25vl_3b_lora.yaml)")
     ap.add_argument("--scst-batch", type=int, default=16)
     ap.add_argument("--samples", type=int, default=5)
-    ap.add_argument("--logprob-chunk", type=int, default=16)
+    ap.add_argument("--logprob-chunk", type=int, default=8, help="as configs/qwen25vl_3b_lora.yaml")
     ap.add_argument("--gen-batch", type=int, default=32)
     ap.add_argument("--smoke", action="store_true", help="tiny width, small images, on CPU: a code check")
     args = ap.parse_args()

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ecomcap.config import IngestConfig, LoopConfig, RegistryConfig, _Strict
+from ecomcap.config import IngestConfig, LaunchConfig, LoopConfig, RegistryConfig, _Strict
 
 Arch = Literal["chinese_clip", "clip", "siglip"]
 ItemEmbedding = Literal["image", "text", "fused"]
@@ -118,6 +118,7 @@ class RetrievalRunConfig(_Strict):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     train: RetrievalTrainConfig = Field(default_factory=RetrievalTrainConfig)
     eval: RetrievalEvalConfig = Field(default_factory=RetrievalEvalConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)  # one process until DDP lands here
     registry: RegistryConfig = Field(
         default_factory=lambda: RegistryConfig(model_name="ecomcap-retriever", experiment="retrieval_pipeline",
                                                primary_metric="MeanRecall", guard_metrics=["R1"], tolerance=1.0,

@@ -58,15 +58,27 @@ def validate_stage(splits: dict[str, Path], cfg: RetrievalRunConfig) -> dict[str
 
 
 def train_stage(train: Path, valid: Path, cfg: RetrievalRunConfig, run_name: str) -> Path:
-    from ecomcap.retrieval.train import train_retriever
+    """Train in processes of their own, the way the captioning steps do (`ecomcap.launch`)."""
+    from ecomcap.launch import launch
 
     for section in ("encoder", "train"):
         tracking.log_config(section, getattr(cfg, section))
+    res = launch(f"{__name__}:train_process", {"train": str(train), "valid": str(valid), "run_name": run_name,
+                                               "config": cfg.model_dump(mode="json")}, cfg.launch, name="train")
+    tracking.log_metrics({k: res[k] for k in ("trainable_params", "total_params", "wall_s", "steps")},
+                         prefix="train.")
+    return Path(res["model_dir"])
+
+
+def train_process(train: str, valid: str, config: dict, run_name: str) -> dict[str, Any]:
+    """One training process (rank 0's return is kept)."""
+    from ecomcap.retrieval.train import train_retriever
+
+    cfg = RetrievalRunConfig.model_validate(config)
     tc = cfg.train.model_copy(update={"output_dir": Path(cfg.train.output_dir) / run_name})
-    res = train_retriever(train, valid, cfg.model_copy(update={"train": tc}), tracking.metrics_callback())
-    tracking.log_metrics({"trainable_params": res.params.trainable, "total_params": res.params.total,
-                          "wall_s": res.wall_s, "steps": res.steps}, prefix="train.")
-    return res.model_dir
+    res = train_retriever(Path(train), Path(valid), cfg.model_copy(update={"train": tc}), tracking.metrics_callback())
+    return {"model_dir": str(res.model_dir), "trainable_params": res.params.trainable,
+            "total_params": res.params.total, "wall_s": res.wall_s, "steps": res.steps}
 
 
 def embed_stage(model_dir: Path, valid: Path, cfg: RetrievalRunConfig) -> Path:

@@ -31,6 +31,7 @@ from ecomcap.training.logprob import policy_logprob
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
 from ecomcap.training.losses import sft_loss
 from ecomcap.training.rewards import CaptionReward, greedy_baseline, mean_of_others
+from ecomcap.training.zero import refuse_scst_zero3
 
 
 def repeat_prompts(enc: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -166,6 +167,7 @@ def run_scst(
         valid=select_on, configs={**configs, "sft_model": str(sft_model_dir)}, on_metrics=on_metrics,
         identity=run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(sft_model_dir)),
     )
+    refuse_scst_zero3(loop.acc)
     reward = CaptionReward(read_references(train_dir))
     answer = max(cfg.max_new_tokens, cfg.max_answer_tokens if cfg.xe_weight > 0 else 0)
     check_token_budget(train, loop.builder, answer, model_token_limit(model, model_cfg.max_seq_len))

@@ -116,11 +116,16 @@ def _save_weights(model, out: Path, is_adapter: bool, weights: dict[str, torch.T
     float32. fp32 stays only in checkpoints (trainable.safetensors), for exact resume.
     `weights`: the state dict to write instead of the module's own (ZeRO-3's gathered weights:
     the module itself then holds empty shards)."""
+    import contextlib
+
     from ecomcap.modeling.strategies import load_dtype
+    from ecomcap.training.zero import default_key_conversions
 
     target = None if is_adapter else load_dtype(model)
+    keys = default_key_conversions(model) if weights is not None and not is_adapter else contextlib.nullcontext()
     if target is None:
-        model.save_pretrained(out, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
+        with keys:
+            model.save_pretrained(out, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
         return
     cast: dict[int, torch.Tensor] = {}  # by storage: tied weights stay one tensor
     state = {}
@@ -131,7 +136,8 @@ def _save_weights(model, out: Path, is_adapter: bool, weights: dict[str, torch.T
                 cast[key] = t.detach().to(device="cpu", dtype=target)
             t = cast[key]
         state[name] = t
-    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    with keys:
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     config["dtype"] = str(target).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")

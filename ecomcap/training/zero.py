@@ -18,6 +18,7 @@ plus our scheduler, trainer state and per-rank RNG files.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -118,6 +119,21 @@ def gathered_digest_params(acc, model):
 
     inner = acc.unwrap_model(model)
     return deepspeed.zero.GatheredParameters([p for p in inner.parameters() if p.requires_grad])
+
+
+@contextlib.contextmanager
+def default_key_conversions(model):
+    """transformers (5.24) records its legacy and prefix renamings on a model loaded under
+    `zero.Init` (ZeRO-3 with zero3_init_flag, i.e. any load after the Accelerator exists);
+    `save_pretrained` reverts them all and writes `model.model.*` keys that load as a fresh
+    model. Export with the model class's default mapping, as for a normally loaded model."""
+    had = "_weight_conversions" in model.__dict__
+    saved = model.__dict__.pop("_weight_conversions", None)
+    try:
+        yield
+    finally:
+        if had:
+            model.__dict__["_weight_conversions"] = saved
 
 
 def refuse_scst_zero3(acc) -> None:

@@ -279,10 +279,12 @@ class TrainLoop:
         return last
 
     def _param_digest(self) -> str:
-        if zero.zero_stage(self.acc) == 3:  # parameters are shards: make them whole (all ranks)
-            with zero.gathered_digest_params(self.acc, self.model):
-                return _digest(self.acc.unwrap_model(self.model))
-        return _digest(self.acc.unwrap_model(self.model))
+        """Hash of the trainable weights (whole ones: ZeRO-3 shards are gathered, on all ranks)."""
+        h = hashlib.sha256()
+        for name, p in zero.whole_trainables(self.acc, self.model):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def _evaluate(self, step: int, state: dict[str, Any]) -> None:
         everyone = zero.zero_stage(self.acc) == 3  # every forward all-gathers: all ranks generate
@@ -333,12 +335,3 @@ def _truncate_log(path: Path, step: int) -> None:
     rows = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= step]
     path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-
-
-def _digest(model) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]

@@ -113,12 +113,20 @@ def gathered_state_dict(acc, model, trainable_only: bool) -> dict[str, torch.Ten
     return acc.get_state_dict(model)
 
 
-def gathered_digest_params(acc, model):
-    """Context that makes every parameter of a ZeRO-3 model whole on every rank (read only)."""
+def whole_trainables(acc, model):
+    """(name, full tensor) of each trainable parameter, in name order; under ZeRO-3 gathered one
+    at a time on every rank (collective: all ranks iterate to the end), so a model that only fits
+    sharded never has to be whole on one GPU."""
+    inner = acc.unwrap_model(model)
+    params = sorted((n, p) for n, p in inner.named_parameters() if p.requires_grad)
+    if zero_stage(acc) != 3:
+        yield from params
+        return
     import deepspeed
 
-    inner = acc.unwrap_model(model)
-    return deepspeed.zero.GatheredParameters([p for p in inner.parameters() if p.requires_grad])
+    for name, p in params:
+        with deepspeed.zero.GatheredParameters([p]):
+            yield name, p
 
 
 @contextlib.contextmanager

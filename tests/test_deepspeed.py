@@ -169,3 +169,26 @@ def test_run_config_overrides_the_deepspeed_yaml(caplog):
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "gradient_accumulation_steps=1 overridden" in warned and "gradient_clipping=1.0 overridden" in warned
     assert "train_micro_batch_size_per_gpu" not in warned  # "auto" is filled silently
+
+
+@pytest.mark.parametrize("fmt,stage,resumes", [("deepspeed-zero3", 3, True), ("deepspeed-zero3", 0, False),
+                                               ("trainable", 3, False), (None, 0, True), ("deepspeed-zero2", 3, False)])
+def test_checkpoint_resumes_only_in_its_own_format(tmp_path, caplog, fmt, stage, resumes):
+    """A ZeRO checkpoint holds sharded engine state, ours full trainables: a launch of another kind
+    starts over with a warning instead of failing half-way through loading (stand-in accelerator)."""
+    from accelerate.utils import DistributedType
+
+    from ecomcap.training.checkpoint import STATE
+    from ecomcap.training.loop import TrainLoop
+
+    ckpt = tmp_path / "step-0000002"
+    ckpt.mkdir()
+    (ckpt / STATE).write_text(json.dumps({"step": 2, "world_size": 2, **({"format": fmt} if fmt else {})}))
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": stage}})
+    acc = SimpleNamespace(num_processes=2, state=SimpleNamespace(deepspeed_plugin=plugin),
+                          distributed_type=DistributedType.DEEPSPEED if stage else DistributedType.MULTI_CPU)
+    loop = SimpleNamespace(acc=acc, stage="sft")
+    with caplog.at_level(logging.WARNING):
+        got = TrainLoop._resumable(loop, ckpt)
+    assert (got == ckpt) is resumes
+    assert ("not resumed" in caplog.text) is not resumes

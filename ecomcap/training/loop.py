@@ -5,7 +5,7 @@ cosine schedule and warmup, gradient accumulation and clipping, mixed precision,
 CIDEr-D every N steps with the best model kept, checkpoints every N steps, exact resume (the
 data a step sees is a pure function of the step number), a progress bar, and a metrics
 callback (the pipeline plugs MLflow into it). Built on `accelerate`, so the same code runs on
-one CPU, DDP over GPUs and DeepSpeed.
+one CPU, DDP over GPUs and DeepSpeed ZeRO-2/3 (what differs there lives in `zero.py`).
 """
 from __future__ import annotations
 

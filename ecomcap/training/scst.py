@@ -31,7 +31,7 @@ from ecomcap.training.logprob import policy_logprob
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
 from ecomcap.training.losses import sft_loss
 from ecomcap.training.rewards import CaptionReward, greedy_baseline, mean_of_others
-from ecomcap.training.zero import refuse_scst_zero3
+from ecomcap.training.zero import zero_stage
 
 
 def repeat_prompts(enc: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -74,6 +74,8 @@ class SCSTStep:
             top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0,
             no_repeat_ngram_size=0))
         self.sample_kw = generate_kwargs(sample_cfg, self.builder)
+        if zero_stage(loop.acc) == 3:  # ranks sample different lengths and each forward all-gathers:
+            self.sample_kw["synced_gpus"] = True  # said, not left to transformers' global-config guess
         self.greedy_kw = {**self.sample_kw, "do_sample": False}
         self.policy = policy_logprob(loop, cfg, self.suppress)
         self.does_backward = self.policy.backward is not None  # the loop then skips its backward
@@ -167,7 +169,6 @@ def run_scst(
         valid=select_on, configs={**configs, "sft_model": str(sft_model_dir)}, on_metrics=on_metrics,
         identity=run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(sft_model_dir)),
     )
-    refuse_scst_zero3(loop.acc)
     reward = CaptionReward(read_references(train_dir))
     answer = max(cfg.max_new_tokens, cfg.max_answer_tokens if cfg.xe_weight > 0 else 0)
     check_token_budget(train, loop.builder, answer, model_token_limit(model, model_cfg.max_seq_len))

@@ -144,15 +144,6 @@ def default_key_conversions(model):
             model.__dict__["_weight_conversions"] = saved
 
 
-def refuse_scst_zero3(acc) -> None:
-    """SCST samples a different number of tokens on each rank; under ZeRO-3 every forward is a
-    collective all-gather, so uneven sampling deadlocks. Not supported yet: say so."""
-    if zero_stage(acc) == 3:
-        raise EcomcapError("SCST under DeepSpeed ZeRO-3 is not supported (per-rank sampling of different "
-                           "lengths deadlocks ZeRO-3's parameter all-gather): run SCST with "
-                           "configs/accelerate/deepspeed_zero2.yaml or multi_gpu_ddp.yaml")
-
-
 # ---------------------------------------------------------------- step checkpoints
 def save_engine_checkpoint(acc, ckpt_root: Path, step: int, scheduler, state: dict, keep: int) -> Path:
     """All ranks: engine state (sharded optimizer and weights) via accelerate `save_state` into a

@@ -38,8 +38,8 @@ class ParamCount:
 
 def count_parameters(model: torch.nn.Module) -> ParamCount:
     total = trainable = 0
-    for p in model.parameters():
-        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+    for p in model.parameters():  # (a ZeRO-3 partitioned parameter's own numel is its shard: 0)
+        n = getattr(p, "ds_numel", None) or p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
         total += n
         trainable += n if p.requires_grad else 0
     return ParamCount(trainable, total)
@@ -110,7 +110,8 @@ def upcast_trainable(model: torch.nn.Module) -> int:
     (~0.4% of the weight) would otherwise be rounded away. Returns how many were cast."""
     n = 0
     for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+        # (not ZeRO-3 partitioned parameters, loaded under zero.Init: DeepSpeed keeps fp32 masters)
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) and not hasattr(p, "ds_id"):
             model.__dict__.setdefault(LOAD_DTYPE, p.dtype)  # exports go back to it
             p.data = p.data.float()
             n += 1

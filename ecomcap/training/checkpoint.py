@@ -110,26 +110,34 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
     return json.loads((path / STATE).read_text(encoding="utf-8"))
 
 
-def _save_weights(model, out: Path, is_adapter: bool) -> None:
+def _save_weights(model, out: Path, is_adapter: bool, weights: dict[str, torch.Tensor] | None = None) -> None:
     """save_pretrained in the dtype the weights were loaded in: trainables train in fp32 (see
     `upcast_trainable`), but a full 7B export in fp32 would be ~30 GB with config.json saying
-    float32. fp32 stays only in checkpoints (trainable.safetensors), for exact resume."""
+    float32. fp32 stays only in checkpoints (trainable.safetensors), for exact resume.
+    `weights`: the state dict to write instead of the module's own (ZeRO-3's gathered weights:
+    the module itself then holds empty shards)."""
+    import contextlib
+
     from ecomcap.modeling.strategies import load_dtype
+    from ecomcap.training.zero import default_key_conversions
 
     target = None if is_adapter else load_dtype(model)
+    keys = default_key_conversions(model) if weights is not None and not is_adapter else contextlib.nullcontext()
     if target is None:
-        model.save_pretrained(out, safe_serialization=True)
+        with keys:
+            model.save_pretrained(out, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
         return
     cast: dict[int, torch.Tensor] = {}  # by storage: tied weights stay one tensor
     state = {}
-    for name, t in model.state_dict().items():
+    for name, t in (weights if weights is not None else model.state_dict()).items():
         if t.dtype == torch.float32:
             key = t.data_ptr()
             if key not in cast:
                 cast[key] = t.detach().to(device="cpu", dtype=target)
             t = cast[key]
         state[name] = t
-    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    with keys:
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     config["dtype"] = str(target).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
@@ -137,13 +145,14 @@ def _save_weights(model, out: Path, is_adapter: bool) -> None:
 
 
 def export_model(model, processor, out_dir: Path, *, base: str, strategy: str, configs: dict,
-                 metrics_log: Path | None = None) -> Path:
-    """A loadable directory: adapter (LoRA/QLoRA) or full weights, processor, configs used."""
+                 metrics_log: Path | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """A loadable directory: adapter (LoRA/QLoRA) or full weights, processor, configs used
+    (`state_dict`: gathered weights to write, see `_save_weights`)."""
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     is_adapter = hasattr(model, "peft_config")
-    _save_weights(model, tmp, is_adapter)
+    _save_weights(model, tmp, is_adapter, state_dict)
     save_processor(processor, tmp)
     from ecomcap.modeling.strategies import is_4bit
 

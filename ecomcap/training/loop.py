@@ -5,7 +5,7 @@ cosine schedule and warmup, gradient accumulation and clipping, mixed precision,
 CIDEr-D every N steps with the best model kept, checkpoints every N steps, exact resume (the
 data a step sees is a pure function of the step number), a progress bar, and a metrics
 callback (the pipeline plugs MLflow into it). Built on `accelerate`, so the same code runs on
-one CPU, DDP over GPUs and DeepSpeed.
+one CPU, DDP over GPUs and DeepSpeed ZeRO-2/3 (what differs there lives in `zero.py`).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from ecomcap.errors import EcomcapError
 from ecomcap.inference.generate import caption_images
 from ecomcap.metrics import evaluate
 from ecomcap.modeling.strategies import ParamCount, count_parameters
+from ecomcap.training import zero
 from ecomcap.training.checkpoint import (
     STATE,
     export_model,
@@ -60,7 +61,7 @@ class StageResult:
     wall_s: float = 0.0
     resumed_from: int = 0
     param_digest: str = ""  # hash of this process's trainable weights (ranks must agree)
-    order_digest: str = ""  # hash of the shared data order of the last epoch (ranks must agree)
+    order_digest: str = ""  # hash of the first epoch's shared data order (ranks must agree)
 
 
 def resolve_precision(requested: str, model: torch.nn.Module | None, bf16_ok: bool) -> str:
@@ -87,9 +88,18 @@ def make_accelerator(cfg: LoopConfig, model: torch.nn.Module | None = None) -> A
     bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     mp = resolve_precision(cfg.mixed_precision, model, bf16_ok)
     _forget_other_precision(mp)
-    return Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum
-    )
+    # cpu=True would turn a DeepSpeed launch into plain CPU DDP: DeepSpeed picks its CPU accelerator itself
+    if zero.deepspeed_launch() and not torch.cuda.is_available():
+        zero.fix_cpu_world()
+    acc = Accelerator(cpu=not torch.cuda.is_available() and not zero.deepspeed_launch(), mixed_precision=mp,
+                      gradient_accumulation_steps=cfg.grad_accum)
+    if acc.gradient_accumulation_steps != cfg.grad_accum:  # ACCELERATE_GRADIENT_ACCUMULATION_STEPS won
+        log.warning("gradient accumulation %d from the accelerate launch config overridden by the run config's %d",
+                    acc.gradient_accumulation_steps, cfg.grad_accum)
+        acc.gradient_accumulation_steps = cfg.grad_accum
+    if zero.zero_stage(acc):
+        zero.configure_deepspeed(acc, cfg)
+    return acc
 
 
 def _forget_other_precision(mp: str) -> None:
@@ -127,7 +137,8 @@ class TrainLoop:
         warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
         sched = get_cosine_schedule_with_warmup(opt, warmup, max(cfg.max_steps, 1))
         # the scheduler stays unprepared: accelerate's wrapper steps it once per process per
-        # optimizer step, which would compress the schedule num_processes-fold
+        # optimizer step, which would compress the schedule num_processes-fold; DeepSpeed is not
+        # handed it either (the engine would step it too), it sets the LR in `opt`'s param groups
         self.model, self.opt = self.acc.prepare(model, opt)
         self.sched = sched
         self.root = Path(cfg.output_dir)  # each run identity trains in its own folder below it
@@ -186,12 +197,13 @@ class TrainLoop:
         state: dict[str, Any] = {"best": None, "evals": [], "world_size": acc.num_processes}
         step = 0
         last = latest_checkpoint(ckpts) if cfg.resume else None
-        saved_world = json.loads((last / STATE).read_text(encoding="utf-8")).get("world_size", 1) if last else None
-        if last is not None and saved_world != acc.num_processes:  # another data-to-step mapping
-            log.warning("%s: %s was written by %d processes, this run has %d: not resumed, starting at step 0",
-                        self.stage, last, saved_world, acc.num_processes)
-            last = None
-        if last is not None:
+        last = self._resumable(last)
+        if last is not None and zero.zero_stage(acc):
+            state = zero.load_engine_checkpoint(acc, last, self.sched.optimizer, self.sched)
+            step = state.pop("step")
+            state.pop("format", None)
+            log.info("%s: resumed from %s (step %d)", self.stage, last, step)
+        elif last is not None:
             state = load_checkpoint(last, acc.unwrap_model(self.model), self.opt, self.sched,
                                     rank=acc.process_index)
             step = state.pop("step")
@@ -212,8 +224,10 @@ class TrainLoop:
                     if loss.requires_grad or not getattr(step_fn, "does_backward", False):
                         acc.backward(loss)  # (SCST backwards its chunked log-prob pass itself)
                     if acc.sync_gradients:
-                        logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
-                        self.opt.step()
+                        norm = zero.grad_norm(acc, self.model, cfg.max_grad_norm)
+                        if norm is not None:
+                            logs["grad_norm"] = norm
+                        self.opt.step()  # (under DeepSpeed a no-op: the engine stepped in backward)
                         self.sched.step()
                         self.opt.zero_grad(set_to_none=True)
                 for k, v in {"loss": float(loss.detach()), **extra}.items():
@@ -232,7 +246,9 @@ class TrainLoop:
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save_rng(ckpts, step, acc.process_index)  # every rank its own generators
                 acc.wait_for_everyone()
-                if acc.is_main_process:
+                if zero.zero_stage(acc):  # sharded engine state: every rank saves its part
+                    zero.save_engine_checkpoint(acc, ckpts, step, self.sched, state, cfg.keep_checkpoints)
+                elif acc.is_main_process:
                     save_checkpoint(ckpts, step, acc.unwrap_model(self.model), self.opt, self.sched, state,
                                     cfg.keep_checkpoints)
             acc.wait_for_everyone()
@@ -250,13 +266,43 @@ class TrainLoop:
                 record_finished(self.root, self.out, best or final)
         acc.wait_for_everyone()
         return StageResult(best or final, final, best, step, self.params, state["best"], state["evals"],
-                           time.perf_counter() - started, resumed_from, _digest(acc.unwrap_model(self.model)),
+                           time.perf_counter() - started, resumed_from, self._param_digest(),
                            self._order_digest(data))
 
+    def _resumable(self, last: Path | None) -> Path | None:
+        """`last` if this launch can resume it: the same process count (data-to-step mapping) and
+        the same checkpoint format (ours, or a ZeRO stage's sharded engine state)."""
+        if last is None:
+            return None
+        saved = json.loads((last / STATE).read_text(encoding="utf-8"))
+        saved_world, fmt = saved.get("world_size", 1), saved.get("format", "trainable")
+        if saved_world != self.acc.num_processes:  # another data-to-step mapping
+            log.warning("%s: %s was written by %d processes, this run has %d: not resumed, starting at step 0",
+                        self.stage, last, saved_world, self.acc.num_processes)
+            return None
+        if fmt != zero.checkpoint_format(self.acc):
+            log.warning("%s: %s holds a %s checkpoint, this launch writes %s: not resumed, starting at step 0",
+                        self.stage, last, fmt, zero.checkpoint_format(self.acc))
+            return None
+        return last
+
+    def _param_digest(self) -> str:
+        """Hash of the trainable weights (whole ones: ZeRO-3 shards are gathered, on all ranks)."""
+        h = hashlib.sha256()
+        for name, p in zero.whole_trainables(self.acc, self.model):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def _evaluate(self, step: int, state: dict[str, Any]) -> None:
-        if not self.acc.is_main_process:
+        everyone = zero.zero_stage(self.acc) == 3  # every forward all-gathers: all ranks generate
+        if not self.acc.is_main_process and not everyone:
             return
         scores = self.validate()
+        if everyone:  # rank 0's scores decide for all (the best export is collective too)
+            from accelerate.utils import broadcast_object_list
+
+            scores = broadcast_object_list([scores])[0]
         if scores is None:
             return
         entry = {"step": step, **scores}
@@ -270,10 +316,14 @@ class TrainLoop:
                  scores[key], state["best"][key], state["best"]["step"])
 
     def _export(self, path: Path) -> Path:
-        """Main process writes; no barrier here (callers on one rank only must not deadlock)."""
+        """Main process writes; no barrier here (callers on one rank only must not deadlock), except
+        under ZeRO-3, where every rank calls this and first gathers the sharded weights."""
+        inner, weights = self.acc.unwrap_model(self.model), None
+        if zero.zero_stage(self.acc) == 3:
+            weights = zero.gathered_state_dict(self.acc, self.model, trainable_only=hasattr(inner, "peft_config"))
         if self.acc.is_main_process:
-            export_model(self.acc.unwrap_model(self.model), self.processor, path, base=self.base_name,
-                         strategy=self.strategy, configs=self.configs, metrics_log=self.out / "metrics.jsonl")
+            export_model(inner, self.processor, path, base=self.base_name, strategy=self.strategy,
+                         configs=self.configs, metrics_log=self.out / "metrics.jsonl", state_dict=weights)
         return path
 
     def _emit(self, path: Path, row: dict[str, Any]) -> None:
@@ -293,12 +343,3 @@ def _truncate_log(path: Path, step: int) -> None:
     rows = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= step]
     path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-
-
-def _digest(model) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]

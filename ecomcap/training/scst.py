@@ -31,6 +31,7 @@ from ecomcap.training.logprob import policy_logprob
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
 from ecomcap.training.losses import sft_loss
 from ecomcap.training.rewards import CaptionReward, greedy_baseline, mean_of_others
+from ecomcap.training.zero import zero_stage
 
 
 def repeat_prompts(enc: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -73,6 +74,8 @@ class SCSTStep:
             top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0,
             no_repeat_ngram_size=0))
         self.sample_kw = generate_kwargs(sample_cfg, self.builder)
+        if zero_stage(loop.acc) == 3:  # ranks sample different lengths and each forward all-gathers:
+            self.sample_kw["synced_gpus"] = True  # said, not left to transformers' global-config guess
         self.greedy_kw = {**self.sample_kw, "do_sample": False}
         self.policy = policy_logprob(loop, cfg, self.suppress)
         self.does_backward = self.policy.backward is not None  # the loop then skips its backward

@@ -24,17 +24,31 @@ def _last_run(repo):  # noqa: F811
     return client, run
 
 
-def test_two_process_pipeline_trains_sft_and_scst(repo):  # noqa: F811
-    cfg = _write_config(repo, "e2e_ddp.yaml", launch={"num_processes": 2}, **SMALL)
-    proc = sh(repo, f"bash scripts/setup_stack.sh && zenml pipeline run pipelines.training.training_pipeline -c {cfg}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    client, run = _last_run(repo)
-    m, tags = run.data.metrics, run.data.tags
-    assert m["sft.world_size"] == m["scst.world_size"] == 2
-    assert tags["sft.weights_digest"] and tags["scst.weights_digest"]  # checked equal across ranks
-    lrs = [h.value for h in sorted(client.get_metric_history(run.info.run_id, "sft.lr"), key=lambda h: h.step)]
-    assert len(lrs) == 12 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
-    assert "CIDEr-D" in m and "gate:" in proc.stdout + proc.stderr
+def _history(client, run, key: str) -> list[float]:
+    return [h.value for h in sorted(client.get_metric_history(run.info.run_id, key), key=lambda h: h.step)]
+
+
+def test_two_process_pipeline_ddp_zero2_zero3_train_the_same(repo):  # noqa: F811
+    """The same run three ways (DDP, then the shipped ZeRO-2 and ZeRO-3 accelerate configs, which
+    `launch.num_processes` and the run config override): the same loss curve, LR ending at 0."""
+    curves = {}
+    for mode, launch in (("ddp", {"num_processes": 2}),
+                         ("zero2", {"num_processes": 2, "config_file": "configs/accelerate/deepspeed_zero2.yaml"}),
+                         ("zero3", {"num_processes": 2, "config_file": "configs/accelerate/deepspeed_zero3.yaml"})):
+        cfg = _write_config(repo, f"e2e_{mode}.yaml", launch=launch, **SMALL)
+        proc = sh(repo, f"bash scripts/setup_stack.sh && zenml pipeline run pipelines.training.training_pipeline -c {cfg}")
+        assert proc.returncode == 0, f"{mode}: {proc.stderr[-3000:]}"
+        client, run = _last_run(repo)
+        m, tags = run.data.metrics, run.data.tags
+        assert m["sft.world_size"] == m["scst.world_size"] == 2, mode
+        assert tags["sft.weights_digest"] and tags["scst.weights_digest"], mode  # equal on both ranks
+        lrs = _history(client, run, "sft.lr")
+        assert len(lrs) == SMALL["sft"]["max_steps"] and lrs[-1] == pytest.approx(0.0, abs=1e-12), mode
+        assert "CIDEr-D" in m and "gate:" in proc.stdout + proc.stderr, mode  # exported, generated, gated
+        curves[mode] = {k: _history(client, run, k) for k in ("sft.loss", "scst.loss")}
+    for mode in ("zero2", "zero3"):
+        for key, ddp in curves["ddp"].items():
+            assert curves[mode][key] == pytest.approx(ddp, rel=1e-4, abs=1e-5), (mode, key)
 
 
 def test_cli_train_launches_the_same_processes(repo):  # noqa: F811

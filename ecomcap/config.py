@@ -145,6 +145,8 @@ class LoopConfig(_Strict):
     seed: int = 0
     resume: bool = True
     stop_after_steps: int | None = Field(None, description="stop as if killed after N steps (tests)")
+    dist_timeout_min: int = Field(60, ge=1, description="collective timeout of a multi-process launch (minutes): "
+                                  "ranks wait this long while rank 0 validates")
 
 
 class SFTConfig(LoopConfig):

@@ -6,7 +6,9 @@ argv: train valid model_dir out strategy mode
 - mode "resume": the same run uninterrupted into out/whole, then killed after step 2 and resumed
   (a second `run_sft` in the same processes) into out/cut;
 - mode "scst": 2 SCST steps over the tiny model as its "SFT output", into out/scst.
-Each rank writes out/rank{r}.json: steps, digest of its trainable weights, launch facts.
+Each rank writes out/rank{r}.json: steps, digest of its trainable weights, launch facts, and
+what this rank held right after its first model load (`first_load`: a spy on the stage's
+`load_base`, which only records), and its process group's collective timeout.
 """
 import json
 import sys
@@ -16,6 +18,9 @@ import torch
 from accelerate import PartialState
 
 from ecomcap.config import FinetuneConfig, GenerateConfig, ModelConfig, SCSTConfig, SFTConfig
+from ecomcap.training import scst as scst_module
+from ecomcap.training import sft as sft_module
+from ecomcap.training.accelerator import group_timeout
 from ecomcap.training.scst import run_scst
 from ecomcap.training.sft import run_sft
 
@@ -25,6 +30,27 @@ out = Path(out)
 model_cfg = ModelConfig(name_or_path=model_dir)
 ft = FinetuneConfig(strategy=strategy, lora_r=4, lora_dropout=0.0)
 gen = GenerateConfig(num_beams=1, max_new_tokens=6)
+facts = {}
+
+
+def held(model) -> dict:
+    """Parameter elements this process holds (a ZeRO-3 partition's own shard) vs the model's."""
+    params = list(model.parameters())
+    return {"partitioned": all(hasattr(p, "ds_numel") for p in params),
+            "local": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
+            "total": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
+
+
+def spy(load):
+    def first_load(*args, **kw):
+        model, processor = load(*args, **kw)
+        facts.setdefault("first_load", held(model))
+        return model, processor
+    return first_load
+
+
+sft_module.load_base = spy(sft_module.load_base)
+scst_module.load_trained = spy(scst_module.load_trained)
 
 
 def sft(dest: str, **kw):
@@ -33,7 +59,6 @@ def sft(dest: str, **kw):
     return run_sft(train, valid, model_cfg, ft, cfg, gen)
 
 
-facts = {}
 if mode == "sft":
     res = sft("run")
 elif mode == "resume":
@@ -55,6 +80,6 @@ else:
     raise SystemExit(f"unknown mode {mode}")
 
 state = PartialState()
-facts.update(steps=res.steps, digest=res.param_digest, world=state.num_processes,
+facts.update(timeout_s=group_timeout().total_seconds(), steps=res.steps, digest=res.param_digest, world=state.num_processes,
              distributed_type=str(state.distributed_type), model_dir=str(res.final_dir))
 Path(out, f"rank{state.process_index}.json").write_text(json.dumps(facts))

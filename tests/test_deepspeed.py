@@ -79,6 +79,16 @@ def test_zero_loss_curve_matches_ddp_and_export_loads(stage, ddp_lora, tiny_mode
     run = launch(["--config_file", str(zero_yaml(stage, tmp_path))], small_data, tiny_model_cfg, tmp_path / "out",
                  "lora", "sft")
     assert "gradient_accumulation_steps=1 overridden by the run config's 2" in run.stderr
+    for r in (*run.ranks, *ddp_lora.ranks):  # 60 minutes for ranks waiting on rank 0's validation
+        assert r["timeout_s"] == 3600.0
+    loads = [r["first_load"] for r in run.ranks]
+    assert all(not r["first_load"]["partitioned"] for r in ddp_lora.ranks)
+    if stage == 3:  # the first load (fresh processes) is already sharded: each rank holds about half
+        assert all(ld["partitioned"] for ld in loads)
+        assert sum(ld["local"] for ld in loads) == pytest.approx(loads[0]["total"], rel=0.02)
+        assert all(ld["local"] <= 0.51 * ld["total"] for ld in loads)
+    else:  # ZeRO-2 shards optimizer state and gradients only: the whole model on every rank
+        assert all(not ld["partitioned"] and ld["local"] == ld["total"] for ld in loads)
     ours, ref = curve(run.model_dir.parent), curve(ddp_lora.model_dir.parent)
     assert [r["step"] for r in ours] == [r["step"] for r in ref] == [1, 2, 3, 4]  # no extra optimizer steps
     for a, b in zip(ours, ref):

@@ -74,19 +74,34 @@ def _check_source(name_or_path: str) -> None:
         raise EcomcapError(f"{path} has no weights (*.safetensors)")
 
 
+def expected_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype `load_base` will load `cfg`'s weights in (the Accelerator is made before the load)."""
+    return pick_dtype(cfg, pick_device(cfg))
+
+
+def sharded_load() -> bool:
+    """Whether `from_pretrained` now loads into DeepSpeed ZeRO-3 partitions (`zero.Init`: a ZeRO-3
+    Accelerator with zero3_init_flag exists); DeepSpeed then places the shards itself."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
 def load_base(cfg: ModelConfig, quantization_config: Any = None):
-    """(model, processor) for `cfg.name_or_path`, on the chosen device, in eval mode."""
+    """(model, processor) for `cfg.name_or_path`, on the chosen device (or, under ZeRO-3 with
+    zero3_init_flag, in this rank's partitions), in eval mode."""
     _check_source(cfg.name_or_path)
     device = pick_device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # libraries that use "the" current GPU (bitsandbytes) agree
     dtype = pick_dtype(cfg, device)
+    sharded = sharded_load()
     kwargs: dict[str, Any] = dict(
         dtype=dtype,
         attn_implementation=pick_attention(cfg, dtype),
         trust_remote_code=cfg.trust_remote_code,
     )
-    if quantization_config is not None:
+    if quantization_config is not None and not sharded:
         # 4-bit weights are placed at load time: on this rank's GPU (QLoRA under DDP)
         kwargs.update(quantization_config=quantization_config,
                       device_map={"": device.index if device.type == "cuda" else "cpu"})
@@ -100,7 +115,7 @@ def load_base(cfg: ModelConfig, quantization_config: Any = None):
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise EcomcapError(f"cannot load model '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from None
-    if quantization_config is None:
+    if quantization_config is None and not sharded:
         model.to(device)
     model.eval()
     return model, processor

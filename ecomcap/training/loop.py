@@ -20,16 +20,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ecomcap.config import GenerateConfig, LoopConfig
-from ecomcap.errors import EcomcapError
 from ecomcap.inference.generate import caption_images
 from ecomcap.metrics import evaluate
 from ecomcap.modeling.strategies import ParamCount, count_parameters
 from ecomcap.training import zero
+from ecomcap.training.accelerator import make_accelerator, resolve_precision  # noqa: F401 (re-exported)
 from ecomcap.training.checkpoint import (
     STATE,
     export_model,
@@ -64,54 +63,6 @@ class StageResult:
     order_digest: str = ""  # hash of the first epoch's shared data order (ranks must agree)
 
 
-def resolve_precision(requested: str, model: torch.nn.Module | None, bf16_ok: bool) -> str:
-    """accelerate's mixed precision for these weights. Trainables are fp32 (see
-    `upcast_trainable`); autocast joins them with 16-bit frozen weights: bf16 weights need "bf16",
-    fp16 weights (GPUs without bf16: T4, V100, or `dtype: float16`) "fp16" (with a GradScaler)."""
-    dtypes = {p.dtype for p in model.parameters()} if model is not None else set()
-    mp = requested
-    if mp == "auto":
-        if torch.bfloat16 in dtypes:
-            mp = "bf16"
-        elif torch.float16 in dtypes:
-            mp = "fp16"
-        else:
-            mp = "bf16" if bf16_ok else "no"
-    if mp == "no" and dtypes & {torch.bfloat16, torch.float16}:
-        want = "bf16" if torch.bfloat16 in dtypes else "fp16"
-        raise EcomcapError(f"mixed_precision 'no' with 16-bit weights: set mixed_precision to {want} or auto "
-                           "(trainable weights are kept in fp32; autocast runs the 16-bit frozen ones)")
-    return mp
-
-
-def make_accelerator(cfg: LoopConfig, model: torch.nn.Module | None = None) -> Accelerator:
-    bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    mp = resolve_precision(cfg.mixed_precision, model, bf16_ok)
-    _forget_other_precision(mp)
-    # cpu=True would turn a DeepSpeed launch into plain CPU DDP: DeepSpeed picks its CPU accelerator itself
-    if zero.deepspeed_launch() and not torch.cuda.is_available():
-        zero.fix_cpu_world()
-    acc = Accelerator(cpu=not torch.cuda.is_available() and not zero.deepspeed_launch(), mixed_precision=mp,
-                      gradient_accumulation_steps=cfg.grad_accum)
-    if acc.gradient_accumulation_steps != cfg.grad_accum:  # ACCELERATE_GRADIENT_ACCUMULATION_STEPS won
-        log.warning("gradient accumulation %d from the accelerate launch config overridden by the run config's %d",
-                    acc.gradient_accumulation_steps, cfg.grad_accum)
-        acc.gradient_accumulation_steps = cfg.grad_accum
-    if zero.zero_stage(acc):
-        zero.configure_deepspeed(acc, cfg)
-    return acc
-
-
-def _forget_other_precision(mp: str) -> None:
-    """accelerate keeps one process-wide state and refuses a second stage (or test) with another
-    mixed precision; drop that part of the state (the process group in PartialState stays)."""
-    from accelerate.state import AcceleratorState, DistributedType
-
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") not in (None, mp) and state.get("distributed_type") != DistributedType.DEEPSPEED:
-        AcceleratorState._reset_state()
-
-
 class TrainLoop:
     """One stage's optimisation of the trainable parameters of `model`.
 
@@ -124,12 +75,13 @@ class TrainLoop:
     def __init__(self, *, stage: str, model, processor, prompt: str | None, base_name: str, strategy: str,
                  cfg: LoopConfig, gen_cfg: GenerateConfig, valid: ShardImages | None,
                  configs: dict[str, Any], on_metrics: MetricsCallback | None = None,
-                 expand_references: bool = False, identity: str | None = None):
+                 expand_references: bool = False, identity: str | None = None, accelerator=None):
         self.stage, self.cfg, self.gen_cfg = stage, cfg, gen_cfg
         self.processor, self.base_name, self.strategy, self.configs = processor, base_name, strategy, configs
         self.builder = PromptBuilder(processor, prompt) if prompt is not None else None
         self.on_metrics, self.expand = on_metrics, expand_references
-        self.acc = make_accelerator(cfg, model)
+        # made before the model was loaded (`make_accelerator(cfg, dtype=...)`: ZeRO-3 loads sharded), or now
+        self.acc = accelerator if accelerator is not None else make_accelerator(cfg, model)
         torch.manual_seed(cfg.seed)
         self.params = count_parameters(model)
         trainable = [p for p in model.parameters() if p.requires_grad]

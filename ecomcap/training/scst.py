@@ -19,7 +19,7 @@ from ecomcap.data.shards import read_references, read_report
 from ecomcap.errors import EcomcapError
 from ecomcap.inference.generate import generate_kwargs
 from ecomcap.inference.prefill import generate
-from ecomcap.modeling.load import load_trained
+from ecomcap.modeling.load import expected_dtype, load_trained
 from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.modeling.strategies import apply_strategy
 from ecomcap.text import tokenize_many
@@ -28,7 +28,7 @@ from ecomcap.training.collate import PromptBuilder, answer_logits, with_answers
 from ecomcap.training.data import Example, train_and_dev
 from ecomcap.training.identity import model_fingerprint, run_identity
 from ecomcap.training.logprob import policy_logprob
-from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
+from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop, make_accelerator
 from ecomcap.training.losses import sft_loss
 from ecomcap.training.rewards import CaptionReward, greedy_baseline, mean_of_others
 from ecomcap.training.zero import zero_stage
@@ -152,6 +152,7 @@ def run_scst(
     in `run_sft`, the same held-out training images pick the best checkpoint)."""
     torch.manual_seed(cfg.seed)  # adapter init and sampling follow the seed, not the process history
     gen_cfg = gen_cfg or GenerateConfig()
+    acc = make_accelerator(cfg, dtype=expected_dtype(model_cfg))  # first: ZeRO-3 then loads sharded
     # 4-bit base for SCST QLoRA (whatever SFT used), as evaluation and export will load it
     model, processor = load_trained(sft_model_dir, model_cfg, quantized=cfg.finetune.strategy == "qlora")
     if hasattr(model, "merge_and_unload"):
@@ -168,6 +169,7 @@ def run_scst(
         base_name=str(sft_model_dir), strategy=cfg.finetune.strategy, cfg=cfg, gen_cfg=gen_cfg,
         valid=select_on, configs={**configs, "sft_model": str(sft_model_dir)}, on_metrics=on_metrics,
         identity=run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(sft_model_dir)),
+        accelerator=acc,
     )
     reward = CaptionReward(read_references(train_dir))
     answer = max(cfg.max_new_tokens, cfg.max_answer_tokens if cfg.xe_weight > 0 else 0)

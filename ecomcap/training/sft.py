@@ -7,13 +7,13 @@ import torch
 
 from ecomcap.config import FinetuneConfig, GenerateConfig, ModelConfig, SFTConfig
 from ecomcap.data.shards import read_report
-from ecomcap.modeling.load import load_base
+from ecomcap.modeling.load import expected_dtype, load_base
 from ecomcap.modeling.strategies import apply_strategy, quantization_config
 from ecomcap.training.budget import check_token_budget, model_token_limit
 from ecomcap.training.collate import answer_logits, with_answers
 from ecomcap.training.data import Example, train_and_dev
 from ecomcap.training.identity import model_fingerprint, run_identity
-from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
+from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop, make_accelerator
 from ecomcap.training.losses import sft_loss
 
 
@@ -52,6 +52,7 @@ def run_sft(
 
     torch.manual_seed(cfg.seed)  # adapter init and sampling follow the seed, not the process history
     ensure_model(model_cfg, train_dir)
+    acc = make_accelerator(cfg, dtype=expected_dtype(model_cfg))  # first: ZeRO-3 then loads sharded
     model, processor = load_base(model_cfg, quantization_config(ft_cfg))
     model, _ = apply_strategy(model, ft_cfg)
     gen_cfg = gen_cfg or GenerateConfig()
@@ -61,7 +62,7 @@ def run_sft(
         stage="sft", model=model, processor=processor, prompt=model_cfg.prompt,
         base_name=model_cfg.name_or_path, strategy=ft_cfg.strategy, cfg=cfg, gen_cfg=gen_cfg,
         valid=select_on, configs=configs, on_metrics=on_metrics, expand_references=cfg.references == "expand",
-        identity=identity,
+        identity=identity, accelerator=acc,
     )
     builder = loop.builder
 

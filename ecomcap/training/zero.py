@@ -41,15 +41,16 @@ def deepspeed_launch() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def fix_cpu_world() -> None:
+def fix_cpu_world(group_kwargs: dict | None = None) -> None:
     """On a machine without GPUs accelerate (1.15) has no process-group backend for a DeepSpeed
     launch: it lets DeepSpeed start the (gloo) group but records 1 process, rank 0 on every rank,
     so every rank would train on rank 0's data. Record the real world from torch.distributed.
-    Never needed with GPUs (NCCL); here it is what lets DeepSpeed be tested on CPU."""
+    Never needed with GPUs (NCCL); here it is what lets DeepSpeed be tested on CPU.
+    `group_kwargs`: the Accelerator's process-group arguments (timeout), as it would pass them."""
     import torch.distributed as dist
     from accelerate import PartialState
 
-    state = PartialState()  # starts DeepSpeed's process group
+    state = PartialState(**(group_kwargs or {}))  # starts DeepSpeed's process group
     if dist.is_initialized() and state.num_processes != dist.get_world_size():
         shared = PartialState._shared_state
         shared.update(num_processes=dist.get_world_size(), process_index=dist.get_rank(),
@@ -84,8 +85,15 @@ def configure_deepspeed(acc, cfg) -> None:
                         "the one source of truth for batching and clipping)", key, theirs, value)
         ds[key] = value
     ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * acc.num_processes
+    zero_opt = ds.setdefault("zero_optimization", {})
     if zero_stage(acc) == 3:  # exports gather the 16-bit (or fp32) weights on rank 0
-        ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+        zero_opt["stage3_gather_16bit_weights_on_model_save"] = True
+    offload = (zero_opt.get("offload_optimizer") or {}).get("device", "none")
+    if offload not in (None, "none") and ds.get("zero_force_ds_cpu_optimizer", True):
+        # our torch AdamW steps the offloaded fp32 partitions on the CPU (DeepSpeedCPUAdam would be
+        # faster but needs its C++ op compiled); DeepSpeed refuses a client optimizer unless told
+        ds["zero_force_ds_cpu_optimizer"] = False
+        log.info("optimizer offload to %s with torch AdamW (zero_force_ds_cpu_optimizer: false)", offload)
     plugin.gradient_accumulation_steps = cfg.grad_accum
     acc.gradient_accumulation_steps = cfg.grad_accum
     log.info("DeepSpeed ZeRO-%d from the run config: micro batch %d per process, %d accumulation steps, "
@@ -156,7 +164,8 @@ def save_engine_checkpoint(acc, ckpt_root: Path, step: int, scheduler, state: di
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp / ENGINE_DIR))
+    # trainables only: the frozen base comes from the model load (a LoRA checkpoint stays small)
+    acc.save_state(str(tmp / ENGINE_DIR), exclude_frozen_parameters=True)
     acc.wait_for_everyone()
     if acc.is_main_process:
         torch.save(scheduler.state_dict(), tmp / SCHEDULER)
@@ -181,7 +190,7 @@ def load_engine_checkpoint(acc, path: Path, optimizer, scheduler) -> dict[str, A
 
     if not (path / ENGINE_DIR).is_dir():
         raise EcomcapError(f"{path} is not a DeepSpeed step checkpoint (no {ENGINE_DIR}/)")
-    acc.load_state(str(path / ENGINE_DIR))
+    acc.load_state(str(path / ENGINE_DIR), load_module_strict=False)  # (frozen weights not saved)
     scheduler.load_state_dict(torch.load(path / SCHEDULER, map_location="cpu", weights_only=True))
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr

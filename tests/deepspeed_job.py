@@ -3,8 +3,6 @@
 argv: train valid model_dir out strategy mode
 - mode "sft": one SFT run (4 steps, 2 images x 2 accumulation steps per process, validation and a
   checkpoint every 2 steps) into out/run;
-- mode "resume": the same run uninterrupted into out/whole, then killed after step 2 and resumed
-  (a second `run_sft` in the same processes) into out/cut;
 - mode "scst": 2 SCST steps over the tiny model as its "SFT output", into out/scst.
 Each rank writes out/rank{r}.json: steps, digest of its trainable weights, launch facts, and
 what this rank held right after its first model load (`first_load`: a spy on the stage's
@@ -61,16 +59,6 @@ def sft(dest: str, **kw):
 
 if mode == "sft":
     res = sft("run")
-elif mode == "resume":
-    whole = sft("whole")
-    facts["whole_digest"] = whole.param_digest
-    try:
-        sft("cut", stop_after_steps=2)
-        raise SystemExit("stop_after_steps did not stop the run")
-    except InterruptedError:
-        pass
-    res = sft("cut")
-    facts["resumed_from"] = res.resumed_from
 elif mode == "scst":
     cfg = SCSTConfig(output_dir=out / "scst", max_steps=2, batch_size=2, samples=2, max_new_tokens=6, lr=1e-4,
                      eval_every=0, eval_images=2, save_every=1, logprob_chunk=2,

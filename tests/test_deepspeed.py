@@ -24,8 +24,9 @@ DDP_ARGS = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mix
             "--dynamo_backend", "no"]
 
 
-def zero_yaml(stage: int, tmp: Path, **deepspeed_config) -> Path:
-    """The shipped ZeRO YAML, for 2 CPU processes in fp32 (and `deepspeed_config` changes)."""
+def zero_yaml(stage: int | str, tmp: Path, **deepspeed_config) -> Path:
+    """The shipped ZeRO YAML (`stage` 2, 3 or "3_offload"), for 2 CPU processes in fp32 (and
+    `deepspeed_config` changes)."""
     data = yaml.safe_load((ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml").read_text())
     data.update(num_processes=2, mixed_precision="no")
     data["deepspeed_config"].update(deepspeed_config)
@@ -74,8 +75,9 @@ def ddp_lora(tiny_model_cfg, small_data, tmp_path_factory):
     return launch(DDP_ARGS, small_data, tiny_model_cfg, tmp_path_factory.mktemp("ddp"), "lora", "sft")
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, 3, "3_offload"])
 def test_zero_loss_curve_matches_ddp_and_export_loads(stage, ddp_lora, tiny_model_cfg, small_data, tmp_path):
+    """(3_offload: the shipped offload YAML, optimizer and parameters on the CPU, our torch AdamW.)"""
     run = launch(["--config_file", str(zero_yaml(stage, tmp_path))], small_data, tiny_model_cfg, tmp_path / "out",
                  "lora", "sft")
     assert "gradient_accumulation_steps=1 overridden by the run config's 2" in run.stderr
@@ -83,7 +85,7 @@ def test_zero_loss_curve_matches_ddp_and_export_loads(stage, ddp_lora, tiny_mode
         assert r["timeout_s"] == 3600.0
     loads = [r["first_load"] for r in run.ranks]
     assert all(not r["first_load"]["partitioned"] for r in ddp_lora.ranks)
-    if stage == 3:  # the first load (fresh processes) is already sharded: each rank holds about half
+    if stage != 2:  # the first load (fresh processes) is already sharded: each rank holds about half
         assert all(ld["partitioned"] for ld in loads)
         assert sum(ld["local"] for ld in loads) == pytest.approx(loads[0]["total"], rel=0.02)
         assert all(ld["local"] <= 0.51 * ld["total"] for ld in loads)
@@ -106,29 +108,6 @@ def test_zero_loss_curve_matches_ddp_and_export_loads(stage, ddp_lora, tiny_mode
     for name, t in mine.items():
         torch.testing.assert_close(t, theirs[name], rtol=1e-4, atol=1e-5, msg=name)
     generates(run.model_dir, tiny_model_cfg, small_data)
-
-
-def test_zero3_killed_full_finetune_resumes_exactly(tiny_model_cfg, small_data, tmp_path):
-    """Full fine-tuning under ZeRO-3, killed after step 2 (its sharded checkpoint written by both
-    ranks) and resumed: the same weights and loss curve as the uninterrupted run."""
-    run = launch(["--config_file", str(zero_yaml(3, tmp_path))], small_data, tiny_model_cfg, tmp_path / "out",
-                 "full", "resume")
-    r0 = run.ranks[0]
-    assert r0["resumed_from"] == 2 and r0["steps"] == 4
-    assert r0["digest"] == r0["whole_digest"]
-    cut, whole = run.model_dir.parent, next((tmp_path / "out" / "whole").glob("run-*"))
-    assert [(r["step"], r["loss"], r["lr"]) for r in curve(cut)] == [(r["step"], r["loss"], r["lr"]) for r in curve(whole)]
-    assert curve(cut)[-1]["lr"] == 0.0
-    assert not (cut / "checkpoints").exists()  # a finished run leaves nothing to resume
-    # the export is the gathered full model (not ZeRO-3's empty shards), equal to the uninterrupted one
-    mine, theirs = (load_file(str(d / "model" / "model.safetensors")) for d in (cut, whole))
-    base = load_file(str(Path(tiny_model_cfg.name_or_path) / "model.safetensors"))
-    assert set(mine) == set(theirs) == set(base)
-    assert all(mine[n].shape == base[n].shape for n in base)
-    assert any(not torch.equal(mine[n], base[n]) for n in base)  # trained
-    for name, t in mine.items():
-        assert torch.equal(t, theirs[name]), name
-    generates(cut / "model", tiny_model_cfg, small_data)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 # loop settings that do not change what is trained (where, how often saved, how resumed)
-NOT_IDENTITY = {"output_dir", "resume", "stop_after_steps", "save_every", "keep_checkpoints"}
+NOT_IDENTITY = {"output_dir", "resume", "stop_after_steps", "save_every", "keep_checkpoints", "dist_timeout_min"}
 LATEST = "latest.json"  # output_dir/latest.json: the last finished run of this output_dir
 
 

@@ -1,0 +1,84 @@
+"""A killed multi-process run resumes exactly: each run is launched through `ecomcap.launch`
+(fresh processes, 2 CPU ranks, gloo), stopped after step 2 so its processes exit with an error
+(`stop_after_steps`, as a killed pod), then launched again with the same config and output dir.
+The final weights and the loss curve must equal an uninterrupted run's (launched in the first
+launch's processes before the cut run)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ecomcap.config import LaunchConfig
+from ecomcap.errors import EcomcapError
+from ecomcap.launch import launch
+from tests.test_deepspeed import curve, zero_yaml
+
+TARGET = "tests.resume_targets:train"
+
+
+def figures(run_dir: Path) -> list[dict]:
+    """The logged curve without wall-clock figures."""
+    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in curve(run_dir)]
+
+
+def killed_and_resumed(tmp_path: Path, data, model_cfg, stage: str, strategy: str, launch_cfg: LaunchConfig):
+    out = tmp_path / "out"
+    kwargs = {"stage": stage, "data": {"train": str(data["train"]), "valid": str(data["valid"])},
+              "model_dir": model_cfg.name_or_path, "out": str(out), "strategy": strategy}
+    with pytest.raises(EcomcapError, match=f"{stage}: stopped after step 2"):
+        launch(TARGET, {**kwargs, "stop_after": 2, "whole": True}, launch_cfg, name=stage)
+    cut = next((out / "cut").glob("run-*"))
+    left = sorted(p.name for p in (cut / "checkpoints").glob("step-*"))
+    assert left and left[-1] == "step-0000002"  # what the killed run left to resume from
+    ckpt = cut / "checkpoints" / left[-1]
+    sizes = {p.relative_to(ckpt).as_posix(): p.stat().st_size for p in ckpt.rglob("*") if p.is_file()}
+    rng = [torch.load(ckpt / f"rng-rank{r}.pt", weights_only=True)["torch"] for r in (0, 1)]
+    res = launch(TARGET, kwargs, launch_cfg, name=stage)
+    whole = [json.loads((out / "whole" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    resumed = [json.loads((out / "cut" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert res == resumed[0] and res["world"] == 2
+    assert res["resumed_from"] == 2 and res["steps"] == 4
+    assert {r["digest"] for r in whole + resumed} == {res["digest"]}  # both ranks, both runs: the same weights
+    assert Path(res["run_dir"]) == cut and not (cut / "checkpoints").exists()
+    whole_dir = Path(whole[0]["run_dir"])
+    assert figures(cut) == figures(whole_dir) and len(figures(cut)) == 4  # every logged figure of every step, exactly
+    return cut, whole_dir, sizes, rng
+
+
+def test_zero3_killed_full_finetune_resumes_exactly(tiny_model_cfg, small_data, tmp_path):
+    """Full fine-tuning under ZeRO-3 (sharded engine checkpoint written by both ranks)."""
+    cfg = LaunchConfig(num_processes=2, config_file=str(zero_yaml(3, tmp_path)))
+    cut, whole, _, _ = killed_and_resumed(tmp_path, small_data, tiny_model_cfg, "sft", "full", cfg)
+    assert curve(cut)[-1]["lr"] == 0.0
+    # the export is the gathered full model (not ZeRO-3's empty shards), equal to the uninterrupted one
+    mine, theirs = (load_file(str(d / "model" / "model.safetensors")) for d in (cut, whole))
+    base = load_file(str(Path(tiny_model_cfg.name_or_path) / "model.safetensors"))
+    assert set(mine) == set(theirs) == set(base)
+    assert all(mine[n].shape == base[n].shape for n in base)
+    assert any(not torch.equal(mine[n], base[n]) for n in base)  # trained
+    for name, t in mine.items():
+        assert torch.equal(t, theirs[name]), name
+
+
+def test_zero2_lora_checkpoint_holds_the_trainables_only(tiny_model_cfg, small_data, tmp_path):
+    """A LoRA step checkpoint under ZeRO-2 is the adapter's size (weights, fp32 master and Adam
+    moments), not the frozen base model's; resuming from it is still exact."""
+    cfg = LaunchConfig(num_processes=2, config_file=str(zero_yaml(2, tmp_path)))
+    cut, whole, sizes, _ = killed_and_resumed(tmp_path, small_data, tiny_model_cfg, "sft", "lora", cfg)
+    engine = sum(n for name, n in sizes.items() if name.startswith("engine/"))
+    adapter = (cut / "model" / "adapter_model.safetensors").stat().st_size  # the trainables in fp32
+    model = (Path(tiny_model_cfg.name_or_path) / "model.safetensors").stat().st_size
+    print(json.dumps({"engine_checkpoint_bytes": engine, "adapter_bytes": adapter, "base_model_bytes": model}))
+    assert engine < 5 * adapter + 300_000  # 4 x 4 bytes per trainable + pickle/config overhead
+    assert engine < model / 2
+
+
+def test_ddp_scst_with_sampling_resumes_exactly(tiny_model_cfg, small_data, tmp_path):
+    """SCST samples captions: resuming is exact only if each rank restores its own generators."""
+    cut, whole, sizes, rng = killed_and_resumed(tmp_path, small_data, tiny_model_cfg, "scst", "lora",
+                                                LaunchConfig(num_processes=2))
+    assert not torch.equal(rng[0], rng[1])  # the ranks' generators differ: rank 0's on both would not do
+    rows = curve(cut)
+    assert len({r["reward"] for r in rows}) > 1 and all(r["sample_len"] > 0 for r in rows)  # it sampled

@@ -27,3 +27,17 @@ def log_metric(name: str) -> dict:
 
     tracking.log_metrics({name: 1.5})
     return {"active": tracking.active()}
+
+
+def group_timeout_after_accelerator(minutes: int) -> dict:
+    """A process group started earlier (a bare `PartialState()`, the default timeout), then the
+    training Accelerator: the group must end up with the run config's timeout."""
+    from accelerate import PartialState
+
+    from ecomcap.config import LoopConfig
+    from ecomcap.training.accelerator import group_timeout, make_accelerator
+
+    PartialState()
+    before = group_timeout().total_seconds()
+    make_accelerator(LoopConfig(dist_timeout_min=minutes))
+    return {"before_s": before, "after_s": group_timeout().total_seconds()}

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,17 @@ def test_two_process_scst_chunked_equals_unchunked(tiny_model_cfg, small_data, t
     for n in (k for k in ranks[0] if k.startswith("c")):  # all-reduced: both ranks hold the same
         torch.testing.assert_close(ranks[1][n], ranks[0][n], rtol=1e-5, atol=1e-7, msg=n)
     assert ranks[0]["loss0"].item() != ranks[1]["loss0"].item()  # the ranks really had different data
+
+
+def test_collective_timeout_is_the_run_configs_even_on_an_earlier_group():
+    """Under DDP/ZeRO-2 the other ranks wait at a barrier while rank 0 validates: the group's
+    timeout must be `dist_timeout_min` (60 by default, not NCCL's 10 minutes), also when the
+    process group already existed before the Accelerator (2 real gloo processes)."""
+    from ecomcap.config import LaunchConfig, LoopConfig
+    from ecomcap.launch import launch
+    from ecomcap.training.accelerator import process_group_kwargs
+
+    assert process_group_kwargs(LoopConfig()).to_kwargs() == {"timeout": timedelta(minutes=60)}
+    res = launch("tests.launch_targets:group_timeout_after_accelerator", {"minutes": 45},
+                 LaunchConfig(num_processes=2), name="t")
+    assert res["before_s"] != 45 * 60 and res["after_s"] == 45 * 60

@@ -23,10 +23,11 @@ def figures(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "images_per_s"} for row in curve(run_dir)]
 
 
-def killed_and_resumed(tmp_path: Path, data, model_cfg, stage: str, strategy: str, launch_cfg: LaunchConfig):
+def killed_and_resumed(tmp_path: Path, data, model_cfg, stage: str, strategy: str, launch_cfg: LaunchConfig,
+                       **extra):
     out = tmp_path / "out"
     kwargs = {"stage": stage, "data": {"train": str(data["train"]), "valid": str(data["valid"])},
-              "model_dir": model_cfg.name_or_path, "out": str(out), "strategy": strategy}
+              "model_dir": model_cfg.name_or_path, "out": str(out), "strategy": strategy, **extra}
     with pytest.raises(EcomcapError, match=f"{stage}: stopped after step 2"):
         launch(TARGET, {**kwargs, "stop_after": 2, "whole": True}, launch_cfg, name=stage)
     cut = next((out / "cut").glob("run-*"))
@@ -82,3 +83,41 @@ def test_ddp_scst_with_sampling_resumes_exactly(tiny_model_cfg, small_data, tmp_
     assert not torch.equal(rng[0], rng[1])  # the ranks' generators differ: rank 0's on both would not do
     rows = curve(cut)
     assert len({r["reward"] for r in rows}) > 1 and all(r["sample_len"] > 0 for r in rows)  # it sampled
+
+
+def lora_sft_output(model_cfg, dest: Path) -> Path:
+    """An SFT LoRA output directory (our export format) with a non-zero adapter, made in-process."""
+    from ecomcap.config import FinetuneConfig
+    from ecomcap.modeling.load import load_base
+    from ecomcap.modeling.strategies import apply_strategy
+    from ecomcap.training.checkpoint import export_model
+
+    model, processor = load_base(model_cfg)
+    model, _ = apply_strategy(model, FinetuneConfig(strategy="lora", lora_r=4, lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return export_model(model, processor, dest, base=model_cfg.name_or_path, strategy="lora", configs={})
+
+
+@pytest.mark.e2e
+def test_zero3_scst_from_a_lora_sft_output_resumes_exactly(tiny_model_cfg, small_data, tmp_path):
+    """SCST under ZeRO-3 starts from an SFT adapter: the base loads sharded (zero.Init), so the
+    adapter is merged into gathered weights; the merge equals a plain in-process merge, and a
+    killed SCST run (sampling, a checkpoint every step) resumes exactly."""
+    from ecomcap.modeling.load import load_trained
+
+    sft = lora_sft_output(tiny_model_cfg, tmp_path / "sft")
+    cfg = LaunchConfig(num_processes=2, config_file=str(zero_yaml(3, tmp_path)))
+    cut, _, _, _ = killed_and_resumed(tmp_path, small_data, tiny_model_cfg, "scst", "lora", cfg, sft_model=str(sft))
+    merged = [json.loads((tmp_path / "out" / f"merged-rank{r}.json").read_text()) for r in (0, 1)]
+    model, _ = load_trained(sft, tiny_model_cfg)
+    expected = dict(model.merge_and_unload().named_parameters())[merged[0]["name"]]
+    base = dict(load_trained(tiny_model_cfg.name_or_path, tiny_model_cfg)[0].named_parameters())[merged[0]["name"]]
+    assert not torch.equal(expected, base)  # the adapter changes this weight
+    for m in merged:
+        assert m["partitioned"]  # loaded sharded
+        torch.testing.assert_close(torch.tensor(m["values"]).view_as(expected), expected.detach())
+    assert figures(cut)[-1]["lr"] == 0.0

@@ -31,7 +31,7 @@ from ecomcap.training.logprob import policy_logprob
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop, make_accelerator
 from ecomcap.training.losses import sft_loss
 from ecomcap.training.rewards import CaptionReward, greedy_baseline, mean_of_others
-from ecomcap.training.zero import zero_stage
+from ecomcap.training.zero import merge_adapter, zero_stage
 
 
 def repeat_prompts(enc: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -156,7 +156,7 @@ def run_scst(
     # 4-bit base for SCST QLoRA (whatever SFT used), as evaluation and export will load it
     model, processor = load_trained(sft_model_dir, model_cfg, quantized=cfg.finetune.strategy == "qlora")
     if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        model = merge_adapter(model)  # (gathering each weight of a ZeRO-3 partitioned base)
     if cfg.kl_weight > 0 and cfg.finetune.strategy not in ("lora", "qlora"):
         raise EcomcapError("scst.kl_weight needs a LoRA strategy (the reference is the model with the adapter off)")
     model, _ = apply_strategy(model, cfg.finetune)

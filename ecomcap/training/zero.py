@@ -90,8 +90,9 @@ def configure_deepspeed(acc, cfg) -> None:
         zero_opt["stage3_gather_16bit_weights_on_model_save"] = True
     offload = (zero_opt.get("offload_optimizer") or {}).get("device", "none")
     if offload not in (None, "none") and ds.get("zero_force_ds_cpu_optimizer", True):
-        # our torch AdamW steps the offloaded fp32 partitions on the CPU (DeepSpeedCPUAdam would be
-        # faster but needs its C++ op compiled); DeepSpeed refuses a client optimizer unless told
+        # our torch AdamW steps the offloaded fp32 partitions on the CPU. Left true, DeepSpeed refuses
+        # a client optimizer, and accelerate swaps in a new DeepSpeedCPUAdam (a C++ op compiled on
+        # first use) that our LR schedule, which sets `opt`'s param groups, would never reach
         ds["zero_force_ds_cpu_optimizer"] = False
         log.info("optimizer offload to %s with torch AdamW (zero_force_ds_cpu_optimizer: false)", offload)
     plugin.gradient_accumulation_steps = cfg.grad_accum
@@ -135,6 +136,22 @@ def whole_trainables(acc, model):
     for name, p in params:
         with deepspeed.zero.GatheredParameters([p]):
             yield name, p
+
+
+def merge_adapter(model):
+    """`merge_and_unload` that also works on a base loaded into ZeRO-3 partitions (`zero.Init`):
+    there each base weight holds an empty shard, so it is gathered while its LoRA delta is added
+    (layer by layer, rank 0's result re-partitioned; every rank must call this)."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return model.merge_and_unload()
+    import deepspeed
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            with deepspeed.zero.GatheredParameters([module.get_base_layer().weight], modifier_rank=0):
+                module.merge()
+    return model.unload()  # the merged base without the LoRA modules
 
 
 @contextlib.contextmanager

@@ -77,7 +77,8 @@ def ddp_lora(tiny_model_cfg, small_data, tmp_path_factory):
 
 @pytest.mark.parametrize("stage", [2, 3, "3_offload"])
 def test_zero_loss_curve_matches_ddp_and_export_loads(stage, ddp_lora, tiny_model_cfg, small_data, tmp_path):
-    """(3_offload: the shipped offload YAML, optimizer and parameters on the CPU, our torch AdamW.)"""
+    """(3_offload: the shipped offload YAML, optimizer and parameters on the CPU: accelerate swaps in
+    DeepSpeedCPUAdam, built on our AdamW's param groups, so the schedule still drives it.)"""
     run = launch(["--config_file", str(zero_yaml(stage, tmp_path))], small_data, tiny_model_cfg, tmp_path / "out",
                  "lora", "sft")
     assert "gradient_accumulation_steps=1 overridden by the run config's 2" in run.stderr

@@ -88,13 +88,8 @@ def configure_deepspeed(acc, cfg) -> None:
     zero_opt = ds.setdefault("zero_optimization", {})
     if zero_stage(acc) == 3:  # exports gather the 16-bit (or fp32) weights on rank 0
         zero_opt["stage3_gather_16bit_weights_on_model_save"] = True
-    offload = (zero_opt.get("offload_optimizer") or {}).get("device", "none")
-    if offload not in (None, "none") and ds.get("zero_force_ds_cpu_optimizer", True):
-        # our torch AdamW steps the offloaded fp32 partitions on the CPU. Left true, DeepSpeed refuses
-        # a client optimizer, and accelerate swaps in a new DeepSpeedCPUAdam (a C++ op compiled on
-        # first use) that our LR schedule, which sets `opt`'s param groups, would never reach
-        ds["zero_force_ds_cpu_optimizer"] = False
-        log.info("optimizer offload to %s with torch AdamW (zero_force_ds_cpu_optimizer: false)", offload)
+    # (optimizer offload: accelerate hands DeepSpeed a DeepSpeedCPUAdam built on our AdamW's param
+    # groups, so the LR schedule still reaches it; its C++ op is compiled on first use)
     plugin.gradient_accumulation_steps = cfg.grad_accum
     acc.gradient_accumulation_steps = cfg.grad_accum
     log.info("DeepSpeed ZeRO-%d from the run config: micro batch %d per process, %d accumulation steps, "

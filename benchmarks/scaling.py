@@ -11,7 +11,9 @@ processes train twice the images per step. Reported per mode: images/s over the 
 peak RSS of each process, peak GPU memory of each process (GPU runs), the final loss, and the
 cosine LR at the last step (0 in every mode: one scheduler step per optimizer step). On this
 2-core CPU box each of 2 processes gets one core (1 process: 2 threads), so a speedup near 1 is
-what the hardware allows; the figures to read here are the memory split and the agreement.
+what the hardware allows; the figures to read here are the memory split and the agreement, and on
+a box shared with other work images per CPU-second (wall time there measures the neighbours;
+`--threads 1` gives every process one thread).
 Last line: one JSON object.
 """
 from __future__ import annotations
@@ -47,12 +49,13 @@ def train_once(data: str, model_dir: str, out: str, steps: int, batch: int, devi
     from ecomcap.config import FinetuneConfig, GenerateConfig, ModelConfig, SFTConfig
     from ecomcap.training.sft import run_sft
 
+    cpu0 = _cpu_s()
     model_cfg = ModelConfig(name_or_path=model_dir, device=device)
     sft = SFTConfig(output_dir=out, max_steps=steps, batch_size=batch, lr=1e-3, eval_every=0, save_every=0,
                     resume=False, warmup_ratio=0.1)
     res = run_sft(Path(data) / "train", None, model_cfg, FinetuneConfig(strategy="full"), sft,
                   GenerateConfig(num_beams=1, max_new_tokens=8))
-    mine = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    mine = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_s": _cpu_s() - cpu0,
             "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0}
     ranks = [mine]
     if dist.is_available() and dist.is_initialized():
@@ -60,6 +63,11 @@ def train_once(data: str, model_dir: str, out: str, steps: int, batch: int, devi
         dist.all_gather_object(ranks, mine)
     rows = [json.loads(x) for x in (res.final_dir.parent / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
     return {"ranks": ranks, "rows": rows, "weights": res.param_digest}
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def run_mode(name: str, data: Path, model_dir: Path, work: Path, args) -> dict:
@@ -76,6 +84,8 @@ def run_mode(name: str, data: Path, model_dir: Path, work: Path, args) -> dict:
     timed = [r["images_per_s"] for r in rows[args.warmup:]] or [rows[-1]["images_per_s"]]
     return {"mode": name, "processes": n, "config": config, "wall_s": round(time.perf_counter() - t0, 1),
             "images_per_s": round(sum(timed) / len(timed), 2),
+            # images per CPU-second of all ranks (load, build and train): what a loaded box does not distort
+            "images_per_cpu_s": round(args.steps * args.batch * n / sum(r["cpu_s"] for r in res["ranks"]), 3),
             "peak_rss_mb": [round(r["peak_rss_mb"]) for r in res["ranks"]],
             "gpu_peak_mb": [round(r["gpu_peak_mb"]) for r in res["ranks"]],
             "losses": [round(r["loss"], 5) for r in rows], "last_lr": rows[-1]["lr"]}
@@ -89,7 +99,11 @@ def main() -> None:
     ap.add_argument("--modes", default="single,ddp,zero2,zero3")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--train", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per process (0: the usable cores split between the processes)")
     args = ap.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
     import torch
 
@@ -109,7 +123,8 @@ def main() -> None:
     for name in modes:
         r = run_mode(name, work / "data", work / "tiny", work, args)
         results.append(r)
-        print(f"{name:7s} x{r['processes']}: {r['images_per_s']:7.2f} images/s  peak RSS/process "
+        print(f"{name:7s} x{r['processes']}: {r['images_per_s']:7.2f} images/s  {r['images_per_cpu_s']:.3f} "
+              f"images/CPU-s  peak RSS/process "
               f"{r['peak_rss_mb']} MB  GPU peak {r['gpu_peak_mb']} MB  last lr {r['last_lr']:.1e}  "
               f"losses {r['losses'][:3]}...{r['losses'][-1]}", flush=True)
     base = next((r for r in results if r["mode"] == "single"), None)
@@ -117,6 +132,7 @@ def main() -> None:
     for r in results:
         if base:
             r["speedup_vs_single"] = round(r["images_per_s"] / base["images_per_s"], 3)
+            r["cpu_efficiency_vs_single"] = round(r["images_per_cpu_s"] / base["images_per_cpu_s"], 3)
         if ddp and r["mode"].startswith("zero"):  # the same global batch as DDP: the same curve
             r["max_loss_diff_vs_ddp"] = max(abs(a - b) for a, b in zip(r["losses"], ddp["losses"]))
     print(json.dumps({"device": args.device, "gpu": torch.cuda.get_device_name(0) if gpus else None,

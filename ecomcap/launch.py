@@ -25,11 +25,15 @@ from typing import Any
 
 from ecomcap.config import LaunchConfig
 from ecomcap.errors import EcomcapError
-from ecomcap.processes import die_with_parent, worker_threads
+from ecomcap.processes import parent_death_signal, worker_threads
 
 log = logging.getLogger(__name__)
 ENTRY = "ecomcap.launch"  # `python -m ecomcap.launch SPEC`: what every process runs
 TAIL_LINES = 60
+ERROR_MARK = "ecomcap-launch-error:"  # each failing rank's one-line reason, found in all the output
+# a launch inside a launched process (or a step started by torchrun) must not join that group
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+             "MASTER_PORT", "TORCHELASTIC_RUN_ID", "ACCELERATE_USE_DEEPSPEED")
 
 
 def launch(target: str, kwargs: dict[str, Any], cfg: LaunchConfig, *, name: str,
@@ -43,10 +47,15 @@ def launch(target: str, kwargs: dict[str, Any], cfg: LaunchConfig, *, name: str,
                                ensure_ascii=False, default=str), encoding="utf-8")
     cmd = command(spec, cfg)
     log.info("%s: %d process(es): %s", name, cfg.num_processes, " ".join(cmd))
-    code, tail = _stream(cmd, _child_env(cfg.num_processes))
+    run_id = os.environ.get("ECOMCAP_MLFLOW_RUN_ID") or _active_run_id()
+    try:
+        code, tail, reasons = _stream(cmd, _child_env(cfg.num_processes))
+    finally:
+        _keep_running(run_id)
     if code != 0:
+        why = "".join(f"  {r}\n" for r in dict.fromkeys(reasons)) or "  (no reason printed: see the output)\n"
         raise EcomcapError(f"{name}: the training processes failed (exit {code}; {cfg.num_processes} "
-                           f"process(es), {cfg.config_file or 'no accelerate config'}). Last output:\n"
+                           f"process(es), {cfg.config_file or 'no accelerate config'}):\n{why}Last output:\n"
                            + "".join(tail))
     if not result.is_file():
         raise EcomcapError(f"{name}: the processes exited 0 but rank 0 wrote no result ({result})")
@@ -82,10 +91,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _active_run_id() -> str | None:
+    try:
+        import mlflow
+
+        run = mlflow.active_run()
+        return run.info.run_id if run is not None else None
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        return None
+
+
+def _keep_running(run_id: str | None) -> None:
+    """Rank 0 resumed the step's MLflow run, and MLflow ends a resumed run as FINISHED when that
+    process exits: the step is still running (and may yet fail), so set it back."""
+    if run_id is None:
+        return
+    from mlflow import MlflowClient
+
+    try:
+        if MlflowClient().get_run(run_id).info.status != "RUNNING":
+            MlflowClient().update_run(run_id, status="RUNNING")
+    except Exception as exc:  # tracking is not worth failing a finished training for
+        log.warning("could not keep MLflow run %s running: %s", run_id, exc)
+
+
 def _child_env(processes: int) -> dict[str, str]:
     """This environment, plus: the `ecomcap` this process imports, the active MLflow run, and on
-    CPU the usable cores split between the processes (torchrun would give each one thread)."""
-    env = dict(os.environ)
+    CPU the usable cores split between the processes (torchrun would give each one thread);
+    minus the process-group settings of any launch this process is itself part of."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.setdefault("OMP_NUM_THREADS", str(worker_threads(processes)))
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -102,19 +136,22 @@ def _child_env(processes: int) -> dict[str, str]:
     return env
 
 
-def _stream(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
-    """Run, echoing output as it comes (progress shows in the step log); keep the last lines."""
+def _stream(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str], list[str]]:
+    """Run, echoing output as it comes (progress shows in the step log); keep the last lines and
+    every rank's error line (with N ranks the first failure scrolls out of any tail)."""
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    parent = os.getpid()
+    reasons: list[str] = []
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace", bufsize=1, preexec_fn=lambda: die_with_parent(parent)) as proc:
+                          errors="replace", bufsize=1, preexec_fn=parent_death_signal()) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
             tail.append(line)
+            if line.startswith(ERROR_MARK):
+                reasons.append(line[len(ERROR_MARK):].strip())
         code = proc.wait()
     sys.stdout.flush()
-    return code, list(tail)
+    return code, list(tail), reasons
 
 
 def main(spec_path: str) -> int:
@@ -131,14 +168,34 @@ def main(spec_path: str) -> int:
     module, func = spec["target"].split(":")
     try:
         out = getattr(importlib.import_module(module), func)(**spec["kwargs"])
-    except EcomcapError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except EcomcapError as exc:  # a clear reason: no traceback
+        print(f"{ERROR_MARK} rank {rank}: {exc}".replace("\n", " "), file=sys.stderr, flush=True)
         return 2
+    except InterruptedError as exc:  # stop_after_steps: a deliberate stop, resumable
+        print(f"{ERROR_MARK} rank {rank}: {exc} (rerun the same config to resume)", file=sys.stderr, flush=True)
+        return 3
+    except BaseException as exc:
+        print(f"{ERROR_MARK} rank {rank}: {type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr,
+              flush=True)
+        raise
     if rank == 0:
         tmp = Path(spec["result"]).with_suffix(".tmp")
         tmp.write_text(json.dumps(out, ensure_ascii=False, default=str), encoding="utf-8")
         tmp.replace(spec["result"])
+    _leave_group()
     return 0
+
+
+def _leave_group() -> None:
+    """Tear the process group down before exit: an undestroyed gloo/NCCL group can abort a rank
+    at interpreter shutdown ("terminate called without an active exception") after a good run."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

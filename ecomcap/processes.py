@@ -33,6 +33,20 @@ def worker_threads(workers: int) -> int:
     return min(n, int(omp)) if omp.isdigit() and int(omp) > 0 else n
 
 
+def parent_death_signal():
+    """A `preexec_fn` for subprocess.Popen: the child gets SIGTERM when this process dies. Only
+    `prctl` runs between fork and exec (the library is looked up here, in the parent: a forked
+    copy of a multithreaded process must not load libraries or log)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        log.warning("prctl(PR_SET_PDEATHSIG) unavailable: child processes may outlive a killed parent")
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def die_with_parent(parent: int) -> None:
     """A worker must not outlive its parent (a SIGKILLed `ecomcap generate` or pod process runs no
     cleanup and `daemon=True` does not help): Linux sends it SIGTERM when the parent dies."""

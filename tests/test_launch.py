@@ -107,3 +107,54 @@ def test_a_batch_without_an_image_is_refused(tiny_model_cfg, small_data):
     builder = PromptBuilder(load_processor(tiny_model_cfg.name_or_path), "描述商品。")
     with pytest.raises(EcomcapError, match="multimodal"):
         builder.prompts([Image.new("RGB", (32, 32)), None])
+
+
+def test_the_step_run_stays_running_and_nested_launches_start_their_own_group(tmp_path, monkeypatch):
+    """Rank 0 resumes the step's MLflow run; its exit must not mark the run FINISHED while the step
+    goes on. A launch from inside a launched process (RANK etc. set) starts its own group."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    try:
+        with mlflow.start_run() as run:
+            res = launch("tests.launch_targets:report", {"out": str(tmp_path), "value": 1}, LaunchConfig(), name="t")
+            assert mlflow.get_run(run.info.run_id).info.status == "RUNNING"
+        assert res["rank"] == 0 and res["world"] == 1
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_every_failing_ranks_reason_heads_the_error(tmp_path):
+    with pytest.raises(EcomcapError) as err:
+        launch("tests.launch_targets:fail_on_rank", {"rank": 1}, LaunchConfig(num_processes=2), name="sft")
+    head = str(err.value).split("Last output:")[0]
+    assert "rank 1: RuntimeError: boom on rank 1" in head
+
+
+def test_qlora_under_zero3_is_refused_before_any_process_starts():
+    from ecomcap.config import RunConfig
+    from ecomcap.training.stages import check_strategy_fits_launch
+
+    cfg = RunConfig.model_validate({"finetune": {"strategy": "qlora"},
+                                    "launch": {"num_processes": 2,
+                                               "config_file": "configs/accelerate/deepspeed_zero3.yaml"}})
+    with pytest.raises(EcomcapError, match="ZeRO-3"):
+        check_strategy_fits_launch(cfg, "sft")
+    with pytest.raises(EcomcapError, match="ZeRO-3"):
+        check_strategy_fits_launch(cfg, "scst")  # its base is the 4-bit one too
+    zero2 = cfg.model_copy(update={"launch": cfg.launch.model_copy(
+        update={"config_file": "configs/accelerate/deepspeed_zero2.yaml"})})
+    check_strategy_fits_launch(zero2, "sft")
+
+
+def test_retrieval_refuses_several_processes_in_its_config():
+    from pydantic import ValidationError
+
+    from ecomcap.retrieval.config import RetrievalRunConfig
+
+    with pytest.raises(ValidationError, match="one process"):
+        RetrievalRunConfig.model_validate({"launch": {"num_processes": 2}})

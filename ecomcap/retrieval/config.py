@@ -118,7 +118,7 @@ class RetrievalRunConfig(_Strict):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     train: RetrievalTrainConfig = Field(default_factory=RetrievalTrainConfig)
     eval: RetrievalEvalConfig = Field(default_factory=RetrievalEvalConfig)
-    launch: LaunchConfig = Field(default_factory=LaunchConfig)  # one process until DDP lands here
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)  # the same launcher; one process for now
     registry: RegistryConfig = Field(
         default_factory=lambda: RegistryConfig(model_name="ecomcap-retriever", experiment="retrieval_pipeline",
                                                primary_metric="MeanRecall", guard_metrics=["R1"], tolerance=1.0,
@@ -133,5 +133,14 @@ class RetrievalRunConfig(_Strict):
             raise ValueError("data.source 'shopee' has no search queries, which the retrieval pipeline trains "
                              "and evaluates on; use source muge, seed002 or synthetic (Shopee ingest serves "
                              "product matching through ecomcap.retrieval.data.ingest_retrieval_split)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_process(self) -> "RetrievalRunConfig":
+        """Refused here, not after N ranks have loaded their towers."""
+        if self.launch.num_processes > 1 or self.launch.config_file:
+            raise ValueError("retrieval training runs in one process (one GPU) for now: launch.num_processes must "
+                             "be 1 and launch.config_file unset; large contrastive batches come from gradient "
+                             "caching (train.grad_cache_chunk)")
         return self
 

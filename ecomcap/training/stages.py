@@ -20,10 +20,38 @@ from ecomcap.registry import tracking
 
 def launch_stage(stage: str, cfg: RunConfig, **kwargs: Any) -> dict[str, Any]:
     """Run `<stage>_process` in `cfg.launch.num_processes` processes; rank 0's summary."""
+    from ecomcap.modeling.prepare import ensure_model
+
     require_durable_paths(cfg)
+    check_strategy_fits_launch(cfg, stage)
+    if "train" in kwargs:  # the tiny model is built here once, not raced for by N ranks
+        ensure_model(cfg.model, kwargs["train"])
     args = {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}
     return launch(f"{__name__}:{stage}_process", {**args, "config": cfg.model_dump(mode="json")},
                   cfg.launch, name=stage)
+
+
+def zero_stage_of(config_file: str | None) -> int:
+    """The ZeRO stage an accelerate config file asks for (0: none, or not DeepSpeed)."""
+    if not config_file:
+        return 0
+    from ecomcap.config import load_yaml
+
+    data = load_yaml(config_file)
+    if str(data.get("distributed_type", "")).upper() != "DEEPSPEED":
+        return 0
+    return int((data.get("deepspeed_config") or {}).get("zero_stage", 0))
+
+
+def check_strategy_fits_launch(cfg: RunConfig, stage: str) -> None:
+    """QLoRA's 4-bit weights cannot be partitioned by ZeRO-3 (they are packed bytes, and they are
+    placed on a GPU at load time): refuse before N processes load a model."""
+    strategy = cfg.finetune.strategy if stage == "sft" else cfg.scst.finetune.strategy
+    quantized = strategy == "qlora" or (stage == "scst" and cfg.finetune.strategy == "qlora")
+    if quantized and zero_stage_of(cfg.launch.config_file) == 3:
+        raise EcomcapError(f"{stage}: QLoRA (4-bit base) cannot train under DeepSpeed ZeRO-3 "
+                           f"({cfg.launch.config_file}): use ZeRO-2 or DDP (no config_file), or LoRA on a "
+                           "16-bit base with ZeRO-3")
 
 
 def sft_stage(train: Path, valid: Path, cfg: RunConfig, run_name: str) -> Path:

@@ -1,0 +1,176 @@
+"""A new user's first run: today's `make run` (reference) vs the new default, on this machine.
+
+    python benchmarks/first_run.py            # both configs as shipped (minutes each)
+    python benchmarks/first_run.py --smoke    # both scaled down alike: checks the benchmark end to end
+
+Each side runs `bash scripts/run.sh` (what `make run` runs: the ZenML local stack, MLflow on
+SQLite, the whole training pipeline) in its own fresh copy of the tracked files, so each has its
+own .zen_config/.zen/.mlflow/.run: no ZenML cache hit, no model, data or run shared between them.
+The reference is `benchmarks/first_run_reference.yaml` (configs/local.yaml before issue 13 §3),
+the new side `configs/local.yaml`. Both run one after the other, in one process sequence, so a
+machine twice as fast speeds both; on a shared box compare the CPU seconds too.
+
+Prints per side the pipeline's wall time, CPU time (the run's processes, waited for), mean
+attribute accuracy, category/pattern accuracy and CIDEr-D (the evaluate step's figures, read back
+from the side's MLflow store), then new/reference ratios; the last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "benchmarks" / "first_run_reference.yaml"
+NEW = ROOT / "configs" / "local.yaml"
+SMOKE = {  # both sides shrunk the same way: the steps run, the figures mean nothing
+    "data": {"dev_images": 24, "synth": {"train": 240, "valid": 24, "test": 8}},
+    "sft": {"eval_every": 0, "save_every": 0},
+    "scst": {"eval_every": 0, "save_every": 0, "batch_size": 4},
+}
+SMOKE_STEP_DIVISOR = 100  # SFT/SCST steps = max(2, shipped // 100): the two sides keep their ratio
+
+
+def run_config(path: Path, smoke: bool = False) -> dict[str, Any]:
+    """The ZenML run configuration a side runs with (validated as the pipeline will)."""
+    from ecomcap.config import RunConfig, parse_model
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    cfg = data["parameters"]["config"]
+    if smoke:
+        for section, update in SMOKE.items():
+            _merge(cfg.setdefault(section, {}), update)
+        for stage in ("sft", "scst"):
+            cfg[stage]["max_steps"] = max(2, int(cfg[stage].get("max_steps", 2)) // SMOKE_STEP_DIVISOR)
+    parse_model(RunConfig, cfg, str(path))  # a broken config fails here, not minutes into a run
+    return data
+
+
+def _merge(into: dict, update: dict) -> None:
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def fresh_checkout(dst: Path) -> Path:
+    """The tracked (and untracked, not ignored) files, as a clone has them, sharing this .venv."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.splitlines()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    (dst / ".venv").symlink_to((ROOT / ".venv").resolve())
+    return dst
+
+
+def warm_up() -> None:
+    """Import the heavy libraries once, untimed: the first side must not pay for a cold disk cache."""
+    code = "import torch, transformers, mlflow, zenml.client, great_expectations"
+    subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", code], cwd=ROOT, check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_side(name: str, config: dict, work: Path) -> dict[str, Any]:
+    """`bash scripts/run.sh` with this config in a fresh checkout; wall and CPU time, figures."""
+    repo = fresh_checkout(work / name)
+    cfg_path = repo / "configs" / f"first_run_{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    env = {**os.environ, "CONFIG": str(cfg_path.relative_to(repo)), "PYTHONPATH": str(repo)}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the side's own store (scripts/zenml_env.sh sets it)
+    log = work / f"{name}.log"
+    print(f"[{name}] bash scripts/run.sh in {repo} (log: {log})", flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as fh:
+        proc = subprocess.run(["bash", "scripts/run.sh"], cwd=repo, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise SystemExit(f"[{name}] scripts/run.sh failed (exit {proc.returncode}); end of {log}:\n{tail}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), **read_figures(repo / ".mlflow" / "mlflow.db")}
+
+
+def read_figures(mlflow_db: Path) -> dict[str, Any]:
+    """The newest training run's evaluate-step figures from a side's MLflow store."""
+    from ecomcap.registry.tracking import last_run_summary
+
+    summary = last_run_summary(f"sqlite:///{mlflow_db}")
+    if summary is None:
+        raise SystemExit(f"no training_pipeline run in {mlflow_db}")
+    return figures(summary["metrics"])
+
+
+def figures(metrics: dict[str, float]) -> dict[str, Any]:
+    """The figures this benchmark compares, from the MLflow metrics the evaluate step logs."""
+    missing = [k for k in ("CIDEr-D", "val.attr.mean") if k not in metrics]
+    if missing:
+        raise SystemExit(f"the run logged no {missing}: did the evaluate step run on synthetic data?")
+    return {"attr_mean": round(metrics["val.attr.mean"], 4),
+            **{f"attr_{k}": round(metrics[f"val.attr.{k}"], 4) for k in ("category", "pattern", "colour", "brand")
+               if f"val.attr.{k}" in metrics},
+            "CIDEr-D": round(metrics["CIDEr-D"], 4)}
+
+
+def compare(ref: dict[str, Any], new: dict[str, Any], smoke: bool, threads: str) -> dict[str, Any]:
+    """The summary line: both sides, new/reference time ratios, and whether the issue's target holds."""
+    return {"benchmark": "first_run", "smoke": smoke, "omp_num_threads": threads, "reference": ref, "new": new,
+            "wall_ratio_new_vs_reference": round(new["wall_s"] / ref["wall_s"], 3),
+            "cpu_ratio_new_vs_reference": round(new["cpu_s"] / ref["cpu_s"], 3) if ref["cpu_s"] else None,
+            "target_attr_mean": 0.85,
+            "target_met": new["attr_mean"] >= 0.85 and new["wall_s"] <= ref["wall_s"]}
+
+
+def show(name: str, r: dict[str, Any]) -> None:
+    print(f"[{name}] wall {r['wall_s']:.1f} s  cpu {r['cpu_s']:.1f} s  attr mean {r['attr_mean']:.3f}  "
+          f"category {r.get('attr_category', float('nan')):.3f}  pattern {r.get('attr_pattern', float('nan')):.3f}  "
+          f"CIDEr-D {r['CIDEr-D']:.3f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help=f"tiny data, steps // {SMOKE_STEP_DIVISOR}: end-to-end check")
+    ap.add_argument("--reference", type=Path, default=REFERENCE)
+    ap.add_argument("--new", type=Path, default=NEW)
+    ap.add_argument("--work", type=Path, default=None, help="where the two checkouts go (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the checkouts, logs and MLflow stores")
+    args = ap.parse_args(argv)
+    configs = {"reference": run_config(args.reference, args.smoke), "new": run_config(args.new, args.smoke)}
+    work = args.work or Path(tempfile.mkdtemp(prefix="first_run-"))
+    work.mkdir(parents=True, exist_ok=True)
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(f"first run: {args.reference.name} vs {args.new.name}, smoke={args.smoke}, OMP_NUM_THREADS={threads}, "
+          f"{os.cpu_count()} CPUs, work {work}", flush=True)
+    warm_up()
+    results = {}
+    try:
+        for name, config in configs.items():
+            results[name] = run_side(name, config, work)
+            show(name, results[name])
+    finally:
+        if not args.keep and args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    out = compare(results["reference"], results["new"], args.smoke, threads)
+    print(f"new/reference: wall x{out['wall_ratio_new_vs_reference']}, cpu x{out['cpu_ratio_new_vs_reference']}; "
+          f"attr mean {results['reference']['attr_mean']:.3f} -> {results['new']['attr_mean']:.3f}")
+    print(json.dumps(out, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

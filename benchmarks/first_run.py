@@ -157,13 +157,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs, work {work}", flush=True)
     warm_up()
     results = {}
-    try:
-        for name, config in configs.items():
-            results[name] = run_side(name, config, work)
-            show(name, results[name])
-    finally:
-        if not args.keep and args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
+    for name, config in configs.items():  # a failed side exits here, its log kept
+        results[name] = run_side(name, config, work)
+        show(name, results[name])
+    if not args.keep and args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
     out = compare(results["reference"], results["new"], args.smoke, threads)
     print(f"new/reference: wall x{out['wall_ratio_new_vs_reference']}, cpu x{out['cpu_ratio_new_vs_reference']}; "
           f"attr mean {results['reference']['attr_mean']:.3f} -> {results['new']['attr_mean']:.3f}")

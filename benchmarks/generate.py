@@ -154,7 +154,8 @@ def bench_scale(name, model, builder, images, base: GenerateConfig, batch: int, 
            "speedup_vs_batched": round(res[once] / res[hf], 2),
            "speedup_vs_batched_cpu": round(cpu[once] / cpu[hf], 2),
            "identical": same_beam and same_greedy,
-           "beam_rows_differing": round(differ, 4),
+           "beam_rows_differing": round(differ, 4),  # worst mode vs beam one by one
+           "rows_differing_once_vs_hf_batched": round(differing_share(ids[once], ids[hf]), 4),
            "within_tolerance": differ <= tolerance and (same_greedy or tolerance > 0),
            "mean_new_tokens": round(float(np.mean([len(r) for r in ids[beam_modes[0]]])), 1)}
     if not only_batched_beams:

@@ -108,15 +108,17 @@ def main() -> None:
     import torch
 
     from ecomcap.config import DataConfig, ModelConfig, SynthConfig, TinyModelConfig
-    from ecomcap.data.prepare import prepare_data
+    from ecomcap.data.ingest import ingest_split
+    from ecomcap.data.prepare import source_dir
     from ecomcap.modeling.prepare import ensure_model
 
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     modes = [m for m in args.modes.split(",") if args.device == "cpu" or MODES[m][0] <= gpus]
     skipped = [m for m in args.modes.split(",") if m not in modes]
     work = Path(tempfile.mkdtemp(prefix="scaling-"))
-    prepare_data(DataConfig(work_dir=work / "data", splits=["train"],
-                            synth=SynthConfig(train=args.train, valid=0, test=0, seed=3)))
+    data_cfg = DataConfig(work_dir=work / "data", splits=["train"],
+                          synth=SynthConfig(train=args.train, valid=0, test=0, seed=3))
+    ingest_split(source_dir(data_cfg), "train", work / "data" / "train", data_cfg.ingest)  # (no GX: GPU images lack it)
     model_cfg = ModelConfig(name_or_path=str(work / "tiny"), tiny=TinyModelConfig())
     ensure_model(model_cfg, work / "data" / "train")
     results = []

@@ -158,3 +158,14 @@ def test_retrieval_refuses_several_processes_in_its_config():
 
     with pytest.raises(ValidationError, match="one process"):
         RetrievalRunConfig.model_validate({"launch": {"num_processes": 2}})
+
+
+def test_a_4bit_base_is_refused_inside_a_zero3_load(tiny_model_cfg, monkeypatch):
+    """Whatever config got there (a DeepSpeed JSON, `--from` a QLoRA output): never a silent bf16
+    load where 4-bit was asked. STAND-IN: the ZeRO-3 `zero.Init` context is reported by patching
+    `sharded_load` (real ZeRO-3 loads are covered by tests/test_deepspeed.py)."""
+    from ecomcap.modeling import load
+
+    monkeypatch.setattr(load, "sharded_load", lambda: True)
+    with pytest.raises(EcomcapError, match="ZeRO-3"):
+        load.load_base(tiny_model_cfg, quantization_config=object())

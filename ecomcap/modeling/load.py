@@ -96,6 +96,9 @@ def load_base(cfg: ModelConfig, quantization_config: Any = None):
         torch.cuda.set_device(device)  # libraries that use "the" current GPU (bitsandbytes) agree
     dtype = pick_dtype(cfg, device)
     sharded = sharded_load()
+    if quantization_config is not None and sharded:  # e.g. a DeepSpeed JSON config the launch check cannot read
+        raise EcomcapError(f"'{cfg.name_or_path}': a 4-bit (QLoRA) base cannot load into DeepSpeed ZeRO-3 "
+                           "partitions; train it with ZeRO-2 or DDP (no launch.config_file)")
     kwargs: dict[str, Any] = dict(
         dtype=dtype,
         attn_implementation=pick_attention(cfg, dtype),
@@ -172,7 +175,9 @@ def load_trained(path: str | Path, cfg: ModelConfig | None = None, quantized: bo
     if hasattr(model, "merge_and_unload"):  # an adapter under this one: merged, as in training
         if getattr(model, "is_loaded_in_4bit", False):
             log.warning("merging the adapter under %s into the 4-bit base (requantised, as SCST did)", path)
-        model = model.merge_and_unload()
+        from ecomcap.training.zero import merge_adapter
+
+        model = merge_adapter(model)  # gathers ZeRO-3 partitions when there are any
     processor = load_processor(path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     try:
         model = PeftModel.from_pretrained(model, path, is_trainable=False)

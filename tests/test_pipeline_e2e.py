@@ -4,12 +4,13 @@ run, rerun (cached, gate decision shown), a worse config never moves `champion`,
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+
+from benchmarks.first_run import fresh_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -42,15 +43,7 @@ def _write_config(repo: Path, name: str, **changes) -> str:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A clean copy of the tracked files (as CI's clone), sharing this checkout's .venv."""
-    dst = tmp_path_factory.mktemp("clone") / "ecomcap"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
-    (dst / ".venv").symlink_to(ROOT / ".venv")
-    return dst
+    return fresh_checkout(tmp_path_factory.mktemp("clone") / "ecomcap")
 
 
 def sh(repo: Path, cmd: str, **env) -> subprocess.CompletedProcess:

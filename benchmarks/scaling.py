@@ -44,9 +44,9 @@ MODES = {  # name: (processes, accelerate config; None = DDP / one plain process
 def train_once(data: str, model_dir: str, out: str, steps: int, batch: int, device: str) -> dict:
     """One process of one mode (run by `ecomcap.launch`): train, then gather every rank's figures."""
     import torch
-    import torch.distributed as dist
 
     from ecomcap.config import FinetuneConfig, GenerateConfig, ModelConfig, SFTConfig
+    from ecomcap.launch import all_ranks
     from ecomcap.training.sft import run_sft
 
     cpu0 = _cpu_s()
@@ -57,10 +57,7 @@ def train_once(data: str, model_dir: str, out: str, steps: int, batch: int, devi
                   GenerateConfig(num_beams=1, max_new_tokens=8))
     mine = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_s": _cpu_s() - cpu0,
             "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0}
-    ranks = [mine]
-    if dist.is_available() and dist.is_initialized():
-        ranks = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, mine)
+    ranks = all_ranks(mine)
     rows = [json.loads(x) for x in (res.final_dir.parent / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
     return {"ranks": ranks, "rows": rows, "weights": res.param_digest}
 

@@ -49,7 +49,7 @@ def launch(target: str, kwargs: dict[str, Any], cfg: LaunchConfig, *, name: str,
     log.info("%s: %d process(es): %s", name, cfg.num_processes, " ".join(cmd))
     run_id = os.environ.get("ECOMCAP_MLFLOW_RUN_ID") or _active_run_id()
     try:
-        code, tail, reasons = _stream(cmd, _child_env(cfg.num_processes))
+        code, tail, reasons = _stream(cmd, _child_env(cfg.num_processes, run_id))
     finally:
         _keep_running(run_id)
     if code != 0:
@@ -115,7 +115,7 @@ def _keep_running(run_id: str | None) -> None:
         log.warning("could not keep MLflow run %s running: %s", run_id, exc)
 
 
-def _child_env(processes: int) -> dict[str, str]:
+def _child_env(processes: int, run_id: str | None) -> dict[str, str]:
     """This environment, plus: the `ecomcap` this process imports, the active MLflow run, and on
     CPU the usable cores split between the processes (torchrun would give each one thread);
     minus the process-group settings of any launch this process is itself part of."""
@@ -124,15 +124,11 @@ def _child_env(processes: int) -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    try:
+    if run_id is not None:
         import mlflow
 
-        run = mlflow.active_run()
-        if run is not None:
-            env["ECOMCAP_MLFLOW_RUN_ID"] = run.info.run_id
-            env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        pass
+        env["ECOMCAP_MLFLOW_RUN_ID"] = run_id
+        env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
     return env
 
 
@@ -184,6 +180,17 @@ def main(spec_path: str) -> int:
         tmp.replace(spec["result"])
     _leave_group()
     return 0
+
+
+def all_ranks(mine: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's `mine`, in rank order (just `[mine]` without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
 
 
 def _leave_group() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ecomcap.config import RunConfig
 from ecomcap.errors import EcomcapError
-from ecomcap.launch import launch
+from ecomcap.launch import all_ranks, launch
 from ecomcap.paths import require_durable_paths
 from ecomcap.registry import tracking
 
@@ -90,17 +90,7 @@ def _summary(res, output_dir: Path) -> dict[str, Any]:
     return {"model_dir": str(res.model_dir), "output_dir": str(output_dir), "steps": res.steps,
             "wall_s": res.wall_s, "trainable_params": res.params.trainable, "total_params": res.params.total,
             "resumed_from": res.resumed_from,
-            "ranks": _all_ranks({"weights": res.param_digest, "data_order": res.order_digest})}
-
-
-def _all_ranks(mine: dict[str, str]) -> list[dict[str, str]]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [mine]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, mine)
-    return out
+            "ranks": all_ranks({"weights": res.param_digest, "data_order": res.order_digest})}
 
 
 def _check_ranks(stage: str, res: dict[str, Any]) -> None:

@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from ecomcap.inference import beam
+
 PrefillMode = Literal["once", "hf"]
 
 
@@ -84,6 +86,8 @@ def generate_prefill_once(model, enc: dict[str, torch.Tensor], **kw):
         getattr(generative_model(model), "generation_config", None), "cache_implementation", None)
     if n == 1 or enc["input_ids"].shape[1] < 2 or own_cache:
         return model.generate(**enc, **kw)
+    if beam.supports(generative_model(model), kw):
+        return beam.beam_search(model, enc, **kw)
     position_ids, cache = prefill_prompt(model, enc, n)
     rest = {k: v for k, v in enc.items() if k not in ("pixel_values", "image_grid_thw", "pixel_values_videos",
                                                        "video_grid_thw")}

@@ -1,0 +1,187 @@
+"""Beam search that starts from one prefill per image and reads only what beam search needs.
+
+Stock `generate` (transformers 5.x `_beam_search`) decodes every step as: copy the logits to a
+float32 tensor, log-softmax over the vocabulary, logits processors, add each beam's score to all
+`num_beams x vocab` log-probs, then one top-k over that whole row per image. Its first step
+feeds the last prompt token once per beam although all beams of an image are still the same
+sequence (the other beams only carry a -1e9 score). Here:
+
+- the whole prompt (image included) is prefilled once per image, and the first step's logits
+  come from that single row per image; the cache is expanded to the beams by the first reorder;
+- suppressed tokens are set to -inf in place (six columns, not a `where` over the vocabulary);
+- the top-k is taken per beam first (the best K continuations of an image are among the best K
+  of their own beam, since a beam's score shifts all its log-probs alike), then over the
+  `num_beams x K` candidates: the same values as the stock top-k (`log_prob + beam_score`, the
+  same float operations), without materialising `num_beams x vocab` sums.
+
+The bookkeeping after the top-k (finished hypotheses, length penalty, early stopping, output
+length and fill value) follows `_beam_search` operation by operation, so the token ids equal the
+stock path's. Anything this loop does not implement (sampling, repetition or n-gram penalties,
+custom processors, score outputs, ZeRO-3 peers that must step together) keeps `generate`.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+# `generate` arguments this loop implements; any other (or a non-neutral value of these) keeps `generate`
+HANDLED = {"max_new_tokens", "num_beams", "do_sample", "eos_token_id", "pad_token_id", "suppress_tokens",
+           "repetition_penalty", "no_repeat_ngram_size", "length_penalty", "early_stopping", "temperature",
+           "top_k", "top_p", "num_return_sequences"}
+# generation_config fields that add logits processors or stopping criteria `generate` would apply
+PROCESSOR_FIELDS = ("min_length", "min_new_tokens", "bad_words_ids", "force_words_ids", "forced_bos_token_id",
+                    "forced_eos_token_id", "begin_suppress_tokens", "sequence_bias", "renormalize_logits",
+                    "exponential_decay_length_penalty", "encoder_repetition_penalty", "diversity_penalty",
+                    "num_beam_groups", "constraints", "stop_strings", "max_time", "epsilon_cutoff", "eta_cutoff",
+                    "typical_p", "min_p", "guidance_scale", "watermarking_config", "max_length")
+
+
+def supports(gen_model, kw: dict) -> bool:
+    """Whether `beam_search` gives what `generate(**kw)` gives on this model."""
+    from transformers import GenerationConfig
+
+    if set(kw) - HANDLED or int(kw.get("num_beams") or 1) < 2 or kw.get("do_sample"):
+        return False
+    if kw.get("max_new_tokens") is None or int(kw.get("num_return_sequences") or 1) > int(kw["num_beams"]):
+        return False
+    if float(kw.get("repetition_penalty") or 1.0) != 1.0 or int(kw.get("no_repeat_ngram_size") or 0) > 0:
+        return False
+    gc, default = getattr(gen_model, "generation_config", None), GenerationConfig()
+    if gc is not None and any(getattr(gc, f, None) != getattr(default, f, None) for f in PROCESSOR_FIELDS
+                              if f != "max_length"):
+        return False
+    return not _zero3_peers()
+
+
+def _zero3_peers() -> bool:
+    """ZeRO-3 ranks must run the same number of forwards (`generate` keeps them stepping together)."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - deepspeed integration always ships with transformers
+        return False
+    dist = torch.distributed
+    return is_deepspeed_zero3_enabled() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@dataclass
+class Beams:
+    """Per image: the running beams and the best finished hypotheses (`_beam_search`'s tensors,
+    generated tokens only; the prompt is the same for every beam of an image)."""
+    running: torch.Tensor          # [B, n, T] token ids of the running beams
+    running_scores: torch.Tensor   # [B, n]
+    done: torch.Tensor             # [B, n, T] finished hypotheses
+    done_scores: torch.Tensor      # [B, n] (length-penalised)
+    done_len: torch.Tensor         # [B, n] generated tokens of each finished hypothesis
+    is_done: torch.Tensor          # [B, n] bool
+    improvable: torch.Tensor       # [B, 1] bool: the early-stop heuristic is not yet satisfied
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    while idx.dim() < t.dim():
+        idx = idx.unsqueeze(-1)
+    return torch.take_along_dim(t, idx, dim=1)
+
+
+def _forward(model, **kw):
+    out = model(**kw, use_cache=True, logits_to_keep=1, return_dict=True)
+    return out.logits[:, -1, :], (out.cache if hasattr(out, "cache") else out.past_key_values)
+
+
+@torch.no_grad()
+def beam_search(model, enc: dict[str, torch.Tensor], *, num_beams: int, max_new_tokens: int, eos_token_id=None,
+                pad_token_id=None, suppress_tokens=None, length_penalty: float = 1.0, early_stopping=False,
+                num_return_sequences: int = 1, **_neutral) -> torch.Tensor:
+    """Token ids [B * num_return_sequences, prompt + generated], as `generate(**enc, num_beams=...)`."""
+    from ecomcap.inference.prefill import generative_model
+
+    gm, n, ids = generative_model(model), int(num_beams), enc["input_ids"]
+    B, L, dev = ids.shape[0], ids.shape[1], ids.device
+    eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=dev).view(-1)
+    k = max(2, 1 + (0 if eos is None else eos.numel())) * n
+    fill = (pad_token_id or int(eos[0])) if eos is not None else -1  # `_beam_search`'s `pad or eos[0]`
+    sup = torch.as_tensor(list(suppress_tokens or ()), dtype=torch.long, device=dev)
+    cache_name = "cache" if "cache" in inspect.signature(gm.forward).parameters else "past_key_values"
+
+    position_ids = gm._prepare_position_ids_for_generation(ids, {k_: v for k_, v in enc.items() if k_ != "input_ids"})
+    logits, cache = _forward(model, **enc, position_ids=position_ids)
+    T = int(max_new_tokens)
+    beams = Beams(running=torch.full((B, n, T), fill, dtype=torch.long, device=dev),
+                  running_scores=torch.zeros(B, n, device=dev), done=torch.full((B, n, T), fill, dtype=torch.long,
+                                                                                 device=dev),
+                  done_scores=torch.full((B, n), -1e9, device=dev), done_len=torch.zeros(B, n, dtype=torch.long,
+                                                                                           device=dev),
+                  is_done=torch.zeros(B, n, dtype=torch.bool, device=dev),
+                  improvable=torch.ones(B, 1, dtype=torch.bool, device=dev))
+    mask = enc.get("attention_mask")
+    beam_mask = (torch.ones_like(ids) if mask is None else mask).repeat_interleave(n, 0)
+    last_pos = position_ids[..., -1:]
+    mm_types = "mm_token_type_ids" in enc
+    for t in range(T):
+        rows_per_image = 1 if t == 0 else n
+        log_probs = torch.nn.functional.log_softmax(logits.float(), dim=-1)
+        if sup.numel():
+            log_probs[:, sup] = -float("inf")
+        src, hits = _step(beams, log_probs, rows_per_image, t, k, n, T, eos, length_penalty, early_stopping)
+        if not _unfinished(beams, hits, early_stopping):
+            break
+        cache.reorder_cache((torch.arange(B, device=dev).view(B, 1) * rows_per_image + src).view(-1))
+        step = {"input_ids": beams.running[:, :, t].reshape(B * n, 1),
+                "attention_mask": torch.cat([beam_mask, beam_mask.new_ones(B * n, t + 1)], 1),
+                "position_ids": last_pos.repeat_interleave(n, dim=-2) + t + 1, cache_name: cache}
+        if mm_types:
+            step["mm_token_type_ids"] = enc["mm_token_type_ids"].new_zeros(B * n, 1)
+        logits, cache = _forward(model, **step)
+    r = int(num_return_sequences)
+    length = int(beams.done_len[:, :r].max())
+    gen = beams.done[:, :r, :length].reshape(B * r, length)
+    return torch.cat([ids.repeat_interleave(r, 0), gen], dim=1)
+
+
+def _step(b: Beams, log_probs: torch.Tensor, rows_per_image: int, t: int, k: int, n: int, T: int, eos,
+          length_penalty: float, early_stopping) -> tuple[torch.Tensor, torch.Tensor]:
+    """One `_beam_search` iteration after the logits: returns each new running beam's source row
+    (within its image) and which of the K candidates hit a stopping criterion."""
+    B = b.running.shape[0]
+    vals, tok = log_probs.topk(k, dim=-1)                     # [B * rows, k], best k per beam
+    scores = b.running_scores[:, :rows_per_image].reshape(-1, 1)
+    acc = (vals + scores).view(B, rows_per_image * k)
+    top_lp, pos = acc.topk(k, dim=-1)                         # [B, k], as the stock top-k over beams x vocab
+    beam = pos // k
+    token = tok.view(B, rows_per_image * k).gather(1, pos)
+    seqs = _gather(b.running[:, :rows_per_image], beam)      # [B, k, T]
+    seqs[:, :, t] = token
+    hits = torch.zeros_like(token, dtype=torch.bool) if eos is None else torch.isin(token, eos)
+    if t + 1 >= T:
+        hits = torch.ones_like(hits)
+    # running beams for the next step (`_get_running_beams_for_next_iteration`)
+    running_lp = top_lp + hits.to(torch.float32) * -1.0e9
+    nxt = torch.topk(running_lp, k=n)[1]
+    b.running, b.running_scores, src = _gather(seqs, nxt), _gather(running_lp, nxt), _gather(beam, nxt)
+    # finished hypotheses (`_update_finished_beams`)
+    top_n = torch.zeros(k, dtype=torch.bool, device=hits.device)
+    top_n[:n] = True
+    just = hits & top_n[None, :]
+    lp = top_lp / ((t + 1) ** length_penalty)
+    lp += (torch.all(b.is_done, dim=-1, keepdim=True) & (early_stopping is True)).to(torch.float32) * -1.0e9
+    lp += (~b.improvable).to(torch.float32) * -1.0e9
+    lp += (~just) * -1.0e9
+    merged_scores = torch.cat((b.done_scores, lp), dim=1)
+    best = torch.topk(merged_scores, k=n)[1]
+    b.done = _gather(torch.cat((b.done, seqs), dim=1), best)
+    b.done_scores = _gather(merged_scores, best)
+    b.done_len = _gather(torch.cat((b.done_len, torch.full_like(token, t + 1)), dim=1), best)
+    b.is_done = _gather(torch.cat((b.is_done, just), dim=1), best)
+    # early-stop heuristic (`_check_early_stop_heuristic`, after cur_len + 1)
+    length = T if (early_stopping == "never" and length_penalty > 0.0) else t + 1
+    best_running = b.running_scores[:, :1] / (length ** length_penalty)
+    worst_done = torch.where(b.is_done, torch.min(b.done_scores, dim=1, keepdim=True)[0], -1.0e9)
+    b.improvable = b.improvable & torch.any(best_running > worst_done, dim=-1, keepdim=True)
+    return src, hits
+
+
+def _unfinished(b: Beams, hits: torch.Tensor, early_stopping) -> bool:
+    """`_beam_search_has_unfinished_sequences`."""
+    exists_open = not (bool(torch.all(b.is_done)) and early_stopping is True)
+    return bool(torch.any(b.improvable)) and exists_open and not bool(torch.all(hits))

@@ -10,6 +10,11 @@ and `image_grid_thw`) are built once for the whole prompt and handed to `generat
 expands and extends them exactly as on its own path, so decoding never reads the model's
 `rope_deltas` state (left per prompt, [B, 1], as the stock path leaves it).
 
+Plain beam search goes further (`ecomcap.inference.beam`): the whole prompt is prefilled once,
+the first step reads one row per image, and a decode loop that follows `_beam_search` operation by
+operation skips the work beam search does not read. In this mode the vision tower's patch
+embedding runs as one matmul (`ecomcap.inference.patch_embed`).
+
 `mode="hf"` keeps the stock path (`generate` expands inputs before prefill) for comparison.
 """
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Literal
 import torch
 
 from ecomcap.inference import beam
+from ecomcap.inference.patch_embed import patch_embed_as_matmul
 
 PrefillMode = Literal["once", "hf"]
 
@@ -75,10 +81,18 @@ def prefill_prompt(model, enc: dict[str, torch.Tensor], n: int):
 def generate_prefill_once(model, enc: dict[str, torch.Tensor], **kw):
     """`model.generate(**enc, **kw)` with the prompt prefilled once per image.
 
-    Same outputs as the stock call (token ids; scores up to float rounding). Falls back to the
-    stock call when nothing is expanded (greedy, one sample), the prompt is a single token or the
-    generation config names a cache implementation of its own.
+    Same outputs as the stock call (token ids; scores up to float rounding). Plain beam search runs
+    `beam.beam_search` (the prompt prefilled whole, own decode loop); anything else it does not
+    implement continues `generate` from the expanded cache. Falls back to the stock call when
+    nothing is expanded (greedy, one sample), the prompt is a single token or the generation
+    config names a cache implementation of its own. The patch embedding runs as one matmul
+    throughout (`patch_embed`).
     """
+    with patch_embed_as_matmul(model):
+        return _generate_prefill_once(model, enc, **kw)
+
+
+def _generate_prefill_once(model, enc: dict[str, torch.Tensor], **kw):
     n = expand_size(kw)
     # a checkpoint's generation_config asking for its own cache ("static", "offloaded", ...)
     # makes `generate` refuse a passed one: such models keep the stock path

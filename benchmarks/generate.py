@@ -25,6 +25,7 @@ vs stock batched beam search), `identical` (token ids) and `beam_rows_differing`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -126,8 +127,25 @@ def differing_share(a: list, b: list) -> float:
     return sum(x != y for x, y in zip(a, b, strict=True)) / max(1, len(a))
 
 
+@contextlib.contextmanager
+def ablated(loop: bool, matmul: bool):
+    """The fast path with parts switched off: `loop=False` continues `generate` from the expanded
+    cache (the first prefill-once version), `matmul=False` keeps the patch embedding's Conv3d."""
+    from ecomcap.inference import beam, prefill
+
+    saved = beam.supports, prefill.patch_embed_as_matmul
+    if not loop:
+        beam.supports = lambda *a, **k: False
+    if not matmul:
+        prefill.patch_embed_as_matmul = lambda model: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        beam.supports, prefill.patch_embed_as_matmul = saved
+
+
 def bench_scale(name, model, builder, images, base: GenerateConfig, batch: int, beams: int,
-                only_batched_beams: bool = False, tolerance: float = 0.0) -> dict:
+                only_batched_beams: bool = False, tolerance: float = 0.0, ablate: bool = False) -> dict:
     modes = {
         f"beam{beams}_one_by_one": base.model_copy(update={"num_beams": beams, "batch_size": 1, "prefill": "hf"}),
         f"beam{beams}_batched_hf": base.model_copy(update={"num_beams": beams, "batch_size": batch, "prefill": "hf"}),
@@ -138,10 +156,16 @@ def bench_scale(name, model, builder, images, base: GenerateConfig, batch: int, 
     }
     if only_batched_beams:  # the headline pair only (deeper real-width models take long on a CPU)
         modes = {m: c for m, c in modes.items() if m.startswith(f"beam{beams}_batched")}
+    parts = {}  # ablations: what each part of the fast path gives (same config as prefill_once)
+    if ablate:
+        once_cfg = modes[f"beam{beams}_batched_prefill_once"]
+        for mode, loop, matmul in (("once_generate_decode_conv", False, False), ("once_loop_conv", True, False)):
+            modes[f"beam{beams}_batched_{mode}"], parts[f"beam{beams}_batched_{mode}"] = once_cfg, (loop, matmul)
     run(model, builder, images[:2], modes[f"beam{beams}_batched_prefill_once"])  # warm-up
     res, cpu, ids = {}, {}, {}
     for mode, cfg in modes.items():
-        secs, cpu_s, ids[mode] = run(model, builder, images, cfg)
+        with ablated(*parts.get(mode, (True, True))):
+            secs, cpu_s, ids[mode] = run(model, builder, images, cfg)
         res[mode], cpu[mode] = round(len(images) / secs, 3), round(len(images) / cpu_s, 3)
         print(f"[{name}] {mode:>28}: {res[mode]:8.3f} images/s wall ({secs:.1f} s), "
               f"{cpu[mode]:8.3f} images per CPU-s ({cpu_s:.1f} CPU-s)", flush=True)
@@ -158,6 +182,8 @@ def bench_scale(name, model, builder, images, base: GenerateConfig, batch: int, 
            "rows_differing_once_vs_hf_batched": round(differing_share(ids[once], ids[hf]), 4),
            "within_tolerance": differ <= tolerance and (same_greedy or tolerance > 0),
            "mean_new_tokens": round(float(np.mean([len(r) for r in ids[beam_modes[0]]])), 1)}
+    for mode in parts:
+        out[f"speedup_{mode.split('_batched_')[1]}_vs_batched_cpu"] = round(cpu[mode] / cpu[hf], 2)
     if not only_batched_beams:
         out.update(speedup_vs_one_by_one=round(res[once] / res[single], 2),
                    hf_batched_vs_one_by_one=round(res[hf] / res[single], 2),
@@ -196,6 +222,8 @@ def main() -> None:
     ap.add_argument("--rw-new-tokens", type=int, default=24)
     ap.add_argument("--scst-samples", type=int, default=5)
     ap.add_argument("--only-batched-beams", action="store_true", help="time stock vs prefill-once batched only")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also time the fast path without its decode loop / patch-embedding matmul")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                     help="torch threads; 1 makes CPU seconds the work done (shared boxes)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (a GPU run: with --dtype bfloat16)")
@@ -219,7 +247,7 @@ def main() -> None:
               flush=True)
         result[scale] = {"model": label, "images": len(images),
                          **bench_scale(scale, model, builder, images, base, args.batch, args.beams,
-                                       args.only_batched_beams, args.tolerance)}
+                                       args.only_batched_beams, args.tolerance, args.ablate)}
         if scale == "tiny" and not args.only_batched_beams:
             result["scst_rollout_tiny"] = bench_scst_rollout(model, builder, images, args.batch, args.scst_samples,
                                                              40)

@@ -16,8 +16,11 @@ Reports images/s of wall time and images per CPU-second of this process (`--thre
 shared, overloaded box: wall time there measures the neighbours, CPU time the work).
 
 Per scale: beam search (`--beams`) one by one (batch 1, stock path), batched stock and batched
-prefill-once; greedy one by one and batched (greedy expands nothing: prefill-once is the stock
-call there). Tiny scale also: the SCST rollout (K samples per image, sampling, fixed seed),
+prefill-once (the fast path: prompt prefilled once per image, `ecomcap.inference.beam`'s decode
+loop, patch embedding as one matmul); greedy one by one and batched (greedy expands nothing:
+the fast path is the stock call there, with the matmul patch embedding). `--ablate` adds the
+fast path without its decode loop (continuing `generate` from the expanded cache) and without
+the matmul, to show what each part gives. Tiny scale also: the SCST rollout (K samples per image, sampling, fixed seed),
 stock vs prefill-once. Last line: one JSON object, per scale `speedup_vs_batched` (prefill-once
 vs stock batched beam search), `identical` (token ids) and `beam_rows_differing`. On a GPU in bf16
 (`--device cuda --dtype bfloat16 --tolerance 0.05`) near-tied beams may swap: `within_tolerance`.

@@ -224,7 +224,8 @@ class GenerateConfig(_Strict):
     top_p: float | None = None
     batch_size: int = Field(16, ge=1)
     prefill: Literal["once", "hf"] = Field(
-        "once", description="once: prompt+image prefilled once per image, cache expanded to beams/samples; "
+        "once", description="once: the fast path - prompt+image prefilled once per image, cache expanded to "
+        "beams/samples, beam search in its own decode loop (ecomcap.inference.beam), patch embedding as one matmul; "
         "hf: stock generate (expands inputs before prefill), kept for comparison")
     chunks: ChunksConfig = Field(default_factory=ChunksConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)

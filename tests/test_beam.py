@@ -161,3 +161,13 @@ def test_a_checkpoint_generation_config_with_processors_goes_to_generate(perturb
     assert beam.supports(generative_model(model), kw)
     monkeypatch.setattr(gc, "min_new_tokens", 4)
     assert not beam.supports(generative_model(model), kw)
+
+
+def test_loop_runs_under_a_lora_wrapper(tiny_model_cfg, monkeypatch):
+    """The SCST/validation policy is a PEFT model: the loop reaches the base model through it."""
+    model, pb = _model(tiny_model_cfg, lora=True)
+    enc = pb.prompts(_images())
+    kw = generate_kwargs(GenerateConfig(num_beams=3, max_new_tokens=8), pb)
+    spy = _Spy(monkeypatch)
+    assert torch.equal(generate(model, enc, "hf", **kw), generate(model, enc, "once", **kw))
+    assert spy.calls == 1

@@ -126,3 +126,14 @@ def test_parts_of_another_trained_prompt_are_not_reused(sft_best, tiny_model_cfg
     cfg_json.write_text(cfg_json.read_text(encoding="utf-8").replace(TRAINED, "别的训练提示。"), encoding="utf-8")
     with pytest.raises(InterruptedError):  # would not raise if the first model's parts were reused
         caption_dataset(other, cfg, small_data["test"], tmp_path / "c.jsonl", GEN, parts, stop_after_chunks=0)
+
+
+def test_export_records_the_prompt_the_source_learnt(sft_best, tiny_model_cfg, tmp_path):
+    """Registering an SFT/SCST output under a config whose prompt changed since records the
+    prompt the model was trained with, which the pyfunc and the gate's re-scoring then use."""
+    import json
+
+    from ecomcap.registry.pyfunc import INFERENCE_FILE, export_merged
+
+    out = export_merged(sft_best, tmp_path / "merged", tiny_model_cfg.model_copy(update={"prompt": CONFIG}), GEN)
+    assert json.loads((out / INFERENCE_FILE).read_text(encoding="utf-8"))["prompt"] == TRAINED

@@ -9,7 +9,8 @@ Every finished chunk is an atomically written part (`ecomcap.inference.chunks`),
 run resumes where it stopped and several machines can share one parts directory. Worker
 processes each load the model once and die with their parent; on a GPU node worker r sees the
 r-th GPU the parent may use, on CPU the usable cores are split between the workers. Progress
-(images/s, ETA) covers all workers.
+(images/s, ETA) covers all workers. The prompt is the one the model directory records, else the
+config's (`ecomcap.inference.prompt`), and the parts are keyed by it.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from ecomcap.config import GenerateConfig, ModelConfig
 from ecomcap.errors import EcomcapError
 from ecomcap.inference.chunks import Chunk, PartStore, plan_chunks, read_chunk, run_key
 from ecomcap.inference.generate import LazyImages, caption_images
+from ecomcap.inference.prompt import with_model_prompt
 from ecomcap.processes import available_cpus, die_with_parent, worker_threads  # noqa: F401  (re-exported)
 from ecomcap.training.collate import PromptBuilder
 
@@ -35,12 +37,15 @@ log = logging.getLogger(__name__)
 
 
 def _plan(model_ref: str, model_cfg: ModelConfig, dataset_dir: Path, cfg: GenerateConfig,
-          parts_root: Path) -> tuple[list[Chunk], PartStore]:
+          parts_root: Path) -> tuple[list[Chunk], PartStore, ModelConfig]:
+    """(chunks, the part store, `model_cfg` with the prompt the model learnt): parts are keyed by
+    the prompt they are captioned with, so another one never reuses them."""
+    model_cfg = with_model_prompt(model_ref, model_cfg)
     chunks = plan_chunks(dataset_dir, cfg.chunks.chunk_size)
     decoding = {"generate": cfg.model_dump(mode="json", exclude={"chunks"}),
                 "model": model_cfg.model_dump(mode="json", exclude={"name_or_path", "prompt", "tiny"})}
     key = run_key(dataset_dir, str(model_ref), model_cfg.prompt, decoding, cfg.chunks.chunk_size)
-    return chunks, PartStore(Path(parts_root) / key)
+    return chunks, PartStore(Path(parts_root) / key), model_cfg
 
 
 def caption_chunks(model, processor, prompt: str, dataset_dir: Path, chunks: list[Chunk], store: PartStore,
@@ -87,9 +92,9 @@ def _worker_main(rank: int, workers: int, model_ref: str, model_cfg_json: str, d
         os.environ["CUDA_VISIBLE_DEVICES"] = worker_gpu(rank, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     else:
         torch.set_num_threads(worker_threads(workers))
-    model_cfg = ModelConfig.model_validate_json(model_cfg_json)
-    cfg = GenerateConfig.model_validate_json(cfg_json)
-    chunks, _ = _plan(model_ref, model_cfg, Path(dataset_dir), cfg, Path(parts_dir))
+    cfg = GenerateConfig.model_validate_json(cfg_json)  # model_cfg: already with the model's prompt
+    chunks, _, model_cfg = _plan(model_ref, ModelConfig.model_validate_json(model_cfg_json), Path(dataset_dir),
+                                 cfg, Path(parts_dir))
     store = PartStore(parts_dir)
     model, processor = _load(model_ref, model_cfg)
 
@@ -172,7 +177,7 @@ def caption_dataset(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: 
     """
     dataset_dir = Path(dataset_dir)
     parts_root = Path(parts_root or cfg.chunks.parts_dir or f"{out_path}.parts")
-    chunks, store = _plan(str(model_ref), model_cfg, dataset_dir, cfg, parts_root)
+    chunks, store, model_cfg = _plan(str(model_ref), model_cfg, dataset_dir, cfg, parts_root)
     _caption_missing(str(model_ref), model_cfg, dataset_dir, cfg, chunks, store, loaded, stop_after_chunks)
     return merge_parts(dataset_dir, chunks, store, out_path, cleanup)
 
@@ -183,7 +188,7 @@ def caption_share(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: st
     if not 0 <= index < count:
         raise EcomcapError(f"share index {index} outside 0..{count - 1}")
     dataset_dir = Path(dataset_dir)
-    chunks, store = _plan(str(model_ref), model_cfg, dataset_dir, cfg, Path(parts_root))
+    chunks, store, model_cfg = _plan(str(model_ref), model_cfg, dataset_dir, cfg, Path(parts_root))
     mine = [c for c in chunks if c.index % count == index]
     _caption_missing(str(model_ref), model_cfg, dataset_dir, cfg, mine, store)
     return sum(len(c) for c in mine)
@@ -194,7 +199,7 @@ def merge_dataset(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: st
                   cleanup: bool = False) -> dict[str, str]:
     """Merge the parts of every chunk (after a fan-out) -> `caption_gen.jsonl`."""
     dataset_dir = Path(dataset_dir)
-    chunks, store = _plan(str(model_ref), model_cfg, dataset_dir, cfg, Path(parts_root))
+    chunks, store, _ = _plan(str(model_ref), model_cfg, dataset_dir, cfg, Path(parts_root))
     return merge_parts(dataset_dir, chunks, store, out_path, cleanup)
 
 

@@ -143,7 +143,8 @@ def generate_for_dataset(
     """Caption every image of an ingested dataset with a loaded model -> `caption_gen.jsonl`.
 
     In this process, chunk by chunk (parts in a temporary directory); quarantined ids get an
-    empty caption. Resumable, multi-process runs: `ecomcap.inference.batch.caption_dataset`.
+    empty caption. `prompt`: the one the model learnt (`ecomcap.inference.prompt.prompt_for` for a
+    directory). Resumable, multi-process runs: `ecomcap.inference.batch.caption_dataset`.
     """
     import tempfile
 

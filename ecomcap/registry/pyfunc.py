@@ -12,8 +12,7 @@ from pathlib import Path
 import mlflow.pyfunc
 
 from ecomcap.config import GenerateConfig, ModelConfig
-
-INFERENCE_FILE = "inference.json"
+from ecomcap.inference.prompt import INFERENCE_FILE, with_model_prompt
 
 
 def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelConfig,
@@ -33,7 +32,7 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelCo
     write_output_marker(out, kind="full", base=None, extra={"merged_from": str(model_dir)})
     from ecomcap.modeling.strategies import is_4bit
 
-    settings = inference_settings(model_cfg, gen_cfg)
+    settings = inference_settings(with_model_prompt(model_dir, model_cfg), gen_cfg)  # the prompt it learnt
     if is_4bit(model):  # merged from QLoRA: a 4-bit bitsandbytes checkpoint loads (serves) on CUDA only
         settings["quantization"] = {"method": "bitsandbytes", "bits": 4, "quant_type": "nf4",
                                     "merged_from_4bit": True, "requires": "cuda"}

@@ -137,3 +137,16 @@ def test_export_records_the_prompt_the_source_learnt(sft_best, tiny_model_cfg, t
 
     out = export_merged(sft_best, tmp_path / "merged", tiny_model_cfg.model_copy(update={"prompt": CONFIG}), GEN)
     assert json.loads((out / INFERENCE_FILE).read_text(encoding="utf-8"))["prompt"] == TRAINED
+
+
+def test_worker_processes_caption_under_the_recorded_prompt(exported, tiny_model_cfg, small_data, tmp_path):
+    """Workers get the config carrying the recorded prompt: their parts are those of a
+    one-process run under that prompt (found again, nothing captioned twice)."""
+    parts = tmp_path / "parts"
+    two = GEN.model_copy(update={"chunks": GEN.chunks.model_copy(update={"chunk_size": 2, "workers": 2})})
+    one = two.model_copy(update={"chunks": two.chunks.model_copy(update={"workers": 1})})
+    first = caption_dataset(exported, tiny_model_cfg.model_copy(update={"prompt": CONFIG}), small_data["test"],
+                            tmp_path / "a.jsonl", two, parts)
+    again = caption_dataset(exported, tiny_model_cfg.model_copy(update={"prompt": TRAINED}), small_data["test"],
+                            tmp_path / "b.jsonl", one, parts, stop_after_chunks=0)
+    assert again == first and len(list(parts.iterdir())) == 1

@@ -148,8 +148,7 @@ def test_what_the_loop_does_not_implement_goes_to_generate(perturbed, monkeypatc
     torch.manual_seed(3)
     once = generate(model, enc, "once", **kw)
     assert spy.calls == 0
-    seq = (lambda o: o.sequences if hasattr(o, "sequences") else o)
-    assert torch.equal(seq(stock), seq(once))
+    assert torch.equal(getattr(stock, "sequences", stock), getattr(once, "sequences", once))
 
 
 def test_a_checkpoint_generation_config_with_processors_goes_to_generate(perturbed, monkeypatch):

@@ -97,7 +97,7 @@ def beam_search(model, enc: dict[str, torch.Tensor], *, num_beams: int, max_new_
     from ecomcap.inference.prefill import generative_model
 
     gm, n, ids = generative_model(model), int(num_beams), enc["input_ids"]
-    B, L, dev = ids.shape[0], ids.shape[1], ids.device
+    B, dev = ids.shape[0], ids.device
     eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=dev).view(-1)
     k = max(2, 1 + (0 if eos is None else eos.numel())) * n
     fill = (pad_token_id or int(eos[0])) if eos is not None else -1  # `_beam_search`'s `pad or eos[0]`

@@ -150,3 +150,13 @@ def test_worker_processes_caption_under_the_recorded_prompt(exported, tiny_model
     again = caption_dataset(exported, tiny_model_cfg.model_copy(update={"prompt": TRAINED}), small_data["test"],
                             tmp_path / "b.jsonl", one, parts, stop_after_chunks=0)
     assert again == first and len(list(parts.iterdir())) == 1
+
+
+def test_an_inference_file_without_a_prompt_falls_through_to_the_training_config(tmp_path):
+    import json
+
+    from ecomcap.inference.prompt import INFERENCE_FILE, TRAINING_CONFIG, recorded_prompt
+
+    (tmp_path / INFERENCE_FILE).write_text(json.dumps({"generate": {}}), encoding="utf-8")
+    (tmp_path / TRAINING_CONFIG).write_text(json.dumps({"model": {"prompt": "训练时的提示。"}}), encoding="utf-8")
+    assert recorded_prompt(tmp_path) == "训练时的提示。"

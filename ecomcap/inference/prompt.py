@@ -34,12 +34,14 @@ def recorded_prompt(model_dir: str | Path) -> str | None:
     path = Path(model_dir)
     if (path / INFERENCE_FILE).is_file():
         prompt = _read(path / INFERENCE_FILE).get("prompt")
-    elif (path / TRAINING_CONFIG).is_file():
+        if isinstance(prompt, str) and prompt:
+            return prompt
+    if (path / TRAINING_CONFIG).is_file():
         model = _read(path / TRAINING_CONFIG).get("model")
         prompt = model.get("prompt") if isinstance(model, dict) else None
-    else:
-        return None
-    return prompt if isinstance(prompt, str) and prompt else None
+        if isinstance(prompt, str) and prompt:
+            return prompt
+    return None
 
 
 def prompt_for(model_dir: str | Path, model_cfg: ModelConfig) -> str:

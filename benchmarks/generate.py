@@ -17,8 +17,8 @@ shared, overloaded box: wall time there measures the neighbours, CPU time the wo
 
 Per scale: beam search (`--beams`) one by one (batch 1, stock path), batched stock and batched
 prefill-once (the fast path: prompt prefilled once per image, `ecomcap.inference.beam`'s decode
-loop, patch embedding as one matmul); greedy one by one and batched (greedy expands nothing:
-the fast path is the stock call there, with the matmul patch embedding). `--ablate` adds the
+loop, patch embedding as one matmul in its prefill); greedy one by one and batched (greedy
+expands nothing: the fast path is the stock call there). `--ablate` adds the
 fast path without its decode loop (continuing `generate` from the expanded cache) and without
 the matmul, to show what each part gives. Tiny scale also: the SCST rollout (K samples per image, sampling, fixed seed),
 stock vs prefill-once. Last line: one JSON object, per scale `speedup_vs_batched` (prefill-once
@@ -134,17 +134,17 @@ def differing_share(a: list, b: list) -> float:
 def ablated(loop: bool, matmul: bool):
     """The fast path with parts switched off: `loop=False` continues `generate` from the expanded
     cache (the first prefill-once version), `matmul=False` keeps the patch embedding's Conv3d."""
-    from ecomcap.inference import beam, prefill
+    from ecomcap.inference import beam
 
-    saved = beam.supports, prefill.patch_embed_as_matmul
+    saved = beam.plan, beam.patch_embed_as_matmul
     if not loop:
-        beam.supports = lambda *a, **k: False
+        beam.plan = lambda *a, **k: None
     if not matmul:
-        prefill.patch_embed_as_matmul = lambda model: contextlib.nullcontext()
+        beam.patch_embed_as_matmul = lambda model: contextlib.nullcontext()
     try:
         yield
     finally:
-        beam.supports, prefill.patch_embed_as_matmul = saved
+        beam.plan, beam.patch_embed_as_matmul = saved
 
 
 def bench_scale(name, model, builder, images, base: GenerateConfig, batch: int, beams: int,

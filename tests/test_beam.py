@@ -157,9 +157,45 @@ def test_a_checkpoint_generation_config_with_processors_goes_to_generate(perturb
     model, pb, enc = perturbed
     kw = generate_kwargs(GenerateConfig(num_beams=3, max_new_tokens=6), pb)
     gc = generative_model(model).generation_config
-    assert beam.supports(generative_model(model), kw)
+    assert beam.plan(generative_model(model), kw) is not None
     monkeypatch.setattr(gc, "min_new_tokens", 4)
-    assert not beam.supports(generative_model(model), kw)
+    assert beam.plan(generative_model(model), kw) is None
+
+
+def test_fields_the_call_leaves_out_come_from_the_checkpoint_generation_config(perturbed, monkeypatch):
+    """Like `generate`: Qwen Instruct's generation_config says repetition_penalty 1.05, so a call
+    that does not set it must not run the loop (which has no such penalty); a length penalty and
+    EOS ids from the generation_config are the loop's too. Token ids equal the stock path's."""
+    model, pb, enc = perturbed
+    gm = generative_model(model)
+    bare = dict(num_beams=3, max_new_tokens=10, pad_token_id=pb.pad_id)
+    monkeypatch.setattr(gm.generation_config, "repetition_penalty", 1.05)
+    assert beam.plan(gm, bare) is None
+    assert torch.equal(generate(model, enc, "hf", **bare), generate(model, enc, "once", **bare))
+    monkeypatch.setattr(gm.generation_config, "repetition_penalty", 1.0)
+    monkeypatch.setattr(gm.generation_config, "length_penalty", 2.5)
+    monkeypatch.setattr(gm.generation_config, "eos_token_id", [pb.eos_id, 8])
+    settings = beam.plan(gm, bare)
+    assert settings["length_penalty"] == 2.5 and settings["eos_token_id"] == [pb.eos_id, 8]
+    assert torch.equal(generate(model, enc, "hf", **bare), generate(model, enc, "once", **bare))
+
+
+@pytest.mark.parametrize("extra,matmul", [(dict(num_beams=3), True), (dict(num_beams=1), False),
+                                          (dict(num_beams=1, do_sample=True, num_return_sequences=3), False)])
+def test_only_the_beam_loop_prefill_runs_the_matmul_patch_embedding(perturbed, extra, matmul):
+    """Greedy decoding (validation) and SCST sampling keep the stock Conv3d numerics (in bf16 the
+    matmul differs by rounding, and SCST scores its samples with the Conv3d)."""
+    model, pb, enc = perturbed
+    pe = generative_model(model).model.visual.patch_embed
+    seen = []
+    hook = generative_model(model).model.visual.register_forward_pre_hook(
+        lambda *_: seen.append("forward" in vars(pe)))
+    try:
+        torch.manual_seed(0)
+        generate(model, enc, "once", **{**generate_kwargs(GenerateConfig(max_new_tokens=4), pb), **extra})
+    finally:
+        hook.remove()
+    assert seen == [matmul]
 
 
 def test_loop_runs_under_a_lora_wrapper(tiny_model_cfg, monkeypatch):

@@ -8,6 +8,7 @@ sequence (the other beams only carry a -1e9 score). Here:
 
 - the whole prompt (image included) is prefilled once per image, and the first step's logits
   come from that single row per image; the cache is expanded to the beams by the first reorder;
+  the vision tower's patch embedding runs as one matmul there (`patch_embed`);
 - suppressed tokens are set to -inf in place (six columns, not a `where` over the vocabulary);
 - the top-k is taken per beam first (the best K continuations of an image are among the best K
   of their own beam, since a beam's score shifts all its log-probs alike), then over the
@@ -26,43 +27,61 @@ from dataclasses import dataclass
 
 import torch
 
+from ecomcap.inference.patch_embed import patch_embed_as_matmul
+
 # `generate` arguments this loop implements; any other (or a non-neutral value of these) keeps `generate`
-HANDLED = {"max_new_tokens", "num_beams", "do_sample", "eos_token_id", "pad_token_id", "suppress_tokens",
+HANDLED = ("max_new_tokens", "num_beams", "do_sample", "eos_token_id", "pad_token_id", "suppress_tokens",
            "repetition_penalty", "no_repeat_ngram_size", "length_penalty", "early_stopping", "temperature",
-           "top_k", "top_p", "num_return_sequences"}
+           "top_k", "top_p", "num_return_sequences")
 # generation_config fields that add logits processors or stopping criteria `generate` would apply
 PROCESSOR_FIELDS = ("min_length", "min_new_tokens", "bad_words_ids", "force_words_ids", "forced_bos_token_id",
                     "forced_eos_token_id", "begin_suppress_tokens", "sequence_bias", "renormalize_logits",
                     "exponential_decay_length_penalty", "encoder_repetition_penalty", "diversity_penalty",
                     "num_beam_groups", "constraints", "stop_strings", "max_time", "epsilon_cutoff", "eta_cutoff",
-                    "typical_p", "min_p", "guidance_scale", "watermarking_config", "max_length")
+                    "typical_p", "min_p", "guidance_scale", "watermarking_config")
+PASSED = ("num_beams", "max_new_tokens", "eos_token_id", "pad_token_id", "suppress_tokens", "length_penalty",
+          "early_stopping", "num_return_sequences")
 
 
-def supports(gen_model, kw: dict) -> bool:
-    """Whether `beam_search` gives what `generate(**kw)` gives on this model."""
+def plan(gen_model, kw: dict) -> dict | None:
+    """`beam_search`'s arguments when it gives what `generate(**kw)` gives on this model, else None.
+
+    Like `generate`, a field `kw` leaves out comes from the model's generation_config (a Qwen
+    Instruct checkpoint's says `repetition_penalty: 1.05`, `do_sample: true`): the decision and
+    the arguments are taken from those effective values."""
     from transformers import GenerationConfig
 
-    if set(kw) - HANDLED or int(kw.get("num_beams") or 1) < 2 or kw.get("do_sample"):
-        return False
-    if kw.get("max_new_tokens") is None or int(kw.get("num_return_sequences") or 1) > int(kw["num_beams"]):
-        return False
-    if float(kw.get("repetition_penalty") or 1.0) != 1.0 or int(kw.get("no_repeat_ngram_size") or 0) > 0:
-        return False
-    gc, default = getattr(gen_model, "generation_config", None), GenerationConfig()
-    if gc is not None and any(getattr(gc, f, None) != getattr(default, f, None) for f in PROCESSOR_FIELDS
-                              if f != "max_length"):
-        return False
-    return not _zero3_peers()
+    if set(kw) - set(HANDLED):
+        return None
+    default = GenerationConfig()
+    gc = getattr(gen_model, "generation_config", None) or default
+    eff = {f: kw[f] if f in kw else getattr(gc, f, getattr(default, f, None)) for f in HANDLED}
+    if int(eff["num_beams"] or 1) < 2 or eff["do_sample"] or eff["max_new_tokens"] is None:
+        return None
+    if int(eff["num_return_sequences"] or 1) > int(eff["num_beams"]):
+        return None
+    if float(eff["repetition_penalty"] or 1.0) != 1.0 or int(eff["no_repeat_ngram_size"] or 0) > 0:
+        return None
+    if any(getattr(gc, f, None) != getattr(default, f, None) for f in PROCESSOR_FIELDS):
+        return None
+    if _zero3_peers(gen_model):
+        return None
+    out = {f: eff[f] for f in PASSED}
+    out["length_penalty"] = 1.0 if out["length_penalty"] is None else out["length_penalty"]
+    out["num_return_sequences"] = int(out["num_return_sequences"] or 1)
+    return out
 
 
-def _zero3_peers() -> bool:
-    """ZeRO-3 ranks must run the same number of forwards (`generate` keeps them stepping together)."""
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover - deepspeed integration always ships with transformers
-        return False
+def _zero3_peers(gen_model) -> bool:
+    """ZeRO-3 ranks must run the same number of forwards (`generate` keeps them stepping together).
+    Partitioned parameters carry `ds_id` even where transformers' global ZeRO-3 flag is unset."""
     dist = torch.distributed
-    return is_deepspeed_zero3_enabled() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    first = next(gen_model.parameters(), None)
+    return is_deepspeed_zero3_enabled() or hasattr(first, "ds_id")
 
 
 @dataclass
@@ -105,12 +124,13 @@ def beam_search(model, enc: dict[str, torch.Tensor], *, num_beams: int, max_new_
     cache_name = "cache" if "cache" in inspect.signature(gm.forward).parameters else "past_key_values"
 
     position_ids = gm._prepare_position_ids_for_generation(ids, {k_: v for k_, v in enc.items() if k_ != "input_ids"})
-    logits, cache = _forward(model, **enc, position_ids=position_ids)
+    with patch_embed_as_matmul(model):
+        logits, cache = _forward(model, **enc, position_ids=position_ids)
     T = int(max_new_tokens)
     beams = Beams(running=torch.full((B, n, T), fill, dtype=torch.long, device=dev),
-                  running_scores=torch.zeros(B, n, device=dev), done=torch.full((B, n, T), fill, dtype=torch.long,
+                  running_scores=torch.zeros(B, n, dtype=torch.float32, device=dev), done=torch.full((B, n, T), fill, dtype=torch.long,
                                                                                  device=dev),
-                  done_scores=torch.full((B, n), -1e9, device=dev), done_len=torch.zeros(B, n, dtype=torch.long,
+                  done_scores=torch.full((B, n), -1e9, dtype=torch.float32, device=dev), done_len=torch.zeros(B, n, dtype=torch.long,
                                                                                            device=dev),
                   is_done=torch.zeros(B, n, dtype=torch.bool, device=dev),
                   improvable=torch.ones(B, 1, dtype=torch.bool, device=dev))
@@ -120,7 +140,7 @@ def beam_search(model, enc: dict[str, torch.Tensor], *, num_beams: int, max_new_
     mm_types = "mm_token_type_ids" in enc
     for t in range(T):
         rows_per_image = 1 if t == 0 else n
-        log_probs = torch.nn.functional.log_softmax(logits.float(), dim=-1)
+        log_probs = torch.nn.functional.log_softmax(logits.to(dtype=torch.float32, device=dev), dim=-1)
         if sup.numel():
             log_probs[:, sup] = -float("inf")
         src, hits = _step(beams, log_probs, rows_per_image, t, k, n, T, eos, length_penalty, early_stopping)

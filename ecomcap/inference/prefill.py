@@ -12,8 +12,8 @@ expands and extends them exactly as on its own path, so decoding never reads the
 
 Plain beam search goes further (`ecomcap.inference.beam`): the whole prompt is prefilled once,
 the first step reads one row per image, and a decode loop that follows `_beam_search` operation by
-operation skips the work beam search does not read. In this mode the vision tower's patch
-embedding runs as one matmul (`ecomcap.inference.patch_embed`).
+operation skips the work beam search does not read; its prefill runs the vision tower's patch
+embedding as one matmul (`ecomcap.inference.patch_embed`).
 
 `mode="hf"` keeps the stock path (`generate` expands inputs before prefill) for comparison.
 """
@@ -24,7 +24,6 @@ from typing import Literal
 import torch
 
 from ecomcap.inference import beam
-from ecomcap.inference.patch_embed import patch_embed_as_matmul
 
 PrefillMode = Literal["once", "hf"]
 
@@ -85,14 +84,8 @@ def generate_prefill_once(model, enc: dict[str, torch.Tensor], **kw):
     `beam.beam_search` (the prompt prefilled whole, own decode loop); anything else it does not
     implement continues `generate` from the expanded cache. Falls back to the stock call when
     nothing is expanded (greedy, one sample), the prompt is a single token or the generation
-    config names a cache implementation of its own. The patch embedding runs as one matmul
-    throughout (`patch_embed`).
+    config names a cache implementation of its own.
     """
-    with patch_embed_as_matmul(model):
-        return _generate_prefill_once(model, enc, **kw)
-
-
-def _generate_prefill_once(model, enc: dict[str, torch.Tensor], **kw):
     n = expand_size(kw)
     # a checkpoint's generation_config asking for its own cache ("static", "offloaded", ...)
     # makes `generate` refuse a passed one: such models keep the stock path
@@ -100,8 +93,9 @@ def _generate_prefill_once(model, enc: dict[str, torch.Tensor], **kw):
         getattr(generative_model(model), "generation_config", None), "cache_implementation", None)
     if n == 1 or enc["input_ids"].shape[1] < 2 or own_cache:
         return model.generate(**enc, **kw)
-    if beam.supports(generative_model(model), kw):
-        return beam.beam_search(model, enc, **kw)
+    settings = beam.plan(generative_model(model), kw)
+    if settings is not None:
+        return beam.beam_search(model, enc, **settings)
     position_ids, cache = prefill_prompt(model, enc, n)
     rest = {k: v for k, v in enc.items() if k not in ("pixel_values", "image_grid_thw", "pixel_values_videos",
                                                        "video_grid_thw")}

@@ -178,7 +178,7 @@ def main(spec_path: str) -> int:
         tmp = Path(spec["result"]).with_suffix(".tmp")
         tmp.write_text(json.dumps(out, ensure_ascii=False, default=str), encoding="utf-8")
         tmp.replace(spec["result"])
-    _leave_group()
+    leave_group()
     return 0
 
 
@@ -193,7 +193,7 @@ def all_ranks(mine: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _leave_group() -> None:
+def leave_group() -> None:
     """Tear the process group down before exit: an undestroyed gloo/NCCL group can abort a rank
     at interpreter shutdown ("terminate called without an active exception") after a good run."""
     try:

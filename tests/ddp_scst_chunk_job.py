@@ -64,3 +64,7 @@ for chunk in (0, 2):
     results[f"rows{chunk}"] = torch.tensor([max(rows)])  # the most rows in one forward
 save_file({f"c{c}/{n}": t for c in (0, 2) for n, t in results[c].items()}
           | {k: v for k, v in results.items() if isinstance(k, str)}, str(out / f"rank{rank}.safetensors"))
+
+from ecomcap.launch import leave_group  # noqa: E402
+
+leave_group()  # else a rank can abort at exit (SIGABRT) after a good run

@@ -19,3 +19,7 @@ res = run_sft(train, valid, ModelConfig(name_or_path=model_dir), FinetuneConfig(
                         save_every=2), GenerateConfig(num_beams=1, max_new_tokens=6))
 rank = PartialState().process_index
 Path(out, f"rank{rank}.txt").write_text(f"{res.steps} {res.param_digest} {PartialState().num_processes}\n")
+
+from ecomcap.launch import leave_group  # noqa: E402
+
+leave_group()  # else a rank can abort at exit (SIGABRT) after a good run

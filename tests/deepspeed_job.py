@@ -71,3 +71,7 @@ state = PartialState()
 facts.update(timeout_s=group_timeout().total_seconds(), steps=res.steps, digest=res.param_digest, world=state.num_processes,
              distributed_type=str(state.distributed_type), model_dir=str(res.final_dir))
 Path(out, f"rank{state.process_index}.json").write_text(json.dumps(facts))
+
+from ecomcap.launch import leave_group  # noqa: E402
+
+leave_group()  # else a rank can abort at exit (SIGABRT) after a good run

@@ -20,7 +20,9 @@ prefill-once (the fast path: prompt prefilled once per image, `ecomcap.inference
 loop, patch embedding as one matmul in its prefill); greedy one by one and batched (greedy
 expands nothing: the fast path is the stock call there). `--ablate` adds the
 fast path without its decode loop (continuing `generate` from the expanded cache) and without
-the matmul, to show what each part gives. Tiny scale also: the SCST rollout (K samples per image, sampling, fixed seed),
+the matmul, to show what each part gives, and the stock path given the same matmul patch
+embedding (`speedup_vs_hf_matmul_cpu`: the fast path against that). Tiny scale also: the SCST
+rollout (K samples per image, sampling, fixed seed),
 stock vs prefill-once. Last line: one JSON object, per scale `speedup_vs_batched` (prefill-once
 vs stock batched beam search), `identical` (token ids) and `beam_rows_differing`. On a GPU in bf16
 (`--device cuda --dtype bfloat16 --tolerance 0.05`) near-tied beams may swap: `within_tolerance`.
@@ -45,6 +47,7 @@ from PIL import Image  # noqa: E402
 from ecomcap.config import DataConfig, GenerateConfig, ModelConfig, SynthConfig, TinyModelConfig  # noqa: E402
 from ecomcap.data.prepare import prepare_data  # noqa: E402
 from ecomcap.inference.generate import generate_kwargs, model_device_dtype  # noqa: E402
+from ecomcap.inference.patch_embed import patch_embed_as_matmul  # noqa: E402
 from ecomcap.inference.prefill import generate  # noqa: E402
 from ecomcap.modeling.load import load_trained  # noqa: E402
 from ecomcap.modeling.prepare import ensure_model  # noqa: E402
@@ -159,15 +162,17 @@ def bench_scale(name, model, builder, images, base: GenerateConfig, batch: int, 
     }
     if only_batched_beams:  # the headline pair only (deeper real-width models take long on a CPU)
         modes = {m: c for m, c in modes.items() if m.startswith(f"beam{beams}_batched")}
-    parts = {}  # ablations: what each part of the fast path gives (same config as prefill_once)
+    parts = {}  # ablations: what each part of the fast path gives, and the stock path given the matmul too
     if ablate:
-        once_cfg = modes[f"beam{beams}_batched_prefill_once"]
-        for mode, loop, matmul in (("once_generate_decode_conv", False, False), ("once_loop_conv", True, False)):
-            modes[f"beam{beams}_batched_{mode}"], parts[f"beam{beams}_batched_{mode}"] = once_cfg, (loop, matmul)
+        once_cfg, hf_cfg = modes[f"beam{beams}_batched_prefill_once"], modes[f"beam{beams}_batched_hf"]
+        for mode, cfg, ctx in (("once_generate_decode_conv", once_cfg, lambda: ablated(False, False)),
+                               ("once_loop_conv", once_cfg, lambda: ablated(True, False)),
+                               ("hf_matmul", hf_cfg, lambda: patch_embed_as_matmul(model))):
+            modes[f"beam{beams}_batched_{mode}"], parts[f"beam{beams}_batched_{mode}"] = cfg, ctx
     run(model, builder, images[:2], modes[f"beam{beams}_batched_prefill_once"])  # warm-up
     res, cpu, ids = {}, {}, {}
     for mode, cfg in modes.items():
-        with ablated(*parts.get(mode, (True, True))):
+        with parts.get(mode, contextlib.nullcontext)():
             secs, cpu_s, ids[mode] = run(model, builder, images, cfg)
         res[mode], cpu[mode] = round(len(images) / secs, 3), round(len(images) / cpu_s, 3)
         print(f"[{name}] {mode:>28}: {res[mode]:8.3f} images/s wall ({secs:.1f} s), "
@@ -187,6 +192,8 @@ def bench_scale(name, model, builder, images, base: GenerateConfig, batch: int, 
            "mean_new_tokens": round(float(np.mean([len(r) for r in ids[beam_modes[0]]])), 1)}
     for mode in parts:
         out[f"speedup_{mode.split('_batched_')[1]}_vs_batched_cpu"] = round(cpu[mode] / cpu[hf], 2)
+    if parts:  # the fast path against a stock path that has the matmul patch embedding as well
+        out["speedup_vs_hf_matmul_cpu"] = round(cpu[once] / cpu[f"beam{beams}_batched_hf_matmul"], 2)
     if not only_batched_beams:
         out.update(speedup_vs_one_by_one=round(res[once] / res[single], 2),
                    hf_batched_vs_one_by_one=round(res[hf] / res[single], 2),

@@ -148,12 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=Path, default=NEW)
     ap.add_argument("--work", type=Path, default=None, help="where the two checkouts go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkouts, logs and MLflow stores")
+    ap.add_argument("--new-first", action="store_true",
+                    help="run the new side first (with a default-order run: ABBA, cancels drift in the box's load)")
     args = ap.parse_args(argv)
     configs = {"reference": run_config(args.reference, args.smoke), "new": run_config(args.new, args.smoke)}
+    if args.new_first:
+        configs = dict(reversed(configs.items()))
     work = args.work or Path(tempfile.mkdtemp(prefix="first_run-"))
     work.mkdir(parents=True, exist_ok=True)
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    print(f"first run: {args.reference.name} vs {args.new.name}, smoke={args.smoke}, OMP_NUM_THREADS={threads}, "
+    print(f"first run: {args.reference.name} vs {args.new.name}, order {list(configs)}, smoke={args.smoke}, "
+          f"OMP_NUM_THREADS={threads}, "
           f"{os.cpu_count()} CPUs, work {work}", flush=True)
     warm_up()
     results = {}
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         show(name, results[name])
     if not args.keep and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
-    out = compare(results["reference"], results["new"], args.smoke, threads)
+    out = {**compare(results["reference"], results["new"], args.smoke, threads), "order": list(configs)}
     print(f"new/reference: wall x{out['wall_ratio_new_vs_reference']}, cpu x{out['cpu_ratio_new_vs_reference']}; "
           f"attr mean {results['reference']['attr_mean']:.3f} -> {results['new']['attr_mean']:.3f}")
     print(json.dumps(out, ensure_ascii=False))

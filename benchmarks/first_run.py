@@ -2,6 +2,7 @@
 
     python benchmarks/first_run.py            # both configs as shipped (minutes each)
     python benchmarks/first_run.py --smoke    # both scaled down alike: checks the benchmark end to end
+    python benchmarks/first_run.py --new-first  # the new side first: with a default run, ABBA order
 
 Each side runs `bash scripts/run.sh` (what `make run` runs: the ZenML local stack, MLflow on
 SQLite, the whole training pipeline) in its own fresh copy of the tracked files, so each has its

@@ -180,6 +180,21 @@ def test_fields_the_call_leaves_out_come_from_the_checkpoint_generation_config(p
     assert torch.equal(generate(model, enc, "hf", **bare), generate(model, enc, "once", **bare))
 
 
+@pytest.mark.parametrize("field,value,runs_loop", [
+    ("return_dict_in_generate", True, False), ("output_scores", True, False), ("low_memory", True, False),
+    ("use_cache", False, False), ("min_new_tokens", 3, False),
+    ("min_length", 0, True), ("num_beam_groups", 1, True), ("min_p", 0.05, True), ("typical_p", 0.9, True),
+])
+def test_what_a_checkpoint_generation_config_says_decides_the_path(perturbed, monkeypatch, field, value, runs_loop):
+    """Output settings (generate would return scores / refuse low_memory) and real processors keep
+    `generate`; neutral values and sampling-only fields (no effect on beam search) keep the loop."""
+    model, pb, _ = perturbed
+    gm = generative_model(model)
+    monkeypatch.setattr(gm.generation_config, field, value)
+    kw = generate_kwargs(GenerateConfig(num_beams=3, max_new_tokens=6), pb)
+    assert (beam.plan(gm, kw) is not None) == runs_loop
+
+
 @pytest.mark.parametrize("extra,matmul", [(dict(num_beams=3), True), (dict(num_beams=1), False),
                                           (dict(num_beams=1, do_sample=True, num_return_sequences=3), False)])
 def test_only_the_beam_loop_prefill_runs_the_matmul_patch_embedding(perturbed, extra, matmul):

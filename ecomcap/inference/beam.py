@@ -39,6 +39,13 @@ PROCESSOR_FIELDS = ("min_length", "min_new_tokens", "bad_words_ids", "force_word
                     "exponential_decay_length_penalty", "encoder_repetition_penalty", "diversity_penalty",
                     "num_beam_groups", "constraints", "stop_strings", "max_time", "epsilon_cutoff", "eta_cutoff",
                     "typical_p", "min_p", "guidance_scale", "watermarking_config")
+# values of those fields under which `generate` adds nothing; sampling-only ones do nothing in beam search
+NEUTRAL = {"min_length": 0, "min_new_tokens": 0, "renormalize_logits": False, "encoder_repetition_penalty": 1.0,
+           "diversity_penalty": 0.0, "num_beam_groups": 1, "guidance_scale": 1.0}
+SAMPLING_ONLY = {"typical_p", "min_p", "epsilon_cutoff", "eta_cutoff"}
+# generation_config fields that change what `generate` returns or refuses (the loop returns ids only)
+OUTPUT_FIELDS = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
+                 "output_hidden_states", "low_memory", "remove_invalid_values")
 PASSED = ("num_beams", "max_new_tokens", "eos_token_id", "pad_token_id", "suppress_tokens", "length_penalty",
           "early_stopping", "num_return_sequences")
 
@@ -62,9 +69,11 @@ def plan(gen_model, kw: dict) -> dict | None:
         return None
     if float(eff["repetition_penalty"] or 1.0) != 1.0 or int(eff["no_repeat_ngram_size"] or 0) > 0:
         return None
-    if any(getattr(gc, f, None) != getattr(default, f, None) for f in PROCESSOR_FIELDS):
+    if any(_adds_processor(gc, default, f) for f in PROCESSOR_FIELDS if f not in SAMPLING_ONLY):
         return None
-    if _zero3_peers(gen_model):
+    if any(getattr(gc, f, None) for f in OUTPUT_FIELDS) or getattr(gc, "use_cache", None) is False:
+        return None
+    if zero3_peers(gen_model):
         return None
     out = {f: eff[f] for f in PASSED}
     out["length_penalty"] = 1.0 if out["length_penalty"] is None else out["length_penalty"]
@@ -72,7 +81,12 @@ def plan(gen_model, kw: dict) -> dict | None:
     return out
 
 
-def _zero3_peers(gen_model) -> bool:
+def _adds_processor(gc, default, field: str) -> bool:
+    value = getattr(gc, field, None)
+    return not (value is None or value == getattr(default, field, None) or value == NEUTRAL.get(field, object()))
+
+
+def zero3_peers(gen_model) -> bool:
     """ZeRO-3 ranks must run the same number of forwards (`generate` keeps them stepping together).
     Partitioned parameters carry `ds_id` even where transformers' global ZeRO-3 flag is unset."""
     dist = torch.distributed

@@ -86,6 +86,8 @@ def generate_prefill_once(model, enc: dict[str, torch.Tensor], **kw):
     nothing is expanded (greedy, one sample), the prompt is a single token or the generation
     config names a cache implementation of its own.
     """
+    if "synced_gpus" not in kw and beam.zero3_peers(generative_model(model)):
+        kw = {**kw, "synced_gpus": True}  # partitioned ranks step together (also where transformers' flag is unset)
     n = expand_size(kw)
     # a checkpoint's generation_config asking for its own cache ("static", "offloaded", ...)
     # makes `generate` refuse a passed one: such models keep the stock path

@@ -22,12 +22,12 @@ custom processors, score outputs, ZeRO-3 peers that must step together) keeps `g
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 
 from ecomcap.inference.patch_embed import patch_embed_as_matmul
+from ecomcap.inference.prefill import cache_kwarg, forward_last, generative_model, prompt_positions
 
 # `generate` arguments this loop implements; any other (or a non-neutral value of these) keeps `generate`
 HANDLED = ("max_new_tokens", "num_beams", "do_sample", "eos_token_id", "pad_token_id", "suppress_tokens",
@@ -110,6 +110,17 @@ class Beams:
     is_done: torch.Tensor          # [B, n] bool
     improvable: torch.Tensor       # [B, 1] bool: the early-stop heuristic is not yet satisfied
 
+    @classmethod
+    def start(cls, B: int, n: int, T: int, fill: int, dev) -> "Beams":
+        """Before the first step: no tokens, running scores 0, no finished hypothesis (-1e9)."""
+        return cls(running=torch.full((B, n, T), fill, dtype=torch.long, device=dev),
+                   running_scores=torch.zeros(B, n, dtype=torch.float32, device=dev),
+                   done=torch.full((B, n, T), fill, dtype=torch.long, device=dev),
+                   done_scores=torch.full((B, n), -1e9, dtype=torch.float32, device=dev),
+                   done_len=torch.zeros(B, n, dtype=torch.long, device=dev),
+                   is_done=torch.zeros(B, n, dtype=torch.bool, device=dev),
+                   improvable=torch.ones(B, 1, dtype=torch.bool, device=dev))
+
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     while idx.dim() < t.dim():
@@ -117,41 +128,27 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, idx, dim=1)
 
 
-def _forward(model, **kw):
-    out = model(**kw, use_cache=True, logits_to_keep=1, return_dict=True)
-    return out.logits[:, -1, :], (out.cache if hasattr(out, "cache") else out.past_key_values)
-
-
 @torch.no_grad()
 def beam_search(model, enc: dict[str, torch.Tensor], *, num_beams: int, max_new_tokens: int, eos_token_id=None,
                 pad_token_id=None, suppress_tokens=None, length_penalty: float = 1.0, early_stopping=False,
                 num_return_sequences: int = 1, **_neutral) -> torch.Tensor:
     """Token ids [B * num_return_sequences, prompt + generated], as `generate(**enc, num_beams=...)`."""
-    from ecomcap.inference.prefill import generative_model
-
-    gm, n, ids = generative_model(model), int(num_beams), enc["input_ids"]
-    B, dev = ids.shape[0], ids.device
+    n, ids = int(num_beams), enc["input_ids"]
+    B, dev, T = ids.shape[0], ids.device, int(max_new_tokens)
     eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=dev).view(-1)
     k = max(2, 1 + (0 if eos is None else eos.numel())) * n
     fill = (pad_token_id or int(eos[0])) if eos is not None else -1  # `_beam_search`'s `pad or eos[0]`
     sup = torch.as_tensor(list(suppress_tokens or ()), dtype=torch.long, device=dev)
-    cache_name = "cache" if "cache" in inspect.signature(gm.forward).parameters else "past_key_values"
 
-    position_ids = gm._prepare_position_ids_for_generation(ids, {k_: v for k_, v in enc.items() if k_ != "input_ids"})
+    position_ids = prompt_positions(generative_model(model), enc)
     with patch_embed_as_matmul(model):
-        logits, cache = _forward(model, **enc, position_ids=position_ids)
-    T = int(max_new_tokens)
-    beams = Beams(running=torch.full((B, n, T), fill, dtype=torch.long, device=dev),
-                  running_scores=torch.zeros(B, n, dtype=torch.float32, device=dev), done=torch.full((B, n, T), fill, dtype=torch.long,
-                                                                                 device=dev),
-                  done_scores=torch.full((B, n), -1e9, dtype=torch.float32, device=dev), done_len=torch.zeros(B, n, dtype=torch.long,
-                                                                                           device=dev),
-                  is_done=torch.zeros(B, n, dtype=torch.bool, device=dev),
-                  improvable=torch.ones(B, 1, dtype=torch.bool, device=dev))
+        logits, cache = forward_last(model, **enc, position_ids=position_ids)
+    beams = Beams.start(B, n, T, fill, dev)
+    # per step only the new token's row changes: the beams' prompt mask and next positions, made once
     mask = enc.get("attention_mask")
     beam_mask = (torch.ones_like(ids) if mask is None else mask).repeat_interleave(n, 0)
-    last_pos = position_ids[..., -1:]
-    mm_types = "mm_token_type_ids" in enc
+    next_pos = position_ids[..., -1:].repeat_interleave(n, dim=-2) + 1
+    text_types = {"mm_token_type_ids": enc["mm_token_type_ids"].new_zeros(B * n, 1)} if "mm_token_type_ids" in enc else {}
     for t in range(T):
         rows_per_image = 1 if t == 0 else n
         log_probs = torch.nn.functional.log_softmax(logits.to(dtype=torch.float32, device=dev), dim=-1)
@@ -161,12 +158,9 @@ def beam_search(model, enc: dict[str, torch.Tensor], *, num_beams: int, max_new_
         if not _unfinished(beams, hits, early_stopping):
             break
         cache.reorder_cache((torch.arange(B, device=dev).view(B, 1) * rows_per_image + src).view(-1))
-        step = {"input_ids": beams.running[:, :, t].reshape(B * n, 1),
-                "attention_mask": torch.cat([beam_mask, beam_mask.new_ones(B * n, t + 1)], 1),
-                "position_ids": last_pos.repeat_interleave(n, dim=-2) + t + 1, cache_name: cache}
-        if mm_types:
-            step["mm_token_type_ids"] = enc["mm_token_type_ids"].new_zeros(B * n, 1)
-        logits, cache = _forward(model, **step)
+        logits, cache = forward_last(model, input_ids=beams.running[:, :, t].reshape(B * n, 1),
+                                     attention_mask=torch.cat([beam_mask, beam_mask.new_ones(B * n, t + 1)], 1),
+                                     position_ids=next_pos + t, **{cache_kwarg(): cache}, **text_types)
     r = int(num_return_sequences)
     length = int(beams.done_len[:, :r].max())
     gen = beams.done[:, :r, :length].reshape(B * r, length)
@@ -193,10 +187,9 @@ def _step(b: Beams, log_probs: torch.Tensor, rows_per_image: int, t: int, k: int
     running_lp = top_lp + hits.to(torch.float32) * -1.0e9
     nxt = torch.topk(running_lp, k=n)[1]
     b.running, b.running_scores, src = _gather(seqs, nxt), _gather(running_lp, nxt), _gather(beam, nxt)
-    # finished hypotheses (`_update_finished_beams`)
-    top_n = torch.zeros(k, dtype=torch.bool, device=hits.device)
-    top_n[:n] = True
-    just = hits & top_n[None, :]
+    # finished hypotheses (`_update_finished_beams`): only the top n candidates may finish
+    just = hits.clone()
+    just[:, n:] = False
     lp = top_lp / ((t + 1) ** length_penalty)
     lp += (torch.all(b.is_done, dim=-1, keepdim=True) & (early_stopping is True)).to(torch.float32) * -1.0e9
     lp += (~b.improvable).to(torch.float32) * -1.0e9

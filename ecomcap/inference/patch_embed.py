@@ -16,6 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ecomcap.inference.prefill import generative_model
+
 _LOCK = threading.Lock()
 _DEPTH = "_ecomcap_matmul_depth"  # how many blocks use the swap now (nested / concurrent callers)
 
@@ -23,8 +25,6 @@ _DEPTH = "_ecomcap_matmul_depth"  # how many blocks use the swap now (nested / c
 def _patch_embed(model):
     """The vision tower's patch embedding under PEFT/accelerate wrappers, if it is a stride=kernel
     Conv3d whose forward can be swapped safely; else None."""
-    from ecomcap.inference.prefill import generative_model
-
     inner = getattr(generative_model(model), "model", None)
     pe = getattr(getattr(inner, "visual", None), "patch_embed", None)
     proj = getattr(pe, "proj", None)

@@ -23,8 +23,6 @@ from typing import Literal
 
 import torch
 
-from ecomcap.inference import beam
-
 PrefillMode = Literal["once", "hf"]
 
 
@@ -48,6 +46,19 @@ def generative_model(model):
     return getattr(inner, "module", inner)
 
 
+def prompt_positions(gm, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Position ids for the whole prompt, computed the way `generate` computes them ([4, B, L] for
+    Qwen2.5-VL: text row + 3 mRoPE rows from `mm_token_type_ids` and `image_grid_thw`)."""
+    return gm._prepare_position_ids_for_generation(enc["input_ids"], {k: v for k, v in enc.items()
+                                                                      if k != "input_ids"})
+
+
+def forward_last(model, **inputs) -> tuple[torch.Tensor, object]:
+    """One cached forward: (the last position's logits, the cache)."""
+    out = model(**inputs, use_cache=True, logits_to_keep=1, return_dict=True)
+    return out.logits[:, -1, :], (out.cache if hasattr(out, "cache") else out.past_key_values)
+
+
 @torch.no_grad()
 def prefill_prompt(model, enc: dict[str, torch.Tensor], n: int):
     """Run the prompt without its last token once per row; return (position_ids, cache for n copies).
@@ -57,10 +68,8 @@ def prefill_prompt(model, enc: dict[str, torch.Tensor], n: int):
     prompt, repeated `n` times per row (row-major: the n copies of a prompt are adjacent, as
     `generate` orders beams).
     """
-    gm = generative_model(model)
     ids = enc["input_ids"]
-    kwargs = {k: v for k, v in enc.items() if k != "input_ids"}
-    position_ids = gm._prepare_position_ids_for_generation(ids, dict(kwargs))
+    position_ids = prompt_positions(generative_model(model), enc)
     head = {
         "input_ids": ids[:, :-1],
         "attention_mask": enc["attention_mask"][:, :-1],
@@ -68,9 +77,8 @@ def prefill_prompt(model, enc: dict[str, torch.Tensor], n: int):
     }
     if "mm_token_type_ids" in enc:
         head["mm_token_type_ids"] = enc["mm_token_type_ids"][:, :-1]
-    rest = {k: v for k, v in kwargs.items() if k not in head}
-    out = model(**head, **rest, use_cache=True, logits_to_keep=1, return_dict=True)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    rest = {k: v for k, v in enc.items() if k not in head}
+    _, cache = forward_last(model, **head, **rest)
     if n > 1:
         cache.batch_repeat_interleave(n)
     return position_ids, cache
@@ -86,16 +94,19 @@ def generate_prefill_once(model, enc: dict[str, torch.Tensor], **kw):
     nothing is expanded (greedy, one sample), the prompt is a single token or the generation
     config names a cache implementation of its own.
     """
-    if "synced_gpus" not in kw and beam.zero3_peers(generative_model(model)):
+    from ecomcap.inference import beam  # it builds on this module's helpers
+
+    gm = generative_model(model)
+    if "synced_gpus" not in kw and beam.zero3_peers(gm):
         kw = {**kw, "synced_gpus": True}  # partitioned ranks step together (also where transformers' flag is unset)
     n = expand_size(kw)
     # a checkpoint's generation_config asking for its own cache ("static", "offloaded", ...)
     # makes `generate` refuse a passed one: such models keep the stock path
-    own_cache = kw.get("cache_implementation") or getattr(
-        getattr(generative_model(model), "generation_config", None), "cache_implementation", None)
+    own_cache = kw.get("cache_implementation") or getattr(getattr(gm, "generation_config", None),
+                                                          "cache_implementation", None)
     if n == 1 or enc["input_ids"].shape[1] < 2 or own_cache:
         return model.generate(**enc, **kw)
-    settings = beam.plan(generative_model(model), kw)
+    settings = beam.plan(gm, kw)
     if settings is not None:
         return beam.beam_search(model, enc, **settings)
     position_ids, cache = prefill_prompt(model, enc, n)

@@ -225,7 +225,8 @@ class GenerateConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     prefill: Literal["once", "hf"] = Field(
         "once", description="once: the fast path - prompt+image prefilled once per image, cache expanded to "
-        "beams/samples, beam search in its own decode loop (ecomcap.inference.beam), patch embedding as one matmul; "
+        "beams/samples, beam search in its own decode loop (ecomcap.inference.beam; its prefill runs the patch "
+        "embedding as one matmul); "
         "hf: stock generate (expands inputs before prefill), kept for comparison")
     chunks: ChunksConfig = Field(default_factory=ChunksConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)

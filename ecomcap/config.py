@@ -157,6 +157,10 @@ class SFTConfig(LoopConfig):
         "sample", description="a random reference per image per epoch, or every reference"
     )
     max_answer_tokens: int = Field(64, ge=1)
+    prompt_cache_mb: int = Field(
+        1024, ge=0, description="processed training prompts (pixels, token ids) kept across epochs, MB per "
+        "process, least recently used out first; 0: the processor runs every step. Speed only: not part of "
+        "the run identity")
 
 
 class SCSTConfig(LoopConfig):

@@ -162,3 +162,26 @@ def test_epoch_order_is_deterministic_and_covers_each_image_once(small_data):
     assert sorted(i for i, _ in e0) == list(range(len(data)))
     expanded = epoch_order(data, 3, 0, expand=True)
     assert len(expanded) == sum(len(t) for t in data.texts) == len(set(expanded))
+
+
+def test_every_step_metric_is_in_mlflow_when_the_stage_returns(tiny_model_cfg, small_data, tmp_path):
+    """Per-step metrics go to MLflow asynchronously (a step never waits on the tracking store);
+    the loop flushes at its end, so the whole curve is stored when `run_sft` returns."""
+    import mlflow
+
+    from ecomcap.registry import tracking
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        with mlflow.start_run() as run:
+            callback = tracking.metrics_callback()
+            res = run_sft(small_data["train"], small_data["valid"], tiny_model_cfg, FinetuneConfig(strategy="lora",
+                          lora_r=4), _cfg(tmp_path / "o", max_steps=5, eval_every=5, save_every=0), GEN,
+                          on_metrics=callback)
+            stored = mlflow.MlflowClient().get_metric_history(run.info.run_id, "sft.loss")  # run still open
+    finally:
+        mlflow.set_tracking_uri(previous)
+    logged = [json.loads(ln) for ln in (res.final_dir.parent / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((m.step, m.value) for m in stored) == [(r["step"], r["loss"]) for r in logged if "loss" in r]
+    assert len(stored) == 5

@@ -8,7 +8,7 @@ import json
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 from pydantic import BaseModel
@@ -69,15 +69,23 @@ def log_config(section: str, cfg: BaseModel) -> None:
     log_params(flatten(cfg, f"{section}."))
 
 
-def metrics_callback() -> Callable[[dict[str, float], int], None] | None:
+class StepMetrics:
+    """Per-step training metrics for the active MLflow run, logged asynchronously: MLflow's queue
+    batches them in a background thread, so a step does not wait on a tracking-store transaction
+    (with SQLite ~XXX ms a step). `flush()` waits until all are stored (the loop calls it at the end of
+    a stage; MLflow also flushes at exit)."""
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        mlflow.log_metrics({k.replace("/", "."): v for k, v in metrics.items()}, step=step, synchronous=False)
+
+    @staticmethod
+    def flush() -> None:
+        mlflow.flush_async_logging()
+
+
+def metrics_callback() -> StepMetrics | None:
     """For `run_sft` / `run_scst`: forwards per-step metrics to the active MLflow run."""
-    if not active():
-        return None
-
-    def log(metrics: dict[str, float], step: int) -> None:
-        mlflow.log_metrics({k.replace("/", "."): v for k, v in metrics.items()}, step=step)
-
-    return log
+    return StepMetrics() if active() else None
 
 
 def set_tags(tags: dict[str, str]) -> None:

@@ -12,7 +12,8 @@ import io
 import logging
 import random
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Callable
 
@@ -26,13 +27,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Example:
-    """One (image, answer) pair; `references` keeps all of the image's references."""
+    """One (image, answer) pair; `references` keeps all of the image's references. The image is
+    decoded when first asked for (a step whose prompt is cached never decodes it)."""
 
     index: int
     image_id: str
-    image: Image.Image
     answer: str
     references: list[str]
+    load: Callable[[], Image.Image] = field(repr=False, compare=False)
+
+    @cached_property
+    def image(self) -> Image.Image:
+        return self.load()
 
 
 class ShardImages:
@@ -132,4 +138,4 @@ def epoch_order(data: ShardImages, seed: int, epoch: int, expand: bool = False) 
 
 def make_example(data: ShardImages, row: int, ref: int) -> Example:
     refs = data.texts[row]
-    return Example(row, data.ids[row], data.image(row), refs[ref], refs)
+    return Example(row, data.ids[row], refs[ref], refs, partial(data.image, row))

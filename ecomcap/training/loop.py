@@ -206,8 +206,10 @@ class TrainLoop:
             acc.wait_for_everyone()
             if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step < cfg.max_steps:
                 bar.close()
+                self._flush_metrics()
                 raise InterruptedError(f"{self.stage}: stopped after step {step} (stop_after_steps)")
         bar.close()
+        self._flush_metrics()
         final = self._export(self.out / "model")
         best = self.out / "best" if state["best"] is not None else None
         if acc.is_main_process:
@@ -277,6 +279,12 @@ class TrainLoop:
             export_model(inner, self.processor, path, base=self.base_name, strategy=self.strategy,
                          configs=self.configs, metrics_log=self.out / "metrics.jsonl", state_dict=weights)
         return path
+
+    def _flush_metrics(self) -> None:
+        """Wait for a buffering metrics callback (MLflow async logging) to store what it holds."""
+        flush = getattr(self.on_metrics, "flush", None)
+        if flush is not None and self.acc.is_main_process:
+            flush()
 
     def _emit(self, path: Path, row: dict[str, Any]) -> None:
         if not self.acc.is_main_process:

@@ -15,6 +15,10 @@ from ecomcap.training.data import Example, train_and_dev
 from ecomcap.training.identity import model_fingerprint, run_identity
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop, make_accelerator
 from ecomcap.training.losses import sft_loss
+from ecomcap.training.prompt_cache import PromptCache
+
+
+SPEED_ONLY = {"prompt_cache_mb"}  # settings that change how fast, never what is trained
 
 
 def sft_identity(train_dir: str | Path, model_cfg: ModelConfig, ft_cfg: FinetuneConfig, cfg: SFTConfig,
@@ -22,7 +26,7 @@ def sft_identity(train_dir: str | Path, model_cfg: ModelConfig, ft_cfg: Finetune
     """(the configs an SFT run records, its run identity): what `run_sft` trains under, and what
     the SCST stage looks up to start from the SFT run of *this* config."""
     configs = {"model": model_cfg.model_dump(mode="json"), "finetune": ft_cfg.model_dump(mode="json"),
-               "sft": cfg.model_dump(mode="json"), "dev_images": dev_images}
+               "sft": cfg.model_dump(mode="json", exclude=SPEED_ONLY), "dev_images": dev_images}
     return configs, run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(model_cfg.name_or_path))
 
 
@@ -65,9 +69,11 @@ def run_sft(
         identity=identity, accelerator=acc,
     )
     builder = loop.builder
+    cache = PromptCache(builder, cfg.prompt_cache_mb * 2**20)
 
     def step(examples: list[Example]):
-        prompts = builder.prompts([e.image for e in examples])
+        by_row = {e.index: e for e in examples}
+        prompts = cache.prompts([e.index for e in examples], lambda rows: [by_row[r].image for r in rows])
         answers = builder.answer_ids([e.answer for e in examples], cfg.max_answer_tokens)
         batch = with_answers(prompts, answers, builder.pad_id).to(loop.acc.device)
         logits, targets = answer_logits(loop.model, batch)

@@ -86,3 +86,22 @@ def test_synth_then_evaluate(tmp_path):
     write_jsonl(pred, [{"image_id": r["image_id"], "text": r["text"][0]} for r in recs[:-1]])
     rc, _, err = run_cli("evaluate", "--pred", pred, "--gold", gold)
     assert_clean_error(rc, err, recs[-1]["image_id"])
+
+
+def test_every_command_starts_without_loading_model_libraries():
+    """`ecomcap summary` and friends build the whole parser first: none of it may import
+    transformers/torch (the search commands' store defaults once did: ~6 s per command)."""
+    code = ("import sys; from ecomcap.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_search_option_help_names_the_store_config_defaults():
+    from ecomcap.cli import build_parser
+    from ecomcap.retrieval.store import StoreConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd" or hasattr(a, "choices") and
+               isinstance(a.choices, dict) and "search" in a.choices).choices["search"]
+    helps = {a.dest: a.help for a in sub._actions}
+    assert StoreConfig().uri in helps["store_uri"] and f"default {StoreConfig().ef}" in helps["ef"]

@@ -12,7 +12,8 @@ def _searcher(args: argparse.Namespace):
     from ecomcap.retrieval.store import StoreConfig
 
     gallery = args.gallery or champion_gallery(args.tracking_uri)
-    return open_searcher(gallery, StoreConfig(uri=args.store_uri, ef=args.ef))
+    given = {"uri": args.store_uri, "ef": args.ef}
+    return open_searcher(gallery, StoreConfig(**{k: v for k, v in given.items() if v is not None}))
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -39,15 +40,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from ecomcap.retrieval.store import StoreConfig
-
+    # no defaults from StoreConfig here: its module pulls in transformers (~6 s), and every `ecomcap`
+    # command builds this parser; the store config fills in what is not given
     p.add_argument("--gallery", type=Path, default=None,
                    help="a gallery index directory; default: the registry's ecomcap-retriever@champion")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)")
-    p.add_argument("--store-uri", default=StoreConfig().uri,
-                   help="vector store: a *.db file (embedded Milvus Lite) or http://host:19530 (server)")
-    p.add_argument("--ef", type=int, default=StoreConfig().ef, help="HNSW search breadth: higher = better recall, slower")
+    p.add_argument("--store-uri", default=None,
+                   help="vector store: a *.db file (embedded Milvus Lite) or http://host:19530 (server); "
+                        "default: .run/retrieval/milvus.db")
+    p.add_argument("--ef", type=int, default=None,
+                   help="HNSW search breadth: higher = better recall, slower (default 256)")
 
 
 def add_search_commands(sub: argparse._SubParsersAction) -> None:

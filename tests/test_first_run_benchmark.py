@@ -72,3 +72,13 @@ def test_summary_ratios_and_target(bench, capsys):
     assert bench.compare(ref, {**new, "wall_s": 401.0}, False, "1")["target_met"] is False
     assert bench.compare(ref, {**new, "attr_mean": 0.84}, False, "1")["target_met"] is False
     json.dumps(out)  # the last line is one JSON object
+
+
+def test_the_issue_base_reference_is_that_commits_make_run(bench, tmp_path):
+    """--reference-commit: the code and configs/local.yaml of the commit issue 13 was filed against."""
+    cfg = bench.commit_config(bench.ISSUE_BASE)["parameters"]["config"]
+    assert (cfg["sft"]["max_steps"], cfg["scst"]["max_steps"], cfg["model"].get("prompt")) == (600, 60, None)
+    repo = bench.commit_checkout(bench.ISSUE_BASE, tmp_path / "ref")
+    assert (repo / "scripts" / "run.sh").is_file() and (repo / ".venv").is_symlink()
+    assert not (repo / "ecomcap" / "inference" / "beam.py").exists()  # that commit's code, not today's
+    assert bench.figures({"CIDEr-D": 1.81234}, need_attributes=False) == {"attr_mean": None, "CIDEr-D": 1.8123}

@@ -17,7 +17,6 @@ from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop, make_
 from ecomcap.training.losses import sft_loss
 from ecomcap.training.prompt_cache import PromptCache
 
-
 SPEED_ONLY = {"prompt_cache_mb"}  # settings that change how fast, never what is trained
 
 

@@ -9,9 +9,9 @@ Each side runs `bash scripts/run.sh` (what `make run` runs: the ZenML local stac
 SQLite, the whole training pipeline) in its own fresh copy of the tracked files, so each has its
 own .zen_config/.zen/.mlflow/.run: no ZenML cache hit, no model, data or run shared between them.
 The reference is `benchmarks/first_run_reference.yaml` (configs/local.yaml before issue 13 §3),
-the new side `configs/local.yaml`. With `--reference-commit` the reference is instead `make run` as it
-was at that commit, its code and its configs/local.yaml (issue 13 was filed against 50a983c: "today's
-default run"); that code logs no attribute accuracy, so the reference has CIDEr-D only. Both run one after the other, in one process sequence, so a
+the new side `configs/local.yaml`. With `--reference-commit` the reference is instead `make run` as
+it was at that commit, its code and its configs/local.yaml (issue 13 was filed against 50a983c:
+"today's default run"; it already logs attribute accuracy). Both run one after the other, in one process sequence, so a
 machine twice as fast speeds both; on a shared box compare the CPU seconds too.
 
 Prints per side the pipeline's wall time, CPU time (the run's processes, waited for), mean
@@ -77,6 +77,10 @@ def fresh_checkout(dst: Path) -> Path:
         if (ROOT / f).is_file():
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dst / f)
+    return _share_venv(dst)
+
+
+def _share_venv(dst: Path) -> Path:
     (dst / ".venv").symlink_to((ROOT / ".venv").resolve())
     return dst
 
@@ -86,8 +90,7 @@ def commit_checkout(commit: str, dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "archive", commit], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dst)], input=archive, check=True)
-    (dst / ".venv").symlink_to((ROOT / ".venv").resolve())
-    return dst
+    return _share_venv(dst)
 
 
 def commit_config(commit: str) -> dict:
@@ -124,25 +127,22 @@ def run_side(name: str, config: dict, work: Path, commit: str | None = None) -> 
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise SystemExit(f"[{name}] scripts/run.sh failed (exit {proc.returncode}); end of {log}:\n{tail}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    figs = read_figures(repo / ".mlflow" / "mlflow.db", need_attributes=commit is None)
+    figs = read_figures(repo / ".mlflow" / "mlflow.db")
     return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), **({"commit": commit} if commit else {}), **figs}
 
 
-def read_figures(mlflow_db: Path, need_attributes: bool = True) -> dict[str, Any]:
+def read_figures(mlflow_db: Path) -> dict[str, Any]:
     """The newest training run's evaluate-step figures from a side's MLflow store."""
     from ecomcap.registry.tracking import last_run_summary
 
     summary = last_run_summary(f"sqlite:///{mlflow_db}")
     if summary is None:
         raise SystemExit(f"no training_pipeline run in {mlflow_db}")
-    return figures(summary["metrics"], need_attributes)
+    return figures(summary["metrics"])
 
 
-def figures(metrics: dict[str, float], need_attributes: bool = True) -> dict[str, Any]:
-    """The figures this benchmark compares, from the MLflow metrics the evaluate step logs (code
-    from before attribute accuracy existed logs CIDEr-D only: `need_attributes` False)."""
-    if not need_attributes and "val.attr.mean" not in metrics:
-        return {"attr_mean": None, "CIDEr-D": round(metrics["CIDEr-D"], 4)}
+def figures(metrics: dict[str, float]) -> dict[str, Any]:
+    """The figures this benchmark compares, from the MLflow metrics the evaluate step logs."""
     missing = [k for k in ("CIDEr-D", "val.attr.mean") if k not in metrics]
     if missing:
         raise SystemExit(f"the run logged no {missing}: did the evaluate step run on synthetic data?")
@@ -162,8 +162,7 @@ def compare(ref: dict[str, Any], new: dict[str, Any], smoke: bool, threads: str)
 
 
 def show(name: str, r: dict[str, Any]) -> None:
-    nan = float("nan")
-    print(f"[{name}] wall {r['wall_s']:.1f} s  cpu {r['cpu_s']:.1f} s  attr mean {r['attr_mean'] or nan:.3f}  "
+    print(f"[{name}] wall {r['wall_s']:.1f} s  cpu {r['cpu_s']:.1f} s  attr mean {r['attr_mean']:.3f}  "
           f"category {r.get('attr_category', float('nan')):.3f}  pattern {r.get('attr_pattern', float('nan')):.3f}  "
           f"CIDEr-D {r['CIDEr-D']:.3f}", flush=True)
 
@@ -203,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     out = {**compare(results["reference"], results["new"], args.smoke, threads), "order": list(configs)}
     print(f"new/reference: wall x{out['wall_ratio_new_vs_reference']}, cpu x{out['cpu_ratio_new_vs_reference']}; "
-          f"attr mean {results['reference']['attr_mean']} -> {results['new']['attr_mean']:.3f}")
+          f"attr mean {results['reference']['attr_mean']:.3f} -> {results['new']['attr_mean']:.3f}")
     print(json.dumps(out, ensure_ascii=False))
     return 0
 

@@ -163,6 +163,11 @@ class SFTConfig(LoopConfig):
         "the run identity")
 
 
+# Settings that change how fast a stage runs, never what it trains: left out of run identities
+# and of the config hash that `retrain --if-changed` compares.
+SPEED_ONLY = {"sft": {"prompt_cache_mb"}}
+
+
 class SCSTConfig(LoopConfig):
     """Self-critical sequence training with a CIDEr-D reward, on top of the SFT output."""
 

@@ -3,13 +3,15 @@
 orchestrator and artifact store), made active. One process because every `zenml` command pays
 ~3 s of start-up, and this used to be eight of them on each `make run`.
 
-Run by scripts/setup_stack.sh after scripts/zenml_env.sh set ROOT, ZENML_CONFIG_PATH and the
-MLflow variables.
+Run by scripts/setup_stack.sh, after scripts/zenml_env.sh has set ZENML_CONFIG_PATH and the
+MLflow variables; the repository is this checkout (ROOT), wherever it is started from.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+os.environ["ZENML_LOGGING_VERBOSITY"] = "WARN"  # as quiet as the old `zenml ... >/dev/null` calls
 
 EXPERIMENTS = ("training_pipeline", "batch_inference_pipeline", "retrieval_pipeline", "ecomcap")
 STACK = "ecomcap_local"
@@ -31,14 +33,17 @@ def zenml_stack(root: Path, tracking_uri: str) -> None:
 
     if not Client.is_repository_directory(root):
         Client.initialize(root)
-    client = Client()
+    client = Client(root=root)
     wanted = {T.EXPERIMENT_TRACKER: ("mlflow_local", {"tracking_uri": tracking_uri}),
               T.MODEL_REGISTRY: ("mlflow_registry", {})}
     for kind, (name, configuration) in wanted.items():
         try:
-            client.get_stack_component(kind, name, allow_name_prefix_match=False)
+            have = client.get_stack_component(kind, name, allow_name_prefix_match=False)
         except KeyError:
             client.create_stack_component(name, "mlflow", kind, configuration)
+            continue
+        if any(have.configuration.get(k) != v for k, v in configuration.items()):  # e.g. a moved checkout
+            client.update_stack_component(name, kind, configuration=configuration)
     try:
         client.get_stack(STACK, allow_name_prefix_match=False)
     except KeyError:
@@ -48,7 +53,8 @@ def zenml_stack(root: Path, tracking_uri: str) -> None:
 
 
 def main() -> None:
-    root, uri = Path(os.environ["ROOT"]), os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(os.environ.get("ROOT") or Path(__file__).resolve().parents[1])
+    uri = os.environ["MLFLOW_TRACKING_URI"]
     mlflow_experiments(uri, os.environ["MLFLOW_ARTIFACTS"])
     zenml_stack(root, uri)
     print(f"stack {STACK} ready (MLflow: {uri})")

@@ -43,3 +43,14 @@ def test_gate_metrics_are_checked_when_the_config_loads(tmp_path):
     p.write_text("registry:\n  primary_metric: BLEU-4\n", encoding="utf-8")  # corpus BLEU is no mean
     with pytest.raises(EcomcapError, match="primary_metric"):
         load_run_config(p)
+
+
+def test_speed_only_settings_do_not_change_the_config_hash():
+    """`retrain --if-changed` compares this hash: the prompt cache size must not trigger a retrain."""
+    from ecomcap.config import RunConfig
+    from ecomcap.registry.tracking import config_hash
+
+    base = RunConfig()
+    faster = base.model_copy(update={"sft": base.sft.model_copy(update={"prompt_cache_mb": 0})})
+    other = base.model_copy(update={"sft": base.sft.model_copy(update={"lr": base.sft.lr * 2})})
+    assert config_hash(faster) == config_hash(base) != config_hash(other)

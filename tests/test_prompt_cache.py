@@ -53,15 +53,17 @@ def test_cached_batches_equal_the_processors_and_skip_the_work(builder):
 
 
 def test_memory_stays_within_the_budget(builder):
+    """Full: no more rows are admitted (no churn under a reshuffled order); the rest are processed."""
     images = _images()
     one = PromptCache(builder, max_bytes=1 << 30)
     one.prompts([0, 1], lambda keys: [images[k] for k in keys])
-    row_bytes = one._bytes // 2
-    cache = PromptCache(builder, max_bytes=int(2.5 * row_bytes))
+    cache = PromptCache(builder, max_bytes=int(1.2 * one._bytes))
+    held: set = set()
     for keys in ([0, 1, 2], [3, 4], [5, 0], [1, 2, 3, 4, 5]):
         _equal(cache.prompts(keys, lambda ks: [images[k] for k in ks]), builder.prompts([images[k] for k in keys]))
-        assert cache._bytes <= cache.max_bytes
-    assert len(cache._rows) < 6 and cache.misses > 6  # rows fell out and were processed again
+        assert cache._bytes <= cache.max_bytes and held <= set(cache._rows)  # nothing evicted
+        held = set(cache._rows)
+    assert {0, 1} <= held != set(range(6)) and cache.misses > 6  # rows not held are processed again
 
 
 def test_an_unknown_processor_layout_turns_the_cache_off(builder, caplog):
@@ -83,17 +85,21 @@ def test_an_unknown_processor_layout_turns_the_cache_off(builder, caplog):
     _equal(cache.prompts([2, 0], lambda ks: [images[k] for k in ks]), odd.prompts([images[2], images[0]]))
 
 
-def test_sft_trains_the_same_weights_with_the_cache_on_or_off(tiny_model_cfg, small_data, tmp_path):
-    """More than an epoch (48 training images, 8 steps of 8), so later steps hit the cache."""
+def test_sft_trains_the_same_weights_with_the_cache_on_or_off(tiny_model_cfg, mixed_data, tmp_path, caplog):
+    """Images of mixed sizes (left padding in the batches), more than an epoch (8 steps of 8 over
+    the 48 training images), so later steps are served from memory."""
     ft, gen = FinetuneConfig(strategy="full"), GenerateConfig(num_beams=1, max_new_tokens=4, batch_size=4)
     weights, ids = {}, set()
     for mb in (0, 64):
         cfg = SFTConfig(output_dir=tmp_path / str(mb), max_steps=8, batch_size=8, lr=5e-3, eval_every=0,
                         eval_images=2, save_every=0, seed=3, prompt_cache_mb=mb)
-        res = run_sft(small_data["train"], small_data["valid"], tiny_model_cfg, ft, cfg, gen)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ecomcap.training"):
+            res = run_sft(mixed_data["train"], mixed_data["valid"], tiny_model_cfg, ft, cfg, gen)
         weights[mb] = load_file(str(res.final_dir / "model.safetensors"))
-        ids.add(sft_identity(small_data["train"], tiny_model_cfg, ft, cfg.model_copy(update={"output_dir": "x"}),
+        ids.add(sft_identity(mixed_data["train"], tiny_model_cfg, ft, cfg.model_copy(update={"output_dir": "x"}),
                              0)[1])
+    assert "prompt cache: 16 rows from memory, 48 processed" in caplog.text  # the cache really served
     assert weights[0].keys() == weights[64].keys()
     assert all(torch.equal(weights[0][k], weights[64][k]) for k in weights[0])
     assert len(ids) == 1  # a speed setting: the same run identity

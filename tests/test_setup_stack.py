@@ -40,3 +40,14 @@ def test_setup_stack_makes_the_local_stack_active_and_is_idempotent(tmp_path):
     assert (repo / ".zen").is_dir()
     _sh(repo, ["bash", "scripts/setup_stack.sh"])
     assert json.loads(_sh(repo, [sys.executable, "-c", DESCRIBE]).splitlines()[-1]) == first
+    # a tracker left pointing elsewhere (a moved checkout) is pointed back at this one's store
+    _sh(repo, [sys.executable, "-c", MOVE])
+    _sh(repo, ["bash", "scripts/setup_stack.sh"])
+    assert json.loads(_sh(repo, [sys.executable, "-c", DESCRIBE]).splitlines()[-1]) == first
+
+
+MOVE = """
+from zenml.client import Client
+Client().update_stack_component("mlflow_local", "experiment_tracker",
+                                configuration={"tracking_uri": "sqlite:////elsewhere/mlflow.db"})
+"""

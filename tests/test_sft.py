@@ -185,3 +185,27 @@ def test_every_step_metric_is_in_mlflow_when_the_stage_returns(tiny_model_cfg, s
     logged = [json.loads(ln) for ln in (res.final_dir.parent / "metrics.jsonl").read_text().splitlines()]
     assert sorted((m.step, m.value) for m in stored) == [(r["step"], r["loss"]) for r in logged if "loss" in r]
     assert len(stored) == 5
+
+
+def test_step_metrics_are_stored_in_batches(tmp_path):
+    """One MLflow write per `every` steps (a per-step SQLite write is ~5 ms); flush stores the rest."""
+    import mlflow
+
+    from ecomcap.registry.tracking import StepMetrics
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        with mlflow.start_run() as run:
+            log = StepMetrics(every=3)
+            client = mlflow.MlflowClient()
+            stored = []
+            for step in range(1, 8):
+                log({"sft/loss": 1.0 / step, "sft/lr": 0.1}, step)
+                stored.append(len(client.get_metric_history(run.info.run_id, "sft.loss")))
+            log.flush()
+            history = client.get_metric_history(run.info.run_id, "sft.loss")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert stored == [0, 0, 3, 3, 3, 6, 6]
+    assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 8)]

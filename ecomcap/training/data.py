@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Example:
     """One (image, answer) pair; `references` keeps all of the image's references. The image is
-    decoded when first asked for (a step whose prompt is cached never decodes it)."""
+    decoded when first asked for (a step whose prompt is cached never decodes it); `load` holds
+    its dataset, so an Example is not meant to be pickled (nothing sends one to another process)."""
 
     index: int
     image_id: str

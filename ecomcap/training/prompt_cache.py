@@ -4,18 +4,20 @@ An SFT run sees every image once per epoch (15 epochs in the first run), and eac
 work turns it into model inputs: JPEG decode, resize, normalise, patchify, the chat template's
 image tokens. That is ~8% of a tiny-model step on CPU. Like LLaMA-Factory's / ms-swift's
 pre-tokenised datasets, but in memory and bounded: each row's processor output (its token ids,
-`mm_token_type_ids`, pixel patches, grid) is kept, least recently used first out beyond
-`max_bytes`, and a batch is put together from the rows as the processor would (left padding).
-A catalogue that does not fit simply recomputes what fell out.
+`mm_token_type_ids`, pixel patches, grid) is kept until `max_bytes` are held, then no more rows
+are admitted (the epoch order is reshuffled every epoch, so evicting would only churn: with a
+catalogue larger than the budget, the share that fits is served from memory, the rest is
+processed as before). A batch is put together from the rows as the processor would (left padding).
 
-The split-and-collate round trip is checked against the processor's own batch once, on the first
-batch; a processor whose outputs it does not know (other keys, other padding) turns the cache off
-with a warning instead of feeding the model something different.
+Checked once, on the first batch: the rows split from the processor's batch rebuild that batch
+bit for bit, and the first row equals what the processor gives for its image alone (a row does
+not depend on its batch companions). A processor whose outputs it does not know (video keys,
+`second_per_grid_ts`, right padding) turns the cache off with a warning instead of feeding the
+model something different.
 """
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from typing import Callable, Hashable, Sequence
 
 import torch
@@ -30,53 +32,47 @@ Row = dict[str, torch.Tensor]
 
 
 class PromptCache:
-    """`prompts(keys, load)` = `builder.prompts(load(missing keys))`, from cached rows when held."""
+    """`prompts(keys, load)` == `builder.prompts(load(keys))`, from held rows where it can."""
 
     def __init__(self, builder: PromptBuilder, max_bytes: int):
         self.builder, self.max_bytes = builder, max_bytes
         self.enabled = max_bytes > 0
-        self._rows: OrderedDict[Hashable, Row] = OrderedDict()
+        self._rows: dict[Hashable, Row] = {}
         self._bytes = 0
         self._checked = False
-        self.hits = self.misses = 0
+        self.hits = self.misses = 0  # rows served from memory / processed
 
     def prompts(self, keys: Sequence[Hashable], load: Callable[[list[Hashable]], list[Image.Image]]) -> Row:
         """The left-padded prompt batch of the images behind `keys` (`load` decodes the keys given)."""
         if not self.enabled:
             return self.builder.prompts(load(list(keys)))
         missing = [k for k in dict.fromkeys(keys) if k not in self._rows]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
         fresh: dict[Hashable, Row] = {}
         if missing:
-            out = self.builder.prompts(load(missing))
+            images = load(missing)
+            out = self.builder.prompts(images)
             rows = split_rows(out)
-            if rows is None or (not self._checked and not _same(collate(rows, self._pad_id()), out)):
+            if rows is None or (not self._checked and not self._check(out, rows, images[0])):
                 self._turn_off(sorted(out))
                 return out if missing == list(keys) else self.builder.prompts(load(list(keys)))
-            self._checked = True
             fresh = dict(zip(missing, rows))
-        batch = [fresh[k] if k in fresh else self._rows[k] for k in keys]
-        for k in keys:
-            if k in self._rows:
-                self._rows.move_to_end(k)
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        batch = collate([fresh[k] if k in fresh else self._rows[k] for k in keys], self.builder.pad_id)
         for k, row in fresh.items():
-            self._keep(k, row)
-        return collate(batch, self._pad_id())
+            if self._bytes + _nbytes(row) <= self.max_bytes:
+                self._rows[k] = row
+                self._bytes += _nbytes(row)
+        return batch
 
-    def _pad_id(self) -> int:
-        pad = self.builder.processor.tokenizer.pad_token_id
-        return self.builder.pad_id if pad is None else pad
+    def summary(self) -> str:
+        return (f"prompt cache: {self.hits} rows from memory, {self.misses} processed, {len(self._rows)} held "
+                f"({self._bytes / 2**20:.0f} of {self.max_bytes / 2**20:.0f} MB)" if self.enabled else "prompt cache off")
 
-    def _keep(self, key: Hashable, row: Row) -> None:
-        size = sum(t.numel() * t.element_size() for t in row.values())
-        if size > self.max_bytes:
-            return
-        self._rows[key] = row
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, old = self._rows.popitem(last=False)
-            self._bytes -= sum(t.numel() * t.element_size() for t in old.values())
+    def _check(self, out: Row, rows: list[Row], first: Image.Image) -> bool:
+        self._checked = True
+        alone = split_rows(self.builder.prompts([first]))
+        return _same(collate(rows, self.builder.pad_id), out) and alone is not None and _same(alone[0], rows[0])
 
     def _turn_off(self, keys: list[str]) -> None:
         log.warning("prompt cache off: this processor's outputs (%s) are not the token/pixel layout the cache "
@@ -84,6 +80,10 @@ class PromptCache:
         self.enabled = False
         self._rows.clear()
         self._bytes = 0
+
+
+def _nbytes(row: Row) -> int:
+    return sum(t.numel() * t.element_size() for t in row.values())
 
 
 def split_rows(batch: Row) -> list[Row] | None:

@@ -1,11 +1,12 @@
 """Supervised fine-tuning: teacher-forced cross-entropy (label smoothing) on the references."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
-from ecomcap.config import FinetuneConfig, GenerateConfig, ModelConfig, SFTConfig
+from ecomcap.config import SPEED_ONLY, FinetuneConfig, GenerateConfig, ModelConfig, SFTConfig
 from ecomcap.data.shards import read_report
 from ecomcap.modeling.load import expected_dtype, load_base
 from ecomcap.modeling.strategies import apply_strategy, quantization_config
@@ -17,15 +18,14 @@ from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop, make_
 from ecomcap.training.losses import sft_loss
 from ecomcap.training.prompt_cache import PromptCache
 
-SPEED_ONLY = {"prompt_cache_mb"}  # settings that change how fast, never what is trained
-
+log = logging.getLogger(__name__)
 
 def sft_identity(train_dir: str | Path, model_cfg: ModelConfig, ft_cfg: FinetuneConfig, cfg: SFTConfig,
                  dev_images: int) -> tuple[dict, str]:
     """(the configs an SFT run records, its run identity): what `run_sft` trains under, and what
     the SCST stage looks up to start from the SFT run of *this* config."""
     configs = {"model": model_cfg.model_dump(mode="json"), "finetune": ft_cfg.model_dump(mode="json"),
-               "sft": cfg.model_dump(mode="json", exclude=SPEED_ONLY), "dev_images": dev_images}
+               "sft": cfg.model_dump(mode="json", exclude=SPEED_ONLY["sft"]), "dev_images": dev_images}
     return configs, run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(model_cfg.name_or_path))
 
 
@@ -80,4 +80,6 @@ def run_sft(
         return loss, {"answer_tokens": float((targets != -100).sum())}
 
     check_token_budget(train, builder, cfg.max_answer_tokens, model_token_limit(model, model_cfg.max_seq_len))
-    return loop.run(train, step)
+    result = loop.run(train, step)
+    log.info("sft: %s", cache.summary())
+    return result

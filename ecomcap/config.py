@@ -159,8 +159,8 @@ class SFTConfig(LoopConfig):
     max_answer_tokens: int = Field(64, ge=1)
     prompt_cache_mb: int = Field(
         1024, ge=0, description="processed training prompts (pixels, token ids) kept across epochs, MB per "
-        "process, least recently used out first; 0: the processor runs every step. Speed only: not part of "
-        "the run identity")
+        "process, admitted until full (no eviction: epochs are reshuffled); 0: the processor runs every step. "
+        "Speed only: not part of the run identity")
 
 
 # Settings that change how fast a stage runs, never what it trains: left out of run identities

@@ -4,7 +4,7 @@ orchestrator and artifact store), made active. One process because every `zenml`
 ~3 s of start-up, and this used to be eight of them on each `make run`.
 
 Run by scripts/setup_stack.sh, after scripts/zenml_env.sh has set ZENML_CONFIG_PATH and the
-MLflow variables; the repository is this checkout (ROOT), wherever it is started from.
+MLflow variables; the repository is this checkout, wherever it is started from.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def zenml_stack(root: Path, tracking_uri: str) -> None:
 
 
 def main() -> None:
-    root = Path(os.environ.get("ROOT") or Path(__file__).resolve().parents[1])
+    root = Path(__file__).resolve().parents[1]  # this checkout, wherever the script is started from
     uri = os.environ["MLFLOW_TRACKING_URI"]
     mlflow_experiments(uri, os.environ["MLFLOW_ARTIFACTS"])
     zenml_stack(root, uri)

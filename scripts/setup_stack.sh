@@ -6,5 +6,4 @@ set -euo pipefail
 source "$(dirname "$0")/zenml_env.sh"
 cd "$ROOT"
 mkdir -p "$(dirname "$MLFLOW_DB")" "$MLFLOW_ARTIFACTS"
-export ROOT
 python scripts/setup_stack.py

@@ -103,3 +103,24 @@ def test_sft_trains_the_same_weights_with_the_cache_on_or_off(tiny_model_cfg, mi
     assert weights[0].keys() == weights[64].keys()
     assert all(torch.equal(weights[0][k], weights[64][k]) for k in weights[0])
     assert len(ids) == 1  # a speed setting: the same run identity
+
+
+def test_rows_that_depend_on_their_batch_turn_the_cache_off(builder, caplog):
+    """A processor whose row for an image changes with the batch around it (here: pixels scaled by
+    the batch size) passes the split/rebuild round trip but not the one-image check."""
+    images = _images()
+
+    class BatchDependent:
+        def __init__(self, inner):
+            self.inner, self.processor, self.pad_id = inner, inner.processor, inner.pad_id
+
+        def prompts(self, ims):
+            out = self.inner.prompts(ims)
+            return {**out, "pixel_values": out["pixel_values"] * len(ims)}
+
+    odd = BatchDependent(builder)
+    cache = PromptCache(odd, max_bytes=1 << 30)
+    with caplog.at_level(logging.WARNING):
+        _equal(cache.prompts([0, 1], lambda ks: [images[k] for k in ks]), odd.prompts([images[0], images[1]]))
+    assert not cache.enabled and "prompt cache off" in caplog.text
+    _equal(cache.prompts([1, 2, 0], lambda ks: [images[k] for k in ks]), odd.prompts([images[k] for k in (1, 2, 0)]))

@@ -42,6 +42,8 @@ def test_setup_stack_makes_the_local_stack_active_and_is_idempotent(tmp_path):
     assert json.loads(_sh(repo, [sys.executable, "-c", DESCRIBE]).splitlines()[-1]) == first
     # a tracker left pointing elsewhere (a moved checkout) is pointed back at this one's store
     _sh(repo, [sys.executable, "-c", MOVE])
+    assert json.loads(_sh(repo, [sys.executable, "-c", DESCRIBE]).splitlines()[-1])["tracking_uri"] \
+        == "sqlite:////elsewhere/mlflow.db"
     _sh(repo, ["bash", "scripts/setup_stack.sh"])
     assert json.loads(_sh(repo, [sys.executable, "-c", DESCRIBE]).splitlines()[-1]) == first
 

@@ -1,5 +1,6 @@
 """SFT loop: export round-trip, checkpoints and exact resume after an interrupted run."""
 import json
+import time
 
 import pytest
 import torch
@@ -165,8 +166,8 @@ def test_epoch_order_is_deterministic_and_covers_each_image_once(small_data):
 
 
 def test_every_step_metric_is_in_mlflow_when_the_stage_returns(tiny_model_cfg, small_data, tmp_path):
-    """Per-step metrics go to MLflow asynchronously (a step never waits on the tracking store);
-    the loop flushes at its end, so the whole curve is stored when `run_sft` returns."""
+    """Per-step metrics go to MLflow in batches of 25 steps; the loop flushes at its end, so the
+    whole curve (5 steps: never a full batch) is stored when `run_sft` returns."""
     import mlflow
 
     from ecomcap.registry import tracking
@@ -203,9 +204,12 @@ def test_step_metrics_are_stored_in_batches(tmp_path):
             for step in range(1, 8):
                 log({"sft/loss": 1.0 / step, "sft/lr": 0.1}, step)
                 stored.append(len(client.get_metric_history(run.info.run_id, "sft.loss")))
+                time.sleep(0.002)  # each row keeps the time it was logged at, not the flush time
             log.flush()
             history = client.get_metric_history(run.info.run_id, "sft.loss")
     finally:
         mlflow.set_tracking_uri(previous)
     assert stored == [0, 0, 3, 3, 3, 6, 6]
     assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 8)]
+    stamps = [m.timestamp for m in sorted(history, key=lambda m: m.step)]
+    assert stamps == sorted(stamps) and len(set(stamps)) == 7

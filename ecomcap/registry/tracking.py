@@ -15,6 +15,7 @@ import mlflow
 from pydantic import BaseModel
 
 from ecomcap.config import SPEED_ONLY
+from ecomcap.errors import EcomcapError
 
 MAX_PARAMS_PER_CALL = 100
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
@@ -81,33 +82,34 @@ def log_config(section: str, cfg: BaseModel) -> None:
 
 
 class StepMetrics:
-    """Per-step training metrics for the active MLflow run, stored `every` steps in one batch: a
-    synchronous SQLite write costs ~5 ms, i.e. ~5 s of a 950-step first run if done per step. A
-    failing store still fails the stage (at the next write); a killed process loses at most the
-    last `every - 1` steps (the stage's metrics.jsonl has them all). The loop calls `flush()`
-    at the end of a stage."""
+    """Per-step training metrics for an MLflow run (default: the active one), stored `every` steps
+    in one batch: a synchronous SQLite write costs ~5 ms, i.e. ~5 s of a 950-step first run if
+    done per step. Each row keeps the time it was logged at. A failing store still fails the
+    stage (at the next write); a killed process loses at most the last `every - 1` steps (the
+    stage's metrics.jsonl has them all). The loop flushes before each checkpoint, at the end of
+    a stage and when a stage fails."""
 
-    def __init__(self, every: int = 25):
-        self.every, self.run_id = every, mlflow.active_run().info.run_id
-        self._rows: list[tuple[dict[str, float], int]] = []
+    def __init__(self, every: int = 25, run_id: str | None = None):
+        run = mlflow.active_run()
+        if run_id is None and run is None:
+            raise EcomcapError("StepMetrics needs an MLflow run: start one or pass run_id")
+        self.every, self.run_id = every, run_id or run.info.run_id
+        self.client = mlflow.MlflowClient()
+        self._rows: list[tuple[dict[str, float], int, int]] = []
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
-        self._rows.append((metrics, step))
+        self._rows.append((metrics, step, int(time.time() * 1000)))
         if len(self._rows) >= self.every:
             self.flush()
 
     def flush(self) -> None:
         from mlflow.entities import Metric
 
-        if not self._rows:
-            return
-        now = int(time.time() * 1000)
-        batch = [Metric(k.replace("/", "."), float(v), now, step) for metrics, step in self._rows
+        batch = [Metric(k.replace("/", "."), float(v), at, step) for metrics, step, at in self._rows
                  for k, v in metrics.items()]
-        client = mlflow.MlflowClient()
-        for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            client.log_batch(self.run_id, metrics=batch[i : i + MAX_METRICS_PER_BATCH])
         self._rows = []
+        for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_METRICS_PER_BATCH])
 
 
 def metrics_callback() -> StepMetrics | None:

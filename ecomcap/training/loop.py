@@ -167,49 +167,52 @@ class TrainLoop:
         self.model.train()
         bar = tqdm(total=cfg.max_steps, initial=step, desc=self.stage, unit="step",
                    disable=not acc.is_local_main_process or None)
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            logs: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                with acc.accumulate(self.model):
-                    loss, extra = step_fn(self.examples_for(data, step, micro))
-                    if loss.requires_grad or not getattr(step_fn, "does_backward", False):
-                        acc.backward(loss)  # (SCST backwards its chunked log-prob pass itself)
-                    if acc.sync_gradients:
-                        norm = zero.grad_norm(acc, self.model, cfg.max_grad_norm)
-                        if norm is not None:
-                            logs["grad_norm"] = norm
-                        self.opt.step()  # (under DeepSpeed a no-op: the engine stepped in backward)
-                        self.sched.step()
-                        self.opt.zero_grad(set_to_none=True)
-                for k, v in {"loss": float(loss.detach()), **extra}.items():
-                    logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
-            step += 1
-            logs.update(lr=self.sched.get_last_lr()[0],
-                        images_per_s=cfg.batch_size * cfg.grad_accum * acc.num_processes / (time.perf_counter() - t0))
-            self._emit(metrics_log, {"step": step, **logs})
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.3f}")
-            if bar.disable and step % max(1, cfg.max_steps // 20) == 0:  # no TTY: log progress
-                log.info("%s step %d/%d loss %.4f lr %.2e", self.stage, step, cfg.max_steps,
-                         logs["loss"], logs["lr"])
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                self._evaluate(step, state)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                save_rng(ckpts, step, acc.process_index)  # every rank its own generators
+        try:
+            while step < cfg.max_steps:
+                t0 = time.perf_counter()
+                logs: dict[str, float] = {}
+                for micro in range(cfg.grad_accum):
+                    with acc.accumulate(self.model):
+                        loss, extra = step_fn(self.examples_for(data, step, micro))
+                        if loss.requires_grad or not getattr(step_fn, "does_backward", False):
+                            acc.backward(loss)  # (SCST backwards its chunked log-prob pass itself)
+                        if acc.sync_gradients:
+                            norm = zero.grad_norm(acc, self.model, cfg.max_grad_norm)
+                            if norm is not None:
+                                logs["grad_norm"] = norm
+                            self.opt.step()  # (under DeepSpeed a no-op: the engine stepped in backward)
+                            self.sched.step()
+                            self.opt.zero_grad(set_to_none=True)
+                    for k, v in {"loss": float(loss.detach()), **extra}.items():
+                        logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+                step += 1
+                logs.update(lr=self.sched.get_last_lr()[0],
+                            images_per_s=cfg.batch_size * cfg.grad_accum * acc.num_processes / (time.perf_counter() - t0))
+                self._emit(metrics_log, {"step": step, **logs})
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss']:.3f}")
+                if bar.disable and step % max(1, cfg.max_steps // 20) == 0:  # no TTY: log progress
+                    log.info("%s step %d/%d loss %.4f lr %.2e", self.stage, step, cfg.max_steps,
+                             logs["loss"], logs["lr"])
+                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+                    self._evaluate(step, state)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                    self._flush_metrics()  # MLflow holds every step up to the checkpoint a resume starts from
+                    save_rng(ckpts, step, acc.process_index)  # every rank its own generators
+                    acc.wait_for_everyone()
+                    if zero.zero_stage(acc):  # sharded engine state: every rank saves its part
+                        zero.save_engine_checkpoint(acc, ckpts, step, self.sched, state, cfg.keep_checkpoints)
+                    elif acc.is_main_process:
+                        save_checkpoint(ckpts, step, acc.unwrap_model(self.model), self.opt, self.sched, state,
+                                        cfg.keep_checkpoints)
                 acc.wait_for_everyone()
-                if zero.zero_stage(acc):  # sharded engine state: every rank saves its part
-                    zero.save_engine_checkpoint(acc, ckpts, step, self.sched, state, cfg.keep_checkpoints)
-                elif acc.is_main_process:
-                    save_checkpoint(ckpts, step, acc.unwrap_model(self.model), self.opt, self.sched, state,
-                                    cfg.keep_checkpoints)
-            acc.wait_for_everyone()
-            if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step < cfg.max_steps:
-                bar.close()
-                self._flush_metrics()
-                raise InterruptedError(f"{self.stage}: stopped after step {step} (stop_after_steps)")
+                if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step < cfg.max_steps:
+                    bar.close()
+                    raise InterruptedError(f"{self.stage}: stopped after step {step} (stop_after_steps)")
+        except BaseException:
+            self._flush_metrics(failing=True)  # the steps before a failure are the ones to look at
+            raise
         bar.close()
-        self._flush_metrics()
         final = self._export(self.out / "model")
         best = self.out / "best" if state["best"] is not None else None
         if acc.is_main_process:
@@ -219,6 +222,7 @@ class TrainLoop:
             if self.out != self.root:
                 record_finished(self.root, self.out, best or final)
         acc.wait_for_everyone()
+        self._flush_metrics()  # after the (collective) export: a tracking error cannot strand other ranks
         return StageResult(best or final, final, best, step, self.params, state["best"], state["evals"],
                            time.perf_counter() - started, resumed_from, self._param_digest(),
                            self._order_digest(data))
@@ -280,11 +284,18 @@ class TrainLoop:
                          configs=self.configs, metrics_log=self.out / "metrics.jsonl", state_dict=weights)
         return path
 
-    def _flush_metrics(self) -> None:
-        """Wait for a buffering metrics callback (MLflow async logging) to store what it holds."""
+    def _flush_metrics(self, failing: bool = False) -> None:
+        """Store what a batching metrics callback holds (rank 0). While a stage is failing, a
+        tracking error is only logged: it must not replace the stage's own error."""
         flush = getattr(self.on_metrics, "flush", None)
-        if flush is not None and self.acc.is_main_process:
+        if flush is None or not self.acc.is_main_process:
+            return
+        try:
             flush()
+        except Exception as exc:
+            if not failing:
+                raise
+            log.warning("%s: could not store the last metrics in MLflow: %s", self.stage, exc)
 
     def _emit(self, path: Path, row: dict[str, Any]) -> None:
         if not self.acc.is_main_process:

@@ -20,6 +20,7 @@ from ecomcap.training.prompt_cache import PromptCache
 
 log = logging.getLogger(__name__)
 
+
 def sft_identity(train_dir: str | Path, model_cfg: ModelConfig, ft_cfg: FinetuneConfig, cfg: SFTConfig,
                  dev_images: int) -> tuple[dict, str]:
     """(the configs an SFT run records, its run identity): what `run_sft` trains under, and what

@@ -39,11 +39,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 def config_hash(cfg: BaseModel) -> str:
     """What `retrain --if-changed` compares and versions are tagged with: the config minus the
     settings that only change speed (tuning those must not retrain or look like another model)."""
-    data = cfg.model_dump(mode="json")
-    for section, keys in SPEED_ONLY.items():
-        for key in keys:
-            if isinstance(data.get(section), dict):
-                data[section].pop(key, None)
+    data = cfg.model_dump(mode="json", exclude=SPEED_ONLY)  # sections a config lacks are ignored
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -12,8 +12,7 @@ def _searcher(args: argparse.Namespace):
     from ecomcap.retrieval.store import StoreConfig
 
     gallery = args.gallery or champion_gallery(args.tracking_uri)
-    given = {"uri": args.store_uri, "ef": args.ef}
-    return open_searcher(gallery, StoreConfig(**{k: v for k, v in given.items() if v is not None}))
+    return open_searcher(gallery, StoreConfig(uri=args.store_uri, ef=args.ef))
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -40,17 +39,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    # no defaults from StoreConfig here: its module pulls in transformers (~6 s), and every `ecomcap`
-    # command builds this parser; the store config fills in what is not given
+    from ecomcap.retrieval.store import (
+        StoreConfig,  # light: its gallery import is for annotations only
+    )
+
+    store = StoreConfig()
     p.add_argument("--gallery", type=Path, default=None,
                    help="a gallery index directory; default: the registry's ecomcap-retriever@champion")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)")
-    p.add_argument("--store-uri", default=None,
-                   help="vector store: a *.db file (embedded Milvus Lite) or http://host:19530 (server); "
-                        "default: .run/retrieval/milvus.db")
-    p.add_argument("--ef", type=int, default=None,
-                   help="HNSW search breadth: higher = better recall, slower (default 256)")
+    p.add_argument("--store-uri", default=store.uri,
+                   help=f"vector store: a *.db file (embedded Milvus Lite) or http://host:19530 (server); "
+                        f"default: {store.uri}")
+    p.add_argument("--ef", type=int, default=store.ef,
+                   help=f"HNSW search breadth: higher = better recall, slower (default {store.ef})")
 
 
 def add_search_commands(sub: argparse._SubParsersAction) -> None:

@@ -16,13 +16,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.gallery import Gallery
+
+if TYPE_CHECKING:  # annotations only: importing the gallery pulls in the encoder and transformers
+    from ecomcap.retrieval.gallery import Gallery
 
 log = logging.getLogger(__name__)
 

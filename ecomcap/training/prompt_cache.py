@@ -58,11 +58,15 @@ class PromptCache:
             fresh = dict(zip(missing, rows))
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        batch = collate([fresh[k] if k in fresh else self._rows[k] for k in keys], self.builder.pad_id)
+        # nothing held, no repeats: the processor's own batch is the batch (a full cache over a larger
+        # catalogue mostly sees these; rebuilding would copy every pixel once more)
+        batch = out if missing == list(keys) else collate([fresh[k] if k in fresh else self._rows[k] for k in keys],
+                                                          self.builder.pad_id)
         for k, row in fresh.items():
-            if self._bytes + _nbytes(row) <= self.max_bytes:
-                self._rows[k] = row
-                self._bytes += _nbytes(row)
+            size = _nbytes(row)
+            if self._bytes + size <= self.max_bytes:  # copied: a view would keep the whole batch alive
+                self._rows[k] = {name: t.clone() for name, t in row.items()}
+                self._bytes += size
         return batch
 
     def summary(self) -> str:
@@ -87,8 +91,8 @@ def _nbytes(row: Row) -> int:
 
 
 def split_rows(batch: Row) -> list[Row] | None:
-    """One processor batch -> its rows (padding dropped, each image's patches); None if the batch
-    has keys or shapes this does not know."""
+    """One processor batch -> its rows (padding dropped, each image's patches, views into the
+    batch where they can be); None if the batch has keys or shapes this does not know."""
     if set(batch) - set(TOKEN_KEYS) - set(IMAGE_KEYS) or not {"input_ids", "attention_mask"} <= set(batch):
         return None
     mask = batch["attention_mask"]
@@ -106,9 +110,9 @@ def split_rows(batch: Row) -> list[Row] | None:
         keep = mask[i].bool()
         if not bool(keep[int((~keep).sum()):].all()):  # not left padding
             return None
-        row = {k: batch[k][i][keep].clone() for k in TOKEN_KEYS if k in batch}
+        row = {k: batch[k][i][keep] for k in TOKEN_KEYS if k in batch}
         if grid is not None:
-            row["pixel_values"], row["image_grid_thw"] = patches[i].clone(), grid[i : i + 1].clone()
+            row["pixel_values"], row["image_grid_thw"] = patches[i], grid[i : i + 1]
         rows.append(row)
     return rows
 

@@ -39,9 +39,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from ecomcap.retrieval.store import (
-        StoreConfig,  # light: its gallery import is for annotations only
-    )
+    # light: store.py imports the gallery (and so transformers) for annotations only
+    from ecomcap.retrieval.store import StoreConfig
 
     store = StoreConfig()
     p.add_argument("--gallery", type=Path, default=None,

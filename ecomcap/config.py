@@ -10,11 +10,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ecomcap.config_base import LoopConfig, _Strict  # noqa: F401  (re-exported)
+from ecomcap.config_encoders import GroundingConfig, RerankConfig, RewardConfig
 from ecomcap.errors import EcomcapError
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class CleanConfig(_Strict):
@@ -125,30 +123,6 @@ class FinetuneConfig(_Strict):
     train_vision: bool = Field(False, description="freeze_llm: also train the vision tower")
 
 
-class LoopConfig(_Strict):
-    """What every training stage shares: schedule, batching, evaluation, checkpoints, resume."""
-
-    output_dir: Path = Path(".run/sft")
-    max_steps: int = Field(600, ge=0)
-    batch_size: int = Field(32, ge=1, description="images per process per micro-batch")
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = 0.0
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_grad_norm: float = 1.0
-    eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
-    eval_images: int = Field(200, ge=1)
-    eval_beams: int = Field(1, ge=1, description="beam width of the in-training validation")
-    save_every: int = Field(200, ge=0, description="0: no intermediate checkpoints")
-    keep_checkpoints: int = Field(2, ge=1)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    seed: int = 0
-    resume: bool = True
-    stop_after_steps: int | None = Field(None, description="stop as if killed after N steps (tests)")
-    dist_timeout_min: int = Field(60, ge=1, description="collective timeout of a multi-process launch (minutes): "
-                                  "ranks wait this long while rank 0 validates")
-
-
 class SFTConfig(LoopConfig):
     """Supervised fine-tuning on the references."""
 
@@ -192,6 +166,7 @@ class SCSTConfig(LoopConfig):
         0, ge=0, description="sequences per log-prob forward/backward (0: all batch_size x samples at "
         "once); each image is encoded once either way")
     finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(strategy="lora"))
+    reward: RewardConfig = Field(default_factory=RewardConfig)
 
 
 class PostprocessConfig(_Strict):
@@ -239,6 +214,7 @@ class GenerateConfig(_Strict):
         "hf: stock generate (expands inputs before prefill), kept for comparison")
     chunks: ChunksConfig = Field(default_factory=ChunksConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
 
 
 class RegistryConfig(_Strict):
@@ -257,6 +233,8 @@ class RegistryConfig(_Strict):
     bootstrap_resamples: int = Field(1000, ge=100, description="paired resamples of the eval items")
     bootstrap_seed: int = 0
     tolerance: float = Field(0.01, ge=0, description="guard metrics may trail the champion by this")
+    tolerances: dict[str, float] = Field(
+        default_factory=dict, description="per-guard-metric tolerance overriding `tolerance`, e.g. {attr_mean: 0.02}")
     floor: float = Field(0.5, ge=0, description="absolute floor of the primary metric (its own scale)")
     samples_in_report: int = Field(24, ge=0, description="images shown in samples.html")
 
@@ -272,6 +250,7 @@ class LaunchConfig(_Strict):
 
 
 CAPTION_METRICS = ("CIDEr-D", "BLEU-4", "ROUGE-L")
+GROUNDED_METRICS = ("attr_mean", "cap2img_R1")  # attribute accuracy (synthetic data), evaluator R@1
 PER_IMAGE_METRICS = ("CIDEr-D", "ROUGE-L")  # corpus score == mean of per-image scores (not BLEU)
 
 
@@ -285,9 +264,15 @@ class RunConfig(_Strict):
         if r.primary_metric not in PER_IMAGE_METRICS:
             raise ValueError(f"registry.primary_metric must be one of {PER_IMAGE_METRICS} (a mean of "
                              f"per-image scores, which the paired bootstrap resamples), got {r.primary_metric!r}")
-        unknown = [m for m in r.guard_metrics if m not in CAPTION_METRICS]
+        unknown = [m for m in r.guard_metrics if m not in CAPTION_METRICS + GROUNDED_METRICS]
         if unknown:
-            raise ValueError(f"registry.guard_metrics must be among {CAPTION_METRICS}, got {unknown}")
+            raise ValueError(f"registry.guard_metrics must be among {CAPTION_METRICS + GROUNDED_METRICS}, got {unknown}")
+        if "cap2img_R1" in r.guard_metrics and not self.grounding.enabled:
+            raise ValueError("registry.guard_metrics cap2img_R1 needs grounding.enabled (its evaluator encoder)")
+        needs = [w for w, on in (("scst.reward", self.scst.reward.needs_scorer),
+                                 ("generate.rerank", self.generate.rerank.candidates > 0)) if on]
+        if needs and not self.grounding.enabled:
+            raise ValueError(f"{' and '.join(needs)} use the grounding scorer: set grounding.enabled: true")
         return self
 
     data: DataConfig = Field(default_factory=DataConfig)
@@ -298,6 +283,7 @@ class RunConfig(_Strict):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    grounding: GroundingConfig = Field(default_factory=GroundingConfig)
 
 
 def load_run_config(path: str | Path, model: type[BaseModel] | None = None) -> Any:

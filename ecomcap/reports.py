@@ -24,8 +24,17 @@ def _thumb(data: bytes, side: int = 160) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _wrong(sample: dict) -> str:
+    """The attributes a caption gets wrong (synthetic ground truth), as 'should be: ...' in red."""
+    wrong = sample.get("wrong") or []
+    if not wrong:
+        return ""
+    return "<div class='wrong'>✗ wrong attributes, should be " + html.escape("; ".join(wrong)) + "</div>"
+
+
 def samples_html(samples: Sequence[dict], metrics: dict, title: str = "ecomcap validation samples") -> str:
-    """samples: {"image_id", "image" (bytes), "caption", "references": [...]} each."""
+    """samples: {"image_id", "image" (bytes), "caption", "references": [...], optional "wrong":
+    ["field: true value", ...]} each; wrong attributes are marked in red."""
     head = " · ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
                       if not isinstance(v, dict))
     rows = []
@@ -34,13 +43,13 @@ def samples_html(samples: Sequence[dict], metrics: dict, title: str = "ecomcap v
         rows.append(
             f"<tr><td><img src='{_thumb(s['image'])}' alt='{html.escape(s['image_id'])}'></td>"
             f"<td><div class='id'>{html.escape(s['image_id'])}</div>"
-            f"<div class='gen'>{html.escape(s['caption']) or '<i>(empty)</i>'}</div>"
+            f"<div class='gen'>{html.escape(s['caption']) or '<i>(empty)</i>'}</div>{_wrong(s)}"
             f"<ul class='refs'>{refs}</ul></td></tr>"
         )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} td{{vertical-align:top;padding:6px;border-bottom:1px solid #ddd}}
 .gen{{font-size:1.15em;font-weight:bold;margin:4px 0}} .refs{{color:#555;margin:0;padding-left:1.2em}}
-.id{{color:#999;font-size:.8em}}</style></head><body><h2>{html.escape(title)}</h2><p>{html.escape(head)}</p>
+.id{{color:#999;font-size:.8em}} .wrong{{color:#b00020;font-weight:bold}}</style></head><body><h2>{html.escape(title)}</h2><p>{html.escape(head)}</p>
 <table>{''.join(rows)}</table></body></html>"""
 
 

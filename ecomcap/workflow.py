@@ -110,9 +110,36 @@ def data_fingerprint(fingerprints: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def generate_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, log: bool = True) -> dict[str, str]:
+def grounding_stage(train: Path, valid: Path, cfg: RunConfig) -> Path:
+    """Train the grounding scorer and the independent evaluator on the train split; logs each
+    one's probe accuracy per attribute and its fingerprint (runs using them record it too)."""
+    from ecomcap.grounding.train import build_grounding
+
+    tracking.log_config("grounding", cfg.grounding)
+    out = _scratch(cfg, "grounding")
+    summary = build_grounding(train, valid, cfg.grounding, out, attributes=_synthetic_attributes(cfg),
+                              on_metrics=tracking.metrics_callback())
+    for role, info in summary.items():
+        tracking.log_metrics({f: v["accuracy"] for f, v in info["probe"].items()}, prefix=f"grounding.{role}.probe.")
+        tracking.set_tags({f"grounding.{role}": info["fingerprint"]})
+    tracking.log_text(json.dumps(summary, ensure_ascii=False, indent=2), "grounding/summary.json")
+    return out
+
+
+def with_grounding(cfg: RunConfig, grounding: Path | None) -> RunConfig:
+    """`cfg` with the reranker pointed at the grounding stage's scorer (when reranking is on)."""
+    if grounding is None or not cfg.generate.rerank.candidates:
+        return cfg
+    rerank = cfg.generate.rerank.model_copy(update={"scorer_dir": str(Path(grounding) / "scorer")})
+    return cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"rerank": rerank})})
+
+
+def generate_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, log: bool = True,
+                   grounding: Path | None = None) -> dict[str, str]:
     """Captions for every image of `data_dir`; logs caption_gen.jsonl (unless `log` is off)."""
     from ecomcap.inference.batch import caption_dataset
+
+    cfg = with_grounding(cfg, grounding)
 
     if log:
         tracking.log_config("generate", cfg.generate)
@@ -148,9 +175,11 @@ def parts_root(cfg: RunConfig) -> Path:
 
 
 def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
-                   curves: dict[str, Path] | None = None, log: bool = True) -> tuple[dict[str, Any], str, str]:
+                   curves: dict[str, Path] | None = None, log: bool = True,
+                   grounding: Path | None = None) -> tuple[dict[str, Any], str, str]:
     """(metrics, eval fingerprint, samples HTML); logs metrics, samples.html, loss curves
-    (`log` off: scoring another model, e.g. re-evaluating the champion, must not overwrite them)."""
+    (`log` off: scoring another model, e.g. re-evaluating the champion, must not overwrite them).
+    `grounding`: the grounding stage's output, whose evaluator adds caption->image R@1/R@5 and CLIP-S."""
     from ecomcap.data.shards import read_references, read_report
     from ecomcap.metrics.report import caption_report
     from ecomcap.reports import loss_curves_png, samples_html
@@ -158,12 +187,20 @@ def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
     refs = read_references(valid)
     attrs = _synthetic_attributes(cfg)
     metrics = caption_report(preds, refs, attrs)
+    evaluator = grounding_evaluator(cfg, grounding)
+    if evaluator is not None:
+        from ecomcap.grounding.evaluate import grounded_metrics
+
+        metrics.update(grounded_metrics(preds, valid, evaluator))
+        metrics["evaluator"] = evaluator.fingerprint
     eval_fp = read_report(valid)["fingerprint"]
-    html = samples_html(_samples(valid, preds, refs, cfg.registry.samples_in_report), metrics)
+    html = samples_html(_samples(valid, preds, refs, cfg.registry.samples_in_report, attrs), metrics)
     if not log:
         return metrics, eval_fp, html
     tracking.log_metrics({k: metrics[k] for k in tracking.HEADLINE})  # top of the MLflow tables
-    tracking.log_metrics({k: v for k, v in metrics.items() if k in ("distinct", "repeat_ngram", "mean_len")}, prefix="val.")
+    tracking.log_metrics({k: v for k, v in metrics.items() if k in VAL_FIGURES}, prefix="val.")
+    if evaluator is not None:
+        tracking.set_tags({"grounding.evaluator": evaluator.fingerprint})
     if "attributes" in metrics:
         tracking.log_metrics(metrics["attributes"], prefix="val.attr.")
     tracking.log_text(html, "samples.html")
@@ -174,6 +211,19 @@ def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
     return metrics, eval_fp, html
 
 
+VAL_FIGURES = ("distinct", "repeat_ngram", "mean_len", "top_opener_share", "cap2img_R1", "cap2img_R5", "clip_s_eval")
+
+
+def grounding_evaluator(cfg: RunConfig, grounding: Path | None):
+    """The independent evaluator encoder of a grounding stage output (None when there is none)."""
+    if grounding is None or not (Path(grounding) / "evaluator").is_dir():
+        return None
+    from ecomcap.grounding.scorer import GroundingScorer
+
+    return GroundingScorer(Path(grounding) / "evaluator", device=cfg.grounding.encoder.torch_device(),
+                           w=cfg.grounding.clip_w)
+
+
 def _synthetic_attributes(cfg: RunConfig) -> dict | None:
     from ecomcap.metrics.attributes import read_attributes
 
@@ -181,14 +231,19 @@ def _synthetic_attributes(cfg: RunConfig) -> dict | None:
     return read_attributes(path) if cfg.data.source == "synthetic" and path.is_file() else None
 
 
-def _samples(valid: Path, preds: dict[str, str], refs: dict[str, list[str]], n: int) -> list[dict]:
+def _samples(valid: Path, preds: dict[str, str], refs: dict[str, list[str]], n: int,
+             attrs: dict | None = None) -> list[dict]:
     from ecomcap.data.shards import iter_batches
+    from ecomcap.metrics.attributes import attribute_checks
 
     out: list[dict] = []
     for rb in iter_batches(valid, ["image_id", "image"], batch_size=max(n, 1)):
         for image_id, image in zip(rb.column(0).to_pylist(), rb.column(1).to_pylist()):
+            truth = (attrs or {}).get(image_id)
+            wrong = [f"{f}: {truth[f]}" for f, ok in attribute_checks(preds.get(image_id, ""), truth).items()
+                     if not ok] if truth else []
             out.append({"image_id": image_id, "image": image, "caption": preds.get(image_id, ""),
-                        "references": refs.get(image_id, [])})
+                        "references": refs.get(image_id, []), "wrong": wrong})
             if len(out) >= n:
                 return out
     return out

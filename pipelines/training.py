@@ -1,4 +1,6 @@
-"""ingest -> validate -> sft -> scst -> generate -> evaluate -> promote.
+"""ingest -> validate -> sft -> scst -> generate -> evaluate -> promote; with `grounding.enabled`
+a `grounding` step (scorer + independent evaluator encoders, from the train split) feeds the SCST
+reward and the evaluation.
 
     zenml pipeline run pipelines.training.training_pipeline -c configs/local.yaml
 """
@@ -9,7 +11,7 @@ from zenml.config import CachePolicy
 
 from ecomcap.config import RunConfig
 from ecomcap.workflow import library_fingerprint, source_fingerprint
-from steps import evaluate, generate, ingest, promote, scst, sft, validate
+from steps import evaluate, generate, grounding, ingest, promote, scst, sft, validate
 
 MODEL = Model(name="ecomcap-captioner", description="Chinese e-commerce product captioner (Qwen2.5-VL)")
 
@@ -19,7 +21,11 @@ def training_pipeline(config: RunConfig = RunConfig()) -> None:  # noqa: B008  (
     train, valid = ingest(config=config, source_fingerprint=source_fingerprint(config.data))
     report = validate(config=config, train=train, valid=valid)
     sft_model = sft(config=config, train=train, valid=valid, after="validate")
-    model = scst(config=config, sft_model=sft_model, train=train, valid=valid)
-    predictions = generate(config=config, model=model, data=valid)
-    evaluation = evaluate(config=config, predictions=predictions, valid=valid, sft_model=sft_model, model=model)
-    promote(config=config, model=model, evaluation=evaluation, valid=valid, validation_report=report)
+    # decided when the pipeline is compiled, from the run's config: no step at all when off
+    scorers = grounding(config=config, train=train, valid=valid, after="validate") if config.grounding.enabled else None
+    model = scst(config=config, sft_model=sft_model, train=train, valid=valid, grounding=scorers)
+    predictions = generate(config=config, model=model, data=valid, grounding=scorers)
+    evaluation = evaluate(config=config, predictions=predictions, valid=valid, sft_model=sft_model, model=model,
+                          grounding=scorers)
+    promote(config=config, model=model, evaluation=evaluation, valid=valid, validation_report=report,
+            grounding=scorers)

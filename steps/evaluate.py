@@ -14,24 +14,27 @@ from steps._tracker import TRACKER
 
 @step(experiment_tracker=TRACKER)
 def evaluate(config: RunConfig, predictions: dict, valid: DatasetDir, sft_model: ModelDir,
-             model: ModelDir) -> Annotated[EvaluationReport, "evaluation"]:
+             model: ModelDir, grounding: ModelDir | None = None) -> Annotated[EvaluationReport, "evaluation"]:
     curves = {"sft": sft_model.metrics_log(), "scst": model.metrics_log()} if model != sft_model else \
         {"sft": sft_model.metrics_log()}
-    metrics, eval_fp, html = evaluate_stage(predictions, Path(valid.path), config, curves)
+    metrics, eval_fp, html = evaluate_stage(predictions, Path(valid.path), config, curves,
+                                            grounding=Path(grounding.path) if grounding else None)
     return EvaluationReport(metrics, eval_fp, html)
 
 
 @step(experiment_tracker=TRACKER, enable_cache=False)
 def promote(config: RunConfig, model: ModelDir, evaluation: EvaluationReport, valid: DatasetDir,
-            validation_report: dict) -> Annotated[dict, "gate_decision"]:
+            validation_report: dict, grounding: ModelDir | None = None) -> Annotated[dict, "gate_decision"]:
     """Register the candidate; `champion` (and the ZenML model stage) move only if the gate passes."""
     from ecomcap.registry.promote import promote_stage
-    from ecomcap.workflow import data_fingerprint, source_fingerprint
+    from ecomcap.workflow import data_fingerprint, source_fingerprint, with_grounding
+
+    config = with_grounding(config, Path(grounding.path) if grounding else None)
 
     tags = {"data_fingerprint": data_fingerprint({s: r["fingerprint"] for s, r in validation_report.items()}),
             "source_fingerprint": source_fingerprint(config.data)}
     decision = promote_stage(Path(model.path), evaluation.metrics, evaluation.eval_fingerprint,
-                             Path(valid.path), config, tags)
+                             Path(valid.path), config, tags, grounding=Path(grounding.path) if grounding else None)
     if decision.promote:
         get_step_context().model.set_stage("production", force=True)
     return {"promote": decision.promote, "reasons": decision.reasons,

@@ -13,8 +13,10 @@ from steps._tracker import TRACKER
 
 
 @step(experiment_tracker=TRACKER)
-def generate(config: RunConfig, model: ModelDir, data: DatasetDir) -> Annotated[dict, "caption_gen"]:
-    return generate_stage(Path(model.path), Path(data.path), config)
+def generate(config: RunConfig, model: ModelDir, data: DatasetDir,
+             grounding: ModelDir | None = None) -> Annotated[dict, "caption_gen"]:
+    return generate_stage(Path(model.path), Path(data.path), config,
+                          grounding=Path(grounding.path) if grounding else None)
 
 
 @step(enable_cache=False)  # its output lives in parts_dir, not in the artifact: finished chunks are skipped

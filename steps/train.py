@@ -18,6 +18,17 @@ def sft(config: RunConfig, train: DatasetDir, valid: DatasetDir) -> Annotated[Mo
 
 
 @step(experiment_tracker=TRACKER)
-def scst(config: RunConfig, sft_model: ModelDir, train: DatasetDir, valid: DatasetDir) -> Annotated[ModelDir, "model"]:
-    out = scst_stage(Path(sft_model.path), Path(train.path), Path(valid.path), config, run_name())
+def scst(config: RunConfig, sft_model: ModelDir, train: DatasetDir, valid: DatasetDir,
+         grounding: ModelDir | None = None) -> Annotated[ModelDir, "model"]:
+    out = scst_stage(Path(sft_model.path), Path(train.path), Path(valid.path), config, run_name(),
+                     Path(grounding.path) if grounding else None)
     return ModelDir(str(out))
+
+
+@step(experiment_tracker=TRACKER)
+def grounding(config: RunConfig, train: DatasetDir, valid: DatasetDir) -> Annotated[ModelDir, "grounding"]:
+    """The grounding scorer and the independent evaluator (cached like any step: trained once per
+    train split, config and library version)."""
+    from ecomcap.workflow import grounding_stage
+
+    return ModelDir(str(grounding_stage(Path(train.path), Path(valid.path), config)))

@@ -59,10 +59,23 @@ def caption_batch(model, builder: PromptBuilder, images: Sequence[Image.Image], 
     device, dtype = model_device_dtype(model)
     enc = builder.prompts(images)
     enc = {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in enc.items()}
-    out = generate(model, enc, cfg.prefill, **generate_kwargs(cfg, builder))
+    kw = generate_kwargs(cfg, builder)
+    n = cfg.rerank.candidates
+    if n:  # N beams kept, then rescored with the grounding scorer
+        kw.update(num_return_sequences=n, num_beams=max(cfg.num_beams, n), length_penalty=cfg.length_penalty,
+                  early_stopping=True)
+    out = generate(model, enc, cfg.prefill, **kw)
     new = out[:, enc["input_ids"].shape[1]:]
-    texts = builder.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
-    return [postprocess(t, cfg.postprocess) for t in texts]
+    if not n:
+        texts = builder.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [postprocess(t, cfg.postprocess) for t in texts]
+    from ecomcap.inference import rerank as rr
+
+    seqs = rr.cut_at_eos(new, builder.eos_id, builder.pad_id)
+    texts = [postprocess(t, cfg.postprocess) for t in builder.processor.tokenizer.batch_decode(seqs, skip_special_tokens=True)]
+    logprob = rr.candidate_logprobs(model, enc, seqs, n, builder.pad_id, kw["suppress_tokens"])
+    scorer = rr.load_scorer(rr.scorer_path(cfg.rerank.scorer_dir), str(device), 2.5)
+    return rr.rerank(texts, logprob, images, n, cfg.rerank.weight, scorer)
 
 
 def bucket_batches(weights: Sequence[float], batch_size: int) -> list[list[int]]:

@@ -38,6 +38,18 @@ def _pattern_ok(caption: str, pattern: str) -> bool:
     return pattern in caption
 
 
+def attribute_checks(caption: str, a: Mapping) -> dict[str, bool]:
+    """field -> whether the caption names the image's true value (brand only where one is drawn)."""
+    checks = {
+        "category": a["category"] in caption,
+        "colour": a["colour"] in caption,
+        "pattern": _pattern_ok(caption, a["pattern"]),
+    }
+    if a.get("brand"):
+        checks["brand"] = a["brand"].lower() in caption.lower()
+    return checks
+
+
 def attribute_accuracy(preds: Mapping[str, str], attrs: Mapping[str, dict]) -> dict[str, float]:
     """Share of captions naming each true attribute (brand: over branded images only), and their mean."""
     hits = {f: 0 for f in FIELDS}
@@ -46,15 +58,7 @@ def attribute_accuracy(preds: Mapping[str, str], attrs: Mapping[str, dict]) -> d
         a = attrs.get(image_id)
         if a is None:
             continue
-        low = caption.lower()
-        checks = {
-            "category": a["category"] in caption,
-            "colour": a["colour"] in caption,
-            "pattern": _pattern_ok(caption, a["pattern"]),
-        }
-        if a.get("brand"):
-            checks["brand"] = a["brand"].lower() in low
-        for f, ok in checks.items():
+        for f, ok in attribute_checks(caption, a).items():
             counts[f] += 1
             hits[f] += int(ok)
     out = {f: hits[f] / counts[f] if counts[f] else 0.0 for f in FIELDS}

@@ -1,10 +1,12 @@
 """One evaluation summary for a set of captions: the metrics plus degeneration signals.
 
 CIDEr-D / BLEU-4 / ROUGE-L, the number of distinct captions, the mean share of repeated 3-grams
-(looping), mean length, and attribute accuracy where ground truth exists (synthetic data).
+(looping), mean length, the share of the most common opener, and attribute accuracy where
+ground truth exists (synthetic data).
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Mapping, Sequence
 
 from ecomcap.data.clean import repeated_ngram_share
@@ -26,6 +28,15 @@ def caption_report(
     out["distinct"] = len(set(scored.values()))
     out["repeat_ngram"] = sum(repeated_ngram_share(t, 3) for t in toks) / max(len(toks), 1)
     out["mean_len"] = sum(map(len, toks)) / max(len(toks), 1)
+    out["top_opener_share"] = top_opener_share(toks)
     if attrs is not None:
         out["attributes"] = attribute_accuracy(scored, attrs)
+        out["attr_mean"] = out["attributes"]["mean"]  # a top-level figure the gate can guard
     return out
+
+
+def top_opener_share(tokens: Sequence[Sequence[str]], n: int = 2) -> float:
+    """Share of captions that open with the most common first `n` tokens ("这款…" everywhere:
+    the consensus phrasing CIDEr-D optimisation drifts to)."""
+    openers = Counter(tuple(t[:n]) for t in tokens if t)
+    return openers.most_common(1)[0][1] / len(tokens) if openers else 0.0

@@ -6,7 +6,8 @@ Rules (RegistryConfig; `primary_metric` is CIDEr-D for captioning, MeanRecall fo
 - both were measured on the same eval-set fingerprint (else the champion is re-evaluated);
 - paired bootstrap over the items both scored: the lower end of the `confidence` interval of the
   relative gain mean(candidate)/mean(champion) - 1 is at least `min_rel_gain`;
-- each guard metric (BLEU-4, ROUGE-L; R@1) trails the champion's by at most `tolerance`.
+- each guard metric (BLEU-4, ROUGE-L, attribute accuracy, caption->image R@1; R@1) trails the
+  champion's by at most `tolerance` (or its own entry in `tolerances`).
 No champion yet: the floor decides.
 
 Race safety without a lock service: a gate re-reads the champion right before moving the alias
@@ -102,8 +103,9 @@ def decide(candidate: Scores, champion: Scores | None,
                    f"lower bound {'>=' if gain_ok else '<'} min_rel_gain {cfg.min_rel_gain:+.2%}")
     for name in cfg.guard_metrics:
         cand, champ = candidate.metrics[name], champion.metrics[name]
-        fine = cand >= champ - cfg.tolerance
-        reasons.append(f"{name} {cand:.4f} {'within' if fine else 'more than'} {cfg.tolerance} "
+        tol = cfg.tolerances.get(name, cfg.tolerance)
+        fine = cand >= champ - tol
+        reasons.append(f"{name} {cand:.4f} {'within' if fine else 'more than'} {tol} "
                        f"of champion {champ:.4f}")
         gain_ok = gain_ok and fine
     return ok and gain_ok, reasons, iv

@@ -10,10 +10,11 @@ import logging
 import tempfile
 from pathlib import Path
 
-from ecomcap.config import GenerateConfig, RunConfig
+from ecomcap.config import RunConfig
+from ecomcap.errors import EcomcapError
 from ecomcap.registry import tracking
 from ecomcap.registry.gate import Decision, Gate, Scores
-from ecomcap.registry.pyfunc import INFERENCE_FILE, export_merged, log_pyfunc
+from ecomcap.registry.pyfunc import INFERENCE_FILE, export_merged, generate_settings, log_pyfunc
 from ecomcap.registry.register import (
     TRAINED_AS,
     champion_version,
@@ -36,12 +37,16 @@ def _standalone(model_dir: Path) -> bool:
 def caption_scores(metrics: dict, eval_fp: str, cfg: RunConfig) -> Scores:
     """The gate's view of an evaluation: headline metrics and per-image primary scores."""
     names = [cfg.registry.primary_metric, *cfg.registry.guard_metrics]
+    missing = [n for n in names if n not in metrics]
+    if missing:
+        raise EcomcapError(f"the gate guards {', '.join(missing)}, which this evaluation did not measure "
+                           "(attr_mean needs data with attribute ground truth; cap2img_R1 needs grounding.enabled)")
     per_item = metrics.get("per_image", {})
     return Scores({n: float(metrics[n]) for n in names}, eval_fp,
                   {k: float(v[cfg.registry.primary_metric]) for k, v in per_item.items()} or None)
 
 
-def reevaluator(cfg: RunConfig, valid: Path, eval_fp: str):
+def reevaluator(cfg: RunConfig, valid: Path, eval_fp: str, grounding: Path | None = None):
     """Scores of a registered version on the current eval set, with the version's own recorded
     inference settings (prompt, decoding, pixels, dtype) on whatever device this step has (on
     Kubernetes, promote runs on a GPU pod for this: configs/k8s.yaml)."""
@@ -55,16 +60,16 @@ def reevaluator(cfg: RunConfig, valid: Path, eval_fp: str):
                 "model": cfg.model.model_copy(update={
                     "prompt": info["prompt"], "device": "auto", "dtype": info.get("dtype", "auto"),
                     "min_pixels": info.get("min_pixels"), "max_pixels": info.get("max_pixels")}),
-                "generate": GenerateConfig.model_validate({**info["generate"], "batch_size": cfg.generate.batch_size})})
+                "generate": generate_settings(info, model_dir, batch_size=cfg.generate.batch_size)})
             preds = generate_stage(model_dir, valid, own, log=False)
-            metrics, _, _ = evaluate_stage(preds, valid, own, log=False)
+            metrics, _, _ = evaluate_stage(preds, valid, own, log=False, grounding=grounding)
         return caption_scores(metrics, eval_fp, cfg)
 
     return run
 
 
 def promote_stage(model_dir: Path, metrics: dict, eval_fp: str, valid: Path, cfg: RunConfig,
-                  extra_tags: dict[str, str] | None = None) -> Decision:
+                  extra_tags: dict[str, str] | None = None, grounding: Path | None = None) -> Decision:
     """Merge (unless the scst step already did), register, then let the gate decide on `champion`."""
     Gate(registry_client(cfg.registry), cfg.registry).check_reachable()  # before the merge below
     trained_as = f"{(extra_tags or {}).get('source_fingerprint', '')}/{tracking.config_hash(cfg)}"
@@ -79,7 +84,7 @@ def promote_stage(model_dir: Path, metrics: dict, eval_fp: str, valid: Path, cfg
         inference = json.loads((merged / INFERENCE_FILE).read_text(encoding="utf-8"))
         return register_and_gate(
             cfg.registry, model_dir=merged, inference=inference, log_model=log_model,
-            scores=caption_scores(metrics, eval_fp, cfg), reevaluate=reevaluator(cfg, valid, eval_fp),
+            scores=caption_scores(metrics, eval_fp, cfg), reevaluate=reevaluator(cfg, valid, eval_fp, grounding),
             tags=tags, description="ecomcap: Chinese e-commerce captioner", trained_as=trained_as)
 
 

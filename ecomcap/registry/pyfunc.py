@@ -36,8 +36,30 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelCo
     if is_4bit(model):  # merged from QLoRA: a 4-bit bitsandbytes checkpoint loads (serves) on CUDA only
         settings["quantization"] = {"method": "bitsandbytes", "bits": 4, "quant_type": "nf4",
                                     "merged_from_4bit": True, "requires": "cuda"}
+    scorer = gen_cfg.rerank.scorer_dir if gen_cfg.rerank.candidates else None
+    if scorer:  # the reranker's scorer travels with the model (served = what was evaluated)
+        shutil.copytree(resolve_scorer(scorer, Path(model_dir)), out / SCORER_DIR)
+        settings["generate"]["rerank"]["scorer_dir"] = SCORER_DIR
     (out / INFERENCE_FILE).write_text(json.dumps(settings, ensure_ascii=False, indent=2), encoding="utf-8")
     return out
+
+
+SCORER_DIR = "grounding_scorer"
+
+
+def resolve_scorer(scorer_dir: str, model_dir: Path) -> Path:
+    """A scorer path as recorded: absolute, or relative to the model directory that ships it."""
+    p = Path(scorer_dir)
+    return p if p.is_absolute() or not (Path(model_dir) / p).is_dir() else Path(model_dir) / p
+
+
+def generate_settings(info: dict, model_dir: Path, **update) -> GenerateConfig:
+    """The decoding settings an exported model records, its reranker's scorer resolved."""
+    gen = GenerateConfig.model_validate({**info["generate"], **update})
+    if gen.rerank.scorer_dir:
+        rerank = gen.rerank.model_copy(update={"scorer_dir": str(resolve_scorer(gen.rerank.scorer_dir, model_dir))})
+        gen = gen.model_copy(update={"rerank": rerank})
+    return gen
 
 
 def inference_settings(model_cfg: ModelConfig, gen_cfg: GenerateConfig) -> dict:
@@ -56,7 +78,7 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
 
         path = Path(context.artifacts["model_dir"])
         info = json.loads((path / INFERENCE_FILE).read_text(encoding="utf-8"))
-        self.gen = GenerateConfig.model_validate(info["generate"])
+        self.gen = generate_settings(info, path)
         self.model, processor = load_trained(path, ModelConfig(name_or_path=str(path)))
         self.builder = PromptBuilder(processor, info["prompt"])
 

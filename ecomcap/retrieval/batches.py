@@ -28,6 +28,8 @@ class Batch:
     siblings: list[int] | None = None  # another view of each pair item's product (matching term)
     sibling_texts: list[str] | None = None
     sibling_pos: torch.Tensor | None = None  # [B, B] bool: same product group
+    negative_texts: list[str] | None = None  # attribute-swapped query texts (negatives of their pair's item)
+    negative_owner: torch.Tensor | None = None  # [N] long: the pair row each negative text belongs to
 
 
 class TrainingSet:
@@ -54,6 +56,7 @@ class TrainingSet:
                 self.views.setdefault(g, []).append(j)
         self.seed = seed
         self.negatives: list[list[int]] | None = None
+        self.swapper = None  # an AttributeSwapper: compositional text negatives (train.text_negatives)
         self._orders: dict[int, list[tuple[int, int]]] = {}
 
     def __len__(self) -> int:
@@ -70,9 +73,10 @@ class TrainingSet:
         return self._orders[epoch]
 
     def batch(self, step: int, first: int, size: int, negatives_per_example: int = 0,
-              siblings: bool = False) -> Batch:
-        """Pairs [first, first + size) of the endless shuffled stream, plus hard negatives and
-        (for the matching term) another view of each pair item's product."""
+              siblings: bool = False, text_negatives: int = 0) -> Batch:
+        """Pairs [first, first + size) of the endless shuffled stream, plus hard negatives,
+        (for the matching term) another view of each pair item's product and up to
+        `text_negatives` attribute-swapped versions of each query text."""
         n = len(self.pairs)
         pairs = [self._order(k // n)[k % n] for k in range(first, first + size)]
         rng = random.Random(f"{self.seed}:batch:{step}:{first}")
@@ -84,6 +88,10 @@ class TrainingSet:
         pos = torch.tensor([[j in self.pos_sets[qi] for j in items] for qi, _ in pairs], dtype=torch.bool)
         texts = [rng.choice(self.items.texts[j]) if self.items.texts[j] else "" for j in items]
         batch = Batch(step, [self.queries[qi]["query_text"] for qi, _ in pairs], items, texts, pos)
+        if text_negatives and self.swapper is not None:
+            negs = [self.swapper.negatives(t, text_negatives, rng) for t in batch.query_texts]
+            batch.negative_texts = [t for ts in negs for t in ts]
+            batch.negative_owner = torch.tensor([i for i, ts in enumerate(negs) for _ in ts], dtype=torch.long)
         if siblings:
             sib = []
             for _, j in pairs:  # a product seen once is its own sibling

@@ -7,9 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ecomcap.config import IngestConfig, LaunchConfig, LoopConfig, RegistryConfig, _Strict
+from ecomcap.config_encoders import Arch, EncoderConfig, ItemEmbedding, TinyEncoderConfig  # noqa: F401  (re-exported)
 
-Arch = Literal["chinese_clip", "clip", "siglip"]
-ItemEmbedding = Literal["image", "text", "fused"]
 
 
 class RetrievalSynthConfig(_Strict):
@@ -34,37 +33,6 @@ class RetrievalDataConfig(_Strict):
     splits: list[Literal["train", "valid", "test"]] = ["train", "valid"]
     synth: RetrievalSynthConfig = Field(default_factory=RetrievalSynthConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
-
-
-class TinyEncoderConfig(_Strict):
-    """A random-init dual encoder of the real class, built locally (CPU runs, tests)."""
-
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    projection_dim: int = 64
-    image_size: int = 64
-    patch_size: int = 16
-    seed: int = 0
-
-
-class EncoderConfig(_Strict):
-    """Which dual encoder: transformers class by `arch`, weights from a hub id or local path."""
-
-    arch: Arch = "chinese_clip"
-    name_or_path: str = "OFA-Sys/chinese-clip-vit-base-patch16"
-    tiny: TinyEncoderConfig | None = Field(None, description="build a tiny model at name_or_path when missing")
-    trust_remote_code: bool = False
-    max_text_len: int = Field(52, ge=4, description="Chinese-CLIP uses 52, SigLIP 64")
-    item_embedding: ItemEmbedding = "image"
-    fusion_weight: float = Field(0.5, ge=0, le=1, description="image share of a fused item embedding")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where galleries are embedded and models evaluated/re-scored (auto: cuda when "
-        "present); training runs on the accelerator's device")
-
-    def torch_device(self) -> str | None:
-        """None for auto (load_encoder then picks cuda when present)."""
-        return None if self.device == "auto" else self.device
 
 
 class HardNegativeConfig(_Strict):
@@ -100,6 +68,11 @@ class RetrievalTrainConfig(LoopConfig):
     lora_alpha: int = Field(16, ge=1)
     lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "query", "key", "value"]
     hard_negatives: HardNegativeConfig = Field(default_factory=HardNegativeConfig)
+    text_negatives: int = Field(0, ge=0, description="attribute-swapped copies of each query text, negatives of "
+                                "its own item only (NegCLIP-style compositional negatives); 0: off")
+    attribute_vocab: dict[str, list[str]] | None = Field(
+        None, description="field -> attribute words swapped for text_negatives; none: the synthetic set's "
+        "category/colour/pattern/brand words")
 
 
 class RetrievalEvalConfig(_Strict):

@@ -54,7 +54,8 @@ class RetrievalLoop(TrainLoop):
         world, rank = self.acc.num_processes, self.acc.process_index
         first = step * cfg.batch_size * world * cfg.grad_accum + (micro * world + rank) * cfg.batch_size
         return data.batch(step, first, cfg.batch_size, hn.per_example if hn.enabled else 0,
-                          siblings=self.run_cfg.train.match_weight > 0 and bool(data.views))
+                          siblings=self.run_cfg.train.match_weight > 0 and bool(data.views),
+                          text_negatives=self.run_cfg.train.text_negatives)
 
     def _negatives(self, data: TrainingSet) -> list[list[int]]:
         """Mine once with the current model; saved, so a resumed run trains on the same ones."""
@@ -116,9 +117,12 @@ def make_step_fn(loop: RetrievalLoop, data: TrainingSet, cfg: RetrievalRunConfig
         img = dual.embed_image(inp["pixel_values"])
         return img if mode == "image" else fuse(img, dual.embed_text(text), weight)
 
-    def loss_fn(q, d, s=None):
+    def loss_fn(q, d, *rest):
+        s = rest[0] if sib_pos is not None else None
+        n = rest[-1] if neg_owner is not None else None
         t, b = dual.scale_bias()
-        loss, extra = info_nce(q, d, pos, t) if loss_kind == "infonce" else sigmoid_loss(q, d, pos, t, b)
+        loss, extra = info_nce(q, d, pos, t, n, neg_owner) if loss_kind == "infonce" else \
+            sigmoid_loss(q, d, pos, t, b, n, neg_owner)
         if s is not None:  # same-product matching: a view against other views of its product
             match, m_extra = info_nce(d[: len(s)], s, sib_pos, t)
             loss = loss + cfg.train.match_weight * match
@@ -143,13 +147,16 @@ def make_step_fn(loop: RetrievalLoop, data: TrainingSet, cfg: RetrievalRunConfig
         return run
 
     def step(batch: Batch):
-        nonlocal pos, sib_pos
-        pos = batch.pos.to(device)
+        nonlocal pos, sib_pos, neg_owner
+        pos, sib_pos, neg_owner = batch.pos.to(device), None, None
         towers = [(autocast(query_fn), {k: v.to(device) for k, v in pre.texts(batch.query_texts).items()}),
                   (autocast(item_fn), item_inputs(batch.items, batch.item_texts))]
         if batch.siblings is not None:
             sib_pos = batch.sibling_pos.to(device)
             towers.append((autocast(item_fn), item_inputs(batch.siblings, batch.sibling_texts)))
+        if batch.negative_texts:
+            neg_owner = batch.negative_owner.to(device)
+            towers.append((autocast(query_fn), {k: v.to(device) for k, v in pre.texts(batch.negative_texts).items()}))
         if cfg.train.grad_cache_chunk:
             return grad_cache_backward(towers, autocast(loss_fn), cfg.train.grad_cache_chunk,
                                        backward=loop.acc.backward)
@@ -166,7 +173,7 @@ def make_step_fn(loop: RetrievalLoop, data: TrainingSet, cfg: RetrievalRunConfig
                 cache[j] = px
         return torch.stack([cache[j] if j in cache else fresh[j] for j in rows])
 
-    pos = sib_pos = None
+    pos = sib_pos = neg_owner = None
     step.does_backward = bool(cfg.train.grad_cache_chunk)  # type: ignore[attr-defined]
     return step
 
@@ -202,6 +209,10 @@ def train_retriever(train_dir: str | Path, valid_dir: str | Path | None, cfg: Re
                     on_metrics: MetricsCallback | None = None) -> StageResult:
     """Fine-tune the configured encoder; returns the stage result (best model by MeanRecall)."""
     data = TrainingSet(train_dir, seed=cfg.train.seed)
+    if cfg.train.text_negatives:
+        from ecomcap.retrieval.swaps import AttributeSwapper, synthetic_vocab
+
+        data.swapper = AttributeSwapper(cfg.train.attribute_vocab or synthetic_vocab())
     dual, pre, from_scratch = prepare_encoder(cfg, data.texts_for_vocab())
     dual = apply_strategy(dual, cfg, from_scratch)
     loop = RetrievalLoop(dual=dual, pre=pre, cfg=cfg, valid_dir=Path(valid_dir) if valid_dir else None,

@@ -106,3 +106,17 @@ def answer_logits(model, batch: AnswerBatch, suppress_ids: Sequence[int] = ()) -
     if suppress_ids:
         logits[..., list(suppress_ids)] = float("-inf")
     return logits, batch.labels[:, -a:]
+
+
+def repeat_prompts(enc: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Each prompt k times in a row, with its image's patch block repeated too.
+
+    `generate` expands images for `num_return_sequences` itself; a training forward over the K
+    samples needs the expansion done by hand (pixel_values is one flat block per image).
+    """
+    out = {key: enc[key].repeat_interleave(k, dim=0) for key in ("input_ids", "attention_mask", "mm_token_type_ids") if key in enc}
+    grid = enc["image_grid_thw"]
+    blocks = torch.split(enc["pixel_values"], grid.prod(dim=-1).tolist())
+    out["pixel_values"] = torch.cat([b for b in blocks for _ in range(k)])
+    out["image_grid_thw"] = grid.repeat_interleave(k, dim=0)
+    return out

@@ -8,12 +8,14 @@ Sampling suppresses the special/vision tokens and the log-prob pass masks the sa
 """
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ecomcap.config import GenerateConfig, ModelConfig, SCSTConfig
+from ecomcap.config import GenerateConfig, GroundingConfig, ModelConfig, SCSTConfig
 from ecomcap.data.clean import repeated_ngram_share
 from ecomcap.data.shards import read_references, read_report
 from ecomcap.errors import EcomcapError
@@ -24,28 +26,16 @@ from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.modeling.strategies import apply_strategy
 from ecomcap.text import tokenize_many
 from ecomcap.training.budget import check_token_budget, model_token_limit
-from ecomcap.training.collate import PromptBuilder, answer_logits, with_answers
+from ecomcap.training.collate import PromptBuilder, answer_logits, repeat_prompts, with_answers  # noqa: F401
 from ecomcap.training.data import Example, train_and_dev
 from ecomcap.training.identity import model_fingerprint, run_identity
 from ecomcap.training.logprob import policy_logprob
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop, make_accelerator
 from ecomcap.training.losses import sft_loss
-from ecomcap.training.rewards import CaptionReward, greedy_baseline, mean_of_others
+from ecomcap.training.rewards import CombinedReward, greedy_baseline, mean_of_others
 from ecomcap.training.zero import merge_adapter, zero_stage
 
-
-def repeat_prompts(enc: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Each prompt k times in a row, with its image's patch block repeated too.
-
-    `generate` expands images for `num_return_sequences` itself; a training forward over the K
-    samples needs the expansion done by hand (pixel_values is one flat block per image).
-    """
-    out = {key: enc[key].repeat_interleave(k, dim=0) for key in ("input_ids", "attention_mask", "mm_token_type_ids") if key in enc}
-    grid = enc["image_grid_thw"]
-    blocks = torch.split(enc["pixel_values"], grid.prod(dim=-1).tolist())
-    out["pixel_values"] = torch.cat([b for b in blocks for _ in range(k)])
-    out["image_grid_thw"] = grid.repeat_interleave(k, dim=0)
-    return out
+log = logging.getLogger(__name__)
 
 
 def split_samples(seqs: torch.Tensor, eos_id: int, pad_id: int) -> tuple[list[list[int]], list[bool]]:
@@ -64,7 +54,7 @@ def split_samples(seqs: torch.Tensor, eos_id: int, pad_id: int) -> tuple[list[li
 class SCSTStep:
     """One SCST optimisation step's computation (sampling, reward, losses)."""
 
-    def __init__(self, loop: TrainLoop, cfg: SCSTConfig, reward: CaptionReward, gen_cfg: GenerateConfig):
+    def __init__(self, loop: TrainLoop, cfg: SCSTConfig, reward: CombinedReward, gen_cfg: GenerateConfig):
         self.loop, self.cfg, self.reward = loop, cfg, reward
         self.builder: PromptBuilder = loop.builder
         self.suppress = suppressed_token_ids(self.builder.processor)
@@ -101,10 +91,14 @@ class SCSTStep:
                                     self.builder.eos_id, self.builder.pad_id)
         ids = [e.image_id for e in examples for _ in range(k)]
         captions = self._decode(seqs)
-        scores = self.reward.scores(captions, ended, ids)
-        if cfg.baseline == "greedy":
+        images = [e.image for e in examples]
+        t0 = time.perf_counter()
+        scores, terms = self.reward(captions, ended, ids, images, np.arange(len(captions)) // k)
+        reward_s = time.perf_counter() - t0
+        if cfg.baseline == "greedy":  # the same combined reward for the greedy caption
             g, g_end = split_samples(self._generate(enc, **self.greedy_kw), self.builder.eos_id, self.builder.pad_id)
-            base = greedy_baseline(self.reward.scores(self._decode(g), g_end, [e.image_id for e in examples]), k)
+            g_scores, _ = self.reward(self._decode(g), g_end, [e.image_id for e in examples], images)
+            base = greedy_baseline(g_scores, k)
         else:
             base = mean_of_others(scores, k)
         adv = torch.as_tensor(scores - base, dtype=torch.float32, device=dev)
@@ -113,6 +107,7 @@ class SCSTStep:
         logs = {"reward": float(scores.mean()), "baseline": float(base.mean()),
                 "advantage_std": float(np.std(scores - base)),
                 "repeat_ngram": float(np.mean([repeated_ngram_share(t, 3) for t in tokenize_many(captions)])),
+                "reward_s": reward_s, **{f"reward_{n}": float(v.mean()) for n, v in terms.items()},
                 **pg_logs}
         if cfg.xe_weight > 0:
             xe = self._xe(examples, enc, dev)
@@ -147,9 +142,12 @@ def run_scst(
     gen_cfg: GenerateConfig | None = None,
     on_metrics: MetricsCallback | None = None,
     dev_images: int = 0,
+    scorer_dir: str | Path | None = None,
+    grounding: GroundingConfig | None = None,
 ) -> StageResult:
     """SCST from an SFT output directory; returns the exported (best) model (`dev_images`: as
-    in `run_sft`, the same held-out training images pick the best checkpoint)."""
+    in `run_sft`, the same held-out training images pick the best checkpoint; `scorer_dir`: the
+    grounding scorer of the CLIP-S / distinctiveness reward terms)."""
     torch.manual_seed(cfg.seed)  # adapter init and sampling follow the seed, not the process history
     gen_cfg = gen_cfg or GenerateConfig()
     acc = make_accelerator(cfg, dtype=expected_dtype(model_cfg))  # first: ZeRO-3 then loads sharded
@@ -162,8 +160,10 @@ def run_scst(
     model, _ = apply_strategy(model, cfg.finetune)
     disable_dropout(model)
     train, select_on = train_and_dev(train_dir, valid_dir, dev_images)
+    scorer = load_reward_scorer(scorer_dir, cfg, grounding or GroundingConfig(), str(acc.device))
     configs = {"model": model_cfg.model_dump(mode="json"), "scst": cfg.model_dump(mode="json"),
-               "generate": gen_cfg.model_dump(mode="json"), "dev_images": dev_images}
+               "generate": gen_cfg.model_dump(mode="json"), "dev_images": dev_images,
+               **({"scorer": scorer.fingerprint} if scorer else {})}
     loop = TrainLoop(
         stage="scst", model=model, processor=processor, prompt=model_cfg.prompt,
         base_name=str(sft_model_dir), strategy=cfg.finetune.strategy, cfg=cfg, gen_cfg=gen_cfg,
@@ -171,7 +171,31 @@ def run_scst(
         identity=run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(sft_model_dir)),
         accelerator=acc,
     )
-    reward = CaptionReward(read_references(train_dir))
+    reward = CombinedReward(read_references(train_dir), cfg.reward, scorer)
     answer = max(cfg.max_new_tokens, cfg.max_answer_tokens if cfg.xe_weight > 0 else 0)
     check_token_budget(train, loop.builder, answer, model_token_limit(model, model_cfg.max_seq_len))
     return loop.run(train, SCSTStep(loop, cfg, reward, gen_cfg))
+
+
+def load_reward_scorer(scorer_dir: str | Path | None, cfg: SCSTConfig, grounding: GroundingConfig, device: str):
+    """The grounding scorer when a reward term needs it (its probe figures logged), else None."""
+    if not cfg.reward.needs_scorer:
+        return None
+    if scorer_dir is None:
+        raise EcomcapError("scst.reward.clip / distinct need the grounding scorer: set grounding.enabled: true")
+    from ecomcap.grounding.scorer import GroundingScorer
+
+    scorer = GroundingScorer(scorer_dir, device=device, w=grounding.clip_w)
+    trusted, weak = scorer.trusted_fields(grounding.min_pairwise_acc)
+    log.info("SCST grounding reward: scorer %s; attributes it sees (probe >= %.0f%%): %s", scorer.fingerprint,
+             100 * grounding.min_pairwise_acc, ", ".join(trusted) or "none")
+    if weak:
+        from ecomcap.retrieval.swaps import synthetic_vocab
+
+        probe = scorer.quality.get("probe", {})
+        scorer.blind_to(weak, grounding.attribute_vocab or synthetic_vocab())
+        log.warning("SCST grounding reward: the scorer is below %.0f%% on %s (probe %s): those words are removed "
+                    "from the captions it scores, so the reward neither pays nor charges for them",
+                    100 * grounding.min_pairwise_acc, ", ".join(weak),
+                    ", ".join(f"{f} {100 * probe[f]['accuracy']:.1f}%" for f in weak))
+    return scorer

@@ -65,21 +65,34 @@ def sft_stage(train: Path, valid: Path, cfg: RunConfig, run_name: str) -> Path:
     return Path(res["model_dir"])
 
 
-def scst_stage(sft_model: Path, train: Path, valid: Path, cfg: RunConfig, run_name: str) -> Path:
-    """SCST on top of SFT, or the SFT model unchanged when `scst.enabled` is false."""
+def scst_stage(sft_model: Path, train: Path, valid: Path, cfg: RunConfig, run_name: str,
+               grounding: Path | None = None) -> Path:
+    """SCST on top of SFT, or the SFT model unchanged when `scst.enabled` is false; `grounding`:
+    the grounding stage's output (its scorer serves the CLIP-S / distinctiveness reward terms)."""
     if not cfg.scst.enabled or cfg.scst.max_steps == 0:
         return sft_model
     from ecomcap.registry.pyfunc import export_merged
 
     tracking.log_config("scst", cfg.scst)
     tracking.log_config("launch", cfg.launch)
-    res = launch_stage("scst", cfg, sft_model=sft_model, train=train, valid=valid, run_name=run_name)
+    scorer = Path(grounding) / "scorer" if grounding is not None and cfg.scst.reward.needs_scorer else None
+    if cfg.scst.reward.needs_scorer and (scorer is None or not scorer.is_dir()):
+        raise EcomcapError("scst.reward.clip / distinct need the grounding stage's scorer: set grounding.enabled")
+    if scorer is not None:
+        from ecomcap.grounding.scorer import weights_fingerprint
+
+        tracking.set_tags({"grounding.scorer": weights_fingerprint(scorer)})
+    res = launch_stage("scst", cfg, sft_model=sft_model, train=train, valid=valid, run_name=run_name,
+                       scorer_dir=str(scorer) if scorer else None)
     _check_ranks("scst", res)
     tracking.log_metrics({"wall_s": res["wall_s"]}, prefix="scst.")
     model_dir = Path(res["model_dir"])
     # the adapter's base is the SFT artifact's local path, which a remote artifact store (another
     # pod) does not have: hand on a standalone, merged model instead (one process, after training)
-    merged = export_merged(model_dir, Path(res["output_dir"]) / "merged", cfg.model, cfg.generate)
+    from ecomcap.workflow import with_grounding
+
+    merged = export_merged(model_dir, Path(res["output_dir"]) / "merged", cfg.model,
+                           with_grounding(cfg, grounding).generate)
     if (model_dir / "metrics.jsonl").is_file():
         shutil.copy(model_dir / "metrics.jsonl", merged / "metrics.jsonl")
     return merged
@@ -117,12 +130,13 @@ def sft_process(train: str, valid: str, config: dict, run_name: str) -> dict[str
     return _summary(res, Path(sft.output_dir))
 
 
-def scst_process(sft_model: str, train: str, valid: str, config: dict, run_name: str) -> dict[str, Any]:
+def scst_process(sft_model: str, train: str, valid: str, config: dict, run_name: str,
+                 scorer_dir: str | None = None) -> dict[str, Any]:
     """One training process of the SCST stage."""
     from ecomcap.training.scst import run_scst
 
     cfg = RunConfig.model_validate(config)
     scst = cfg.scst.model_copy(update={"output_dir": Path(cfg.scst.output_dir) / run_name})
     res = run_scst(sft_model, train, valid, cfg.model, scst, cfg.generate, tracking.metrics_callback(),
-                   dev_images=cfg.data.dev_images)
+                   dev_images=cfg.data.dev_images, scorer_dir=scorer_dir, grounding=cfg.grounding)
     return _summary(res, Path(scst.output_dir))

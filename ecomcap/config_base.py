@@ -1,0 +1,37 @@
+"""The settings every other settings model builds on: strict models (unknown keys are errors)
+and the training loop's shared knobs. Kept apart so the captioning, encoder and grounding
+settings can all import them without import circles."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoopConfig(_Strict):
+    """What every training stage shares: schedule, batching, evaluation, checkpoints, resume."""
+
+    output_dir: Path = Path(".run/sft")
+    max_steps: int = Field(600, ge=0)
+    batch_size: int = Field(32, ge=1, description="images per process per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = 0.0
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float = 1.0
+    eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
+    eval_images: int = Field(200, ge=1)
+    eval_beams: int = Field(1, ge=1, description="beam width of the in-training validation")
+    save_every: int = Field(200, ge=0, description="0: no intermediate checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    resume: bool = True
+    stop_after_steps: int | None = Field(None, description="stop as if killed after N steps (tests)")
+    dist_timeout_min: int = Field(60, ge=1, description="collective timeout of a multi-process launch (minutes): "
+                                  "ranks wait this long while rank 0 validates")

@@ -1,0 +1,68 @@
+"""Generation-time reranking: N beam candidates per image rescored by their length-normalised
+log-probability under the captioner plus μ·CLIP-S from the grounding scorer (`generate.rerank`).
+
+Beam search keeps the likeliest captions; among them, the one the scorer finds truest to the
+image wins unless it is much less likely. The log-probability is recomputed in one teacher-forced
+forward (the fast decode loop returns token ids, not scores), with the same suppressed tokens
+masked as in decoding.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ecomcap.training.collate import answer_logits, repeat_prompts, with_answers
+from ecomcap.training.losses import sequence_logprob, token_logprobs
+
+
+def cut_at_eos(rows: torch.Tensor, eos_id: int, pad_id: int) -> list[list[int]]:
+    """Generated tails -> token lists ending at (and including) EOS, pads dropped."""
+    out = []
+    for row in rows.tolist():
+        out.append(row[: row.index(eos_id) + 1] if eos_id in row else [t for t in row if t != pad_id] or [eos_id])
+    return out
+
+
+@torch.no_grad()
+def candidate_logprobs(model, enc: dict[str, torch.Tensor], seqs: Sequence[Sequence[int]], n: int, pad_id: int,
+                       suppress: Sequence[int] = ()) -> np.ndarray:
+    """Length-normalised log p(candidate | image, prompt) of `n` candidates per prompt row."""
+    batch = with_answers(repeat_prompts(enc, n), seqs, pad_id)
+    logits, targets = answer_logits(model, batch, suppress)
+    lp, mask = token_logprobs(logits, targets)
+    return sequence_logprob(lp, mask, length_normalize=True).float().cpu().numpy()
+
+
+@lru_cache(maxsize=2)
+def load_scorer(path: str, device: str | None, w: float):
+    """One grounding scorer per process (generation calls this per batch)."""
+    from ecomcap.grounding.scorer import GroundingScorer
+
+    return GroundingScorer(path, device=device, w=w)
+
+
+def pick(logprob: np.ndarray, clip: np.ndarray, n: int, weight: float) -> np.ndarray:
+    """Index (within each image's n candidates) of the best logprob + weight·CLIP-S."""
+    return (logprob + weight * clip).reshape(-1, n).argmax(axis=1)
+
+
+def rerank(texts: Sequence[str], logprob: np.ndarray, images: Sequence[Image.Image], n: int, weight: float,
+           scorer) -> list[str]:
+    """The chosen caption per image from `n` consecutive candidates each."""
+    from ecomcap.grounding.scorer import clip_s
+
+    owner = np.arange(len(texts)) // n
+    clip = clip_s(scorer.images(list(images))[owner], scorer.texts(list(texts)), scorer.w)
+    best = pick(logprob, clip, n, weight)
+    return [texts[i * n + j] for i, j in enumerate(best)]
+
+
+def scorer_path(path: str | Path | None) -> str:
+    if path is None or not Path(path).is_dir():
+        raise FileNotFoundError(f"generate.rerank needs its grounding scorer directory, got {path}")
+    return str(path)

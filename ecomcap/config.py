@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ecomcap.config_base import LoopConfig, _Strict  # noqa: F401  (re-exported)
 from ecomcap.config_encoders import GroundingConfig, RerankConfig, RewardConfig

@@ -45,6 +45,16 @@ class EncoderConfig(_Strict):
         return None if self.device == "auto" else self.device
 
 
+class HardNegativeConfig(_Strict):
+    """FlagEmbedding-style mining with the current model: sample from a rank window."""
+
+    enabled: bool = False
+    start_step: int = Field(150, ge=0, description="mine at this step, then train with the negatives")
+    rank_window: tuple[int, int] = (10, 210)
+    per_query: int = Field(15, ge=1)
+    per_example: int = Field(1, ge=0, description="negatives added to the batch per training pair")
+
+
 class GroundingTrainConfig(LoopConfig):
     """How the grounding scorer and evaluator are trained: the retrieval job's loop and losses on
     (image, reference) pairs of the caption train split, with attribute-swapped references as
@@ -58,7 +68,10 @@ class GroundingTrainConfig(LoopConfig):
     save_every: int = Field(0, ge=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"
     loss: Literal["infonce", "sigmoid"] = "infonce"
-    text_negatives: int = Field(3, ge=0, description="attribute-swapped references per pair (0: plain CLIP)")
+    text_negatives: int = Field(4, ge=0, description="attribute-swapped references per pair (0: plain CLIP)")
+    hard_negatives: HardNegativeConfig = Field(
+        default_factory=HardNegativeConfig, description="images mined with the model being trained: once it "
+        "tells colours apart, its near misses differ in what it does not yet see (shape, pattern)")
 
 
 class GroundingConfig(_Strict):
@@ -69,8 +82,9 @@ class GroundingConfig(_Strict):
     probe accuracy reaches `min_pairwise_acc`."""
 
     enabled: bool = False
-    work_dir: Path = Path(".run/grounding")
-    encoder: EncoderConfig = Field(default_factory=lambda: EncoderConfig(item_embedding="image"))
+    encoder: EncoderConfig = Field(default_factory=lambda: EncoderConfig(item_embedding="image"),
+                                   description="the encoder both roles start from (a `tiny` one is built per role "
+                                   "with the role's seed inside the stage's output)")
     train: GroundingTrainConfig = Field(default_factory=GroundingTrainConfig)
     evaluator_seed: int = Field(1, description="the evaluator's training (and tiny init) seed; must differ")
     evaluator_loss: Literal["same", "infonce", "sigmoid"] = Field(

@@ -223,3 +223,20 @@ def test_gate_refuses_a_drop_in_attribute_accuracy(tmp_path):
     assert str(client.get_model_version_by_alias(cfg.model_name, "champion").version) == v1
     v3, s3 = version(1.2, 0.845)  # within the tolerance: promoted
     assert gate.evaluate_and_promote(v3, s3).promote
+
+
+def test_reranker_finds_the_scorer_its_model_ships(tmp_path):
+    from ecomcap.config import GenerateConfig
+    from ecomcap.inference.rerank import SCORER_DIR, scorer_path, with_scorer
+
+    off = GenerateConfig()
+    assert with_scorer(off, tmp_path) is off
+    on = GenerateConfig.model_validate({"rerank": {"candidates": 3}})
+    with pytest.raises(EcomcapError, match="grounding scorer is missing"):
+        scorer_path(with_scorer(on, tmp_path).rerank.scorer_dir)
+    (tmp_path / SCORER_DIR).mkdir()
+    assert with_scorer(on, tmp_path).rerank.scorer_dir == str(tmp_path / SCORER_DIR)
+    recorded = GenerateConfig.model_validate({"rerank": {"candidates": 3, "scorer_dir": SCORER_DIR}})
+    assert with_scorer(recorded, tmp_path).rerank.scorer_dir == str(tmp_path / SCORER_DIR)
+    absolute = GenerateConfig.model_validate({"rerank": {"candidates": 3, "scorer_dir": "/elsewhere"}})
+    assert with_scorer(absolute, tmp_path).rerank.scorer_dir == "/elsewhere"

@@ -30,6 +30,7 @@ from ecomcap.errors import EcomcapError
 from ecomcap.inference.chunks import Chunk, PartStore, plan_chunks, read_chunk, run_key
 from ecomcap.inference.generate import LazyImages, caption_images
 from ecomcap.inference.prompt import with_model_prompt
+from ecomcap.inference.rerank import with_scorer
 from ecomcap.processes import available_cpus, die_with_parent, worker_threads  # noqa: F401  (re-exported)
 from ecomcap.training.collate import PromptBuilder
 
@@ -177,6 +178,7 @@ def caption_dataset(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: 
     """
     dataset_dir = Path(dataset_dir)
     parts_root = Path(parts_root or cfg.chunks.parts_dir or f"{out_path}.parts")
+    cfg = with_scorer(cfg, model_ref if Path(model_ref).is_dir() else None)  # a shipped reranker scorer
     chunks, store, model_cfg = _plan(str(model_ref), model_cfg, dataset_dir, cfg, parts_root)
     _caption_missing(str(model_ref), model_cfg, dataset_dir, cfg, chunks, store, loaded, stop_after_chunks)
     return merge_parts(dataset_dir, chunks, store, out_path, cleanup)
@@ -188,6 +190,7 @@ def caption_share(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: st
     if not 0 <= index < count:
         raise EcomcapError(f"share index {index} outside 0..{count - 1}")
     dataset_dir = Path(dataset_dir)
+    cfg = with_scorer(cfg, model_ref if Path(model_ref).is_dir() else None)  # a shipped reranker scorer
     chunks, store, model_cfg = _plan(str(model_ref), model_cfg, dataset_dir, cfg, Path(parts_root))
     mine = [c for c in chunks if c.index % count == index]
     _caption_missing(str(model_ref), model_cfg, dataset_dir, cfg, mine, store)
@@ -199,6 +202,7 @@ def merge_dataset(model_ref: str | Path, model_cfg: ModelConfig, dataset_dir: st
                   cleanup: bool = False) -> dict[str, str]:
     """Merge the parts of every chunk (after a fan-out) -> `caption_gen.jsonl`."""
     dataset_dir = Path(dataset_dir)
+    cfg = with_scorer(cfg, model_ref if Path(model_ref).is_dir() else None)  # the key the shares used
     chunks, store, _ = _plan(str(model_ref), model_cfg, dataset_dir, cfg, Path(parts_root))
     return merge_parts(dataset_dir, chunks, store, out_path, cleanup)
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ecomcap.config import GenerateConfig
+from ecomcap.errors import EcomcapError
 from ecomcap.training.collate import answer_logits, repeat_prompts, with_answers
 from ecomcap.training.losses import sequence_logprob, token_logprobs
 
@@ -62,7 +64,31 @@ def rerank(texts: Sequence[str], logprob: np.ndarray, images: Sequence[Image.Ima
     return [texts[i * n + j] for i, j in enumerate(best)]
 
 
+SCORER_DIR = "grounding_scorer"  # where an exported model keeps its reranker's scorer
+
+
+def resolve_scorer(scorer_dir: str | None, model_dir: str | Path | None) -> str | None:
+    """A scorer path as recorded (absolute, or relative to the model directory that ships it),
+    else the model directory's own shipped scorer."""
+    if scorer_dir and (Path(scorer_dir).is_absolute() or model_dir is None):
+        return scorer_dir
+    shipped = Path(model_dir) / (scorer_dir or SCORER_DIR) if model_dir is not None else None
+    if shipped is not None and shipped.is_dir():
+        return str(shipped)
+    return scorer_dir
+
+
+def with_scorer(cfg: GenerateConfig, model_dir: str | Path | None) -> GenerateConfig:
+    """`cfg` with its reranker's scorer resolved against `model_dir` (no-op when reranking is off)."""
+    if not cfg.rerank.candidates:
+        return cfg
+    path = resolve_scorer(cfg.rerank.scorer_dir, model_dir)
+    return cfg.model_copy(update={"rerank": cfg.rerank.model_copy(update={"scorer_dir": path})})
+
+
 def scorer_path(path: str | Path | None) -> str:
     if path is None or not Path(path).is_dir():
-        raise FileNotFoundError(f"generate.rerank needs its grounding scorer directory, got {path}")
+        raise EcomcapError(f"generate.rerank.candidates is set but its grounding scorer is missing ({path}): run the "
+                           "training pipeline with grounding.enabled, or use a model exported with reranking (it "
+                           f"ships {SCORER_DIR}/), or set generate.rerank.candidates: 0")
     return str(path)

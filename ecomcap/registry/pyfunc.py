@@ -13,6 +13,7 @@ import mlflow.pyfunc
 
 from ecomcap.config import GenerateConfig, ModelConfig
 from ecomcap.inference.prompt import INFERENCE_FILE, with_model_prompt
+from ecomcap.inference.rerank import SCORER_DIR, resolve_scorer
 
 
 def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelConfig,
@@ -38,28 +39,17 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelCo
                                     "merged_from_4bit": True, "requires": "cuda"}
     scorer = gen_cfg.rerank.scorer_dir if gen_cfg.rerank.candidates else None
     if scorer:  # the reranker's scorer travels with the model (served = what was evaluated)
-        shutil.copytree(resolve_scorer(scorer, Path(model_dir)), out / SCORER_DIR)
+        shutil.copytree(resolve_scorer(scorer, model_dir), out / SCORER_DIR)
         settings["generate"]["rerank"]["scorer_dir"] = SCORER_DIR
     (out / INFERENCE_FILE).write_text(json.dumps(settings, ensure_ascii=False, indent=2), encoding="utf-8")
     return out
 
 
-SCORER_DIR = "grounding_scorer"
-
-
-def resolve_scorer(scorer_dir: str, model_dir: Path) -> Path:
-    """A scorer path as recorded: absolute, or relative to the model directory that ships it."""
-    p = Path(scorer_dir)
-    return p if p.is_absolute() or not (Path(model_dir) / p).is_dir() else Path(model_dir) / p
-
-
 def generate_settings(info: dict, model_dir: Path, **update) -> GenerateConfig:
     """The decoding settings an exported model records, its reranker's scorer resolved."""
-    gen = GenerateConfig.model_validate({**info["generate"], **update})
-    if gen.rerank.scorer_dir:
-        rerank = gen.rerank.model_copy(update={"scorer_dir": str(resolve_scorer(gen.rerank.scorer_dir, model_dir))})
-        gen = gen.model_copy(update={"rerank": rerank})
-    return gen
+    from ecomcap.inference.rerank import with_scorer
+
+    return with_scorer(GenerateConfig.model_validate({**info["generate"], **update}), model_dir)
 
 
 def inference_settings(model_cfg: ModelConfig, gen_cfg: GenerateConfig) -> dict:

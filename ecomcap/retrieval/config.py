@@ -7,8 +7,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ecomcap.config import IngestConfig, LaunchConfig, LoopConfig, RegistryConfig, _Strict
-from ecomcap.config_encoders import Arch, EncoderConfig, ItemEmbedding, TinyEncoderConfig  # noqa: F401  (re-exported)
-
+from ecomcap.config_encoders import (  # noqa: F401  (re-exported)
+    Arch,
+    EncoderConfig,
+    HardNegativeConfig,
+    ItemEmbedding,
+    TinyEncoderConfig,
+)
 
 
 class RetrievalSynthConfig(_Strict):
@@ -33,16 +38,6 @@ class RetrievalDataConfig(_Strict):
     splits: list[Literal["train", "valid", "test"]] = ["train", "valid"]
     synth: RetrievalSynthConfig = Field(default_factory=RetrievalSynthConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
-
-
-class HardNegativeConfig(_Strict):
-    """FlagEmbedding-style mining with the current model: sample from a rank window."""
-
-    enabled: bool = False
-    start_step: int = Field(150, ge=0, description="mine at this step, then train with the negatives")
-    rank_window: tuple[int, int] = (10, 210)
-    per_query: int = Field(15, ge=1)
-    per_example: int = Field(1, ge=0, description="negatives added to the batch per training pair")
 
 
 class RetrievalTrainConfig(LoopConfig):

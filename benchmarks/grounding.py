@@ -1,9 +1,10 @@
 """Captions that see: one table of second-stage variants from the same SFT checkpoint.
 
-    OMP_NUM_THREADS=2 python benchmarks/grounding.py --seed 0 --scst-steps 60
+    python benchmarks/grounding.py --seed 0 --scst-steps 60
     python benchmarks/grounding.py --seed 1 --rows sft,scst_cider,scst_clip   # another seed, some rows
+    python benchmarks/grounding.py --rows "" --work .run/g2 --set grounding.train.max_steps=800  # probe only
 
-Reads configs/local.yaml (or --config, with dotted --set overrides), trains the grounding scorer
+Reads configs/local_grounded.yaml (or --config, with dotted --set overrides), trains the grounding scorer
 and the independent evaluator once (train split only; their probe accuracies are printed), one
 SFT per seed, then each row from that SFT model: SFT, SFT + rerank, SCST CIDEr-D only, SCST +
 CLIP-S (two λ), SCST + distinctiveness, the best SCST + rerank. Columns: CIDEr-D, BLEU-4,
@@ -46,10 +47,8 @@ def evaluate(cfg, model_dir: Path, out: Path, evaluator, rerank: int, scorer_dir
     from ecomcap.metrics.report import caption_report
     from ecomcap.modeling.load import load_trained
 
-    gen = cfg.generate
-    if rerank:
-        gen = gen.model_copy(update={"rerank": gen.rerank.model_copy(update={
-            "candidates": rerank, "weight": mu, "scorer_dir": str(scorer_dir)})})
+    gen = cfg.generate.model_copy(update={"rerank": cfg.generate.rerank.model_copy(update={
+        "candidates": rerank, "weight": mu, "scorer_dir": str(scorer_dir)})})
     t0 = time.perf_counter()
     model, processor = load_trained(model_dir, cfg.model)
     valid = Path(cfg.data.work_dir) / "valid"
@@ -66,6 +65,8 @@ def evaluate(cfg, model_dir: Path, out: Path, evaluator, rerank: int, scorer_dir
 
 def reward_share(metrics_log: Path, batch: int) -> float | None:
     """Mean over steps of reward seconds / step seconds (step seconds = batch / images_per_s)."""
+    if not metrics_log.is_file():
+        return None
     rows = [json.loads(x) for x in metrics_log.read_text(encoding="utf-8").splitlines() if x.strip()]
     shares = [r["reward_s"] / (batch / r["images_per_s"]) for r in rows if "reward_s" in r and r.get("images_per_s")]
     return round(sum(shares) / len(shares), 4) if shares else None
@@ -73,14 +74,19 @@ def reward_share(metrics_log: Path, batch: int) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "local.yaml")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "local_grounded.yaml")
     ap.add_argument("--set", action="append", default=[], help="dotted override, e.g. scst.lr=5e-4")
     ap.add_argument("--work", type=Path, default=ROOT / ".run" / "bench_grounding")
     ap.add_argument("--seed", type=int, default=0, help="SFT/SCST/model-init seed (data and scorer stay fixed)")
-    ap.add_argument("--rows", default=",".join([*ROWS, "best_rerank"]))
+    ap.add_argument("--rows", default="sft,sft_rerank,scst_cider,scst_clip,scst_clip_hi,scst_dist,best_rerank",
+                    help=f"comma-separated, of {', '.join(ROWS)}, best_rerank; empty: the encoders' probe only")
     ap.add_argument("--scst-steps", type=int, default=60)
     ap.add_argument("--mu", type=float, default=1.0, help="rerank weight of CLIP-S")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stop-after-sft", action="store_true", help="train (or find) this seed's SFT model, then stop")
+    ap.add_argument("--grounding", type=Path, default=None,
+                    help="an already built grounding directory (scorer/, evaluator/) for this data; default: "
+                    "<work>/grounding, trained when missing")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
@@ -102,7 +108,22 @@ def main() -> None:
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": str(args.work / f"tiny-{s}")})})
     prepare_data(cfg.data)
     train, valid = Path(cfg.data.work_dir) / "train", Path(cfg.data.work_dir) / "valid"
-    gdir = args.work / "grounding"
+    out = args.work / f"seed{s}"
+    wanted = [r for r in args.rows.split(",") if r]
+    sft_dir, sft_s = None, None
+    done = out / "sft_model.json"  # one SFT per seed, reused by later invocations (rows added later)
+    if wanted and done.is_file():
+        sft_dir, sft_s = (lambda d: (Path(d["model_dir"]), d["sft_s"]))(json.loads(done.read_text()))
+    elif wanted:
+        ensure_model(cfg.model, train)
+        t0 = time.perf_counter()
+        sft = run_sft(train, valid, cfg.model, cfg.finetune, cfg.sft, cfg.generate, dev_images=cfg.data.dev_images)
+        sft_dir, sft_s = sft.model_dir, round(time.perf_counter() - t0, 1)
+        out.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps({"model_dir": str(sft_dir), "sft_s": sft_s}))
+    if args.stop_after_sft:
+        return
+    gdir = args.grounding or args.work / "grounding"
     if not (gdir / "evaluator" / "grounding.json").is_file():
         t0 = time.perf_counter()
         build_grounding(train, valid, cfg.grounding, gdir,
@@ -111,23 +132,21 @@ def main() -> None:
     probes = {r: json.loads((gdir / r / "grounding.json").read_text())["probe"] for r in ("scorer", "evaluator")}
     print("probe", json.dumps(probes), flush=True)
     evaluator = GroundingScorer(gdir / "evaluator")
-    ensure_model(cfg.model, train)
-    t0 = time.perf_counter()
-    sft = run_sft(train, valid, cfg.model, cfg.finetune, cfg.sft, cfg.generate, dev_images=cfg.data.dev_images)
-    sft_s = time.perf_counter() - t0
-    rows, wanted = {}, args.rows.split(",")
-    out = args.work / f"seed{s}"
+    if not wanted:  # --rows "": the encoders and their probe only
+        print(json.dumps({"probe": probes}))
+        return
+    rows = {}
     for name in [r for r in wanted if r in ROWS]:
         reward, rerank = ROWS[name]
-        model_dir, scst_s, share = sft.model_dir, 0.0, None
+        model_dir, scst_s, share = sft_dir, 0.0, None
         if reward is not None:
             scst_cfg = cfg.scst.model_copy(update={"output_dir": out / name, "resume": False,
                                                    "reward": cfg.scst.reward.model_validate(reward)})
             t0 = time.perf_counter()
-            res = run_scst(sft.model_dir, train, valid, cfg.model, scst_cfg, cfg.generate,
+            res = run_scst(sft_dir, train, valid, cfg.model, scst_cfg, cfg.generate,
                            dev_images=cfg.data.dev_images, scorer_dir=gdir / "scorer", grounding=cfg.grounding)
             scst_s, model_dir = time.perf_counter() - t0, res.model_dir
-            share = reward_share(out / name / "metrics.jsonl", scst_cfg.batch_size)
+            share = reward_share(Path(res.model_dir) / "metrics.jsonl", scst_cfg.batch_size)
         rows[name] = {**evaluate(cfg, model_dir, out / f"gen_{name}.jsonl", evaluator, rerank, gdir / "scorer",
                                  args.mu), "scst_s": round(scst_s, 1), "reward_share": share, "model_dir": str(model_dir)}
         print(name, json.dumps(rows[name], ensure_ascii=False), flush=True)
@@ -143,7 +162,7 @@ def main() -> None:
     md = ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     md += [f"| {k} | " + " | ".join(str(v.get(c, "")) for c in cols) + " |" for k, v in rows.items()]
     (out / f"table_seed{s}.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    summary = {"seed": s, "sft_s": round(sft_s, 1), "scst_steps": args.scst_steps, "probe": probes,
+    summary = {"seed": s, "sft_s": sft_s, "scst_steps": args.scst_steps, "probe": probes,
                "rows": {k: {c: v.get(c) for c in cols} for k, v in rows.items()}}
     (out / f"table_seed{s}.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
     print("\n".join(md))

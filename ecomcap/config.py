@@ -139,7 +139,9 @@ class SFTConfig(LoopConfig):
 
 # Settings that change how fast a stage runs, never what it trains: left out of run identities
 # and of the config hash that `retrain --if-changed` compares.
-SPEED_ONLY = {"sft": {"prompt_cache_mb"}}
+SPEED_ONLY = {"sft": {"prompt_cache_mb"},
+              # not speed, but not the recipe either: where this run's grounding step left its scorer
+              "generate": {"rerank": {"scorer_dir"}}}
 
 
 class SCSTConfig(LoopConfig):
@@ -269,10 +271,11 @@ class RunConfig(_Strict):
             raise ValueError(f"registry.guard_metrics must be among {CAPTION_METRICS + GROUNDED_METRICS}, got {unknown}")
         if "cap2img_R1" in r.guard_metrics and not self.grounding.enabled:
             raise ValueError("registry.guard_metrics cap2img_R1 needs grounding.enabled (its evaluator encoder)")
-        needs = [w for w, on in (("scst.reward", self.scst.reward.needs_scorer),
-                                 ("generate.rerank", self.generate.rerank.candidates > 0)) if on]
-        if needs and not self.grounding.enabled:
-            raise ValueError(f"{' and '.join(needs)} use the grounding scorer: set grounding.enabled: true")
+        if "attr_mean" in r.guard_metrics and self.data.source != "synthetic":
+            raise ValueError("registry.guard_metrics attr_mean needs attribute ground truth, which only the synthetic "
+                             "set has (data.source: synthetic)")
+        if self.scst.enabled and self.scst.reward.needs_scorer and not self.grounding.enabled:
+            raise ValueError("scst.reward clip / distinct use the grounding scorer: set grounding.enabled: true")
         return self
 
     data: DataConfig = Field(default_factory=DataConfig)

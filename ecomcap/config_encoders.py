@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ecomcap.config_base import LoopConfig, _Strict
 
@@ -58,7 +58,9 @@ class HardNegativeConfig(_Strict):
 class GroundingTrainConfig(LoopConfig):
     """How the grounding scorer and evaluator are trained: the retrieval job's loop and losses on
     (image, reference) pairs of the caption train split, with attribute-swapped references as
-    each image's own hard negatives."""
+    each image's own hard negatives. `seed` is the scorer's (the evaluator takes `evaluator_seed`,
+    and a `tiny` encoder is initialised with the role's seed); `output_dir` and `resume` are set by
+    the grounding stage (its own output; a cached step is not retrained)."""
 
     output_dir: Path = Path(".run/grounding/train")
     max_steps: int = Field(600, ge=1)
@@ -90,10 +92,19 @@ class GroundingConfig(_Strict):
     evaluator_loss: Literal["same", "infonce", "sigmoid"] = Field(
         "same", description="the evaluator's loss (another loss makes it more independent)")
     attribute_vocab: dict[str, list[str]] | None = Field(
-        None, description="field -> attribute words (swaps, probe, attribute checks); none: the synthetic set's")
+        None, description="field -> attribute words for the swapped negatives, the probe and the reward's "
+        "blinding of untrusted attributes; none: the synthetic set's")
     min_pairwise_acc: float = Field(0.9, ge=0, le=1, description="probe accuracy an attribute needs for the reward")
     clip_w: float = Field(2.5, gt=0, description="CLIP-S = w * max(cos, 0) (Hessel et al. 2021)")
     probe_images: int = Field(600, ge=1, description="valid images probed per attribute")
+
+    @model_validator(mode="after")
+    def _independent_evaluator(self) -> "GroundingConfig":
+        """Refused when the config loads, not after the scorer has trained."""
+        if self.evaluator_seed == self.train.seed:
+            raise ValueError("grounding.evaluator_seed must differ from grounding.train.seed: the evaluator has to be "
+                             "trained independently of the scorer")
+        return self
 
 
 class RewardConfig(_Strict):

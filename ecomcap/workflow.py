@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ecomcap.config import DataConfig, RunConfig
+from ecomcap.config import DataConfig, GroundingConfig, RunConfig
 from ecomcap.registry import tracking
 
 log = logging.getLogger(__name__)
@@ -110,15 +110,17 @@ def data_fingerprint(fingerprints: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def grounding_stage(train: Path, valid: Path, cfg: RunConfig) -> Path:
-    """Train the grounding scorer and the independent evaluator on the train split; logs each
-    one's probe accuracy per attribute and its fingerprint (runs using them record it too)."""
+def grounding_stage(train: Path, valid: Path, cfg: GroundingConfig, data: DataConfig) -> Path:
+    """Train the grounding scorer and the independent evaluator on the train split (never on a
+    valid or test image: checked on ids); logs each one's probe accuracy per attribute and its
+    fingerprint (the runs using them record it too). Takes only its own settings and the data's,
+    so a change elsewhere in the run config reuses the cached encoders."""
     from ecomcap.grounding.train import build_grounding
 
-    tracking.log_config("grounding", cfg.grounding)
-    out = _scratch(cfg, "grounding")
-    summary = build_grounding(train, valid, cfg.grounding, out, attributes=_synthetic_attributes(cfg),
-                              on_metrics=tracking.metrics_callback())
+    tracking.log_config("grounding", cfg)
+    out = scratch_dir(data.work_dir, "grounding")
+    summary = build_grounding(train, valid, cfg, out, test_dir=_raw_test_ids(data),
+                              attributes=_synthetic_attributes(data), on_metrics=tracking.metrics_callback())
     for role, info in summary.items():
         tracking.log_metrics({f: v["accuracy"] for f, v in info["probe"].items()}, prefix=f"grounding.{role}.probe.")
         tracking.set_tags({f"grounding.{role}": info["fingerprint"]})
@@ -126,12 +128,22 @@ def grounding_stage(train: Path, valid: Path, cfg: RunConfig) -> Path:
     return out
 
 
+def _raw_test_ids(data: DataConfig) -> set[str] | None:
+    """The test split's image ids from its raw TSV (the training pipeline does not ingest it)."""
+    from ecomcap.data.prepare import source_dir
+
+    path = Path(source_dir(data)) / "IC_test.tsv"
+    if "test" not in data.splits or not path.is_file():
+        return None
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return {line.split("\t", 1)[0] for line in fh if "\t" in line}
+
+
 def with_grounding(cfg: RunConfig, grounding: Path | None) -> RunConfig:
     """`cfg` with the reranker pointed at the grounding stage's scorer (when reranking is on)."""
-    if grounding is None or not cfg.generate.rerank.candidates:
-        return cfg
-    rerank = cfg.generate.rerank.model_copy(update={"scorer_dir": str(Path(grounding) / "scorer")})
-    return cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"rerank": rerank})})
+    from ecomcap.inference.rerank import with_grounding_scorer
+
+    return cfg.model_copy(update={"generate": with_grounding_scorer(cfg.generate, grounding)})
 
 
 def generate_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, log: bool = True,
@@ -185,7 +197,7 @@ def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
     from ecomcap.reports import loss_curves_png, samples_html
 
     refs = read_references(valid)
-    attrs = _synthetic_attributes(cfg)
+    attrs = _synthetic_attributes(cfg.data)
     metrics = caption_report(preds, refs, attrs)
     evaluator = grounding_evaluator(cfg, grounding)
     if evaluator is not None:
@@ -194,6 +206,8 @@ def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
         metrics.update(grounded_metrics(preds, valid, evaluator))
         metrics["evaluator"] = evaluator.fingerprint
     eval_fp = read_report(valid)["fingerprint"]
+    if evaluator is not None and "cap2img_R1" in cfg.registry.guard_metrics:
+        eval_fp = f"{eval_fp}+{evaluator.fingerprint}"  # R@1 of another evaluator is not comparable
     html = samples_html(_samples(valid, preds, refs, cfg.registry.samples_in_report, attrs), metrics)
     if not log:
         return metrics, eval_fp, html
@@ -224,11 +238,11 @@ def grounding_evaluator(cfg: RunConfig, grounding: Path | None):
                            w=cfg.grounding.clip_w)
 
 
-def _synthetic_attributes(cfg: RunConfig) -> dict | None:
+def _synthetic_attributes(data: DataConfig) -> dict | None:
     from ecomcap.metrics.attributes import read_attributes
 
-    path = Path(cfg.data.work_dir) / "raw" / "attributes_valid.jsonl"
-    return read_attributes(path) if cfg.data.source == "synthetic" and path.is_file() else None
+    path = Path(data.work_dir) / "raw" / "attributes_valid.jsonl"
+    return read_attributes(path) if data.source == "synthetic" and path.is_file() else None
 
 
 def _samples(valid: Path, preds: dict[str, str], refs: dict[str, list[str]], n: int,

@@ -22,7 +22,8 @@ def training_pipeline(config: RunConfig = RunConfig()) -> None:  # noqa: B008  (
     report = validate(config=config, train=train, valid=valid)
     sft_model = sft(config=config, train=train, valid=valid, after="validate")
     # decided when the pipeline is compiled, from the run's config: no step at all when off
-    scorers = grounding(config=config, train=train, valid=valid, after="validate") if config.grounding.enabled else None
+    scorers = grounding(config=config.grounding, data=config.data, train=train, valid=valid, after="validate") \
+        if config.grounding.enabled else None
     model = scst(config=config, sft_model=sft_model, train=train, valid=valid, grounding=scorers)
     predictions = generate(config=config, model=model, data=valid, grounding=scorers)
     evaluation = evaluate(config=config, predictions=predictions, valid=valid, sft_model=sft_model, model=model,

@@ -27,9 +27,7 @@ def promote(config: RunConfig, model: ModelDir, evaluation: EvaluationReport, va
             validation_report: dict, grounding: ModelDir | None = None) -> Annotated[dict, "gate_decision"]:
     """Register the candidate; `champion` (and the ZenML model stage) move only if the gate passes."""
     from ecomcap.registry.promote import promote_stage
-    from ecomcap.workflow import data_fingerprint, source_fingerprint, with_grounding
-
-    config = with_grounding(config, Path(grounding.path) if grounding else None)
+    from ecomcap.workflow import data_fingerprint, source_fingerprint
 
     tags = {"data_fingerprint": data_fingerprint({s: r["fingerprint"] for s, r in validation_report.items()}),
             "source_fingerprint": source_fingerprint(config.data)}

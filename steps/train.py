@@ -6,7 +6,7 @@ from typing import Annotated
 
 from zenml import step
 
-from ecomcap.config import RunConfig
+from ecomcap.config import DataConfig, GroundingConfig, RunConfig
 from ecomcap.training.stages import scst_stage, sft_stage
 from materializers import DatasetDir, ModelDir
 from steps._tracker import TRACKER, run_name
@@ -26,9 +26,10 @@ def scst(config: RunConfig, sft_model: ModelDir, train: DatasetDir, valid: Datas
 
 
 @step(experiment_tracker=TRACKER)
-def grounding(config: RunConfig, train: DatasetDir, valid: DatasetDir) -> Annotated[ModelDir, "grounding"]:
+def grounding(config: GroundingConfig, data: DataConfig, train: DatasetDir,
+              valid: DatasetDir) -> Annotated[ModelDir, "grounding"]:
     """The grounding scorer and the independent evaluator (cached like any step: trained once per
-    train split, config and library version)."""
+    train split, grounding settings and library version)."""
     from ecomcap.workflow import grounding_stage
 
-    return ModelDir(str(grounding_stage(Path(train.path), Path(valid.path), config)))
+    return ModelDir(str(grounding_stage(Path(train.path), Path(valid.path), config, data)))

@@ -124,6 +124,8 @@ def test_caption_to_image_ranks_and_opener_share():
     img = np.eye(3)
     txt = np.array([[1.0, 0, 0], [0.9, 0.1, 0], [0, 0, 1.0]])
     assert caption_to_image_ranks(txt, img).tolist() == [0, 1, 0]
+    tied = np.array([[0.7071, 0.7071, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert caption_to_image_ranks(tied, img).tolist() == [1, 0, 0]  # a tie is not a hit
     assert top_opener_share([list("这款红"), list("这款蓝"), list("一件绿"), []]) == 0.5
 
 
@@ -132,6 +134,8 @@ def test_config_requires_grounding_for_its_terms():
         RunConfig.model_validate({"scst": {"reward": {"clip": 1.0}}})
     with pytest.raises(ValueError, match="grounding.enabled"):
         RunConfig.model_validate({"registry": {"guard_metrics": ["cap2img_R1"]}})
+    with pytest.raises(ValueError, match="synthetic"):
+        RunConfig.model_validate({"data": {"source": "dir"}, "registry": {"guard_metrics": ["attr_mean"]}})
     cfg = RunConfig.model_validate({"grounding": {"enabled": True}, "scst": {"reward": {"clip": 1.0}},
                                     "registry": {"guard_metrics": ["attr_mean", "cap2img_R1"]}})
     assert cfg.scst.reward.needs_scorer
@@ -155,31 +159,31 @@ def grounding(small_data, tmp_path_factory):
     return {"out": out, "summary": summary, "cfg": cfg}
 
 
-def test_scorer_trains_on_train_ids_only(grounding, small_data, tmp_path):
-    from ecomcap.grounding.train import caption_pairs_split, check_unseen
+def test_scorer_trains_on_train_ids_only(grounding, small_data):
+    from ecomcap.grounding.train import check_unseen, ids_digest
     from ecomcap.retrieval.batches import TrainingSet
     from ecomcap.training.data import ShardImages
 
-    pairs = caption_pairs_split(small_data["train"], tmp_path / "pairs")
-    seen = set(TrainingSet(pairs).items.ids)
-    assert seen == set(ShardImages(small_data["train"]).ids)
+    seen = TrainingSet(grounding["out"] / "pairs").items.ids  # what the encoders' loop drew from
+    train = set(ShardImages(small_data["train"]).ids)
+    assert set(seen) == train
     for split in ("valid", "test"):
-        assert not seen & set(ShardImages(small_data[split]).ids)
-    with pytest.raises(EcomcapError, match="also in valid"):  # a leak is refused, naming the split
-        check_unseen(small_data["train"], {"valid": small_data["train"]})
+        assert not set(seen) & set(ShardImages(small_data[split]).ids)
     s = grounding["summary"]
+    for role in ("scorer", "evaluator"):
+        assert s[role]["trained_on"]["ids_sha256"] == ids_digest(train) and s[role]["trained_on"]["images"] == len(train)
     assert s["scorer"]["fingerprint"] != s["evaluator"]["fingerprint"]  # independently trained
-    assert s["scorer"]["trained_on"]["images"] == len(seen)
     assert set(s["scorer"]["probe"]) >= {"category", "colour"}
     assert all(0 <= v["accuracy"] <= 1 and v["n"] > 0 for v in s["scorer"]["probe"].values())
+    with pytest.raises(EcomcapError, match="also in valid"):  # a leak is refused, naming the split
+        check_unseen(small_data["train"], {"valid": small_data["train"]})
+    with pytest.raises(EcomcapError, match="also in test"):
+        check_unseen(small_data["train"], {"test": {sorted(train)[0]}})
 
 
 def test_evaluator_seed_must_differ():
-    from ecomcap.grounding.train import role_config
-
-    cfg = GroundingConfig(evaluator_seed=0)
-    with pytest.raises(EcomcapError, match="independently"):
-        role_config(cfg, "evaluator", __import__("pathlib").Path("/tmp"))
+    with pytest.raises(ValueError, match="independently"):
+        GroundingConfig(evaluator_seed=0)
 
 
 def test_grounded_metrics_with_the_evaluator(grounding, small_data):
@@ -227,16 +231,107 @@ def test_gate_refuses_a_drop_in_attribute_accuracy(tmp_path):
 
 def test_reranker_finds_the_scorer_its_model_ships(tmp_path):
     from ecomcap.config import GenerateConfig
-    from ecomcap.inference.rerank import SCORER_DIR, scorer_path, with_scorer
+    from ecomcap.inference.rerank import SCORER_DIR, with_scorer
 
     off = GenerateConfig()
     assert with_scorer(off, tmp_path) is off
     on = GenerateConfig.model_validate({"rerank": {"candidates": 3}})
-    with pytest.raises(EcomcapError, match="grounding scorer is missing"):
-        scorer_path(with_scorer(on, tmp_path).rerank.scorer_dir)
+    with pytest.raises(EcomcapError, match="grounding scorer is missing"):  # before any model loads
+        with_scorer(on, tmp_path)
     (tmp_path / SCORER_DIR).mkdir()
     assert with_scorer(on, tmp_path).rerank.scorer_dir == str(tmp_path / SCORER_DIR)
     recorded = GenerateConfig.model_validate({"rerank": {"candidates": 3, "scorer_dir": SCORER_DIR}})
     assert with_scorer(recorded, tmp_path).rerank.scorer_dir == str(tmp_path / SCORER_DIR)
-    absolute = GenerateConfig.model_validate({"rerank": {"candidates": 3, "scorer_dir": "/elsewhere"}})
-    assert with_scorer(absolute, tmp_path).rerank.scorer_dir == "/elsewhere"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    absolute = GenerateConfig.model_validate({"rerank": {"candidates": 3, "scorer_dir": str(elsewhere)}})
+    assert with_scorer(absolute, tmp_path).rerank.scorer_dir == str(elsewhere)
+    missing = GenerateConfig.model_validate({"rerank": {"candidates": 3, "scorer_dir": str(tmp_path / "gone")}})
+    with pytest.raises(EcomcapError, match="gone"):
+        with_scorer(missing, tmp_path)
+
+
+def test_scst_with_the_grounded_reward_logs_every_term(grounding, tiny_model_cfg, small_data, tmp_path, caplog):
+    """Real SCST steps on the tiny captioner with the trained scorer: every weighted-in term and the
+    reward's seconds are logged, and attributes the scorer does not see are said to be left out."""
+    import logging
+
+    from ecomcap.config import FinetuneConfig, GenerateConfig, SCSTConfig, SFTConfig
+    from ecomcap.training.scst import run_scst
+    from ecomcap.training.sft import run_sft
+
+    gen = GenerateConfig(num_beams=1, max_new_tokens=8, batch_size=4)
+    sft = run_sft(small_data["train"], None, tiny_model_cfg, FinetuneConfig(strategy="full"),
+                  SFTConfig(output_dir=tmp_path / "sft", max_steps=2, batch_size=4, lr=5e-3, eval_every=0), gen)
+    cfg = SCSTConfig(output_dir=tmp_path / "scst", max_steps=2, batch_size=2, samples=2, lr=1e-3, eval_every=0,
+                     save_every=0, max_new_tokens=6, finetune=FinetuneConfig(strategy="lora", lora_r=4),
+                     reward=RewardConfig(cider=1.0, clip=1.0, distinct=0.5, repeat=1.0))
+    seen = []
+    gcfg = grounding["cfg"].model_copy(update={"min_pairwise_acc": 1.01})  # nothing trusted: all blinded
+    with caplog.at_level(logging.INFO, logger="ecomcap.training.scst"):
+        run_scst(sft.model_dir, small_data["train"], None, tiny_model_cfg, cfg, gen, on_metrics=lambda m, s: seen.append(m),
+                 scorer_dir=grounding["out"] / "scorer", grounding=gcfg)
+    keys = set().union(*seen)
+    for k in ("reward_cider", "reward_clip_s", "reward_distinct", "reward_repeat", "reward_s"):
+        assert f"scst/{k}" in keys, k
+    assert "neither pays nor charges" in caplog.text and "colour" in caplog.text
+    with pytest.raises(EcomcapError, match="grounding"):
+        run_scst(sft.model_dir, small_data["train"], None, tiny_model_cfg,
+                 cfg.model_copy(update={"output_dir": tmp_path / "x"}), gen)
+
+
+def test_generation_reranks_with_the_scorer(grounding, tiny_model_cfg, small_data, monkeypatch):
+    """caption_images with rerank: the candidates' log-probs equal an independent one-by-one forward,
+    and the caption chosen is the candidate log-prob + μ·CLIP-S picks."""
+    from ecomcap.config import GenerateConfig
+    from ecomcap.inference import rerank as rr
+    from ecomcap.inference.generate import caption_images
+    from ecomcap.modeling.load import load_trained
+    from ecomcap.training.collate import PromptBuilder
+    from ecomcap.training.data import ShardImages
+
+    torch.manual_seed(0)
+    model, processor = load_trained(tiny_model_cfg.name_or_path, tiny_model_cfg)
+    model.eval()
+    builder = PromptBuilder(processor, tiny_model_cfg.prompt)
+    data = ShardImages(small_data["valid"])
+    images = [data.image(i) for i in range(2)]
+    scorer_dir = str(grounding["out"] / "scorer")
+    seen = {}
+    real_lp, real_rerank = rr.candidate_logprobs, rr.rerank
+
+    def spy_lp(model_, enc, seqs, n, pad_id, suppress=()):
+        seen.update(seqs=[list(x) for x in seqs])
+        return real_lp(model_, enc, seqs, n, pad_id, suppress)
+
+    def spy_rerank(texts, logprob, imgs, n, weight, scorer):
+        seen.update(texts=list(texts), logprob=logprob)
+        return real_rerank(texts, logprob, imgs, n, weight, scorer)
+
+    monkeypatch.setattr(rr, "candidate_logprobs", spy_lp)
+    monkeypatch.setattr(rr, "rerank", spy_rerank)
+    cfg = GenerateConfig.model_validate({"num_beams": 3, "max_new_tokens": 6, "batch_size": 2,
+                                         "rerank": {"candidates": 3, "weight": 50.0, "scorer_dir": scorer_dir}})
+    out = caption_images(model, builder, images, cfg, progress=False)
+    assert len(seen["seqs"]) == 6
+    with torch.no_grad():  # each candidate alone: prompt + its tokens, mean log-prob of its tokens
+        for k, seq in enumerate(seen["seqs"]):
+            enc = builder.prompts([images[k // 3]])
+            ids = torch.cat([enc["input_ids"], torch.tensor([seq])], dim=1)
+            mm = torch.cat([enc["mm_token_type_ids"], torch.zeros(1, len(seq), dtype=torch.long)], dim=1)
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
+                           pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"]).logits[0].float()
+            suppress = [t for t in rr_suppressed(processor) if t not in seq]
+            logits[:, suppress] = float("-inf")
+            lp = torch.log_softmax(logits[-len(seq) - 1:-1], dim=-1).gather(1, torch.tensor(seq)[:, None]).mean()
+            assert float(lp) == pytest.approx(float(seen["logprob"][k]), abs=1e-4)
+    scorer = rr.load_scorer(scorer_dir, "cpu")
+    clip = clip_s(scorer.images(images)[np.arange(6) // 3], scorer.texts(seen["texts"]), scorer.w)
+    best = (seen["logprob"] + 50.0 * clip).reshape(2, 3).argmax(1)
+    assert out == [seen["texts"][i * 3 + j] for i, j in enumerate(best)]
+
+
+def rr_suppressed(processor):
+    from ecomcap.modeling.processor import suppressed_token_ids
+
+    return suppressed_token_ids(processor)

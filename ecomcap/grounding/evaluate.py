@@ -16,14 +16,15 @@ BATCH = 256  # images decoded and embedded at a time
 
 
 def caption_to_image_ranks(text_emb: np.ndarray, image_emb: np.ndarray) -> np.ndarray:
-    """0-based rank of each caption's own image (row i <-> image i): images scoring strictly higher."""
+    """0-based rank of each caption's own image (row i <-> image i): the other images scoring at
+    least as high (a tie is a miss, as in the probe: an encoder that cannot tell is not credited)."""
     sims = text_emb @ image_emb.T
     own = sims[np.arange(len(sims)), np.arange(len(sims))]
-    return (sims > own[:, None]).sum(axis=1)
+    return (sims >= own[:, None]).sum(axis=1) - 1
 
 
 def grounded_metrics(preds: Mapping[str, str], valid_dir: str | Path, evaluator: GroundingScorer) -> dict[str, float]:
-    """{"cap2img_R1", "cap2img_R5", "clip_s_eval", "n"} of the captions of the valid images."""
+    """{"cap2img_R1", "cap2img_R5", "clip_s_eval", "n_grounded"} of the captions of the valid images."""
     data = ShardImages(valid_dir)
     rows = [r for r, i in enumerate(data.ids) if i in preds]
     if not rows:

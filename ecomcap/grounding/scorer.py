@@ -46,26 +46,34 @@ def weights_fingerprint(model_dir: str | Path) -> str:
 class GroundingScorer:
     """One encoder directory as a caption scorer (the SCST reward, reranking, the evaluator)."""
 
-    def __init__(self, model_dir: str | Path, device: str | None = None, w: float = 2.5):
+    def __init__(self, model_dir: str | Path, device: str | None = None, w: float | None = None):
         from ecomcap.retrieval.encoder import load_encoder
 
         self.dir = Path(model_dir)
         self.encoder = load_encoder(self.dir, device=device)
-        self.w = w
         t, _ = self.encoder.dual.scale_bias()
         self.scale = float(t.detach().exp())
         quality = self.dir / QUALITY_FILE
         self.quality = json.loads(quality.read_text(encoding="utf-8")) if quality.is_file() else {}
+        self.w = w if w is not None else float(self.quality.get("clip_w", 2.5))
         self.fingerprint = self.quality.get("fingerprint") or weights_fingerprint(self.dir)
         self.blind: list[str] = []  # attributes the scorer does not see: their words are left out of its input
         self.swapper = None
+        if self.quality.get("role") == "scorer":  # the evaluator reports as it is; a scorer keeps to its probe
+            _, weak = self.trusted_fields(float(self.quality.get("min_pairwise_acc", 0.0)))
+            if weak:
+                self.blind_to(weak, self.quality.get("vocab") or {})
 
     def blind_to(self, fields: Sequence[str], vocab) -> None:
         """Score captions with the words of `fields` removed, so a scorer at chance on an attribute
         neither rewards nor penalises what a caption says about it."""
         from ecomcap.retrieval.swaps import AttributeSwapper
 
-        self.blind, self.swapper = list(fields), AttributeSwapper(vocab)
+        if not vocab:
+            from ecomcap.retrieval.swaps import synthetic_vocab
+
+            vocab = synthetic_vocab()
+        self.blind, self.swapper = list(fields), AttributeSwapper(vocab) if fields else None
 
     def images(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.encoder.encode_images(images)

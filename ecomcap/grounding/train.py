@@ -8,6 +8,7 @@ images are never seen (checked on ids); valid images only feed the probe afterwa
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -20,6 +21,7 @@ from ecomcap.config_encoders import GroundingConfig
 from ecomcap.errors import EcomcapError
 from ecomcap.grounding.probe import probe
 from ecomcap.grounding.scorer import QUALITY_FILE, GroundingScorer, weights_fingerprint
+from ecomcap.retrieval.batches import TrainingSet
 from ecomcap.retrieval.data import QUERY_SCHEMA
 from ecomcap.retrieval.swaps import AttributeSwapper, synthetic_vocab
 from ecomcap.training.data import ShardImages
@@ -44,13 +46,18 @@ def caption_pairs_split(train_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def check_unseen(train_dir: str | Path, held_out: dict[str, str | Path | None]) -> None:
-    """No image of a held-out split (valid/test) may be among the encoder's training images."""
+def ids_digest(ids) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+def check_unseen(train_dir: str | Path, held_out: dict[str, "str | Path | set[str] | None"]) -> None:
+    """No image of a held-out split (valid/test: an ingested directory or a set of ids) may be
+    among the encoder's training images."""
     seen = set(ShardImages(train_dir).ids)
-    for split, path in held_out.items():
-        if path is None:
+    for split, other in held_out.items():
+        if other is None:
             continue
-        shared = seen & set(ShardImages(path).ids)
+        shared = seen & (other if isinstance(other, set) else set(ShardImages(other).ids))
         if shared:
             raise EcomcapError(f"grounding encoders train on the caption train split only, but {len(shared)} of "
                                f"its image ids are also in {split}, e.g. {sorted(shared)[:3]}: de-duplicate the splits")
@@ -60,9 +67,6 @@ def role_config(cfg: GroundingConfig, role: str, out_root: Path):
     """The retrieval run config that trains one role (the evaluator: its own seed, maybe its own loss)."""
     from ecomcap.retrieval.config import RetrievalRunConfig, RetrievalTrainConfig
 
-    if role == "evaluator" and cfg.evaluator_seed == cfg.train.seed:
-        raise EcomcapError("grounding.evaluator_seed must differ from grounding.train.seed: the evaluator has to "
-                           "be trained independently of the scorer")
     seed = cfg.train.seed if role == "scorer" else cfg.evaluator_seed
     enc = cfg.encoder.model_copy(update={"item_embedding": "image"})
     if enc.tiny is not None:  # a from-scratch model: its own initialisation per role
@@ -76,15 +80,32 @@ def role_config(cfg: GroundingConfig, role: str, out_root: Path):
     return RetrievalRunConfig(encoder=enc, train=train)
 
 
+class RoleMetrics:
+    """Per-step metrics of one role under its own names (`grounding_scorer/loss`, ...): both roles
+    train with the retrieval loop, whose names would otherwise collide in one MLflow run."""
+
+    def __init__(self, inner, role: str):
+        self.inner, self.prefix = inner, f"grounding_{role}/"
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        self.inner({self.prefix + k.split("/", 1)[-1]: v for k, v in metrics.items()}, step)
+
+    def flush(self) -> None:
+        flush = getattr(self.inner, "flush", None)
+        if flush is not None:
+            flush()
+
+
 def train_role(pairs_dir: Path, cfg: GroundingConfig, role: str, out_root: Path, on_metrics=None) -> Path:
     from ecomcap.retrieval.train import train_retriever
 
-    res = train_retriever(pairs_dir, None, role_config(cfg, role, out_root), on_metrics)
+    metrics = RoleMetrics(on_metrics, role) if on_metrics is not None else None
+    res = train_retriever(pairs_dir, None, role_config(cfg, role, out_root), metrics)
     return Path(res.model_dir)
 
 
 def build_grounding(train_dir: str | Path, valid_dir: str | Path | None, cfg: GroundingConfig, out: str | Path,
-                    test_dir: str | Path | None = None, attributes: dict | None = None,
+                    test_dir: "str | Path | set[str] | None" = None, attributes: dict | None = None,
                     on_metrics=None) -> dict[str, Any]:
     """Train, probe and record the scorer and the evaluator under `out/{scorer,evaluator}`."""
     out = Path(out)
@@ -96,9 +117,15 @@ def build_grounding(train_dir: str | Path, valid_dir: str | Path | None, cfg: Gr
     for role in ROLES:
         model_dir = train_role(pairs, cfg, role, out, on_metrics)
         scorer = GroundingScorer(model_dir, device=cfg.encoder.torch_device(), w=cfg.clip_w)
+        trained = TrainingSet(pairs).items.ids  # the images this encoder was trained on
         quality = {"role": role, "fingerprint": weights_fingerprint(model_dir),
-                   "trained_on": {"fingerprint": train_fp, "images": len(ShardImages(train_dir))},
-                   "probe": probe(scorer, valid_dir, swapper, cfg.probe_images, attributes) if valid_dir else {}}
+                   "trained_on": {"fingerprint": train_fp, "images": len(trained), "ids_sha256": ids_digest(trained)},
+                   "probe": probe(scorer, valid_dir, swapper, cfg.probe_images, attributes) if valid_dir else {},
+                   "min_pairwise_acc": cfg.min_pairwise_acc, "clip_w": cfg.clip_w, "vocab": swapper.vocab}
+        if not quality["probe"]:
+            log.warning("grounding %s: no valid reference names a word of the attribute vocabulary, so nothing was "
+                        "probed and every attribute counts as trusted: set grounding.attribute_vocab for this "
+                        "data", role)
         (Path(model_dir) / QUALITY_FILE).write_text(json.dumps(quality, ensure_ascii=False, indent=2), encoding="utf-8")
         final = out / role
         if final.exists():

@@ -74,7 +74,7 @@ def caption_batch(model, builder: PromptBuilder, images: Sequence[Image.Image], 
     seqs = rr.cut_at_eos(new, builder.eos_id, builder.pad_id)
     texts = [postprocess(t, cfg.postprocess) for t in builder.processor.tokenizer.batch_decode(seqs, skip_special_tokens=True)]
     logprob = rr.candidate_logprobs(model, enc, seqs, n, builder.pad_id, kw["suppress_tokens"])
-    scorer = rr.load_scorer(rr.scorer_path(cfg.rerank.scorer_dir), str(device), 2.5)
+    scorer = rr.load_scorer(rr.scorer_path(cfg.rerank.scorer_dir), str(device))
     return rr.rerank(texts, logprob, images, n, cfg.rerank.weight, scorer)
 
 

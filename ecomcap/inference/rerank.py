@@ -41,11 +41,12 @@ def candidate_logprobs(model, enc: dict[str, torch.Tensor], seqs: Sequence[Seque
 
 
 @lru_cache(maxsize=2)
-def load_scorer(path: str, device: str | None, w: float):
-    """One grounding scorer per process (generation calls this per batch)."""
+def load_scorer(path: str, device: str | None):
+    """One grounding scorer per process (generation calls this per batch); it keeps to its own
+    probe (blind to attributes below the threshold it was built with) and its recorded CLIP-S w."""
     from ecomcap.grounding.scorer import GroundingScorer
 
-    return GroundingScorer(path, device=device, w=w)
+    return GroundingScorer(path, device=device)
 
 
 def pick(logprob: np.ndarray, clip: np.ndarray, n: int, weight: float) -> np.ndarray:
@@ -79,11 +80,19 @@ def resolve_scorer(scorer_dir: str | None, model_dir: str | Path | None) -> str 
 
 
 def with_scorer(cfg: GenerateConfig, model_dir: str | Path | None) -> GenerateConfig:
-    """`cfg` with its reranker's scorer resolved against `model_dir` (no-op when reranking is off)."""
+    """`cfg` with its reranker's scorer resolved against `model_dir` and checked before any model
+    loads (no-op when reranking is off)."""
     if not cfg.rerank.candidates:
         return cfg
-    path = resolve_scorer(cfg.rerank.scorer_dir, model_dir)
+    path = scorer_path(resolve_scorer(cfg.rerank.scorer_dir, model_dir))
     return cfg.model_copy(update={"rerank": cfg.rerank.model_copy(update={"scorer_dir": path})})
+
+
+def with_grounding_scorer(cfg: GenerateConfig, grounding: str | Path | None) -> GenerateConfig:
+    """`cfg` with the reranker pointed at a grounding stage output's scorer (when reranking is on)."""
+    if grounding is None or not cfg.rerank.candidates:
+        return cfg
+    return cfg.model_copy(update={"rerank": cfg.rerank.model_copy(update={"scorer_dir": str(Path(grounding) / "scorer")})})
 
 
 def scorer_path(path: str | Path | None) -> str:

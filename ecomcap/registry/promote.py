@@ -79,8 +79,10 @@ def promote_stage(model_dir: Path, metrics: dict, eval_fp: str, valid: Path, cfg
         return log_pyfunc(path).model_uri
 
     with tempfile.TemporaryDirectory(prefix="ecomcap-merged-") as tmp:
+        from ecomcap.inference.rerank import with_grounding_scorer
+
         merged = model_dir if _standalone(model_dir) else \
-            export_merged(model_dir, Path(tmp) / "model_dir", cfg.model, cfg.generate)
+            export_merged(model_dir, Path(tmp) / "model_dir", cfg.model, with_grounding_scorer(cfg.generate, grounding))
         inference = json.loads((merged / INFERENCE_FILE).read_text(encoding="utf-8"))
         return register_and_gate(
             cfg.registry, model_dir=merged, inference=inference, log_model=log_model,

@@ -13,7 +13,7 @@ import mlflow.pyfunc
 
 from ecomcap.config import GenerateConfig, ModelConfig
 from ecomcap.inference.prompt import INFERENCE_FILE, with_model_prompt
-from ecomcap.inference.rerank import SCORER_DIR, resolve_scorer
+from ecomcap.inference.rerank import SCORER_DIR, resolve_scorer, scorer_path
 
 
 def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelConfig,
@@ -39,7 +39,7 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelCo
                                     "merged_from_4bit": True, "requires": "cuda"}
     scorer = gen_cfg.rerank.scorer_dir if gen_cfg.rerank.candidates else None
     if scorer:  # the reranker's scorer travels with the model (served = what was evaluated)
-        shutil.copytree(resolve_scorer(scorer, model_dir), out / SCORER_DIR)
+        shutil.copytree(scorer_path(resolve_scorer(scorer, model_dir)), out / SCORER_DIR)
         settings["generate"]["rerank"]["scorer_dir"] = SCORER_DIR
     (out / INFERENCE_FILE).write_text(json.dumps(settings, ensure_ascii=False, indent=2), encoding="utf-8")
     return out
@@ -68,7 +68,7 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
 
         path = Path(context.artifacts["model_dir"])
         info = json.loads((path / INFERENCE_FILE).read_text(encoding="utf-8"))
-        self.gen = generate_settings(info, path)
+        self.gen = generate_settings(info, path)  # a reranker without its shipped scorer: refused here
         self.model, processor = load_trained(path, ModelConfig(name_or_path=str(path)))
         self.builder = PromptBuilder(processor, info["prompt"])
 

@@ -35,8 +35,10 @@ def info_nce(q: torch.Tensor, d: torch.Tensor, pos: torch.Tensor, log_scale: tor
     if neg is not None and neg.shape[0]:
         own = _own_negatives(d[:b], neg, neg_owner, log_scale.exp())
         d_q = torch.cat([d_q, own], dim=1)
-        with torch.no_grad():  # share of items scoring their caption above every swap of it
-            extra["swap_acc"] = float((d_q.diagonal() > own.max(dim=1).values).float().mean())
+        with torch.no_grad():  # share of items (with swaps) scoring their caption above every swap of it
+            has = torch.isfinite(own).any(dim=1)
+            wins = d_q.diagonal() > own.max(dim=1).values
+            extra["swap_acc"] = float(wins[has].float().mean()) if has.any() else 0.0
     l_dq = F.cross_entropy(d_q, target)
     return (l_qd + l_dq) / 2, extra
 

@@ -136,7 +136,9 @@ class TrainLoop:
             self._valid_cache = (ids, [self.valid.image(i) for i in range(n)],
                                  {ids[i]: self.valid.texts[i] for i in range(n)})
         ids, images, refs = self._valid_cache
-        gen = self.gen_cfg.model_copy(update={"num_beams": self.cfg.eval_beams})
+        # checkpoint selection by the model alone: no reranking (its scorer is not the policy's doing)
+        gen = self.gen_cfg.model_copy(update={"num_beams": self.cfg.eval_beams,
+                                              "rerank": self.gen_cfg.rerank.model_copy(update={"candidates": 0})})
         caps = caption_images(self.acc.unwrap_model(self.model), self.builder, images, gen, progress=False)
         scores = evaluate(dict(zip(ids, caps)), refs)
         return {**scores, "distinct": len(set(caps))}

@@ -178,7 +178,8 @@ def run_scst(
 
 
 def load_reward_scorer(scorer_dir: str | Path | None, cfg: SCSTConfig, grounding: GroundingConfig, device: str):
-    """The grounding scorer when a reward term needs it (its probe figures logged), else None."""
+    """The grounding scorer when a reward term needs it, blind to the attributes its probe does not
+    reach `grounding.min_pairwise_acc` on (said in the log), else None."""
     if not cfg.reward.needs_scorer:
         return None
     if scorer_dir is None:
@@ -187,13 +188,11 @@ def load_reward_scorer(scorer_dir: str | Path | None, cfg: SCSTConfig, grounding
 
     scorer = GroundingScorer(scorer_dir, device=device, w=grounding.clip_w)
     trusted, weak = scorer.trusted_fields(grounding.min_pairwise_acc)
+    scorer.blind_to(weak, grounding.attribute_vocab or scorer.quality.get("vocab") or {})
     log.info("SCST grounding reward: scorer %s; attributes it sees (probe >= %.0f%%): %s", scorer.fingerprint,
              100 * grounding.min_pairwise_acc, ", ".join(trusted) or "none")
     if weak:
-        from ecomcap.retrieval.swaps import synthetic_vocab
-
         probe = scorer.quality.get("probe", {})
-        scorer.blind_to(weak, grounding.attribute_vocab or synthetic_vocab())
         log.warning("SCST grounding reward: the scorer is below %.0f%% on %s (probe %s): those words are removed "
                     "from the captions it scores, so the reward neither pays nor charges for them",
                     100 * grounding.min_pairwise_acc, ", ".join(weak),

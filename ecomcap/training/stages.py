@@ -89,10 +89,10 @@ def scst_stage(sft_model: Path, train: Path, valid: Path, cfg: RunConfig, run_na
     model_dir = Path(res["model_dir"])
     # the adapter's base is the SFT artifact's local path, which a remote artifact store (another
     # pod) does not have: hand on a standalone, merged model instead (one process, after training)
-    from ecomcap.workflow import with_grounding
+    from ecomcap.inference.rerank import with_grounding_scorer
 
     merged = export_merged(model_dir, Path(res["output_dir"]) / "merged", cfg.model,
-                           with_grounding(cfg, grounding).generate)
+                           with_grounding_scorer(cfg.generate, grounding))
     if (model_dir / "metrics.jsonl").is_file():
         shutil.copy(model_dir / "metrics.jsonl", merged / "metrics.jsonl")
     return merged

@@ -62,7 +62,7 @@ class GroundingTrainConfig(LoopConfig):
     and a `tiny` encoder is initialised with the role's seed); `output_dir` and `resume` are set by
     the grounding stage (its own output; a cached step is not retrained)."""
 
-    output_dir: Path = Path(".run/grounding/train")
+    output_dir: Path | None = Field(None, description="unused: each role trains inside the grounding stage's output")
     max_steps: int = Field(600, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(2e-3, gt=0)

@@ -20,7 +20,7 @@ TARGET = "tests.resume_targets:train"
 
 def figures(run_dir: Path) -> list[dict]:
     """The logged curve without wall-clock figures."""
-    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in curve(run_dir)]
+    return [{k: v for k, v in row.items() if k not in ("images_per_s", "reward_s")} for row in curve(run_dir)]
 
 
 def killed_and_resumed(tmp_path: Path, data, model_cfg, stage: str, strategy: str, launch_cfg: LaunchConfig,

@@ -64,13 +64,13 @@ def _scratch(cfg: RunConfig, what: str) -> Path:
     return scratch_dir(cfg.data.work_dir, what)
 
 
-def ingest_stage(cfg: RunConfig, split: str) -> Path:
+def ingest_stage(data: DataConfig, split: str) -> Path:
     """Synthesize when configured, then stream one split into shards + quarantine."""
     from ecomcap.data.ingest import ingest_split
     from ecomcap.data.prepare import source_dir
 
-    out = _scratch(cfg, f"ingest-{split}")
-    return ingest_split(source_dir(cfg.data), split, out, cfg.data.ingest).out_dir
+    out = scratch_dir(data.work_dir, f"ingest-{split}")
+    return ingest_split(source_dir(data), split, out, data.ingest).out_dir
 
 
 def validate_stage(splits: dict[str, Path], cfg: RunConfig) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from steps import (
 
 @pipeline(enable_cache=True, cache_policy=CachePolicy(cache_func=library_fingerprint))
 def batch_inference_pipeline(config: RunConfig = RunConfig(), output: str = ".run/caption_gen.jsonl") -> None:  # noqa: B008
-    test = ingest_split_step(config=config, split="test", source_fingerprint=source_fingerprint(config.data))
+    test = ingest_split_step(data=config.data, split="test", source_fingerprint=source_fingerprint(config.data))
     model = champion_model(config=config)
     fan_out = config.generate.chunks.fan_out
     if fan_out <= 1:

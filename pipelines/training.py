@@ -18,7 +18,7 @@ MODEL = Model(name="ecomcap-captioner", description="Chinese e-commerce product 
 
 @pipeline(model=MODEL, enable_cache=True, cache_policy=CachePolicy(cache_func=library_fingerprint))
 def training_pipeline(config: RunConfig = RunConfig()) -> None:  # noqa: B008  (a value, not a call per run)
-    train, valid = ingest(config=config, source_fingerprint=source_fingerprint(config.data))
+    train, valid = ingest(data=config.data, source_fingerprint=source_fingerprint(config.data))
     report = validate(config=config, train=train, valid=valid)
     sft_model = sft(config=config, train=train, valid=valid, after="validate")
     # decided when the pipeline is compiled, from the run's config: no step at all when off

@@ -34,7 +34,7 @@ def test_grounded_pipeline(repo):
         generate={**E2E["generate"], "rerank": {"candidates": 2, "weight": 1.0}},
         registry={**E2E["registry"], "guard_metrics": ["BLEU-4", "attr_mean", "cap2img_R1"],
                   "tolerances": {"attr_mean": 0.02, "cap2img_R1": 0.05}})
-    run = sh(repo, f"zenml pipeline run pipelines.training.training_pipeline -c {cfg}")
+    run = sh(repo, f"bash scripts/setup_stack.sh && zenml pipeline run pipelines.training.training_pipeline -c {cfg}")
     assert run.returncode == 0, run.stderr[-3000:]
     out = _plain(run.stdout + run.stderr)
     assert "Step grounding has finished" in out
@@ -47,8 +47,8 @@ def test_grounded_pipeline(repo):
     r = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
     m, tags = r.data.metrics, r.data.tags
     for key in ("val.cap2img_R1", "val.cap2img_R5", "val.clip_s_eval", "val.top_opener_share",
-                "grounding.scorer.probe.colour", "grounding.evaluator.probe.colour", "scst/reward_clip_s",
-                "scst/reward_distinct", "scst/reward_cider", "scst/reward_s"):
+                "grounding.scorer.probe.colour", "grounding.evaluator.probe.colour", "scst.reward_clip_s",
+                "scst.reward_distinct", "scst.reward_cider", "scst.reward_s", "grounding_scorer.swap_acc"):
         assert key in m, key
     assert tags["grounding.scorer"] != tags["grounding.evaluator"]  # two encoders, both recorded
     samples = Path(client.download_artifacts(r.info.run_id, "samples.html")).read_text(encoding="utf-8")

@@ -121,11 +121,21 @@ def grounding_stage(train: Path, valid: Path, cfg: GroundingConfig, data: DataCo
     out = scratch_dir(data.work_dir, "grounding")
     summary = build_grounding(train, valid, cfg, out, test_dir=_raw_test_ids(data),
                               attributes=_synthetic_attributes(data), on_metrics=tracking.metrics_callback())
-    for role, info in summary.items():
-        tracking.log_metrics({f: v["accuracy"] for f, v in info["probe"].items()}, prefix=f"grounding.{role}.probe.")
-        tracking.set_tags({f"grounding.{role}": info["fingerprint"]})
+    record_grounding(out)
     tracking.log_text(json.dumps(summary, ensure_ascii=False, indent=2), "grounding/summary.json")
     return out
+
+
+def record_grounding(grounding: Path) -> None:
+    """The encoders a run used, from their own records (the grounding step may have come from the
+    cache and logged nothing in this run): fingerprints as tags, probe accuracies as metrics."""
+    for role in ("scorer", "evaluator"):
+        path = grounding / role / "grounding.json"
+        if path.is_file():
+            info = json.loads(path.read_text(encoding="utf-8"))
+            tracking.set_tags({f"grounding.{role}": info["fingerprint"]})
+            tracking.log_metrics({f: v["accuracy"] for f, v in info.get("probe", {}).items()},
+                                 prefix=f"grounding.{role}.probe.")
 
 
 def _raw_test_ids(data: DataConfig) -> set[str] | None:
@@ -136,7 +146,7 @@ def _raw_test_ids(data: DataConfig) -> set[str] | None:
     if "test" not in data.splits or not path.is_file():
         return None
     with open(path, encoding="utf-8", errors="replace") as fh:
-        return {line.split("\t", 1)[0] for line in fh if "\t" in line}
+        return {line.split("\t", 1)[0].strip().lstrip("\ufeff") for line in fh if "\t" in line}
 
 
 def with_grounding(cfg: RunConfig, grounding: Path | None) -> RunConfig:
@@ -213,8 +223,8 @@ def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
         return metrics, eval_fp, html
     tracking.log_metrics({k: metrics[k] for k in tracking.HEADLINE})  # top of the MLflow tables
     tracking.log_metrics({k: v for k, v in metrics.items() if k in VAL_FIGURES}, prefix="val.")
-    if evaluator is not None:
-        tracking.set_tags({"grounding.evaluator": evaluator.fingerprint})
+    if grounding is not None:
+        record_grounding(Path(grounding))
     if "attributes" in metrics:
         tracking.log_metrics(metrics["attributes"], prefix="val.attr.")
     tracking.log_text(html, "samples.html")

@@ -10,14 +10,24 @@ from zenml import Model, pipeline
 from zenml.config import CachePolicy
 
 from ecomcap.config import RunConfig
+from ecomcap.errors import EcomcapError
 from ecomcap.workflow import library_fingerprint, source_fingerprint
 from steps import evaluate, generate, grounding, ingest, promote, scst, sft, validate
+
+
+def check_rerank_scorer(config: RunConfig) -> None:
+    """Reranking needs a scorer: refused when the pipeline is compiled, not after training."""
+    if config.generate.rerank.candidates and not config.grounding.enabled and not config.generate.rerank.scorer_dir:
+        raise EcomcapError("generate.rerank.candidates is set but there is no grounding scorer: set "
+                           "grounding.enabled: true (or generate.rerank.scorer_dir), or rerank.candidates: 0")
+
 
 MODEL = Model(name="ecomcap-captioner", description="Chinese e-commerce product captioner (Qwen2.5-VL)")
 
 
 @pipeline(model=MODEL, enable_cache=True, cache_policy=CachePolicy(cache_func=library_fingerprint))
 def training_pipeline(config: RunConfig = RunConfig()) -> None:  # noqa: B008  (a value, not a call per run)
+    check_rerank_scorer(config)
     train, valid = ingest(data=config.data, source_fingerprint=source_fingerprint(config.data))
     report = validate(config=config, train=train, valid=valid)
     sft_model = sft(config=config, train=train, valid=valid, after="validate")

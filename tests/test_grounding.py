@@ -335,3 +335,32 @@ def rr_suppressed(processor):
     from ecomcap.modeling.processor import suppressed_token_ids
 
     return suppressed_token_ids(processor)
+
+
+def test_generated_parts_are_keyed_by_the_scorer_content_not_its_path(grounding, tiny_model_cfg, small_data, tmp_path):
+    """Fan-out pods download the champion (and its scorer) to different folders: they and the merge
+    must still agree on where the parts are; another scorer is another key."""
+    import shutil
+
+    from ecomcap.config import GenerateConfig
+    from ecomcap.inference.batch import _plan
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(grounding["out"] / "scorer", a)
+    shutil.copytree(grounding["out"] / "scorer", b)
+
+    def key(scorer):
+        cfg = GenerateConfig.model_validate({"rerank": {"candidates": 2, "scorer_dir": str(scorer)}})
+        return _plan(tiny_model_cfg.name_or_path, tiny_model_cfg, small_data["valid"], cfg, tmp_path / "parts")[1].dir
+
+    assert key(a) == key(b)
+    assert key(a) != key(grounding["out"] / "evaluator")
+
+
+def test_training_pipeline_refuses_rerank_without_a_scorer():
+    from pipelines.training import check_rerank_scorer
+
+    with pytest.raises(EcomcapError, match="no grounding scorer"):
+        check_rerank_scorer(RunConfig.model_validate({"generate": {"rerank": {"candidates": 3}}}))
+    check_rerank_scorer(RunConfig.model_validate({"generate": {"rerank": {"candidates": 3}},
+                                                  "grounding": {"enabled": True}}))

@@ -30,7 +30,7 @@ from ecomcap.errors import EcomcapError
 from ecomcap.inference.chunks import Chunk, PartStore, plan_chunks, read_chunk, run_key
 from ecomcap.inference.generate import LazyImages, caption_images
 from ecomcap.inference.prompt import with_model_prompt
-from ecomcap.inference.rerank import with_scorer
+from ecomcap.inference.rerank import scorer_fingerprint, with_scorer
 from ecomcap.processes import available_cpus, die_with_parent, worker_threads  # noqa: F401  (re-exported)
 from ecomcap.training.collate import PromptBuilder
 
@@ -43,7 +43,8 @@ def _plan(model_ref: str, model_cfg: ModelConfig, dataset_dir: Path, cfg: Genera
     the prompt they are captioned with, so another one never reuses them."""
     model_cfg = with_model_prompt(model_ref, model_cfg)
     chunks = plan_chunks(dataset_dir, cfg.chunks.chunk_size)
-    decoding = {"generate": cfg.model_dump(mode="json", exclude={"chunks"}),
+    decoding = {"generate": cfg.model_dump(mode="json", exclude={"chunks": True, "rerank": {"scorer_dir"}}),
+                "scorer": scorer_fingerprint(cfg.rerank.scorer_dir) if cfg.rerank.candidates else None,
                 "model": model_cfg.model_dump(mode="json", exclude={"name_or_path", "prompt", "tiny"})}
     key = run_key(dataset_dir, str(model_ref), model_cfg.prompt, decoding, cfg.chunks.chunk_size)
     return chunks, PartStore(Path(parts_root) / key), model_cfg

@@ -95,6 +95,21 @@ def with_grounding_scorer(cfg: GenerateConfig, grounding: str | Path | None) -> 
     return cfg.model_copy(update={"rerank": cfg.rerank.model_copy(update={"scorer_dir": str(Path(grounding) / "scorer")})})
 
 
+def scorer_fingerprint(path: str | Path | None) -> str | None:
+    """The scorer's identity by content (its recorded fingerprint), not by where a pod downloaded it:
+    fan-out pods and the merge must agree on the key of the generated parts."""
+    if not path:
+        return None
+    import json
+
+    quality = Path(path) / "grounding.json"
+    if quality.is_file():
+        return json.loads(quality.read_text(encoding="utf-8")).get("fingerprint")
+    from ecomcap.grounding.scorer import weights_fingerprint
+
+    return weights_fingerprint(path)
+
+
 def scorer_path(path: str | Path | None) -> str:
     if path is None or not Path(path).is_dir():
         raise EcomcapError(f"generate.rerank.candidates is set but its grounding scorer is missing ({path}): run the "

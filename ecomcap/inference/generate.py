@@ -19,7 +19,7 @@ from ecomcap.config import GenerateConfig
 from ecomcap.inference.postprocess import postprocess
 from ecomcap.inference.prefill import generate
 from ecomcap.modeling.processor import suppressed_token_ids
-from ecomcap.training.collate import PromptBuilder
+from ecomcap.training.collate import PromptBuilder, split_samples
 
 # Fields Qwen's published generation_config.json sets (near-greedy sampling); `generate` merges
 # that file into every call, so each is set here for every decoding mode, never inherited.
@@ -71,7 +71,7 @@ def caption_batch(model, builder: PromptBuilder, images: Sequence[Image.Image], 
         return [postprocess(t, cfg.postprocess) for t in texts]
     from ecomcap.inference import rerank as rr
 
-    seqs = rr.cut_at_eos(new, builder.eos_id, builder.pad_id)
+    seqs, _ = split_samples(new, builder.eos_id, builder.pad_id)
     texts = [postprocess(t, cfg.postprocess) for t in builder.processor.tokenizer.batch_decode(seqs, skip_special_tokens=True)]
     logprob = rr.candidate_logprobs(model, enc, seqs, n, builder.pad_id, kw["suppress_tokens"])
     scorer = rr.load_scorer(rr.scorer_path(cfg.rerank.scorer_dir), str(device))

@@ -22,14 +22,6 @@ from ecomcap.training.collate import answer_logits, repeat_prompts, with_answers
 from ecomcap.training.losses import sequence_logprob, token_logprobs
 
 
-def cut_at_eos(rows: torch.Tensor, eos_id: int, pad_id: int) -> list[list[int]]:
-    """Generated tails -> token lists ending at (and including) EOS, pads dropped."""
-    out = []
-    for row in rows.tolist():
-        out.append(row[: row.index(eos_id) + 1] if eos_id in row else [t for t in row if t != pad_id] or [eos_id])
-    return out
-
-
 @torch.no_grad()
 def candidate_logprobs(model, enc: dict[str, torch.Tensor], seqs: Sequence[Sequence[int]], n: int, pad_id: int,
                        suppress: Sequence[int] = ()) -> np.ndarray:
@@ -57,10 +49,7 @@ def pick(logprob: np.ndarray, clip: np.ndarray, n: int, weight: float) -> np.nda
 def rerank(texts: Sequence[str], logprob: np.ndarray, images: Sequence[Image.Image], n: int, weight: float,
            scorer) -> list[str]:
     """The chosen caption per image from `n` consecutive candidates each."""
-    from ecomcap.grounding.scorer import clip_s
-
-    owner = np.arange(len(texts)) // n
-    clip = clip_s(scorer.images(list(images))[owner], scorer.texts(list(texts)), scorer.w)
+    clip = scorer.clip_s(scorer.images(list(images)), list(texts), np.arange(len(texts)) // n)
     best = pick(logprob, clip, n, weight)
     return [texts[i * n + j] for i, j in enumerate(best)]
 

@@ -120,3 +120,16 @@ def repeat_prompts(enc: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tens
     out["pixel_values"] = torch.cat([b for b in blocks for _ in range(k)])
     out["image_grid_thw"] = grid.repeat_interleave(k, dim=0)
     return out
+
+
+def split_samples(seqs: torch.Tensor, eos_id: int, pad_id: int) -> tuple[list[list[int]], list[bool]]:
+    """Generated tails -> token lists ending at (and including) EOS; whether each ended."""
+    out, ended = [], []
+    for row in seqs.tolist():
+        if eos_id in row:
+            out.append(row[: row.index(eos_id) + 1])
+            ended.append(True)
+        else:
+            out.append([t for t in row if t != pad_id] or [eos_id])
+            ended.append(False)
+    return out, ended

@@ -26,7 +26,13 @@ from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.modeling.strategies import apply_strategy
 from ecomcap.text import tokenize_many
 from ecomcap.training.budget import check_token_budget, model_token_limit
-from ecomcap.training.collate import PromptBuilder, answer_logits, repeat_prompts, with_answers  # noqa: F401
+from ecomcap.training.collate import (  # noqa: F401  (repeat_prompts, split_samples: re-exported)
+    PromptBuilder,
+    answer_logits,
+    repeat_prompts,
+    split_samples,
+    with_answers,
+)
 from ecomcap.training.data import Example, train_and_dev
 from ecomcap.training.identity import model_fingerprint, run_identity
 from ecomcap.training.logprob import policy_logprob
@@ -36,19 +42,6 @@ from ecomcap.training.rewards import CombinedReward, greedy_baseline, mean_of_ot
 from ecomcap.training.zero import merge_adapter, zero_stage
 
 log = logging.getLogger(__name__)
-
-
-def split_samples(seqs: torch.Tensor, eos_id: int, pad_id: int) -> tuple[list[list[int]], list[bool]]:
-    """Generated tails -> token lists ending at (and including) EOS; whether each ended."""
-    out, ended = [], []
-    for row in seqs.tolist():
-        if eos_id in row:
-            out.append(row[: row.index(eos_id) + 1])
-            ended.append(True)
-        else:
-            out.append([t for t in row if t != pad_id] or [eos_id])
-            ended.append(False)
-    return out, ended
 
 
 class SCSTStep:

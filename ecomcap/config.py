@@ -171,6 +171,38 @@ class SCSTConfig(LoopConfig):
     reward: RewardConfig = Field(default_factory=RewardConfig)
 
 
+class DPOConfig(LoopConfig):
+    """Preference tuning after SFT (or after SCST): pairs from the model's own samples per training
+    image (chosen: the best combined reward with every known attribute right; rejected: a wrong
+    attribute, a loop, or a generic caption) and/or user pairs; DPO loss against the starting policy
+    (its log-probs computed once, with the pairs)."""
+
+    enabled: bool = False
+    output_dir: Path = Path(".run/dpo")
+    max_steps: int = Field(200, ge=0)
+    batch_size: int = Field(8, ge=1, description="pairs per micro-batch")
+    lr: float = Field(5e-6, gt=0)
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference")
+    rpo_alpha: float = Field(0.0, ge=0, description="weight of the chosen captions' per-token NLL (RPO, as TRL)")
+    pair_images: int = Field(512, ge=0, description="training images sampled for pairs; 0: all")
+    samples: int = Field(4, ge=2, description="captions sampled per image to pick a pair from")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = None
+    top_p: float | None = None
+    max_new_tokens: int = Field(40, ge=1)
+    max_answer_tokens: int = Field(64, ge=1, description="chosen/rejected captions are cut to this many tokens")
+    chosen_fallback: Literal["reference", "none"] = Field(
+        "reference", description="when no sample has every known attribute right: a reference is chosen, or no pair")
+    swap_rejected: bool = Field(True, description="when no sample is wrong, looping or generic: the chosen with "
+                                "one attribute swapped is rejected")
+    min_reward_gap: float = Field(0.3, ge=0, description="a 'generic' rejected must trail the chosen by this reward")
+    loop_share: float = Field(0.3, ge=0, le=1, description="repeated 3-gram share that makes a sample a loop")
+    pairs_file: Path | None = Field(None, description="user pairs, JSONL {image_id, chosen, rejected} (train ids)")
+    own_pairs: bool = Field(True, description="build pairs from the model's own samples (off: pairs_file only)")
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(strategy="lora"))
+
+
 class PostprocessConfig(_Strict):
     """Caption clean-up after decoding."""
 
@@ -274,8 +306,12 @@ class RunConfig(_Strict):
         if "attr_mean" in r.guard_metrics and self.data.source != "synthetic":
             raise ValueError("registry.guard_metrics attr_mean needs attribute ground truth, which only the synthetic "
                              "set has (data.source: synthetic)")
-        if self.scst.enabled and self.scst.reward.needs_scorer and not self.grounding.enabled:
-            raise ValueError("scst.reward clip / distinct use the grounding scorer: set grounding.enabled: true")
+        for stage in ("scst", "dpo"):
+            sc = getattr(self, stage)
+            if sc.enabled and sc.reward.needs_scorer and not self.grounding.enabled:
+                raise ValueError(f"{stage}.reward clip / distinct use the grounding scorer: set grounding.enabled: true")
+        if self.dpo.enabled and not (self.dpo.own_pairs or self.dpo.pairs_file):
+            raise ValueError("dpo: own_pairs is off and no pairs_file is given: there are no pairs to train on")
         return self
 
     data: DataConfig = Field(default_factory=DataConfig)
@@ -283,6 +319,7 @@ class RunConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     scst: SCSTConfig = Field(default_factory=SCSTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)

@@ -1,4 +1,4 @@
-"""ingest -> validate -> sft -> scst -> generate -> evaluate -> promote; with `grounding.enabled`
+"""ingest -> validate -> sft -> scst -> [dpo] -> generate -> evaluate -> promote; with `grounding.enabled`
 a `grounding` step (scorer + independent evaluator encoders, from the train split) feeds the SCST
 reward and the evaluation.
 
@@ -12,7 +12,7 @@ from zenml.config import CachePolicy
 from ecomcap.config import RunConfig
 from ecomcap.errors import EcomcapError
 from ecomcap.workflow import library_fingerprint, source_fingerprint
-from steps import evaluate, generate, grounding, ingest, promote, scst, sft, validate
+from steps import dpo, evaluate, generate, grounding, ingest, promote, scst, sft, validate
 
 
 def check_rerank_scorer(config: RunConfig) -> None:
@@ -35,6 +35,8 @@ def training_pipeline(config: RunConfig = RunConfig()) -> None:  # noqa: B008  (
     scorers = grounding(config=config.grounding, data=config.data, train=train, valid=valid, after="validate") \
         if config.grounding.enabled else None
     model = scst(config=config, sft_model=sft_model, train=train, valid=valid, grounding=scorers)
+    if config.dpo.enabled:  # preference tuning of what SCST handed on (the SFT model when SCST is off)
+        model = dpo(config=config, model=model, train=train, valid=valid, grounding=scorers)
     predictions = generate(config=config, model=model, data=valid, grounding=scorers)
     evaluation = evaluate(config=config, predictions=predictions, valid=valid, sft_model=sft_model, model=model,
                           grounding=scorers)

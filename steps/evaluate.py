@@ -15,7 +15,8 @@ from steps._tracker import TRACKER
 @step(experiment_tracker=TRACKER)
 def evaluate(config: RunConfig, predictions: dict, valid: DatasetDir, sft_model: ModelDir,
              model: ModelDir, grounding: ModelDir | None = None) -> Annotated[EvaluationReport, "evaluation"]:
-    curves = {"sft": sft_model.metrics_log(), "scst": model.metrics_log()} if model != sft_model else \
+    last = "dpo" if config.dpo.enabled and config.dpo.max_steps else "scst"  # the stage that made `model`
+    curves = {"sft": sft_model.metrics_log(), last: model.metrics_log()} if model != sft_model else \
         {"sft": sft_model.metrics_log()}
     metrics, eval_fp, html = evaluate_stage(predictions, Path(valid.path), config, curves,
                                             grounding=Path(grounding.path) if grounding else None)

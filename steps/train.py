@@ -1,4 +1,4 @@
-"""Training steps: SFT, then SCST (or the SFT model unchanged when SCST is off)."""
+"""Training steps: SFT, then SCST and DPO (each handing on its input unchanged when off)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from typing import Annotated
 from zenml import step
 
 from ecomcap.config import DataConfig, GroundingConfig, RunConfig
-from ecomcap.training.stages import scst_stage, sft_stage
+from ecomcap.training.stages import dpo_stage, scst_stage, sft_stage
 from materializers import DatasetDir, ModelDir
 from steps._tracker import TRACKER, run_name
 
@@ -22,6 +22,14 @@ def scst(config: RunConfig, sft_model: ModelDir, train: DatasetDir, valid: Datas
          grounding: ModelDir | None = None) -> Annotated[ModelDir, "model"]:
     out = scst_stage(Path(sft_model.path), Path(train.path), Path(valid.path), config, run_name(),
                      Path(grounding.path) if grounding else None)
+    return ModelDir(str(out))
+
+
+@step(experiment_tracker=TRACKER)
+def dpo(config: RunConfig, model: ModelDir, train: DatasetDir, valid: DatasetDir,
+        grounding: ModelDir | None = None) -> Annotated[ModelDir, "dpo_model"]:
+    out = dpo_stage(Path(model.path), Path(train.path), Path(valid.path), config, run_name(),
+                    Path(grounding.path) if grounding else None)
     return ModelDir(str(out))
 
 

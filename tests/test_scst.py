@@ -92,14 +92,14 @@ def test_policy_gradient_moves_probability_toward_rewarded_samples(tiny_model_cf
 def test_reward_and_diagnostics_see_the_raw_decoded_loop(tiny_model_cfg):
     """Post-processing collapses "简约百搭简约百搭…" for output; the reward must see the loop."""
     from ecomcap.data.clean import repeated_ngram_share
-    from ecomcap.training.scst import SCSTStep
+    from ecomcap.training.sampling import Sampler
 
     _, processor = load_base(tiny_model_cfg)
-    step = SCSTStep.__new__(SCSTStep)  # only its decoding is under test
-    step.tok = processor.tokenizer
+    sampler = Sampler.__new__(Sampler)  # only its decoding is under test (SCST's and DPO's samples)
+    sampler.tok = processor.tokenizer
     loop = "简约百搭" * 4
     ids = processor.tokenizer(loop, add_special_tokens=False)["input_ids"]
-    (decoded,) = step._decode([ids])
+    (decoded,) = sampler.decode([ids])
     assert decoded == loop and repeated_ngram_share(tokenize(decoded), 3) > 0.5
 
 

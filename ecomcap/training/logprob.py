@@ -88,6 +88,22 @@ class PolicyLogprob:
                                             for leaf in leaves])
         return torch.tensor(self._total(pg_sum, kl_sum, n, total_tokens)), self._logs(pg_sum, kl_sum, n, total_tokens)
 
+    def sequence_logprobs(self, enc: dict[str, torch.Tensor], seqs: list[list[int]], k: int,
+                          reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-prob of each sequence, its token count), in one forward with the graph
+        (DPO); `reference`: the adapter-off model, no graph. Rows image-major, k per image."""
+        ref = contextlib.ExitStack()
+        if reference:
+            ref.enter_context(torch.no_grad())
+            if hasattr(self.inner, "disable_adapter"):
+                ref.enter_context(self.inner.disable_adapter())
+        with ref:
+            with self.autocast():
+                feats = encode_images(self.inner, enc, vision_trains(self.inner) and not reference)
+            batch, mm = self._inputs(enc, seqs, list(range(len(seqs))), k, feats)
+            tok_lp, mask = self._logprobs(self.inner if reference else self.model, batch, mm)
+        return sequence_logprob(tok_lp, mask, length_normalize=False), mask.sum(dim=-1)
+
     def _deferred(self, enc, seqs, k, advantage, feats, ref_feats, grad_vision, total_tokens):
         """DeepSpeed (one engine step per optimizer step) and DDP with a training vision tower
         (the tower must be in the synchronised backward): every chunk but the last is backwarded

@@ -107,13 +107,16 @@ class TrainLoop:
         per_step = cfg.batch_size * world * cfg.grad_accum
         first = step * per_step + (micro * world + rank) * cfg.batch_size
         if self._epoch_len is None:
-            self._epoch_len = sum(map(len, data.texts)) if self.expand else len(data)
-        n = self._epoch_len
-        out = []
-        for k in range(first, first + cfg.batch_size):
-            epoch, i = divmod(k, n)
-            out.append(make_example(data, *self._order(data, epoch)[i]))
-        return out
+            self._epoch_len = self.epoch_size(data)
+        return [self.item(data, *divmod(k, self._epoch_len)) for k in range(first, first + cfg.batch_size)]
+
+    def epoch_size(self, data) -> int:
+        """Items in one pass over `data` (a stage with other items overrides it and `item`)."""
+        return sum(map(len, data.texts)) if self.expand else len(data)
+
+    def item(self, data, epoch: int, i: int):
+        """The `i`-th item of `epoch`'s order."""
+        return make_example(data, *self._order(data, epoch)[i])
 
     def _order(self, data: ShardImages, epoch: int) -> list[tuple[int, int]]:
         if epoch not in self._orders:

@@ -48,3 +48,15 @@ def kl_k3_sum(token_lp: torch.Tensor, ref_lp: torch.Tensor, mask: torch.Tensor) 
 def kl_penalty(token_lp: torch.Tensor, ref_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(policy || reference) on the sampled tokens, mean over tokens (>= 0)."""
     return kl_k3_sum(token_lp, ref_lp, mask) / mask.sum().clamp(min=1)
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO (Rafailov et al. 2023): -log σ(β·[(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))]),
+    mean over pairs; the implicit rewards and how often the chosen one is ahead, for the log."""
+    r_c, r_r = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    margin = r_c - r_r
+    loss = -F.logsigmoid(margin).mean()
+    return loss, {"reward_chosen": float(r_c.mean().detach()), "reward_rejected": float(r_r.mean().detach()),
+                  "reward_margin": float(margin.mean().detach()),
+                  "reward_accuracy": float((margin > 0).float().mean())}

@@ -19,10 +19,7 @@ from ecomcap.config import GenerateConfig, GroundingConfig, ModelConfig, SCSTCon
 from ecomcap.data.clean import repeated_ngram_share
 from ecomcap.data.shards import read_references, read_report
 from ecomcap.errors import EcomcapError
-from ecomcap.inference.generate import generate_kwargs
-from ecomcap.inference.prefill import generate
 from ecomcap.modeling.load import expected_dtype, load_trained
-from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.modeling.strategies import apply_strategy
 from ecomcap.text import tokenize_many
 from ecomcap.training.budget import check_token_budget, model_token_limit
@@ -39,7 +36,8 @@ from ecomcap.training.logprob import policy_logprob
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop, make_accelerator
 from ecomcap.training.losses import sft_loss
 from ecomcap.training.rewards import CombinedReward, greedy_baseline, mean_of_others
-from ecomcap.training.zero import merge_adapter, zero_stage
+from ecomcap.training.sampling import Sampler
+from ecomcap.training.zero import merge_adapter
 
 log = logging.getLogger(__name__)
 
@@ -50,47 +48,23 @@ class SCSTStep:
     def __init__(self, loop: TrainLoop, cfg: SCSTConfig, reward: CombinedReward, gen_cfg: GenerateConfig):
         self.loop, self.cfg, self.reward = loop, cfg, reward
         self.builder: PromptBuilder = loop.builder
-        self.suppress = suppressed_token_ids(self.builder.processor)
-        self.tok = self.builder.processor.tokenizer
-        sample_cfg = gen_cfg.model_copy(update=dict(
-            num_beams=1, do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k,
-            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0,
-            no_repeat_ngram_size=0))
-        self.sample_kw = generate_kwargs(sample_cfg, self.builder)
-        if zero_stage(loop.acc) == 3:  # ranks sample different lengths and each forward all-gathers:
-            self.sample_kw["synced_gpus"] = True  # said, not left to transformers' global-config guess
-        self.greedy_kw = {**self.sample_kw, "do_sample": False}
-        self.policy = policy_logprob(loop, cfg, self.suppress)
+        self.sampler = Sampler(loop, cfg, gen_cfg)
+        self.policy = policy_logprob(loop, cfg, self.sampler.suppress)
         self.does_backward = self.policy.backward is not None  # the loop then skips its backward
-        self.prefill = gen_cfg.prefill
-
-    def _decode(self, seqs: list[list[int]]) -> list[str]:
-        """The sampled captions as decoded, not post-processed: collapsing a looping phrase would
-        hide the loop from the reward and from `repeat_ngram` (post-processing is for output)."""
-        return self.tok.batch_decode(seqs, skip_special_tokens=True)
-
-    @torch.no_grad()
-    def _generate(self, enc, **kw) -> torch.Tensor:
-        model = self.loop.acc.unwrap_model(self.loop.model)
-        model.eval()
-        out = generate(model, enc, self.prefill, **kw)
-        model.train()
-        return out[:, enc["input_ids"].shape[1]:]
 
     def __call__(self, examples: list[Example]):
         cfg, k, dev = self.cfg, self.cfg.samples, self.loop.acc.device
         enc = {key: v.to(dev) for key, v in self.builder.prompts([e.image for e in examples]).items()}
-        seqs, ended = split_samples(self._generate(enc, num_return_sequences=k, **self.sample_kw),
-                                    self.builder.eos_id, self.builder.pad_id)
+        seqs, ended = self.sampler.sample(enc, k)
         ids = [e.image_id for e in examples for _ in range(k)]
-        captions = self._decode(seqs)
+        captions = self.sampler.decode(seqs)
         images = [e.image for e in examples]
         t0 = time.perf_counter()
         scores, terms = self.reward(captions, ended, ids, images, np.arange(len(captions)) // k)
         reward_s = time.perf_counter() - t0
         if cfg.baseline == "greedy":  # the same combined reward for the greedy caption
-            g, g_end = split_samples(self._generate(enc, **self.greedy_kw), self.builder.eos_id, self.builder.pad_id)
-            g_scores, _ = self.reward(self._decode(g), g_end, [e.image_id for e in examples], images)
+            g, g_end = self.sampler.greedy(enc)
+            g_scores, _ = self.reward(self.sampler.decode(g), g_end, [e.image_id for e in examples], images)
             base = greedy_baseline(g_scores, k)
         else:
             base = mean_of_others(scores, k)
@@ -182,11 +156,11 @@ def load_reward_scorer(scorer_dir: str | Path | None, cfg: SCSTConfig, grounding
     scorer = GroundingScorer(scorer_dir, device=device, w=grounding.clip_w)
     trusted, weak = scorer.trusted_fields(grounding.min_pairwise_acc)
     scorer.blind_to(weak, grounding.attribute_vocab or scorer.quality.get("vocab") or {})
-    log.info("SCST grounding reward: scorer %s; attributes it sees (probe >= %.0f%%): %s", scorer.fingerprint,
+    log.info("grounding reward: scorer %s; attributes it sees (probe >= %.0f%%): %s", scorer.fingerprint,
              100 * grounding.min_pairwise_acc, ", ".join(trusted) or "none")
     if weak:
         probe = scorer.quality.get("probe", {})
-        log.warning("SCST grounding reward: the scorer is below %.0f%% on %s (probe %s): those words are removed "
+        log.warning("grounding reward: the scorer is below %.0f%% on %s (probe %s): those words are removed "
                     "from the captions it scores, so the reward neither pays nor charges for them",
                     100 * grounding.min_pairwise_acc, ", ".join(weak),
                     ", ".join(f"{f} {100 * probe[f]['accuracy']:.1f}%" for f in weak))

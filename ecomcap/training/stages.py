@@ -1,7 +1,7 @@
 """The training steps' work: each stage runs in processes of its own (`ecomcap.launch`).
 
-`sft_stage`/`scst_stage` run in the step's process: they log the configs, launch
-`launch.num_processes` training processes on `sft_process`/`scst_process`, and log what rank 0
+`sft_stage`/`scst_stage`/`dpo_stage` run in the step's process: they log the configs, launch
+`launch.num_processes` training processes on `<stage>_process`, and log what rank 0
 returned. Everything the processes need travels as JSON (paths, the run config), so the same
 code runs one process on a laptop and N ranks in a Kubernetes GPU pod.
 """
@@ -46,8 +46,8 @@ def zero_stage_of(config_file: str | None) -> int:
 def check_strategy_fits_launch(cfg: RunConfig, stage: str) -> None:
     """QLoRA's 4-bit weights cannot be partitioned by ZeRO-3 (they are packed bytes, and they are
     placed on a GPU at load time): refuse before N processes load a model."""
-    strategy = cfg.finetune.strategy if stage == "sft" else cfg.scst.finetune.strategy
-    quantized = strategy == "qlora" or (stage == "scst" and cfg.finetune.strategy == "qlora")
+    strategy = cfg.finetune.strategy if stage == "sft" else getattr(cfg, stage).finetune.strategy
+    quantized = strategy == "qlora" or (stage != "sft" and cfg.finetune.strategy == "qlora")
     if quantized and zero_stage_of(cfg.launch.config_file) == 3:
         raise EcomcapError(f"{stage}: QLoRA (4-bit base) cannot train under DeepSpeed ZeRO-3 "
                            f"({cfg.launch.config_file}): use ZeRO-2 or DDP (no config_file), or LoRA on a "
@@ -71,23 +71,41 @@ def scst_stage(sft_model: Path, train: Path, valid: Path, cfg: RunConfig, run_na
     the grounding stage's output (its scorer serves the CLIP-S / distinctiveness reward terms)."""
     if not cfg.scst.enabled or cfg.scst.max_steps == 0:
         return sft_model
+    return _tuning_stage("scst", {"sft_model": sft_model}, train, valid, cfg, run_name, grounding)
+
+
+def dpo_stage(model: Path, train: Path, valid: Path, cfg: RunConfig, run_name: str,
+              grounding: Path | None = None) -> Path:
+    """DPO on top of the model SCST handed on (the SFT model when SCST is off), or that model
+    unchanged when `dpo.enabled` is false."""
+    if not cfg.dpo.enabled or cfg.dpo.max_steps == 0:
+        return model
+    return _tuning_stage("dpo", {"start_model": model}, train, valid, cfg, run_name, grounding)
+
+
+def _tuning_stage(stage: str, start: dict[str, Path], train: Path, valid: Path, cfg: RunConfig, run_name: str,
+                  grounding: Path | None) -> Path:
+    """A stage that tunes a finished model with a reward (SCST, DPO): its processes, then one
+    standalone merged model to hand on."""
     from ecomcap.registry.pyfunc import export_merged
 
-    tracking.log_config("scst", cfg.scst)
+    stage_cfg = getattr(cfg, stage)
+    tracking.log_config(stage, stage_cfg)
     tracking.log_config("launch", cfg.launch)
-    scorer = Path(grounding) / "scorer" if grounding is not None and cfg.scst.reward.needs_scorer else None
-    if cfg.scst.reward.needs_scorer and (scorer is None or not scorer.is_dir()):
-        raise EcomcapError("scst.reward.clip / distinct need the grounding stage's scorer: set grounding.enabled")
+    needs = stage_cfg.reward.needs_scorer
+    scorer = Path(grounding) / "scorer" if grounding is not None and needs else None
+    if needs and (scorer is None or not scorer.is_dir()):
+        raise EcomcapError(f"{stage}.reward.clip / distinct need the grounding stage's scorer: set grounding.enabled")
     if scorer is not None:
         from ecomcap.grounding.scorer import weights_fingerprint
 
         tracking.set_tags({"grounding.scorer": weights_fingerprint(scorer)})
-    res = launch_stage("scst", cfg, sft_model=sft_model, train=train, valid=valid, run_name=run_name,
+    res = launch_stage(stage, cfg, **start, train=train, valid=valid, run_name=run_name,
                        scorer_dir=str(scorer) if scorer else None)
-    _check_ranks("scst", res)
-    tracking.log_metrics({"wall_s": res["wall_s"]}, prefix="scst.")
+    _check_ranks(stage, res)
+    tracking.log_metrics({"wall_s": res["wall_s"]}, prefix=f"{stage}.")
     model_dir = Path(res["model_dir"])
-    # the adapter's base is the SFT artifact's local path, which a remote artifact store (another
+    # the adapter's base is the previous stage's local path, which a remote artifact store (another
     # pod) does not have: hand on a standalone, merged model instead (one process, after training)
     from ecomcap.inference.rerank import with_grounding_scorer
 
@@ -140,3 +158,24 @@ def scst_process(sft_model: str, train: str, valid: str, config: dict, run_name:
     res = run_scst(sft_model, train, valid, cfg.model, scst, cfg.generate, tracking.metrics_callback(),
                    dev_images=cfg.data.dev_images, scorer_dir=scorer_dir, grounding=cfg.grounding)
     return _summary(res, Path(scst.output_dir))
+
+
+def dpo_process(start_model: str, train: str, valid: str, config: dict, run_name: str,
+                scorer_dir: str | None = None) -> dict[str, Any]:
+    """One training process of the DPO stage."""
+    from ecomcap.training.dpo import run_dpo
+
+    cfg = RunConfig.model_validate(config)
+    dpo = cfg.dpo.model_copy(update={"output_dir": Path(cfg.dpo.output_dir) / run_name})
+    res = run_dpo(start_model, train, valid, cfg.model, dpo, cfg.generate, tracking.metrics_callback(),
+                  dev_images=cfg.data.dev_images, scorer_dir=scorer_dir, grounding=cfg.grounding,
+                  attributes=training_attributes(cfg))
+    return _summary(res, Path(dpo.output_dir))
+
+
+def training_attributes(cfg: RunConfig) -> dict[str, dict] | None:
+    """Ground-truth attributes of the training images, where the data has them (the synthetic set)."""
+    from ecomcap.metrics.attributes import read_attributes
+
+    path = Path(cfg.data.work_dir) / "raw" / "attributes_train.jsonl"
+    return read_attributes(path) if cfg.data.source == "synthetic" and path.is_file() else None

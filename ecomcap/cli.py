@@ -102,7 +102,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if start is None:
             raise EcomcapError(f"no finished SFT run of this config (model, finetune, sft, data) under "
                                f"{cfg.sft.output_dir}: run --stage sft first or pass --from")
-        res = launch_stage("scst", cfg, sft_model=start, train=work / "train", valid=work / "valid", run_name="")
+        model_arg = {"sft_model": start} if args.stage == "scst" else {"start_model": start}
+        res = launch_stage(args.stage, cfg, **model_arg, train=work / "train", valid=work / "valid", run_name="")
     print(json.dumps({"stage": args.stage, **{k: res[k] for k in ("model_dir", "steps", "ranks")}},
                      ensure_ascii=False))
     return 0
@@ -241,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_prepare)
 
     t = sub.add_parser("train", help="run a training stage from a run config")
-    t.add_argument("--stage", choices=["sft", "scst"], required=True)
+    t.add_argument("--stage", choices=["sft", "scst", "dpo"], required=True)
     t.add_argument("--config", type=Path, required=True)
-    t.add_argument("--from", dest="start", type=Path, default=None, help="SCST: the SFT output to start from")
+    t.add_argument("--from", dest="start", type=Path, default=None,
+                   help="SCST, DPO: the model to start from (default: the finished SFT run of this config)")
     t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="caption a dataset (ingested dir or raw MUGE dir) -> caption_gen.jsonl")

@@ -21,6 +21,8 @@ class LoopConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="images per process per micro-batch")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
+    vision_lr_scale: float = Field(1.0, gt=0, description="the vision tower's learning rate = lr x this "
+                                   "(ms-swift's vit_lr): a from-scratch tower learns shape (category) slower")
     weight_decay: float = 0.0
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float = 1.0

@@ -65,6 +65,14 @@ def test_loops_generic_captions_reference_fallback_and_swaps():
     assert choose_pair("a", all_wrong, ["红色条纹T恤"], known, SWAP, random.Random(0), chosen_fallback="none") is None
 
 
+def test_a_caption_that_names_two_values_of_a_field_is_wrong_about_it():
+    known = known_attributes([], SWAP, TRUTH)
+    assert wrong_fields("黑色的红色条纹T恤", known) == ()  # names the truth (the metric's rule) ...
+    assert wrong_fields("黑色的红色条纹T恤", known, SWAP) == ("colour",)  # ... and contradicts it
+    assert wrong_fields("红色条纹T恤，纯色百搭", known, SWAP) == ("pattern",)
+    assert wrong_fields("红色条纹T恤", known, SWAP) == ()
+
+
 def test_known_attributes_from_references_without_ground_truth():
     refs = ["红色条纹T恤，简约", "这款红色T恤带条纹", "红色格子T恤"]
     assert known_attributes(refs, SWAP) == {"colour": "红色", "category": "T恤"}  # pattern: refs disagree

@@ -1,6 +1,6 @@
 """The grounded training pipeline end to end on the real local stack (ZenML + MLflow on SQLite),
 from a clean copy: the grounding step trains the scorer and the evaluator from the train split,
-SCST rewards CLIP-S + distinctiveness, generation reranks with the scorer, evaluation reports
+SCST rewards CLIP-S + distinctiveness, DPO tunes on pairs of its own samples, generation reranks with the scorer, evaluation reports
 caption->image R@1 with the evaluator, the gate guards attribute accuracy and R@1, and the
 registered champion ships its scorer and serves reranked captions."""
 from __future__ import annotations
@@ -32,12 +32,14 @@ def test_grounded_pipeline(repo):
         repo, "e2e_grounded.yaml", grounding=grounding,
         scst={**E2E["scst"], "reward": {"cider": 1.0, "clip": 1.0, "distinct": 0.5, "repeat": 1.0}},
         generate={**E2E["generate"], "rerank": {"candidates": 2, "weight": 1.0}},
+        dpo={"enabled": True, "max_steps": 2, "batch_size": 2, "samples": 2, "pair_images": 6, "max_new_tokens": 6,
+             "eval_every": 0, "save_every": 0, "lr": 1.0e-3, "reward": {"cider": 1.0, "clip": 1.0}},
         registry={**E2E["registry"], "guard_metrics": ["BLEU-4", "attr_mean", "cap2img_R1"],
                   "tolerances": {"attr_mean": 0.02, "cap2img_R1": 0.05}})
     run = sh(repo, f"bash scripts/setup_stack.sh && zenml pipeline run pipelines.training.training_pipeline -c {cfg}")
     assert run.returncode == 0, run.stderr[-3000:]
     out = _plain(run.stdout + run.stderr)
-    assert "Step grounding has finished" in out
+    assert "Step grounding has finished" in out and "Step dpo has finished" in out
 
     from mlflow import MlflowClient
 
@@ -48,7 +50,8 @@ def test_grounded_pipeline(repo):
     m, tags = r.data.metrics, r.data.tags
     for key in ("val.cap2img_R1", "val.cap2img_R5", "val.clip_s_eval", "val.top_opener_share",
                 "grounding.scorer.probe.colour", "grounding.evaluator.probe.colour", "scst.reward_clip_s",
-                "scst.reward_distinct", "scst.reward_cider", "scst.reward_s", "grounding_scorer.swap_acc"):
+                "scst.reward_distinct", "scst.reward_cider", "scst.reward_s", "grounding_scorer.swap_acc",
+                "dpo.pairs", "dpo.loss", "dpo.reward_margin"):
         assert key in m, key
     assert tags["grounding.scorer"] != tags["grounding.evaluator"]  # two encoders, both recorded
     samples = Path(client.download_artifacts(r.info.run_id, "samples.html")).read_text(encoding="utf-8")

@@ -213,3 +213,20 @@ def test_step_metrics_are_stored_in_batches(tmp_path):
     assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 8)]
     stamps = [m.timestamp for m in sorted(history, key=lambda m: m.step)]
     assert stamps == sorted(stamps) and len(set(stamps)) == 7
+
+
+def test_vision_lr_scale_gives_the_vision_tower_its_own_rate(tiny_model_cfg):
+    from ecomcap.modeling.load import load_base
+    from ecomcap.modeling.strategies import VISION, apply_strategy
+    from ecomcap.training.loop import param_groups
+
+    model, _ = load_base(tiny_model_cfg)
+    model, _ = apply_strategy(model, FinetuneConfig(strategy="full"))
+    one = param_groups(model, SFTConfig(lr=1e-3))
+    assert len(one) == 1 and one[0]["lr"] == 1e-3
+    llm, vision = param_groups(model, SFTConfig(lr=1e-3, vision_lr_scale=3.0))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert vision["lr"] == pytest.approx(3e-3) and llm["lr"] == 1e-3
+    assert all(VISION.search(names[id(p)]) for p in vision["params"])
+    assert not any(VISION.search(names[id(p)]) for p in llm["params"])
+    assert len(llm["params"]) + len(vision["params"]) == sum(p.requires_grad for p in model.parameters())

@@ -45,6 +45,14 @@ class AttributeSwapper:
                 out[f] = next(w for w in self.vocab[f] if w.lower() == m.group(0).lower())
         return out
 
+    def mentioned(self, text: str) -> dict[str, set[str]]:
+        """field -> every word of that field the caption names (as the vocabulary spells them)."""
+        out: dict[str, set[str]] = {}
+        for f, rx in self._res.items():
+            for m in rx.findall(text):
+                out.setdefault(f, set()).add(next(w for w in self.vocab[f] if w.lower() == m.lower()))
+        return out
+
     def swap(self, text: str, field: str, rng: random.Random, avoid: str | None = None) -> str | None:
         """`text` with every mention of its `field` word replaced by another word of the field
         (never `avoid`, e.g. the image's true value); None when the caption names no such word."""

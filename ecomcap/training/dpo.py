@@ -166,7 +166,7 @@ class PairBuilder:
                 continue
             image_id, refs = data.ids[row], data.texts[row]
             known = known_attributes(refs, self.swapper, self.attributes.get(image_id))
-            cands = [Candidate(captions[j], float(scores[j]), ended[j], loops[j], wrong_fields(captions[j], known))
+            cands = [Candidate(captions[j], float(scores[j]), ended[j], loops[j], wrong_fields(captions[j], known, self.swapper))
                      for j in range(i * k, (i + 1) * k)]
             pair = choose_pair(image_id, cands, refs, known, self.swapper, rng, chosen_fallback=self.cfg.chosen_fallback,
                                min_reward_gap=self.cfg.min_reward_gap, swap_rejected=self.cfg.swap_rejected)

@@ -69,12 +69,17 @@ def known_attributes(references: Sequence[str], swapper: AttributeSwapper,
     return {f: next(iter(ws)) for f, ws in named.items() if len(ws) == 1}
 
 
-def wrong_fields(caption: str, known: Mapping[str, str]) -> tuple[str, ...]:
-    """The known attributes the caption does not name (the synthetic set's 纯色 rule when it applies)."""
+def wrong_fields(caption: str, known: Mapping[str, str], swapper: AttributeSwapper | None = None) -> tuple[str, ...]:
+    """The known attributes the caption does not name (the synthetic set's 纯色 rule when it applies)
+    or contradicts (names another value of the field too: "黑色…蓝色鞋子" is not right about colour)."""
     if all(f in known for f in ("category", "colour", "pattern")):
         checks = attribute_checks(caption, known)
     else:
         checks = {f: v.lower() in caption.lower() for f, v in known.items()}
+    if swapper is not None:
+        for f, words in swapper.mentioned(caption).items():
+            if f in known and any(w.lower() != known[f].lower() for w in words):
+                checks[f] = False
     return tuple(f for f, ok in checks.items() if not ok)
 
 
@@ -87,7 +92,7 @@ def choose_pair(image_id: str, cands: Sequence[Candidate], references: Sequence[
         best = max(good, key=lambda c: c.reward)
         chosen, source, chosen_reward = best.text, "sample", best.reward
     else:
-        right = [r for r in references if not wrong_fields(r, known)] if chosen_fallback == "reference" else []
+        right = [r for r in references if not wrong_fields(r, known, swapper)] if chosen_fallback == "reference" else []
         if not right:
             return None
         chosen, source, chosen_reward = right[0], "reference", None

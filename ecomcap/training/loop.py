@@ -84,8 +84,7 @@ class TrainLoop:
         self.acc = accelerator if accelerator is not None else make_accelerator(cfg, model)
         torch.manual_seed(cfg.seed)
         self.params = count_parameters(model)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
         warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
         sched = get_cosine_schedule_with_warmup(opt, warmup, max(cfg.max_steps, 1))
         # the scheduler stays unprepared: accelerate's wrapper steps it once per process per
@@ -310,6 +309,20 @@ class TrainLoop:
         if self.on_metrics is not None:
             step = int(row["step"])
             self.on_metrics({f"{self.stage}/{k}": float(v) for k, v in row.items() if k != "step"}, step)
+
+
+def param_groups(model, cfg: LoopConfig) -> list[dict[str, Any]]:
+    """The trainable parameters, the vision tower's apart when `vision_lr_scale` != 1 (the
+    cosine schedule scales every group's own rate)."""
+    from ecomcap.modeling.strategies import VISION
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.vision_lr_scale == 1.0:
+        return [{"params": [p for _, p in named], "lr": cfg.lr}]
+    vision = [p for n, p in named if VISION.search(n)]
+    rest = [p for n, p in named if not VISION.search(n)]
+    return [g for g in ({"params": rest, "lr": cfg.lr}, {"params": vision, "lr": cfg.lr * cfg.vision_lr_scale})
+            if g["params"]]
 
 
 def _truncate_log(path: Path, step: int) -> None:

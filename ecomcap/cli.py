@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stage", choices=["sft", "scst", "dpo"], required=True)
     t.add_argument("--config", type=Path, required=True)
     t.add_argument("--from", dest="start", type=Path, default=None,
-                   help="SCST, DPO: the model to start from (default: the finished SFT run of this config)")
+                   help="SCST, DPO: the model to start from (default: the finished SFT run of this config; DPO after "
+                   "SCST: pass the SCST output here)")
     t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="caption a dataset (ingested dir or raw MUGE dir) -> caption_gen.jsonl")

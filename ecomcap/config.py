@@ -202,6 +202,13 @@ class DPOConfig(LoopConfig):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(strategy="lora"))
 
+    @model_validator(mode="after")
+    def _samples_fit_the_answer(self) -> "DPOConfig":
+        if self.max_answer_tokens <= self.max_new_tokens:
+            raise ValueError(f"dpo.max_answer_tokens ({self.max_answer_tokens}) must exceed dpo.max_new_tokens "
+                             f"({self.max_new_tokens}): a sampled caption and its EOS must fit uncut")
+        return self
+
 
 class PostprocessConfig(_Strict):
     """Caption clean-up after decoding."""

@@ -34,11 +34,11 @@ def training_pipeline(config: RunConfig = RunConfig()) -> None:  # noqa: B008  (
     # decided when the pipeline is compiled, from the run's config: no step at all when off
     scorers = grounding(config=config.grounding, data=config.data, train=train, valid=valid, after="validate") \
         if config.grounding.enabled else None
-    model = scst(config=config, sft_model=sft_model, train=train, valid=valid, grounding=scorers)
+    model = scst_model = scst(config=config, sft_model=sft_model, train=train, valid=valid, grounding=scorers)
     if config.dpo.enabled:  # preference tuning of what SCST handed on (the SFT model when SCST is off)
-        model = dpo(config=config, model=model, train=train, valid=valid, grounding=scorers)
+        model = dpo(config=config, model=scst_model, train=train, valid=valid, grounding=scorers)
     predictions = generate(config=config, model=model, data=valid, grounding=scorers)
     evaluation = evaluate(config=config, predictions=predictions, valid=valid, sft_model=sft_model, model=model,
-                          grounding=scorers)
+                          grounding=scorers, scst_model=scst_model if config.dpo.enabled else None)
     promote(config=config, model=model, evaluation=evaluation, valid=valid, validation_report=report,
             grounding=scorers)

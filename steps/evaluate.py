@@ -14,10 +14,14 @@ from steps._tracker import TRACKER
 
 @step(experiment_tracker=TRACKER)
 def evaluate(config: RunConfig, predictions: dict, valid: DatasetDir, sft_model: ModelDir,
-             model: ModelDir, grounding: ModelDir | None = None) -> Annotated[EvaluationReport, "evaluation"]:
-    last = "dpo" if config.dpo.enabled and config.dpo.max_steps else "scst"  # the stage that made `model`
-    curves = {"sft": sft_model.metrics_log(), last: model.metrics_log()} if model != sft_model else \
-        {"sft": sft_model.metrics_log()}
+             model: ModelDir, grounding: ModelDir | None = None,
+             scst_model: ModelDir | None = None) -> Annotated[EvaluationReport, "evaluation"]:
+    """`scst_model`: SCST's output when DPO made `model` from it (each stage's curve is drawn)."""
+    curves = {"sft": sft_model.metrics_log()}
+    if scst_model is not None and scst_model != sft_model:
+        curves["scst"] = scst_model.metrics_log()
+    if model != sft_model and model != scst_model:
+        curves["dpo" if config.dpo.enabled and config.dpo.max_steps else "scst"] = model.metrics_log()
     metrics, eval_fp, html = evaluate_stage(predictions, Path(valid.path), config, curves,
                                             grounding=Path(grounding.path) if grounding else None)
     return EvaluationReport(metrics, eval_fp, html)

@@ -73,6 +73,54 @@ def test_a_caption_that_names_two_values_of_a_field_is_wrong_about_it():
     assert wrong_fields("红色条纹T恤", known, SWAP) == ()
 
 
+def test_identical_samples_give_a_swapped_pair_or_none():
+    known = known_attributes([], SWAP, TRUTH)
+    same = [Candidate("红色条纹T恤", 1.0)] * 3
+    pair = choose_pair("a", same, [], known, SWAP, random.Random(0))
+    assert pair.reason.startswith("swap:") and pair.chosen == "红色条纹T恤"
+    assert choose_pair("a", same, [], known, SWAP, random.Random(0), swap_rejected=False) is None
+
+
+def test_a_multi_colour_product_from_references_is_not_called_wrong():
+    """Without ground truth, a colour the references name is no contradiction, and a field the
+    references do not agree on is not known."""
+    from ecomcap.training.dpo_pairs import named_words
+
+    refs = ["黑色T恤白色领口", "黑色T恤，白色袖口", "黑色白色拼接T恤"]
+    known, allowed = known_attributes(refs, SWAP), named_words(refs, SWAP)
+    assert known == {"category": "T恤"}
+    assert all(not wrong_fields(r, known, SWAP, allowed) for r in refs)
+    assert wrong_fields("黑色白色帽子", known, SWAP, allowed) == ("category",)
+    refs = ["黑色T恤", "黑色纯棉T恤"]
+    known, allowed = known_attributes(refs, SWAP), named_words(refs, SWAP)
+    assert wrong_fields("黑色红色T恤", known, SWAP, allowed) == ("colour",)
+
+
+def test_rank_slices_cover_every_item_once_with_equal_batches():
+    from ecomcap.training.dpo import _rank_slice
+
+    items = list(range(7))
+    for world in (1, 2, 3, 8):
+        slices = [_rank_slice(items, world, r) for r in range(world)]
+        assert len({len(sl) for sl in slices}) == 1  # every rank runs as many batches
+        kept = [x for sl in slices for x, keep in sl if keep]
+        assert kept == items
+
+
+def test_an_unfinished_rejected_sample_is_scored_without_an_eos(tiny_model_cfg):
+    from ecomcap.modeling.load import load_base
+    from ecomcap.training.collate import PromptBuilder
+    from ecomcap.training.dpo import _answers
+    from ecomcap.training.dpo_pairs import Pair
+
+    _, processor = load_base(tiny_model_cfg)
+    pb = PromptBuilder(processor, tiny_model_cfg.prompt)
+    ids = _answers(pb, [Pair("a", "红色T恤", "蓝色T恤", "wrong:colour", "sample"),
+                        Pair("a", "红色T恤", "红色T恤红色T恤", "unfinished", "sample", rejected_ended=False)], 64)
+    c, r, r_cut = ids[0], ids[1], ids[3]  # chosen, rejected, chosen, rejected
+    assert c[-1] == pb.eos_id and r[-1] == pb.eos_id and r_cut[-1] != pb.eos_id
+
+
 def test_known_attributes_from_references_without_ground_truth():
     refs = ["红色条纹T恤，简约", "这款红色T恤带条纹", "红色格子T恤"]
     assert known_attributes(refs, SWAP) == {"colour": "红色", "category": "T恤"}  # pattern: refs disagree
@@ -95,21 +143,24 @@ def test_user_pairs_are_read_and_bad_rows_quarantined(tmp_path):
             {"image_id": "9", "chosen": "红色T恤", "rejected": "蓝色T恤"},
             {"image_id": "1", "chosen": "红色T恤", "rejected": "红色T恤"},
             {"image_id": "1", "chosen": "", "rejected": "x"}]
-    path.write_text("\n".join([json.dumps(r, ensure_ascii=False) for r in rows] + ["{not json"]), encoding="utf-8")
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in rows + rows[:1]] + [b"{not json", b"\xff\xfe"]
+    path.write_bytes(b"\n".join(lines))
     pairs, bad = read_user_pairs(path, ["1", "2"])
     assert [(p.image_id, p.reason) for p in pairs] == [("1", "user")]
-    assert [b["reason"] for b in bad][:3] == ["image_id not in the training split", "chosen equals rejected",
-                                            "empty caption"]
-    assert bad[3]["line"] == 5
+    assert [b["reason"] for b in bad][:4] == ["image_id not in the training split", "chosen equals rejected",
+                                            "empty caption", "duplicate of an earlier line"]
+    assert bad[4]["line"] == 6 and bad[5] == {"line": 7, "reason": "not UTF-8"}
     with pytest.raises(EcomcapError, match="no usable pair"):
         read_user_pairs(path, ["2"])
     with pytest.raises(EcomcapError, match="does not exist"):
         read_user_pairs(tmp_path / "missing.jsonl", ["1"])
 
 
-def test_run_config_refuses_dpo_without_pairs():
+def test_run_config_refuses_dpo_without_pairs_or_with_answers_shorter_than_samples():
     with pytest.raises(ValueError, match="no pairs"):
         RunConfig.model_validate({"dpo": {"enabled": True, "own_pairs": False}})
+    with pytest.raises(ValueError, match="max_answer_tokens"):
+        DPOConfig(max_new_tokens=64, max_answer_tokens=64)
 
 
 @pytest.fixture(scope="module")
@@ -149,34 +200,44 @@ def test_dpo_builds_pairs_with_reference_logprobs_trains_and_logs(tiny_model_cfg
 
 
 def test_reference_logprobs_are_the_starting_policys(tiny_model_cfg, small_data, start_model, tmp_path, monkeypatch):
-    """At step 0 (fresh adapter) the policy's log-probs of each pair equal the stored reference ones."""
+    """After a step has moved the adapter, the adapter-off pass still gives the stored reference
+    log-probs of each pair (computed with the pairs, before training), and the policy's differ."""
     from ecomcap.training import dpo as dpo_module
 
-    seen = {}
+    seen = []
     original = dpo_module.DPOStep.__call__
 
     def spy(self, examples):
         pairs = [e.pair for e in examples]
         enc = self.loop.builder.prompts([e.image for e in examples])
+        answers = dpo_module._answers(self.loop.builder, pairs, self.cfg.max_answer_tokens)
         with torch.no_grad():
-            lp, _ = self.policy.sequence_logprobs(enc, dpo_module._answers(self.loop.builder, pairs, 64), 2)
-        seen.setdefault("first", (lp, pairs))
+            ref, _ = self.policy.sequence_logprobs(enc, answers, 2, reference=True)
+            pol, _ = self.policy.sequence_logprobs(enc, answers, 2)
+        seen.append((ref, pol, pairs))
         return original(self, examples)
 
     monkeypatch.setattr(dpo_module.DPOStep, "__call__", spy)
-    run_dpo(start_model, small_data["train"], None, tiny_model_cfg, _cfg(tmp_path / "o", max_steps=1), GEN,
+    run_dpo(start_model, small_data["train"], None, tiny_model_cfg, _cfg(tmp_path / "o", max_steps=2, lr=5e-2, warmup_ratio=0.0), GEN,
             attributes=_attributes(small_data))
-    lp, pairs = seen["first"]
-    ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs]).flatten()
-    torch.testing.assert_close(lp, ref, rtol=0, atol=1e-4)
+    ref, pol, pairs = seen[1]  # the second step: one optimizer step later
+    stored = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs]).flatten()
+    torch.testing.assert_close(ref, stored, rtol=0, atol=1e-4)
+    assert (pol - ref).abs().max() > 1e-3
 
 
-def test_dpo_resume_is_exact_and_reuses_the_pairs(tiny_model_cfg, small_data, start_model, tmp_path):
+def test_dpo_resume_is_exact_and_reuses_the_pairs(tiny_model_cfg, small_data, start_model, tmp_path, monkeypatch):
     attrs = _attributes(small_data)
     full = run_dpo(start_model, small_data["train"], None, tiny_model_cfg, _cfg(tmp_path / "a"), GEN, attributes=attrs)
     with pytest.raises(InterruptedError):
         run_dpo(start_model, small_data["train"], None, tiny_model_cfg, _cfg(tmp_path / "b", stop_after_steps=3),
                 GEN, attributes=attrs)
+    from ecomcap.training import dpo as dpo_module
+
+    def no_rebuild(*a, **k):
+        raise AssertionError("a resumed run must read its pairs back, not sample new ones")
+
+    monkeypatch.setattr(dpo_module.PairBuilder, "own_pairs", no_rebuild)
     resumed = run_dpo(start_model, small_data["train"], None, tiny_model_cfg, _cfg(tmp_path / "b"), GEN,
                       attributes=attrs)
     assert resumed.resumed_from == 2 and resumed.steps == 4

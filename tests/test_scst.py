@@ -105,7 +105,7 @@ def test_reward_and_diagnostics_see_the_raw_decoded_loop(tiny_model_cfg):
 
 def test_scst_policy_is_the_same_in_sampling_log_probs_and_reference(tiny_model_cfg, small_data):
     """LoRA dropout would make the log-prob pass (train mode) another policy than the sampler."""
-    from ecomcap.training.scst import disable_dropout
+    from ecomcap.training.tuning import disable_dropout
 
     model, processor = load_base(tiny_model_cfg)
     model, _ = apply_strategy(model, FinetuneConfig(strategy="lora", lora_r=8, lora_dropout=0.5))

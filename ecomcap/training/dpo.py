@@ -13,6 +13,7 @@ the run's folder; a resumed run reads that file back, so it trains on the very s
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 from dataclasses import dataclass, field, replace
@@ -26,32 +27,30 @@ from tqdm import tqdm
 
 from ecomcap.config import DPOConfig, GenerateConfig, GroundingConfig, ModelConfig
 from ecomcap.data.clean import repeated_ngram_share
-from ecomcap.data.shards import read_references, read_report
-from ecomcap.modeling.load import expected_dtype, load_trained
-from ecomcap.modeling.strategies import apply_strategy
+from ecomcap.data.shards import read_references
+from ecomcap.errors import EcomcapError
 from ecomcap.retrieval.swaps import AttributeSwapper
 from ecomcap.text import tokenize_many
 from ecomcap.training.budget import check_token_budget, model_token_limit
-from ecomcap.training.data import ShardImages, train_and_dev
+from ecomcap.training.data import ShardImages
 from ecomcap.training.dpo_pairs import (
     Candidate,
     Pair,
     choose_pair,
     known_attributes,
+    named_words,
     pair_counts,
     read_pairs,
     read_user_pairs,
     write_pairs,
     wrong_fields,
 )
-from ecomcap.training.identity import model_fingerprint, run_identity
 from ecomcap.training.logprob import PolicyLogprob
-from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop, make_accelerator
+from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
 from ecomcap.training.losses import dpo_loss
 from ecomcap.training.rewards import CombinedReward
 from ecomcap.training.sampling import Sampler
-from ecomcap.training.scst import disable_dropout, load_reward_scorer
-from ecomcap.training.zero import merge_adapter
+from ecomcap.training.tuning import start_tuning
 
 log = logging.getLogger(__name__)
 PAIRS_FILE = "pairs.jsonl"
@@ -86,19 +85,42 @@ class DPOLoop(TrainLoop):
         return len(data)
 
     def item(self, data: PairSet, epoch: int, i: int) -> PairExample:  # type: ignore[override]
-        if epoch not in self._orders:
-            order = list(range(len(data)))
-            random.Random(f"{self.cfg.seed}:dpo:{epoch}").shuffle(order)
-            self._orders = {epoch: order}
-        j = self._orders[epoch][i]
+        j = self._pair_order(len(data), epoch)[i]
         row = data.rows[j]
         return PairExample(data.pairs[j], lambda: data.images.image(row))
 
+    def _pair_order(self, n: int, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(n))
+            random.Random(f"{self.cfg.seed}:dpo:{epoch}").shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def _order_digest(self, data: PairSet) -> str:  # type: ignore[override]
+        """Hash of the first epoch's pair order and of the pairs (ranks must agree on both)."""
+        key = [self._pair_order(len(data), 0), [(p.image_id, p.chosen, p.rejected) for p in data.pairs]]
+        return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()[:16]
+
 
 def _answers(builder, pairs: Sequence[Pair], max_tokens: int) -> list[list[int]]:
-    """chosen, rejected, chosen, rejected, ... token ids (each closed by EOS)."""
+    """chosen, rejected, chosen, rejected, ... token ids, cut to `max_tokens - 1` and closed by EOS,
+    except a rejected sample that was cut at the length limit (scored as it was sampled)."""
     texts = [t for p in pairs for t in (p.chosen, p.rejected)]
-    return builder.answer_ids(texts, max_tokens)
+    ids = builder.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ends = [e for p in pairs for e in (True, p.rejected_ended)]
+    return [list(x[: max_tokens - 1]) + ([builder.eos_id] if e else []) for x, e in zip(ids, ends)]
+
+
+def drop_cut_ties(builder, pairs: list[Pair], max_tokens: int) -> list[Pair]:
+    """Pairs whose two captions are the same once cut to `max_tokens` teach nothing: dropped and
+    counted; captions longer than the cut are counted too (raise `dpo.max_answer_tokens`)."""
+    ids = _answers(builder, pairs, max_tokens)
+    long = sum(len(x) >= max_tokens for x in ids)
+    kept = [p for n, p in enumerate(pairs) if ids[2 * n] != ids[2 * n + 1]]
+    if long or len(kept) < len(pairs):
+        log.warning("dpo: %d captions are longer than dpo.max_answer_tokens %d and are cut; %d pairs the same once "
+                    "cut are dropped", long, max_tokens, len(pairs) - len(kept))
+    return kept
 
 
 class DPOStep:
@@ -165,9 +187,11 @@ class PairBuilder:
             if not keep[i]:
                 continue
             image_id, refs = data.ids[row], data.texts[row]
-            known = known_attributes(refs, self.swapper, self.attributes.get(image_id))
-            cands = [Candidate(captions[j], float(scores[j]), ended[j], loops[j], wrong_fields(captions[j], known, self.swapper))
-                     for j in range(i * k, (i + 1) * k)]
+            truth = self.attributes.get(image_id)
+            known = known_attributes(refs, self.swapper, truth)
+            allowed = None if truth is not None else named_words(refs, self.swapper)  # refs' own words never contradict
+            cands = [Candidate(captions[j], float(scores[j]), ended[j], loops[j],
+                               wrong_fields(captions[j], known, self.swapper, allowed)) for j in range(i * k, (i + 1) * k)]
             pair = choose_pair(image_id, cands, refs, known, self.swapper, rng, chosen_fallback=self.cfg.chosen_fallback,
                                min_reward_gap=self.cfg.min_reward_gap, swap_rejected=self.cfg.swap_rejected)
             if pair is not None:
@@ -212,9 +236,9 @@ def _gather(acc, items: list) -> list:
 
 
 def load_or_build_pairs(builder: PairBuilder, data: ShardImages, cfg: DPOConfig, out: Path) -> list[Pair]:
-    """The run's pairs: read back on resume, else built (own samples + user pairs) and written."""
+    """The run's pairs: read back when resuming, else built (own samples + user pairs) and written."""
     path = out / PAIRS_FILE
-    if path.is_file():
+    if path.is_file() and cfg.resume:
         pairs = read_pairs(path)
         log.info("dpo: %d pairs read back from %s", len(pairs), path)
         return pairs
@@ -222,25 +246,26 @@ def load_or_build_pairs(builder: PairBuilder, data: ShardImages, cfg: DPOConfig,
     if cfg.own_pairs:
         rows = builder.rows(data)
         pairs = builder.own_pairs(data, rows)
-        log.info("dpo: %d pairs from %d images' own samples (%s)", len(pairs), len(rows),
+        log.info("dpo: %d pairs from %d images' own samples, %d images without a pair (no attribute-right caption "
+                 "or none worse); %s", len(pairs), len(rows), len(rows) - len(pairs),
                  ", ".join(f"{k} {v}" for k, v in pair_counts(pairs).items()))
     if cfg.pairs_file:
         user, bad = read_user_pairs(cfg.pairs_file, data.ids)
-        log.info("dpo: %d user pairs from %s, %d rows quarantined", len(user), cfg.pairs_file, len(bad))
+        log.info("dpo: %d user pairs from %s, %d rows quarantined (%s)", len(user), cfg.pairs_file, len(bad),
+                 out / "pairs_quarantine.jsonl")
         if bad and builder.loop.acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            import json
-
             (out / "pairs_quarantine.jsonl").write_text(
                 "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad), encoding="utf-8")
             for b in bad[:5]:
                 log.warning("dpo.pairs_file line %d quarantined: %s", b["line"], b["reason"])
         pairs += user
+    pairs = drop_cut_ties(builder.loop.builder, pairs, cfg.max_answer_tokens)
     if not pairs:
-        from ecomcap.errors import EcomcapError
-
-        raise EcomcapError("dpo: no pairs (no sample differed from another in a way that counts, and no pairs_file): "
-                           "raise dpo.samples or dpo.pair_images, or turn on dpo.swap_rejected")
+        hint = ("set grounding.attribute_vocab (field -> words) so that wrong attributes can be told, or give "
+                "dpo.pairs_file" if not builder.swapper.vocab else
+                "raise dpo.samples or dpo.pair_images, turn on dpo.swap_rejected, or give dpo.pairs_file")
+        raise EcomcapError(f"dpo: no pairs (no sample was worse than another in a way that counts): {hint}")
     pairs = builder.with_reference(pairs, data)
     if builder.loop.acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -251,6 +276,10 @@ def load_or_build_pairs(builder: PairBuilder, data: ShardImages, cfg: DPOConfig,
 
 def _file_digest(path: Path | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path and Path(path).is_file() else None
+
+
+def _digest(obj) -> str | None:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16] if obj else None
 
 
 def run_dpo(
@@ -269,28 +298,14 @@ def run_dpo(
     """DPO from a finished stage's output (merged when it is an adapter); a fresh adapter by default,
     reference = the starting model. `attributes`: ground truth by training image id, when the data
     has it (the synthetic set); else the references' agreed values are the known attributes."""
-    torch.manual_seed(cfg.seed)
     gen_cfg, grounding = gen_cfg or GenerateConfig(), grounding or GroundingConfig()
-    acc = make_accelerator(cfg, dtype=expected_dtype(model_cfg))
-    model, processor = load_trained(start_model_dir, model_cfg, quantized=cfg.finetune.strategy == "qlora")
-    if hasattr(model, "merge_and_unload"):
-        model = merge_adapter(model)
-    model, _ = apply_strategy(model, cfg.finetune)
-    disable_dropout(model)  # one policy for sampling, the reference pass and training
-    train, select_on = train_and_dev(train_dir, valid_dir, dev_images)
-    scorer = load_reward_scorer(scorer_dir, cfg, grounding, str(acc.device))
-    vocab = grounding.attribute_vocab or (scorer.quality.get("vocab") if scorer else None) or _default_vocab(attributes)
-    configs = {"model": model_cfg.model_dump(mode="json"), "dpo": cfg.model_dump(mode="json"),
-               "generate": gen_cfg.model_dump(mode="json"), "dev_images": dev_images, "vocab": vocab,
-               "pairs_file": _file_digest(cfg.pairs_file), **({"scorer": scorer.fingerprint} if scorer else {})}
-    loop = DPOLoop(
-        stage="dpo", model=model, processor=processor, prompt=model_cfg.prompt, base_name=str(start_model_dir),
-        strategy=cfg.finetune.strategy, cfg=cfg, gen_cfg=gen_cfg, valid=select_on,
-        configs={**configs, "start_model": str(start_model_dir)}, on_metrics=on_metrics,
-        identity=run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(start_model_dir)),
-        accelerator=acc)
+    vocab = grounding.attribute_vocab or _default_vocab(attributes)
+    extra = {"vocab": vocab, "pairs_file": _file_digest(cfg.pairs_file), "attributes": _digest(attributes)}
+    loop, train, scorer = start_tuning("dpo", DPOLoop, start_model_dir, train_dir, valid_dir, model_cfg, cfg, gen_cfg,
+                                       on_metrics, dev_images, scorer_dir, grounding, extra=extra)
     check_token_budget(train, loop.builder, max(cfg.max_new_tokens, cfg.max_answer_tokens),
-                       model_token_limit(model, model_cfg.max_seq_len))
+                       model_token_limit(loop.acc.unwrap_model(loop.model), model_cfg.max_seq_len))
+    acc = loop.acc
     # the log-prob pass only (DPO's loss is backwarded by the loop, in one forward per step)
     policy = PolicyLogprob(model=loop.model, inner=acc.unwrap_model(loop.model), pad_id=loop.builder.pad_id,
                            suppress=Sampler(loop, cfg, gen_cfg).suppress, autocast=acc.autocast)

@@ -55,30 +55,45 @@ class Pair:
     source: str
     ref_chosen: float | None = None
     ref_rejected: float | None = None
+    rejected_ended: bool = True  # False: a sample cut at the length limit, scored without an EOS it never had
 
 
 def known_attributes(references: Sequence[str], swapper: AttributeSwapper,
                      truth: Mapping | None = None) -> dict[str, str]:
-    """field -> value: the ground truth when given, else the one value per field the references agree on."""
+    """field -> value: the ground truth when given, else the one value of a field that every
+    reference naming the field names alone (a "黑色白色拼接" product has no single known colour)."""
     if truth is not None:
         return {f: truth[f] for f in FIELDS if truth.get(f)}
-    named: dict[str, set[str]] = {}
+    named: dict[str, list[set[str]]] = {}
     for ref in references:
-        for f, word in swapper.found(ref).items():
-            named.setdefault(f, set()).add(word)
-    return {f: next(iter(ws)) for f, ws in named.items() if len(ws) == 1}
+        for f, words in swapper.mentioned(ref).items():
+            named.setdefault(f, []).append(words)
+    return {f: next(iter(sets[0])) for f, sets in named.items() if all(ws == sets[0] for ws in sets)
+            and len(sets[0]) == 1}
 
 
-def wrong_fields(caption: str, known: Mapping[str, str], swapper: AttributeSwapper | None = None) -> tuple[str, ...]:
+def named_words(references: Sequence[str], swapper: AttributeSwapper) -> dict[str, set[str]]:
+    """field -> every word of it some reference names (words a caption may use without contradicting)."""
+    out: dict[str, set[str]] = {}
+    for ref in references:
+        for f, words in swapper.mentioned(ref).items():
+            out.setdefault(f, set()).update(w.lower() for w in words)
+    return out
+
+
+def wrong_fields(caption: str, known: Mapping[str, str], swapper: AttributeSwapper | None = None,
+                 allowed: Mapping[str, set[str]] | None = None) -> tuple[str, ...]:
     """The known attributes the caption does not name (the synthetic set's 纯色 rule when it applies)
-    or contradicts (names another value of the field too: "黑色…蓝色鞋子" is not right about colour)."""
+    or contradicts: names another value of the field too ("黑色…蓝色鞋子" is not right about colour),
+    unless it is one of `allowed` (words the image's own references use)."""
     if all(f in known for f in ("category", "colour", "pattern")):
         checks = attribute_checks(caption, known)
     else:
         checks = {f: v.lower() in caption.lower() for f, v in known.items()}
     if swapper is not None:
         for f, words in swapper.mentioned(caption).items():
-            if f in known and any(w.lower() != known[f].lower() for w in words):
+            ok = {known.get(f, "").lower(), *(allowed or {}).get(f, ())}
+            if f in known and any(w.lower() not in ok for w in words):
                 checks[f] = False
     return tuple(f for f, ok in checks.items() if not ok)
 
@@ -92,7 +107,8 @@ def choose_pair(image_id: str, cands: Sequence[Candidate], references: Sequence[
         best = max(good, key=lambda c: c.reward)
         chosen, source, chosen_reward = best.text, "sample", best.reward
     else:
-        right = [r for r in references if not wrong_fields(r, known, swapper)] if chosen_fallback == "reference" else []
+        allowed = named_words(references, swapper)
+        right = [r for r in references if not wrong_fields(r, known, swapper, allowed)] if chosen_fallback == "reference" else []
         if not right:
             return None
         chosen, source, chosen_reward = right[0], "reference", None
@@ -104,7 +120,8 @@ def choose_pair(image_id: str, cands: Sequence[Candidate], references: Sequence[
     broken = [c for c in others if c.loop or not c.ended]
     if broken:
         pick = max(broken, key=lambda c: c.reward)
-        return Pair(image_id, chosen, pick.text, "loop" if pick.loop else "unfinished", source)
+        return Pair(image_id, chosen, pick.text, "loop" if pick.loop else "unfinished", source,
+                    rejected_ended=pick.ended)
     if others and chosen_reward is not None:
         low = min(others, key=lambda c: c.reward)
         if chosen_reward - low.reward >= min_reward_gap:
@@ -126,22 +143,27 @@ def read_user_pairs(path: str | Path, known_ids: Iterable[str]) -> tuple[list[Pa
     if not path.is_file():
         raise EcomcapError(f"dpo.pairs_file {path} does not exist")
     ids = set(known_ids)
-    pairs, bad = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
+    pairs, bad, seen = [], [], set()
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(raw.decode("utf-8"))
             image_id, chosen, rejected = (str(row[k]).strip() for k in ("image_id", "chosen", "rejected"))
+        except UnicodeDecodeError:
+            bad.append({"line": n, "reason": "not UTF-8"})
+            continue
         except (ValueError, KeyError, TypeError) as exc:
             bad.append({"line": n, "reason": f"not a JSON object with image_id, chosen, rejected ({exc})"})
             continue
         reason = ("image_id not in the training split" if image_id not in ids else
                   "empty caption" if not chosen or not rejected else
-                  "chosen equals rejected" if chosen == rejected else None)
+                  "chosen equals rejected" if chosen == rejected else
+                  "duplicate of an earlier line" if (image_id, chosen, rejected) in seen else None)
         if reason:
             bad.append({"line": n, "image_id": image_id, "reason": reason})
         else:
+            seen.add((image_id, chosen, rejected))
             pairs.append(Pair(image_id, chosen, rejected, "user", "user"))
     if not pairs:
         raise EcomcapError(f"dpo.pairs_file {path}: no usable pair ({len(bad)} rows quarantined, first: "

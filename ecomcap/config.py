@@ -183,7 +183,7 @@ class DPOConfig(LoopConfig):
     batch_size: int = Field(8, ge=1, description="pairs per micro-batch")
     lr: float = Field(5e-6, gt=0)
     beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference")
-    rpo_alpha: float = Field(0.0, ge=0, description="weight of the chosen captions' per-token NLL (RPO, as TRL)")
+    rpo_alpha: float = Field(0.0, ge=0, description="weight of the chosen captions' NLL per token (RPO)")
     pair_images: int = Field(512, ge=0, description="training images sampled for pairs; 0: all")
     samples: int = Field(4, ge=2, description="captions sampled per image to pick a pair from")
     temperature: float = Field(1.0, gt=0)

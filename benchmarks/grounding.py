@@ -131,15 +131,18 @@ def main() -> None:
     wanted = [r for r in args.rows.split(",") if r]
     sft_dir, sft_s = None, None
     done = out / "sft_model.json"  # one SFT per seed, reused by later invocations (rows added later)
-    if wanted and done.is_file():
-        sft_dir, sft_s = (lambda d: (Path(d["model_dir"]), d["sft_s"]))(json.loads(done.read_text()))
+    sft_key = json.dumps([cfg.sft.model_dump(mode="json", exclude={"output_dir"}), cfg.model.tiny.model_dump()
+                          if cfg.model.tiny else None], sort_keys=True, default=str)
+    earlier_sft = json.loads(done.read_text()) if done.is_file() else {}
+    if wanted and earlier_sft.get("key", sft_key) == sft_key and earlier_sft:  # (files before the key: reused)
+        sft_dir, sft_s = Path(earlier_sft["model_dir"]), earlier_sft["sft_s"]
     elif wanted:
         ensure_model(cfg.model, train)
         t0 = time.perf_counter()
         sft = run_sft(train, valid, cfg.model, cfg.finetune, cfg.sft, cfg.generate, dev_images=cfg.data.dev_images)
         sft_dir, sft_s = sft.model_dir, round(time.perf_counter() - t0, 1)
         out.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps({"model_dir": str(sft_dir), "sft_s": sft_s}))
+        done.write_text(json.dumps({"model_dir": str(sft_dir), "sft_s": sft_s, "key": sft_key}))
     if args.stop_after_sft:
         return
     gdir = args.grounding or args.work / "grounding"
@@ -171,10 +174,11 @@ def main() -> None:
         scst_rows = {k: v for k, v in rows.items() if ROWS.get(k.removesuffix(args.suffix), (None,))[0] is not None}
         if scst_rows:
             best = max(scst_rows, key=lambda k: scst_rows[k]["attr_mean"] + scst_rows[k]["cap2img_R1"])
-            rows["best_rerank"] = {**evaluate(cfg, Path(rows[best]["model_dir"]), out / "gen_best_rerank.jsonl",
-                                              evaluator, 5, gdir / "scorer", args.mu), "of": best}
-            print("best_rerank", json.dumps(rows["best_rerank"], ensure_ascii=False), flush=True)
-    cols = ["CIDEr-D", "BLEU-4", "attr_mean", "attr_category", "attr_colour", "attr_pattern", "attr_brand",
+            name = "best_rerank" + args.suffix
+            rows[name] = {**evaluate(cfg, Path(rows[best]["model_dir"]), out / f"gen_{name}.jsonl",
+                                     evaluator, 5, gdir / "scorer", args.mu), "of": best}
+            print(name, json.dumps(rows[name], ensure_ascii=False), flush=True)
+    cols = ["of", "CIDEr-D", "BLEU-4", "attr_mean", "attr_category", "attr_colour", "attr_pattern", "attr_brand",
             "cap2img_R1", "clip_s_eval", "distinct", "top_opener_share", "scst_s", "generate_s", "reward_share"]
     table = out / f"table_seed{s}.json"  # rows of earlier invocations kept (a row run again replaces its own)
     earlier = json.loads(table.read_text(encoding="utf-8"))["rows"] if table.is_file() else {}

@@ -103,10 +103,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise EcomcapError(f"no finished SFT run of this config (model, finetune, sft, data) under "
                                f"{cfg.sft.output_dir}: run --stage sft first or pass --from")
         model_arg = {"sft_model": start} if args.stage == "scst" else {"start_model": start}
-        res = launch_stage(args.stage, cfg, **model_arg, train=work / "train", valid=work / "valid", run_name="")
+        scorer = _grounding_scorer(args.grounding) if args.grounding else None
+        res = launch_stage(args.stage, cfg, **model_arg, train=work / "train", valid=work / "valid", run_name="",
+                           scorer_dir=scorer)
     print(json.dumps({"stage": args.stage, **{k: res[k] for k in ("model_dir", "steps", "ranks")}},
                      ensure_ascii=False))
     return 0
+
+
+def _grounding_scorer(grounding: Path) -> str:
+    """The scorer of a grounding step's output (its `scorer/` folder), for reward terms that need it."""
+    scorer = Path(grounding) / "scorer"
+    if not (scorer / "grounding.json").is_file():
+        raise EcomcapError(f"--grounding {grounding}: no scorer/grounding.json there (give the grounding step's "
+                           "output folder, which holds scorer/ and evaluator/)")
+    return str(scorer)
 
 
 def _overlay(base: dict, flags: dict) -> dict:
@@ -247,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from", dest="start", type=Path, default=None,
                    help="SCST, DPO: the model to start from (default: the finished SFT run of this config; DPO after "
                    "SCST: pass the SCST output here)")
+    t.add_argument("--grounding", type=Path, default=None,
+                   help="SCST, DPO: a grounding step's output (scorer/, evaluator/) for clip / distinct reward terms")
     t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="caption a dataset (ingested dir or raw MUGE dir) -> caption_gen.jsonl")

@@ -249,10 +249,9 @@ def grounding_evaluator(cfg: RunConfig, grounding: Path | None):
 
 
 def _synthetic_attributes(data: DataConfig) -> dict | None:
-    from ecomcap.metrics.attributes import read_attributes
+    from ecomcap.metrics.attributes import synthetic_attributes
 
-    path = Path(data.work_dir) / "raw" / "attributes_valid.jsonl"
-    return read_attributes(path) if data.source == "synthetic" and path.is_file() else None
+    return synthetic_attributes(data.work_dir, data.source, "valid")
 
 
 def _samples(valid: Path, preds: dict[str, str], refs: dict[str, list[str]], n: int,

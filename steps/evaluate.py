@@ -17,11 +17,13 @@ def evaluate(config: RunConfig, predictions: dict, valid: DatasetDir, sft_model:
              model: ModelDir, grounding: ModelDir | None = None,
              scst_model: ModelDir | None = None) -> Annotated[EvaluationReport, "evaluation"]:
     """`scst_model`: SCST's output when DPO made `model` from it (each stage's curve is drawn)."""
-    curves = {"sft": sft_model.metrics_log()}
-    if scst_model is not None and scst_model != sft_model:
-        curves["scst"] = scst_model.metrics_log()
-    if model != sft_model and model != scst_model:
-        curves["dpo" if config.dpo.enabled and config.dpo.max_steps else "scst"] = model.metrics_log()
+    curves = {"sft": sft_model.metrics_log()}  # each stage that ran, by the config (artifact paths always differ)
+    scst_ran = config.scst.enabled and config.scst.max_steps > 0
+    dpo_ran = config.dpo.enabled and config.dpo.max_steps > 0
+    if scst_ran:
+        curves["scst"] = (scst_model if dpo_ran and scst_model is not None else model).metrics_log()
+    if dpo_ran:
+        curves["dpo"] = model.metrics_log()
     metrics, eval_fp, html = evaluate_stage(predictions, Path(valid.path), config, curves,
                                             grounding=Path(grounding.path) if grounding else None)
     return EvaluationReport(metrics, eval_fp, html)

@@ -16,7 +16,7 @@ import torch
 from accelerate import PartialState
 
 from ecomcap.config import FinetuneConfig, GenerateConfig, ModelConfig, SCSTConfig, SFTConfig
-from ecomcap.training import scst as scst_module
+from ecomcap.training import tuning as tuning_module
 from ecomcap.training import sft as sft_module
 from ecomcap.training.accelerator import group_timeout
 from ecomcap.training.scst import run_scst
@@ -48,7 +48,7 @@ def spy(load):
 
 
 sft_module.load_base = spy(sft_module.load_base)
-scst_module.load_trained = spy(scst_module.load_trained)
+tuning_module.load_trained = spy(tuning_module.load_trained)  # SCST loads its start model there
 
 
 def sft(dest: str, **kw):

@@ -73,6 +73,13 @@ def test_a_caption_that_names_two_values_of_a_field_is_wrong_about_it():
     assert wrong_fields("红色条纹T恤", known, SWAP) == ()
 
 
+def test_a_wrong_sample_cut_at_the_length_limit_keeps_its_missing_eos():
+    known = known_attributes([], SWAP, TRUTH)
+    cands = [Candidate("红色条纹T恤", 1.0), Candidate("红色条纹", 0.8, ended=False, wrong=("category",))]
+    pair = choose_pair("a", cands, [], known, SWAP, random.Random(0))
+    assert pair.reason == "wrong:category" and pair.rejected_ended is False
+
+
 def test_identical_samples_give_a_swapped_pair_or_none():
     known = known_attributes([], SWAP, TRUTH)
     same = [Candidate("红色条纹T恤", 1.0)] * 3

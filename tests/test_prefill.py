@@ -195,16 +195,16 @@ def test_scst_rollouts_use_the_configured_prefill(tiny_model_cfg, small_data, tm
     """SCST samples (and greedy baselines) through `generate.prefill` of the run config (a spy
     around the real function records the mode)."""
     from ecomcap.config import SCSTConfig
-    from ecomcap.training import scst
+    from ecomcap.training import sampling, scst
 
     modes = []
-    real = scst.generate
+    real = sampling.generate
 
     def spy(model, enc, mode="once", **kw):
         modes.append(mode)
         return real(model, enc, mode, **kw)
 
-    monkeypatch.setattr(scst, "generate", spy)
+    monkeypatch.setattr(sampling, "generate", spy)  # SCST's (and DPO's) sampler
     cfg = SCSTConfig(output_dir=tmp_path / "scst", max_steps=1, batch_size=2, samples=2, eval_every=0,
                      save_every=0, max_new_tokens=4, finetune=FinetuneConfig(strategy="lora", lora_r=4))
     scst.run_scst(tiny_model_cfg.name_or_path, small_data["train"], None, tiny_model_cfg, cfg,

@@ -32,6 +32,13 @@ def read_attributes(path: str | Path) -> dict[str, dict]:
     return out
 
 
+def synthetic_attributes(work_dir: str | Path, source: str, split: str) -> dict[str, dict] | None:
+    """The synthetic set's ground truth of one split (`<work_dir>/raw/attributes_<split>.jsonl`), or
+    None for other data (which has no attribute ground truth)."""
+    path = Path(work_dir) / "raw" / f"attributes_{split}.jsonl"
+    return read_attributes(path) if source == "synthetic" and path.is_file() else None
+
+
 def _pattern_ok(caption: str, pattern: str) -> bool:
     if pattern == "纯色":
         return "纯色" in caption or not any(p in caption for p in PATTERNS if p != "纯色")

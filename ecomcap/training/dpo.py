@@ -115,7 +115,8 @@ def drop_cut_ties(builder, pairs: list[Pair], max_tokens: int) -> list[Pair]:
     """Pairs whose two captions are the same once cut to `max_tokens` teach nothing: dropped and
     counted; captions longer than the cut are counted too (raise `dpo.max_answer_tokens`)."""
     ids = _answers(builder, pairs, max_tokens)
-    long = sum(len(x) >= max_tokens for x in ids)
+    texts = [t for p in pairs for t in (p.chosen, p.rejected)]
+    long = sum(len(x) > max_tokens - 1 for x in builder.processor.tokenizer(texts, add_special_tokens=False)["input_ids"])
     kept = [p for n, p in enumerate(pairs) if ids[2 * n] != ids[2 * n + 1]]
     if long or len(kept) < len(pairs):
         log.warning("dpo: %d captions are longer than dpo.max_answer_tokens %d and are cut; %d pairs the same once "
@@ -146,10 +147,10 @@ class PairBuilder:
     """Samples K captions per training image with the starting policy, scores them and picks a
     pair per image (`dpo_pairs.choose_pair`); then the reference log-probs of every pair."""
 
-    def __init__(self, loop: TrainLoop, cfg: DPOConfig, gen_cfg: GenerateConfig, reward: CombinedReward,
+    def __init__(self, loop: TrainLoop, cfg: DPOConfig, sampler: Sampler, reward: CombinedReward,
                  policy: PolicyLogprob, vocab: dict[str, list[str]], attributes: dict[str, dict] | None):
         self.loop, self.cfg, self.reward, self.policy = loop, cfg, reward, policy
-        self.sampler = Sampler(loop, cfg, gen_cfg)
+        self.sampler = sampler
         self.swapper = AttributeSwapper(vocab)
         self.attributes = attributes or {}
         self.batch = max(1, cfg.batch_size)
@@ -307,9 +308,10 @@ def run_dpo(
                        model_token_limit(loop.acc.unwrap_model(loop.model), model_cfg.max_seq_len))
     acc = loop.acc
     # the log-prob pass only (DPO's loss is backwarded by the loop, in one forward per step)
+    sampler = Sampler(loop, cfg, gen_cfg)
     policy = PolicyLogprob(model=loop.model, inner=acc.unwrap_model(loop.model), pad_id=loop.builder.pad_id,
-                           suppress=Sampler(loop, cfg, gen_cfg).suppress, autocast=acc.autocast)
-    builder = PairBuilder(loop, cfg, gen_cfg, CombinedReward(read_references(train_dir), cfg.reward, scorer),
+                           suppress=sampler.suppress, autocast=acc.autocast)
+    builder = PairBuilder(loop, cfg, sampler, CombinedReward(read_references(train_dir), cfg.reward, scorer),
                           policy, vocab, attributes)
     pairs = load_or_build_pairs(builder, train, cfg, loop.out)
     if on_metrics is not None and acc.is_main_process:

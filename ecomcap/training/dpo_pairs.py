@@ -116,7 +116,7 @@ def choose_pair(image_id: str, cands: Sequence[Candidate], references: Sequence[
     wrong = [c for c in others if c.wrong]
     if wrong:
         worst = max(wrong, key=lambda c: c.reward)
-        return Pair(image_id, chosen, worst.text, "wrong:" + worst.wrong[0], source)
+        return Pair(image_id, chosen, worst.text, "wrong:" + worst.wrong[0], source, rejected_ended=worst.ended)
     broken = [c for c in others if c.loop or not c.ended]
     if broken:
         pick = max(broken, key=lambda c: c.reward)

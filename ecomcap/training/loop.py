@@ -321,6 +321,9 @@ def param_groups(model, cfg: LoopConfig) -> list[dict[str, Any]]:
         return [{"params": [p for _, p in named], "lr": cfg.lr}]
     vision = [p for n, p in named if VISION.search(n)]
     rest = [p for n, p in named if not VISION.search(n)]
+    if not vision:
+        log.warning("vision_lr_scale %.3g: no trainable parameter of a Qwen-VL vision tower (`visual.`) in this "
+                    "model, every parameter trains at lr", cfg.vision_lr_scale)
     return [g for g in ({"params": rest, "lr": cfg.lr}, {"params": vision, "lr": cfg.lr * cfg.vision_lr_scale})
             if g["params"]]
 

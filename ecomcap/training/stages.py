@@ -175,7 +175,6 @@ def dpo_process(start_model: str, train: str, valid: str, config: dict, run_name
 
 def training_attributes(cfg: RunConfig) -> dict[str, dict] | None:
     """Ground-truth attributes of the training images, where the data has them (the synthetic set)."""
-    from ecomcap.metrics.attributes import read_attributes
+    from ecomcap.metrics.attributes import synthetic_attributes
 
-    path = Path(cfg.data.work_dir) / "raw" / "attributes_train.jsonl"
-    return read_attributes(path) if cfg.data.source == "synthetic" and path.is_file() else None
+    return synthetic_attributes(cfg.data.work_dir, cfg.data.source, "train")

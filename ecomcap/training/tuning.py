@@ -70,7 +70,8 @@ def load_reward_scorer(scorer_dir: str | Path | None, stage: str, cfg, grounding
     if not cfg.reward.needs_scorer:
         return None
     if scorer_dir is None:
-        raise EcomcapError(f"{stage}.reward.clip / distinct need the grounding scorer: set grounding.enabled: true")
+        raise EcomcapError(f"{stage}.reward.clip / distinct need the grounding scorer: set grounding.enabled: true "
+                           "in the pipeline, or pass `ecomcap train --grounding DIR` (a grounding step's output)")
     from ecomcap.grounding.scorer import GroundingScorer
 
     scorer = GroundingScorer(scorer_dir, device=device, w=grounding.clip_w)

@@ -16,8 +16,8 @@ import torch
 from accelerate import PartialState
 
 from ecomcap.config import FinetuneConfig, GenerateConfig, ModelConfig, SCSTConfig, SFTConfig
-from ecomcap.training import tuning as tuning_module
 from ecomcap.training import sft as sft_module
+from ecomcap.training import tuning as tuning_module
 from ecomcap.training.accelerator import group_timeout
 from ecomcap.training.scst import run_scst
 from ecomcap.training.sft import run_sft

@@ -53,11 +53,12 @@ def _uneven_randomness() -> None:
 
 
 def _record_merge(out: str) -> None:
-    """Spy (records only) on SCST's adapter merge: rank r writes out/merged-rank{r}.json with the
-    merged weights of one projection LoRA changed, gathered whole when ZeRO-3 partitioned them."""
-    from ecomcap.training import scst
+    """Spy (records only) on SCST's adapter merge (in `start_tuning`): rank r writes
+    out/merged-rank{r}.json with the merged weights of one projection LoRA changed, gathered whole
+    when ZeRO-3 partitioned them."""
+    from ecomcap.training import tuning
 
-    merge = scst.merge_adapter
+    merge = tuning.merge_adapter
 
     def merged(model):
         model = merge(model)
@@ -74,7 +75,7 @@ def _record_merge(out: str) -> None:
             {"name": name, "partitioned": hasattr(p, "ds_id"), "values": value.flatten().tolist()}))
         return model
 
-    scst.merge_adapter = merged
+    tuning.merge_adapter = merged
 
 
 def train(stage: str, data: dict, model_dir: str, out: str, strategy: str, stop_after: int | None = None,

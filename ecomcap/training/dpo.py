@@ -102,21 +102,26 @@ class DPOLoop(TrainLoop):
         return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _answers(builder, pairs: Sequence[Pair], max_tokens: int) -> list[list[int]]:
+def _answers(builder, pairs: Sequence[Pair], max_tokens: int, raw: list[list[int]] | None = None) -> list[list[int]]:
     """chosen, rejected, chosen, rejected, ... token ids, cut to `max_tokens - 1` and closed by EOS,
-    except a rejected sample that was cut at the length limit (scored as it was sampled)."""
-    texts = [t for p in pairs for t in (p.chosen, p.rejected)]
-    ids = builder.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    except a rejected sample that was cut at the length limit (scored as it was sampled); `raw`:
+    the captions' uncut ids when the caller has them."""
+    raw = raw if raw is not None else _token_ids(builder, pairs)
     ends = [e for p in pairs for e in (True, p.rejected_ended)]
-    return [list(x[: max_tokens - 1]) + ([builder.eos_id] if e else []) for x, e in zip(ids, ends)]
+    return [list(x[: max_tokens - 1]) + ([builder.eos_id] if e else []) for x, e in zip(raw, ends)]
+
+
+def _token_ids(builder, pairs: Sequence[Pair]) -> list[list[int]]:
+    texts = [t for p in pairs for t in (p.chosen, p.rejected)]
+    return builder.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def drop_cut_ties(builder, pairs: list[Pair], max_tokens: int) -> list[Pair]:
     """Pairs whose two captions are the same once cut to `max_tokens` teach nothing: dropped and
     counted; captions longer than the cut are counted too (raise `dpo.max_answer_tokens`)."""
-    ids = _answers(builder, pairs, max_tokens)
-    texts = [t for p in pairs for t in (p.chosen, p.rejected)]
-    long = sum(len(x) > max_tokens - 1 for x in builder.processor.tokenizer(texts, add_special_tokens=False)["input_ids"])
+    raw = _token_ids(builder, pairs)
+    ids = _answers(builder, pairs, max_tokens, raw)
+    long = sum(len(x) > max_tokens - 1 for x in raw)
     kept = [p for n, p in enumerate(pairs) if ids[2 * n] != ids[2 * n + 1]]
     if long or len(kept) < len(pairs):
         log.warning("dpo: %d captions are longer than dpo.max_answer_tokens %d and are cut; %d pairs the same once "

@@ -52,7 +52,7 @@ def load(config: Path, sets: list[str], work: Path, tag: str) -> RunConfig:
 
 def evaluate(cfg: RunConfig, model_dir: Path, work: Path, name: str) -> dict:
     from ecomcap.data.shards import read_references
-    from ecomcap.inference.generate import generate_for_dataset
+    from ecomcap.inference.batch import generate_for_dataset
     from ecomcap.metrics.attributes import read_attributes
     from ecomcap.metrics.report import caption_report
     from ecomcap.modeling.load import load_trained

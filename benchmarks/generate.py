@@ -46,9 +46,9 @@ from PIL import Image  # noqa: E402
 
 from ecomcap.config import DataConfig, GenerateConfig, ModelConfig, SynthConfig, TinyModelConfig  # noqa: E402
 from ecomcap.data.prepare import prepare_data  # noqa: E402
+from ecomcap.inference.decode import generate  # noqa: E402
 from ecomcap.inference.generate import generate_kwargs, model_device_dtype  # noqa: E402
 from ecomcap.inference.patch_embed import patch_embed_as_matmul  # noqa: E402
-from ecomcap.inference.prefill import generate  # noqa: E402
 from ecomcap.modeling.load import load_trained  # noqa: E402
 from ecomcap.modeling.prepare import ensure_model  # noqa: E402
 from ecomcap.training.collate import PromptBuilder  # noqa: E402

@@ -45,7 +45,7 @@ ROWS = {  # name -> (second stage or None, its reward, rerank candidates)
 def evaluate(cfg, model_dir: Path, out: Path, evaluator, rerank: int, scorer_dir: Path, mu: float) -> dict:
     from ecomcap.data.shards import read_references
     from ecomcap.grounding.evaluate import grounded_metrics
-    from ecomcap.inference.generate import generate_for_dataset
+    from ecomcap.inference.batch import generate_for_dataset
     from ecomcap.metrics.attributes import read_attributes
     from ecomcap.metrics.report import caption_report
     from ecomcap.modeling.load import load_trained

@@ -35,7 +35,7 @@ from ecomcap.config import (  # noqa: E402
 )
 from ecomcap.data.prepare import prepare_data  # noqa: E402
 from ecomcap.data.shards import read_references  # noqa: E402
-from ecomcap.inference.generate import generate_for_dataset  # noqa: E402
+from ecomcap.inference.batch import generate_for_dataset  # noqa: E402
 from ecomcap.metrics.attributes import read_attributes  # noqa: E402
 from ecomcap.metrics.report import caption_report  # noqa: E402
 from ecomcap.modeling.load import load_trained  # noqa: E402

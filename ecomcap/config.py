@@ -242,6 +242,9 @@ class GenerateConfig(_Strict):
     length_penalty: float = 1.0
     repetition_penalty: float = Field(1.0, gt=0)
     no_repeat_ngram_size: int = Field(0, ge=0)
+    penalty_scope: Literal["generated", "prompt"] = Field(
+        "generated", description="which tokens the repetition penalty and n-gram blocking read: generated (the "
+        "caption's own; the prompt's attribute words stay free) or prompt (HF generate's rule: prompt + caption)")
     max_new_tokens: int = Field(40, ge=1)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)

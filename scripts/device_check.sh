@@ -138,8 +138,8 @@ else
     GEN=(--scales real_width --device cuda --dtype bfloat16 --tolerance 0.07 --rw-layers 36
          --rw-vision-depth 32 --rw-images 16 --batch 16 --beams 5)
     # issue 10: SFT LoRA, SCST step, beam search at real 3B size. --logprob-chunk 8 as in
-    # configs/qwen25vl_3b_lora.yaml and README's memory table (gpu_sft.py's default 16 would be
-    # ~88 GiB at the README's 5.0 GiB per row: OOM on an 80 GB H100)
+    # configs/qwen25vl_3b_lora.yaml and docs/benchmarks.md's memory table (gpu_sft.py's default 16 would be
+    # ~88 GiB at the ~5 GiB per row measured there: OOM on an 80 GB H100)
     read -r -a SFT <<<"${DC_SFT_ARGS:---steps 10 --logprob-chunk 8}"
     SCALING=(--device cuda --modes "single,zero2_1,zero3_1")
 fi

@@ -7,8 +7,9 @@ import torch
 
 from ecomcap.config import GenerateConfig
 from ecomcap.inference import beam
+from ecomcap.inference.decode import generate
 from ecomcap.inference.generate import generate_kwargs
-from ecomcap.inference.prefill import generate, generative_model
+from ecomcap.inference.prefill import generative_model
 from tests.test_prefill import SIZES, _images, _model
 
 
@@ -136,8 +137,7 @@ def test_loop_equals_stock_generate_without_padding_and_real_eos(perturbed, monk
 
 
 @pytest.mark.parametrize("extra", [
-    dict(repetition_penalty=1.2), dict(no_repeat_ngram_size=2), dict(return_dict_in_generate=True),
-    dict(do_sample=True, top_k=5, num_return_sequences=3),
+    dict(return_dict_in_generate=True), dict(do_sample=True, top_k=5, num_return_sequences=3),
 ])
 def test_what_the_loop_does_not_implement_goes_to_generate(perturbed, monkeypatch, extra):
     model, pb, enc = perturbed
@@ -164,14 +164,17 @@ def test_a_checkpoint_generation_config_with_processors_goes_to_generate(perturb
 
 def test_fields_the_call_leaves_out_come_from_the_checkpoint_generation_config(perturbed, monkeypatch):
     """Like `generate`: Qwen Instruct's generation_config says repetition_penalty 1.05, so a call
-    that does not set it must not run the loop (which has no such penalty); a length penalty and
-    EOS ids from the generation_config are the loop's too. Token ids equal the stock path's."""
+    that does not set it runs the loop with that penalty (under `generate`'s rule when the call
+    names none); a length penalty and EOS ids from the generation_config are the loop's too.
+    Token ids equal the stock path's."""
     model, pb, enc = perturbed
     gm = generative_model(model)
     bare = dict(num_beams=3, max_new_tokens=10, pad_token_id=pb.pad_id)
     monkeypatch.setattr(gm.generation_config, "repetition_penalty", 1.05)
-    assert beam.plan(gm, bare) is None
+    assert beam.plan(gm, bare)["repetition_penalty"] == 1.05
+    spy = _Spy(monkeypatch)
     assert torch.equal(generate(model, enc, "hf", **bare), generate(model, enc, "once", **bare))
+    assert spy.calls == 1
     monkeypatch.setattr(gm.generation_config, "repetition_penalty", 1.0)
     monkeypatch.setattr(gm.generation_config, "length_penalty", 2.5)
     monkeypatch.setattr(gm.generation_config, "eos_token_id", [pb.eos_id, 8])

@@ -2,7 +2,8 @@
 import json
 
 from ecomcap.config import GenerateConfig, PostprocessConfig
-from ecomcap.inference.generate import caption_images, generate_for_dataset, size_batches
+from ecomcap.inference.batch import generate_for_dataset
+from ecomcap.inference.generate import caption_images, size_batches
 from ecomcap.inference.postprocess import collapse_repeats, postprocess
 from ecomcap.modeling.load import load_base
 from ecomcap.training.collate import PromptBuilder

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from ecomcap.config import FinetuneConfig, GenerateConfig
+from ecomcap.inference.decode import generate
 from ecomcap.inference.generate import caption_images, generate_kwargs
-from ecomcap.inference.prefill import expand_size, generate
+from ecomcap.inference.prefill import expand_size
 from ecomcap.modeling.load import load_base
 from ecomcap.modeling.strategies import apply_strategy
 from ecomcap.training.collate import PromptBuilder
@@ -136,7 +137,7 @@ def test_prefill_once_runs_on_transformers_5_23(tiny_model_cfg):
         "assert transformers.__version__ == '5.23.0', transformers.__version__; "
         "from tests.test_prefill import _model, _images, _assert_same; from ecomcap.config import ModelConfig, "
         "GenerateConfig; from ecomcap.inference.generate import generate_kwargs; "
-        "from ecomcap.inference.prefill import generate; "
+        "from ecomcap.inference.decode import generate; "
         "m, pb = _model(ModelConfig.model_validate_json(sys.argv[2])); enc = pb.prompts(_images()); "
         "kw = dict(generate_kwargs(GenerateConfig(num_beams=3, max_new_tokens=8), pb), "
         "return_dict_in_generate=True, output_scores=True); "

@@ -237,3 +237,23 @@ def quarantined_ids(dataset_dir: Path) -> list[str]:
         return []
     rows = pq.read_table(q, columns=["image_id", "reason"]).to_pylist()
     return list(dict.fromkeys(r["image_id"] for r in rows if r["image_id"] and r["reason"] != "duplicate_id"))
+
+
+def generate_for_dataset(
+    model, processor, prompt: str, dataset_dir: str | Path, out_path: str | Path, cfg: GenerateConfig,
+) -> dict[str, str]:
+    """Caption every image of an ingested dataset with a loaded model -> `caption_gen.jsonl`.
+
+    In this process, chunk by chunk (parts in a temporary directory); quarantined ids get an
+    empty caption. `prompt`: the one the model learnt (`ecomcap.inference.prompt.prompt_for` for a
+    directory). Resumable, multi-process runs: `caption_dataset`.
+    """
+    import tempfile
+
+    dataset_dir = Path(dataset_dir)
+    chunks = plan_chunks(dataset_dir, cfg.chunks.chunk_size)
+    with tempfile.TemporaryDirectory(prefix="caption-parts-") as tmp:
+        store = PartStore(tmp)
+        with tqdm(total=sum(len(c) for c in chunks), desc="generate", unit="img") as bar:
+            caption_chunks(model, processor, prompt, dataset_dir, chunks, store, cfg, bar.update)
+        return merge_parts(dataset_dir, chunks, store, out_path)

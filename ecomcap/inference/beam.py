@@ -15,10 +15,14 @@ sequence (the other beams only carry a -1e9 score). Here:
   `num_beams x K` candidates: the same values as the stock top-k (`log_prob + beam_score`, the
   same float operations), without materialising `num_beams x vocab` sums.
 
+- the repetition penalty and n-gram blocking run on the device over all beams at once
+  (`ecomcap.inference.penalties`), over the caption's tokens or, for comparison, with the prompt.
+
 The bookkeeping after the top-k (finished hypotheses, length penalty, early stopping, output
 length and fill value) follows `_beam_search` operation by operation, so the token ids equal the
-stock path's. Anything this loop does not implement (sampling, repetition or n-gram penalties,
-custom processors, score outputs, ZeRO-3 peers that must step together) keeps `generate`.
+stock path's (with the penalties under the `prompt` rule, which is `generate`'s). Anything this
+loop does not implement (sampling, custom processors, score outputs, ZeRO-3 peers that must step
+together) keeps `generate`.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ecomcap.inference.patch_embed import patch_embed_as_matmul
+from ecomcap.inference.penalties import PenaltyScope, apply_penalties, left_padding
 from ecomcap.inference.prefill import cache_kwarg, forward_last, generative_model, prompt_positions
 
 # `generate` arguments this loop implements; any other (or a non-neutral value of these) keeps `generate`
@@ -47,15 +52,16 @@ SAMPLING_ONLY = {"typical_p", "min_p", "epsilon_cutoff", "eta_cutoff"}
 OUTPUT_FIELDS = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
                  "output_hidden_states", "low_memory", "remove_invalid_values")
 PASSED = ("num_beams", "max_new_tokens", "eos_token_id", "pad_token_id", "suppress_tokens", "length_penalty",
-          "early_stopping", "num_return_sequences")
+          "early_stopping", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size")
 
 
-def plan(gen_model, kw: dict) -> dict | None:
+def plan(gen_model, kw: dict, penalty_scope: PenaltyScope = "prompt") -> dict | None:
     """`beam_search`'s arguments when it gives what `generate(**kw)` gives on this model, else None.
 
     Like `generate`, a field `kw` leaves out comes from the model's generation_config (a Qwen
     Instruct checkpoint's says `repetition_penalty: 1.05`, `do_sample: true`): the decision and
-    the arguments are taken from those effective values."""
+    the arguments are taken from those effective values. `penalty_scope`: which tokens the
+    penalties read (`prompt`: `generate`'s rule)."""
     from transformers import GenerationConfig
 
     if set(kw) - set(HANDLED):
@@ -67,8 +73,6 @@ def plan(gen_model, kw: dict) -> dict | None:
         return None
     if int(eff["num_return_sequences"] or 1) > int(eff["num_beams"]):
         return None
-    if float(eff["repetition_penalty"] or 1.0) != 1.0 or int(eff["no_repeat_ngram_size"] or 0) > 0:
-        return None
     if any(_adds_processor(gc, default, f) for f in PROCESSOR_FIELDS if f not in SAMPLING_ONLY):
         return None
     if any(getattr(gc, f, None) for f in OUTPUT_FIELDS) or getattr(gc, "use_cache", None) is False:
@@ -78,6 +82,9 @@ def plan(gen_model, kw: dict) -> dict | None:
     out = {f: eff[f] for f in PASSED}
     out["length_penalty"] = 1.0 if out["length_penalty"] is None else out["length_penalty"]
     out["num_return_sequences"] = int(out["num_return_sequences"] or 1)
+    out["repetition_penalty"] = float(out["repetition_penalty"] or 1.0)
+    out["no_repeat_ngram_size"] = int(out["no_repeat_ngram_size"] or 0)
+    out["penalty_scope"] = penalty_scope
     return out
 
 
@@ -131,7 +138,8 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def beam_search(model, enc: dict[str, torch.Tensor], *, num_beams: int, max_new_tokens: int, eos_token_id=None,
                 pad_token_id=None, suppress_tokens=None, length_penalty: float = 1.0, early_stopping=False,
-                num_return_sequences: int = 1, **_neutral) -> torch.Tensor:
+                num_return_sequences: int = 1, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                penalty_scope: PenaltyScope = "prompt", **_neutral) -> torch.Tensor:
     """Token ids [B * num_return_sequences, prompt + generated], as `generate(**enc, num_beams=...)`."""
     n, ids = int(num_beams), enc["input_ids"]
     B, dev, T = ids.shape[0], ids.device, int(max_new_tokens)
@@ -149,11 +157,15 @@ def beam_search(model, enc: dict[str, torch.Tensor], *, num_beams: int, max_new_
     beam_mask = (torch.ones_like(ids) if mask is None else mask).repeat_interleave(n, 0)
     next_pos = position_ids[..., -1:].repeat_interleave(n, dim=-2) + 1
     text_types = {"mm_token_type_ids": enc["mm_token_type_ids"].new_zeros(B * n, 1)} if "mm_token_type_ids" in enc else {}
+    history = _History(ids, mask, n, penalty_scope) if (repetition_penalty != 1.0 or no_repeat_ngram_size > 0) else None
     for t in range(T):
         rows_per_image = 1 if t == 0 else n
         log_probs = torch.nn.functional.log_softmax(logits.to(dtype=torch.float32, device=dev), dim=-1)
         if sup.numel():
             log_probs[:, sup] = -float("inf")
+        if history is not None:
+            seq, ignore = history.at(beams, rows_per_image, t)
+            log_probs = apply_penalties(log_probs, seq, repetition_penalty, no_repeat_ngram_size, ignore)
         src, hits = _step(beams, log_probs, rows_per_image, t, k, n, T, eos, length_penalty, early_stopping)
         if not _unfinished(beams, hits, early_stopping):
             break
@@ -165,6 +177,24 @@ def beam_search(model, enc: dict[str, torch.Tensor], *, num_beams: int, max_new_
     length = int(beams.done_len[:, :r].max())
     gen = beams.done[:, :r, :length].reshape(B * r, length)
     return torch.cat([ids.repeat_interleave(r, 0), gen], dim=1)
+
+
+class _History:
+    """What the penalties read at step t, one row per running beam: the caption so far, after the
+    prompt under the `prompt` rule (its left padding ignored by the repetition penalty)."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor | None, n: int, scope: PenaltyScope):
+        keep = ids.shape[1] if scope == "prompt" else 0
+        pad = left_padding(mask, ids.shape) if keep else None
+        self.prompt = {1: ids[:, :keep], n: ids[:, :keep].repeat_interleave(n, 0)}
+        self.pad = None if pad is None else {1: pad, n: pad.repeat_interleave(n, 0)}
+
+    def at(self, b: Beams, rows: int, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prompt = self.prompt[rows]
+        seq = torch.cat([prompt, b.running[:, :rows, :t].reshape(prompt.shape[0], t)], dim=1)
+        if self.pad is None:
+            return seq, None
+        return seq, torch.cat([self.pad[rows], self.pad[rows].new_zeros(prompt.shape[0], t)], dim=1)
 
 
 def _step(b: Beams, log_probs: torch.Tensor, rows_per_image: int, t: int, k: int, n: int, T: int, eos,

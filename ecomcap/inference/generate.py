@@ -2,13 +2,12 @@
 
 Images are batched by image token count (fewer pad tokens), prompts are left-padded, special
 and vision tokens are suppressed, and every input id is written exactly once, in input order.
-Catalogue-scale runs (chunks, worker processes, resume) are in `ecomcap.inference.batch`.
+Whole datasets (chunks, worker processes, resume) are captioned by `ecomcap.inference.batch`.
 """
 from __future__ import annotations
 
 import io
 from collections import abc
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -16,8 +15,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ecomcap.config import GenerateConfig
+from ecomcap.inference.decode import generate
 from ecomcap.inference.postprocess import postprocess
-from ecomcap.inference.prefill import generate
 from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.training.collate import PromptBuilder, split_samples
 
@@ -64,7 +63,7 @@ def caption_batch(model, builder: PromptBuilder, images: Sequence[Image.Image], 
     if n:  # N beams kept, then rescored with the grounding scorer
         kw.update(num_return_sequences=n, num_beams=max(cfg.num_beams, n), length_penalty=cfg.length_penalty,
                   early_stopping=True)
-    out = generate(model, enc, cfg.prefill, **kw)
+    out = generate(model, enc, cfg.prefill, penalty_scope=cfg.penalty_scope, **kw)
     new = out[:, enc["input_ids"].shape[1]:]
     if not n:
         texts = builder.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -148,26 +147,3 @@ class LazyImages(abc.Sequence):
 
     def __getitem__(self, i):
         return Image.open(io.BytesIO(self.blobs[i])).convert("RGB")
-
-
-def generate_for_dataset(
-    model, processor, prompt: str, dataset_dir: str | Path, out_path: str | Path, cfg: GenerateConfig,
-) -> dict[str, str]:
-    """Caption every image of an ingested dataset with a loaded model -> `caption_gen.jsonl`.
-
-    In this process, chunk by chunk (parts in a temporary directory); quarantined ids get an
-    empty caption. `prompt`: the one the model learnt (`ecomcap.inference.prompt.prompt_for` for a
-    directory). Resumable, multi-process runs: `ecomcap.inference.batch.caption_dataset`.
-    """
-    import tempfile
-
-    from ecomcap.inference.batch import caption_chunks, merge_parts
-    from ecomcap.inference.chunks import PartStore, plan_chunks
-
-    dataset_dir = Path(dataset_dir)
-    chunks = plan_chunks(dataset_dir, cfg.chunks.chunk_size)
-    with tempfile.TemporaryDirectory(prefix="caption-parts-") as tmp:
-        store = PartStore(tmp)
-        with tqdm(total=sum(len(c) for c in chunks), desc="generate", unit="img") as bar:
-            caption_chunks(model, processor, prompt, dataset_dir, chunks, store, cfg, bar.update)
-        return merge_parts(dataset_dir, chunks, store, out_path)

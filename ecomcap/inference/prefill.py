@@ -15,15 +15,11 @@ the first step reads one row per image, and a decode loop that follows `_beam_se
 operation skips the work beam search does not read; its prefill runs the vision tower's patch
 embedding as one matmul (`ecomcap.inference.patch_embed`).
 
-`mode="hf"` keeps the stock path (`generate` expands inputs before prefill) for comparison.
+The dispatch between the paths is `ecomcap.inference.decode.generate`.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-
-PrefillMode = Literal["once", "hf"]
 
 
 def cache_kwarg() -> str:
@@ -82,41 +78,3 @@ def prefill_prompt(model, enc: dict[str, torch.Tensor], n: int):
     if n > 1:
         cache.batch_repeat_interleave(n)
     return position_ids, cache
-
-
-@torch.no_grad()
-def generate_prefill_once(model, enc: dict[str, torch.Tensor], **kw):
-    """`model.generate(**enc, **kw)` with the prompt prefilled once per image.
-
-    Same outputs as the stock call (token ids; scores up to float rounding). Plain beam search runs
-    `beam.beam_search` (the prompt prefilled whole, own decode loop); anything else it does not
-    implement continues `generate` from the expanded cache. Falls back to the stock call when
-    nothing is expanded (greedy, one sample), the prompt is a single token or the generation
-    config names a cache implementation of its own.
-    """
-    from ecomcap.inference import beam  # it builds on this module's helpers
-
-    gm = generative_model(model)
-    if "synced_gpus" not in kw and beam.zero3_peers(gm):
-        kw = {**kw, "synced_gpus": True}  # partitioned ranks step together (also where transformers' flag is unset)
-    n = expand_size(kw)
-    # a checkpoint's generation_config asking for its own cache ("static", "offloaded", ...)
-    # makes `generate` refuse a passed one: such models keep the stock path
-    own_cache = kw.get("cache_implementation") or getattr(getattr(gm, "generation_config", None),
-                                                          "cache_implementation", None)
-    if n == 1 or enc["input_ids"].shape[1] < 2 or own_cache:
-        return model.generate(**enc, **kw)
-    settings = beam.plan(gm, kw)
-    if settings is not None:
-        return beam.beam_search(model, enc, **settings)
-    position_ids, cache = prefill_prompt(model, enc, n)
-    rest = {k: v for k, v in enc.items() if k not in ("pixel_values", "image_grid_thw", "pixel_values_videos",
-                                                       "video_grid_thw")}
-    return model.generate(**rest, position_ids=position_ids, **{cache_kwarg(): cache}, **kw)
-
-
-def generate(model, enc: dict[str, torch.Tensor], mode: PrefillMode = "once", **kw):
-    """Dispatch: `once` (prefill once per image) or `hf` (stock `generate`)."""
-    if mode == "hf":
-        return model.generate(**enc, **kw)
-    return generate_prefill_once(model, enc, **kw)

@@ -104,10 +104,11 @@ def load_base(cfg: ModelConfig, quantization_config: Any = None):
         attn_implementation=pick_attention(cfg, dtype),
         trust_remote_code=cfg.trust_remote_code,
     )
-    if quantization_config is not None and not sharded:
-        # 4-bit weights are placed at load time: on this rank's GPU (QLoRA under DDP)
-        kwargs.update(quantization_config=quantization_config,
-                      device_map={"": device.index if device.type == "cuda" else "cpu"})
+    if quantization_config is not None and not sharded:  # 4-bit weights are placed at load time
+        kwargs.update(quantization_config=quantization_config)
+    if not sharded and (quantization_config is not None or device.type == "cuda"):
+        # straight onto this rank's GPU: 8 ranks of a node do not each build the whole model in host memory first
+        kwargs.update(device_map={"": device.index if device.type == "cuda" else "cpu"})
     try:
         processor = load_processor(
             cfg.name_or_path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
@@ -120,6 +121,10 @@ def load_base(cfg: ModelConfig, quantization_config: Any = None):
         raise EcomcapError(f"cannot load model '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from None
     if quantization_config is None and not sharded:
         model.to(device)
+    if quantization_config is not None:
+        from ecomcap.modeling.strategies import check_vision_16bit
+
+        check_vision_16bit(model)
     model.eval()
     return model, processor
 
@@ -175,7 +180,7 @@ def load_trained(path: str | Path, cfg: ModelConfig | None = None, quantized: bo
     if hasattr(model, "merge_and_unload"):  # an adapter under this one: merged, as in training
         if getattr(model, "is_loaded_in_4bit", False):
             log.warning("merging the adapter under %s into the 4-bit base (requantised, as SCST did)", path)
-        from ecomcap.training.zero import merge_adapter
+        from ecomcap.modeling.partitions import merge_adapter
 
         model = merge_adapter(model)  # gathers ZeRO-3 partitions when there are any
     processor = load_processor(path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)

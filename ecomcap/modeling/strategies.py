@@ -55,18 +55,45 @@ def quantization_config(cfg: FinetuneConfig):
         )
     try:
         import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
     except ImportError:
         raise EcomcapError("strategy 'qlora' needs bitsandbytes: pip install -e '.[gpu]'") from None
+    return bnb_4bit_config()
+
+
+# Modules QLoRA keeps 16-bit. transformers 5 skips a module when a pattern matches its full name
+# from the start (up to a module boundary) or as a suffix; 4.x when it is a substring. Qwen2.5-VL's
+# vision tower is `model.visual.` in 5.x and `visual.` in 4.x layouts: both are named.
+KEEP_16BIT = ["visual", "model.visual", "lm_head"]
+
+
+def bnb_4bit_config():
+    """nf4, double-quantised, bf16 compute; the vision tower (with its merger) and head stay 16-bit
+    (4-bit vision layers ruin captions); nothing is upcast to fp32 but the LoRA weights (see
+    `freeze_for_kbit`)."""
+    from transformers import BitsAndBytesConfig
+
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
-        # vision tower and head stay 16-bit (4-bit vision layers ruin captions); nothing is
-        # upcast to fp32 but the LoRA weights (see `freeze_for_kbit`)
-        llm_int8_skip_modules=["visual", "lm_head"],
+        llm_int8_skip_modules=list(KEEP_16BIT),
     )
+
+
+def quantized_vision_modules(model: torch.nn.Module) -> list[str]:
+    """Names of 4-bit (bitsandbytes) modules under the vision tower or its merger."""
+    return [name for name, module in model.named_modules()
+            if VISION.search(name + ".") and type(module).__name__ in ("Linear4bit", "Linear8bitLt")]
+
+
+def check_vision_16bit(model: torch.nn.Module) -> None:
+    """Refuse a QLoRA base whose vision tower was quantised (a skip list this transformers does
+    not match): its captions would be trained and served over 4-bit vision features."""
+    bad = quantized_vision_modules(model)
+    if bad:
+        raise EcomcapError(f"QLoRA quantised {len(bad)} vision-tower modules (e.g. {bad[0]}): the 4-bit skip "
+                           f"list {KEEP_16BIT} does not match this transformers' module names")
 
 
 def lora_target_regex(cfg: FinetuneConfig) -> str:

@@ -1,4 +1,4 @@
-"""The comparison the README reports: zero-shot vs InfoNCE vs sigmoid vs + hard negatives vs fused
+"""The comparison docs/benchmarks.md reports: zero-shot vs InfoNCE vs sigmoid vs + hard negatives vs fused
 items, on one prepared data set, with the chance level and product-matching F1 before/after.
 
 Each fine-tuned row is a full training run of the configured encoder (same steps, batch, seed);

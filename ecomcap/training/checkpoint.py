@@ -118,8 +118,8 @@ def _save_weights(model, out: Path, is_adapter: bool, weights: dict[str, torch.T
     the module itself then holds empty shards)."""
     import contextlib
 
+    from ecomcap.modeling.partitions import default_key_conversions
     from ecomcap.modeling.strategies import load_dtype
-    from ecomcap.training.zero import default_key_conversions
 
     target = None if is_adapter else load_dtype(model)
     keys = default_key_conversions(model) if weights is not None and not is_adapter else contextlib.nullcontext()

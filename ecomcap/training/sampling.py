@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ecomcap.config import GenerateConfig
+from ecomcap.inference.decode import generate
 from ecomcap.inference.generate import generate_kwargs
-from ecomcap.inference.prefill import generate
 from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.training.collate import split_samples
 from ecomcap.training.zero import zero_stage
@@ -32,7 +32,7 @@ class Sampler:
         if zero_stage(loop.acc) == 3:  # ranks sample different lengths and each forward all-gathers:
             self.sample_kw["synced_gpus"] = True  # said, not left to transformers' global-config guess
         self.greedy_kw = {**self.sample_kw, "do_sample": False}
-        self.prefill = gen_cfg.prefill
+        self.prefill, self.scope = gen_cfg.prefill, gen_cfg.penalty_scope
 
     def decode(self, seqs: list[list[int]]) -> list[str]:
         """The captions as decoded, not post-processed: collapsing a looping phrase would hide
@@ -44,7 +44,7 @@ class Sampler:
         model = self.loop.acc.unwrap_model(self.loop.model)
         was_training = model.training
         model.eval()
-        out = generate(model, enc, self.prefill, **kw)
+        out = generate(model, enc, self.prefill, penalty_scope=self.scope, **kw)
         model.train(was_training)
         return out[:, enc["input_ids"].shape[1]:]
 

@@ -14,11 +14,11 @@ from ecomcap.config import GenerateConfig, GroundingConfig, ModelConfig
 from ecomcap.data.shards import read_report
 from ecomcap.errors import EcomcapError
 from ecomcap.modeling.load import expected_dtype, load_trained
+from ecomcap.modeling.partitions import merge_adapter
 from ecomcap.modeling.strategies import apply_strategy
 from ecomcap.training.data import ShardImages, train_and_dev
 from ecomcap.training.identity import model_fingerprint, run_identity
 from ecomcap.training.loop import MetricsCallback, TrainLoop, make_accelerator
-from ecomcap.training.zero import merge_adapter
 
 log = logging.getLogger(__name__)
 

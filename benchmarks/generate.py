@@ -48,8 +48,8 @@ from ecomcap.config import DataConfig, GenerateConfig, ModelConfig, SynthConfig,
 from ecomcap.data.prepare import prepare_data  # noqa: E402
 from ecomcap.inference.decode import generate  # noqa: E402
 from ecomcap.inference.generate import generate_kwargs, model_device_dtype  # noqa: E402
-from ecomcap.inference.patch_embed import patch_embed_as_matmul  # noqa: E402
 from ecomcap.modeling.load import load_trained  # noqa: E402
+from ecomcap.modeling.patch_embed import patch_embed_as_matmul  # noqa: E402
 from ecomcap.modeling.prepare import ensure_model  # noqa: E402
 from ecomcap.training.collate import PromptBuilder  # noqa: E402
 from ecomcap.training.data import ShardImages  # noqa: E402
@@ -86,7 +86,8 @@ def run(model, builder: PromptBuilder, images: list, cfg: GenerateConfig, **extr
 
 def tiny_scale(n_images: int):
     prepare_data(DataConfig(work_dir=WORK / "data", synth=SynthConfig(train=2000, valid=200, test=0)))
-    model_cfg = ModelConfig(name_or_path=str(WORK / "tiny"), tiny=TinyModelConfig())
+    # the stock conv patch embedding: each mode below says whether it runs the matmul
+    model_cfg = ModelConfig(name_or_path=str(WORK / "tiny"), tiny=TinyModelConfig(), patch_embed="conv")
     ensure_model(model_cfg, WORK / "data" / "train")
     model_dir = next((p for p in (WORK / "sft" / "best", WORK / "sft" / "model") if p.is_dir()), WORK / "tiny")
     model, processor = load_trained(model_dir, model_cfg)
@@ -134,20 +135,20 @@ def differing_share(a: list, b: list) -> float:
 
 
 @contextlib.contextmanager
-def ablated(loop: bool, matmul: bool):
+def ablated(model, loop: bool, matmul: bool):
     """The fast path with parts switched off: `loop=False` continues `generate` from the expanded
-    cache (the first prefill-once version), `matmul=False` keeps the patch embedding's Conv3d."""
+    cache (the first prefill-once version), `matmul=False` keeps the patch embedding's Conv3d
+    (the product runs the matmul for the model's lifetime: `model.patch_embed`)."""
     from ecomcap.inference import beam
 
-    saved = beam.plan, beam.patch_embed_as_matmul
+    saved = beam.plan
     if not loop:
         beam.plan = lambda *a, **k: None
-    if not matmul:
-        beam.patch_embed_as_matmul = lambda model: contextlib.nullcontext()
     try:
-        yield
+        with patch_embed_as_matmul(model) if matmul else contextlib.nullcontext():
+            yield
     finally:
-        beam.plan, beam.patch_embed_as_matmul = saved
+        beam.plan = saved
 
 
 def bench_scale(name, model, builder, images, base: GenerateConfig, batch: int, beams: int,
@@ -162,11 +163,13 @@ def bench_scale(name, model, builder, images, base: GenerateConfig, batch: int, 
     }
     if only_batched_beams:  # the headline pair only (deeper real-width models take long on a CPU)
         modes = {m: c for m, c in modes.items() if m.startswith(f"beam{beams}_batched")}
-    parts = {}  # ablations: what each part of the fast path gives, and the stock path given the matmul too
+    # the fast path runs the matmul patch embedding; ablations: what each part of it gives, and the
+    # stock path given the matmul too
+    parts = {m: (lambda: patch_embed_as_matmul(model)) for m in modes if m.endswith("prefill_once")}
     if ablate:
         once_cfg, hf_cfg = modes[f"beam{beams}_batched_prefill_once"], modes[f"beam{beams}_batched_hf"]
-        for mode, cfg, ctx in (("once_generate_decode_conv", once_cfg, lambda: ablated(False, False)),
-                               ("once_loop_conv", once_cfg, lambda: ablated(True, False)),
+        for mode, cfg, ctx in (("once_generate_decode_conv", once_cfg, lambda: ablated(model, False, False)),
+                               ("once_loop_conv", once_cfg, lambda: ablated(model, True, False)),
                                ("hf_matmul", hf_cfg, lambda: patch_embed_as_matmul(model))):
             modes[f"beam{beams}_batched_{mode}"], parts[f"beam{beams}_batched_{mode}"] = cfg, ctx
     run(model, builder, images[:2], modes[f"beam{beams}_batched_prefill_once"])  # warm-up

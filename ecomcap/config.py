@@ -97,7 +97,12 @@ class ModelConfig(_Strict):
     )
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="auto: flash_attention_2 for the vision tower where flash-attn is installed "
+        "(16-bit), sdpa for the text decoder; else sdpa")
+    patch_embed: Literal["matmul", "conv"] = Field(
+        "matmul", description="the vision tower's stride=kernel Conv3d patch embedding run as one matmul on every "
+        "path (same weights, float-rounding differences), or the stock conv")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     min_pixels: int | None = Field(None, description="image resolution lower bound (pixels)")
     max_pixels: int | None = Field(None, description="image resolution upper bound (pixels)")
@@ -253,8 +258,7 @@ class GenerateConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     prefill: Literal["once", "hf"] = Field(
         "once", description="once: the fast path - prompt+image prefilled once per image, cache expanded to "
-        "beams/samples, beam search in its own decode loop (ecomcap.inference.beam; its prefill runs the patch "
-        "embedding as one matmul); "
+        "beams/samples, beam search in its own decode loop (ecomcap.inference.beam); "
         "hf: stock generate (expands inputs before prefill), kept for comparison")
     chunks: ChunksConfig = Field(default_factory=ChunksConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)

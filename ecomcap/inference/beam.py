@@ -8,13 +8,11 @@ sequence (the other beams only carry a -1e9 score). Here:
 
 - the whole prompt (image included) is prefilled once per image, and the first step's logits
   come from that single row per image; the cache is expanded to the beams by the first reorder;
-  the vision tower's patch embedding runs as one matmul there (`patch_embed`);
 - suppressed tokens are set to -inf in place (six columns, not a `where` over the vocabulary);
 - the top-k is taken per beam first (the best K continuations of an image are among the best K
   of their own beam, since a beam's score shifts all its log-probs alike), then over the
   `num_beams x K` candidates: the same values as the stock top-k (`log_prob + beam_score`, the
-  same float operations), without materialising `num_beams x vocab` sums.
-
+  same float operations), without materialising `num_beams x vocab` sums;
 - the repetition penalty and n-gram blocking run on the device over all beams at once
   (`ecomcap.inference.penalties`), over the caption's tokens or, for comparison, with the prompt.
 
@@ -30,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ecomcap.inference.patch_embed import patch_embed_as_matmul
 from ecomcap.inference.penalties import PenaltyScope, apply_penalties, left_padding
 from ecomcap.inference.prefill import cache_kwarg, forward_last, generative_model, prompt_positions
 
@@ -149,8 +146,7 @@ def beam_search(model, enc: dict[str, torch.Tensor], *, num_beams: int, max_new_
     sup = torch.as_tensor(list(suppress_tokens or ()), dtype=torch.long, device=dev)
 
     position_ids = prompt_positions(generative_model(model), enc)
-    with patch_embed_as_matmul(model):
-        logits, cache = forward_last(model, **enc, position_ids=position_ids)
+    logits, cache = forward_last(model, **enc, position_ids=position_ids)
     beams = Beams.start(B, n, T, fill, dev)
     # per step only the new token's row changes: the beams' prompt mask and next positions, made once
     mask = enc.get("attention_mask")

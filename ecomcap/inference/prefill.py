@@ -12,8 +12,7 @@ expands and extends them exactly as on its own path, so decoding never reads the
 
 Plain beam search goes further (`ecomcap.inference.beam`): the whole prompt is prefilled once,
 the first step reads one row per image, and a decode loop that follows `_beam_search` operation by
-operation skips the work beam search does not read; its prefill runs the vision tower's patch
-embedding as one matmul (`ecomcap.inference.patch_embed`).
+operation skips the work beam search does not read.
 
 The dispatch between the paths is `ecomcap.inference.decode.generate`.
 """

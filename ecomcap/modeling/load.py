@@ -20,6 +20,7 @@ from transformers import AutoModelForImageTextToText
 
 from ecomcap.config import ModelConfig
 from ecomcap.errors import EcomcapError
+from ecomcap.modeling.patch_embed import install_matmul_patch_embed
 from ecomcap.modeling.processor import load_processor
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,16 @@ def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def pick_attention(cfg: ModelConfig, dtype: torch.dtype) -> str:
+def pick_attention(cfg: ModelConfig, dtype: torch.dtype) -> str | dict[str, str]:
+    """`auto`: flash-attention varlen for the vision tower where it is installed (one call per
+    image instead of one per window: ~1,000 small launches per image per forward), sdpa for the
+    text decoder (left-padded batches, and the path every test runs); sdpa everywhere otherwise."""
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
     has_fa2 = importlib.util.find_spec("flash_attn") is not None
-    return "flash_attention_2" if has_fa2 and dtype in (torch.bfloat16, torch.float16) else "sdpa"
+    if has_fa2 and dtype in (torch.bfloat16, torch.float16):
+        return {"vision_config": "flash_attention_2", "text_config": "sdpa", "": "sdpa"}
+    return "sdpa"
 
 
 def _check_source(name_or_path: str) -> None:
@@ -125,6 +131,8 @@ def load_base(cfg: ModelConfig, quantization_config: Any = None):
         from ecomcap.modeling.strategies import check_vision_16bit
 
         check_vision_16bit(model)
+    if cfg.patch_embed == "matmul" and not install_matmul_patch_embed(model) and not sharded:
+        log.info("patch embedding kept as the model's own layer (not a stride=kernel Conv3d, or hooked)")
     model.eval()
     return model, processor
 

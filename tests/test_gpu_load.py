@@ -1,6 +1,7 @@
-"""QLoRA keeps the vision tower (and its merger) 16-bit: the skip list against the real module
-names of Qwen2.5-VL in this transformers and in the older `visual.` layout, and a real 4-bit load
-(bitsandbytes' CPU backend) with the census that refuses a quantised vision tower."""
+"""What loads for the GPU path: QLoRA keeps the vision tower (and its merger) 16-bit (the skip list
+against the real module names of Qwen2.5-VL in this transformers and in the older `visual.` layout,
+and a real 4-bit load on bitsandbytes' CPU backend with the census that refuses a quantised vision
+tower); attention chosen per sub-model."""
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -45,3 +46,25 @@ def test_a_4bit_load_keeps_the_vision_tower_16bit(hub_checkpoint):
     assert quantized_vision_modules(bad)
     with pytest.raises(EcomcapError, match="quantised .* vision-tower modules"):
         check_vision_16bit(bad)
+
+
+def test_attention_is_chosen_per_sub_model(hub_checkpoint, monkeypatch):
+    """flash-attn (CUDA-only, not installable here: its presence is faked by name) gives the vision
+    tower flash-attention varlen and the text decoder sdpa; the per-sub-model form loads as such."""
+    import importlib.util
+
+    from ecomcap.config import ModelConfig
+    from ecomcap.modeling.load import pick_attention
+
+    assert pick_attention(ModelConfig(), torch.bfloat16) == "sdpa"  # not installed here
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    chosen = pick_attention(ModelConfig(), torch.bfloat16)
+    assert chosen["vision_config"] == "flash_attention_2" and chosen["text_config"] == "sdpa"
+    assert pick_attention(ModelConfig(), torch.float32) == "sdpa"  # flash-attention needs 16-bit
+    assert pick_attention(ModelConfig(attn_implementation="eager"), torch.bfloat16) == "eager"
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    model = AutoModelForImageTextToText.from_pretrained(  # the same form, with kernels that run on CPU
+        hub_checkpoint, attn_implementation={**chosen, "vision_config": "eager"})
+    assert model.config.vision_config._attn_implementation == "eager"
+    assert model.config.text_config._attn_implementation == "sdpa"

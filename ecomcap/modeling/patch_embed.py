@@ -1,13 +1,14 @@
-"""Qwen2/2.5-VL's patch embedding as one matrix product in the beam-search prefill.
+"""Qwen2/2.5-VL's patch embedding as one matrix product, for the model's lifetime.
 
 The vision tower embeds patches with a `Conv3d` whose kernel equals its stride (2 x 14 x 14):
 each output is the dot product of one flattened patch with one filter, i.e. a plain linear
 layer. On CPU (oneDNN) that convolution took 2.5-2.6 s for 16 images of 1,024 patches where the
 same product as a matmul takes 0.36 s (measured, one thread; outputs differ by float rounding,
 max 6e-6 of 3.2); vLLM runs this layer as a linear layer too. The weights and the checkpoint
-are untouched: only the module's forward is swapped while a block runs. Only the beam-search
-prefill uses it (`ecomcap.inference.beam`): greedy decoding and SCST sampling keep the stock
-numerics (in bf16 the two differ by rounding, and SCST scores its samples with the Conv3d).
+are untouched: only the module's forward is swapped. `load_base` installs it on every load
+(`model.patch_embed: matmul`, the default), so training, SCST, validation, inference and
+serving all run the same numerics; `conv` keeps the stock layer. Left alone where it cannot
+apply: ZeRO-3 partitions (the weight is gathered by the conv's own hook), accelerate hooks.
 """
 from __future__ import annotations
 
@@ -16,17 +17,21 @@ from contextlib import contextmanager
 
 import torch
 
-from ecomcap.inference.prefill import generative_model
-
 _LOCK = threading.Lock()
 _DEPTH = "_ecomcap_matmul_depth"  # how many blocks use the swap now (nested / concurrent callers)
+
+
+def _vision_patch_embed(model):
+    """`model.visual.patch_embed` under PEFT / DDP wrappers, or None."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(getattr(inner, "module", inner), "model", None)
+    return getattr(getattr(inner, "visual", None), "patch_embed", None)
 
 
 def _patch_embed(model):
     """The vision tower's patch embedding under PEFT/accelerate wrappers, if it is a stride=kernel
     Conv3d whose forward can be swapped safely; else None."""
-    inner = getattr(generative_model(model), "model", None)
-    pe = getattr(getattr(inner, "visual", None), "patch_embed", None)
+    pe = _vision_patch_embed(model)
     proj = getattr(pe, "proj", None)
     if not isinstance(proj, torch.nn.Conv3d) or tuple(proj.kernel_size) != tuple(proj.stride) or any(proj.padding):
         return None
@@ -69,3 +74,21 @@ def patch_embed_as_matmul(model):
                 setattr(pe, _DEPTH, getattr(pe, _DEPTH) - 1)
                 if getattr(pe, _DEPTH) == 0:
                     del pe.forward
+
+
+def install_matmul_patch_embed(model) -> bool:
+    """The swap for the model's lifetime (a block that never leaves); whether it applied."""
+    with _LOCK:
+        pe = _patch_embed(model)
+        if pe is None:
+            return False
+        depth = getattr(pe, _DEPTH, 0)
+        if depth == 0:
+            pe.forward = _matmul_forward(pe.proj)
+        setattr(pe, _DEPTH, depth + 1)
+    return True
+
+
+def runs_matmul(model) -> bool:
+    """Whether the patch embedding runs as the matmul now."""
+    return getattr(_vision_patch_embed(model), _DEPTH, 0) > 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from ecomcap.config_base import LoopConfig, _Strict  # noqa: F401  (re-exported)
 from ecomcap.config_encoders import GroundingConfig, RerankConfig, RewardConfig
@@ -136,6 +136,9 @@ class SFTConfig(LoopConfig):
         "sample", description="a random reference per image per epoch, or every reference"
     )
     max_answer_tokens: int = Field(64, ge=1)
+    loss_chunk_tokens: int = Field(
+        1024, ge=0, description="answer tokens whose vocabulary logits exist at once in the loss (recomputed in "
+        "backward; Liger's fused kernel on CUDA where installed); 0: the whole batch's. Memory only")
     prompt_cache_mb: int = Field(
         1024, ge=0, description="processed training prompts (pixels, token ids) kept across epochs, MB per "
         "process, admitted until full (no eviction: epochs are reshuffled); 0: the processor runs every step. "
@@ -144,7 +147,7 @@ class SFTConfig(LoopConfig):
 
 # Settings that change how fast a stage runs, never what it trains: left out of run identities
 # and of the config hash that `retrain --if-changed` compares.
-SPEED_ONLY = {"sft": {"prompt_cache_mb"},
+SPEED_ONLY = {"sft": {"prompt_cache_mb", "loss_chunk_tokens"},
               # not speed, but not the recipe either: where this run's grounding step left its scorer
               "generate": {"rerank": {"scorer_dir"}}}
 
@@ -367,11 +370,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_model(model: type[BaseModel], data: dict[str, Any], where: str) -> Any:
-    """Validate `data` into `model`; pydantic errors become one readable EcomcapError."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise EcomcapError(f"invalid config in {where}: {problems}") from None
+    """Validate `data` into `model`; mistakes become one EcomcapError line (ecomcap/config_check.py:
+    unknown keys with the closest valid one, expected types, renamed keys accepted with a warning)."""
+    from ecomcap.config_check import parse_config
+
+    return parse_config(model, data, where)

@@ -10,12 +10,12 @@ from ecomcap.config import SPEED_ONLY, FinetuneConfig, GenerateConfig, ModelConf
 from ecomcap.data.shards import read_report
 from ecomcap.modeling.load import expected_dtype, load_base
 from ecomcap.modeling.strategies import apply_strategy, quantization_config
+from ecomcap.training.answer_loss import answer_loss
 from ecomcap.training.budget import check_token_budget, model_token_limit
-from ecomcap.training.collate import answer_logits, with_answers
+from ecomcap.training.collate import IGNORE, with_answers
 from ecomcap.training.data import Example, train_and_dev
 from ecomcap.training.identity import model_fingerprint, run_identity
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop, make_accelerator
-from ecomcap.training.losses import sft_loss
 from ecomcap.training.prompt_cache import PromptCache
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,8 @@ def run_sft(
         prompts = cache.prompts([e.index for e in examples], lambda rows: [by_row[r].image for r in rows])
         answers = builder.answer_ids([e.answer for e in examples], cfg.max_answer_tokens)
         batch = with_answers(prompts, answers, builder.pad_id).to(loop.acc.device)
-        logits, targets = answer_logits(loop.model, batch)
-        loss = sft_loss(logits, targets, cfg.label_smoothing)
-        return loss, {"answer_tokens": float((targets != -100).sum())}
+        loss = answer_loss(loop.model, batch, cfg.label_smoothing, cfg.loss_chunk_tokens)
+        return loss, {"answer_tokens": float((batch.labels != IGNORE).sum())}
 
     check_token_budget(train, builder, cfg.max_answer_tokens, model_token_limit(model, model_cfg.max_seq_len))
     result = loop.run(train, step)

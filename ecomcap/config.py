@@ -147,7 +147,8 @@ class SFTConfig(LoopConfig):
 
 # Settings that change how fast a stage runs, never what it trains: left out of run identities
 # and of the config hash that `retrain --if-changed` compares.
-SPEED_ONLY = {"sft": {"prompt_cache_mb", "loss_chunk_tokens"},
+SPEED_ONLY = {"sft": {"prompt_cache_mb", "loss_chunk_tokens", "gather_for_generation"},
+              "scst": {"gather_for_generation"}, "dpo": {"gather_for_generation"},
               # not speed, but not the recipe either: where this run's grounding step left its scorer
               "generate": {"rerank": {"scorer_dir"}}}
 

@@ -29,6 +29,10 @@ class LoopConfig(_Strict):
     eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
     eval_images: int = Field(200, ge=1)
     eval_beams: int = Field(1, ge=1, description="beam width of the in-training validation")
+    gather_for_generation: bool = Field(
+        True, description="ZeRO-3: gather the whole model once per generation pass (validation, SCST/DPO "
+        "sampling) instead of every layer per decoded token; needs the whole 16-bit model's memory on each GPU "
+        "meanwhile (as TRL's ds3_gather_for_generation). Speed only")
     save_every: int = Field(200, ge=0, description="0: no intermediate checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"

@@ -30,11 +30,12 @@ import torch
 
 from ecomcap.inference.penalties import PenaltyScope, apply_penalties, left_padding
 from ecomcap.inference.prefill import cache_kwarg, forward_last, generative_model, prompt_positions
+from ecomcap.modeling.partitions import generation_gathered
 
 # `generate` arguments this loop implements; any other (or a non-neutral value of these) keeps `generate`
 HANDLED = ("max_new_tokens", "num_beams", "do_sample", "eos_token_id", "pad_token_id", "suppress_tokens",
            "repetition_penalty", "no_repeat_ngram_size", "length_penalty", "early_stopping", "temperature",
-           "top_k", "top_p", "num_return_sequences")
+           "top_k", "top_p", "num_return_sequences", "synced_gpus")
 # generation_config fields that add logits processors or stopping criteria `generate` would apply
 PROCESSOR_FIELDS = ("min_length", "min_new_tokens", "bad_words_ids", "force_words_ids", "forced_bos_token_id",
                     "forced_eos_token_id", "begin_suppress_tokens", "sequence_bias", "renormalize_logits",
@@ -74,7 +75,7 @@ def plan(gen_model, kw: dict, penalty_scope: PenaltyScope = "prompt") -> dict | 
         return None
     if any(getattr(gc, f, None) for f in OUTPUT_FIELDS) or getattr(gc, "use_cache", None) is False:
         return None
-    if zero3_peers(gen_model):
+    if eff["synced_gpus"] or zero3_peers(gen_model):
         return None
     out = {f: eff[f] for f in PASSED}
     out["length_penalty"] = 1.0 if out["length_penalty"] is None else out["length_penalty"]
@@ -94,7 +95,7 @@ def zero3_peers(gen_model) -> bool:
     """ZeRO-3 ranks must run the same number of forwards (`generate` keeps them stepping together).
     Partitioned parameters carry `ds_id` even where transformers' global ZeRO-3 flag is unset."""
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if generation_gathered() or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 

@@ -12,6 +12,7 @@ import torch
 from ecomcap.inference import beam
 from ecomcap.inference.penalties import PenaltyScope, hf_kwargs
 from ecomcap.inference.prefill import cache_kwarg, expand_size, generative_model, prefill_prompt
+from ecomcap.modeling.partitions import generation_gathered
 
 PrefillMode = Literal["once", "hf"]
 
@@ -28,8 +29,6 @@ def generate_prefill_once(model, enc: dict[str, torch.Tensor], penalty_scope: Pe
     repetition penalty and n-gram blocking read (`ecomcap.inference.penalties`).
     """
     gm = generative_model(model)
-    if "synced_gpus" not in kw and beam.zero3_peers(gm):
-        kw = {**kw, "synced_gpus": True}  # partitioned ranks step together (also where transformers' flag is unset)
     n = expand_size(kw)
     # a checkpoint's generation_config asking for its own cache ("static", "offloaded", ...)
     # makes `generate` refuse a passed one: such models keep the stock path
@@ -51,6 +50,11 @@ def generate(model, enc: dict[str, torch.Tensor], mode: PrefillMode = "once", pe
              **kw):
     """Dispatch: `once` (prefill once per image) or `hf` (stock `generate`), both under the same
     penalty rule."""
+    gm = generative_model(model)
+    if "synced_gpus" not in kw and (beam.zero3_peers(gm) or generation_gathered()):
+        # partitioned ranks step together (also where transformers' flag is unset); gathered ones
+        # decode alone (transformers would infer True from its global ZeRO-3 flag)
+        kw = {**kw, "synced_gpus": beam.zero3_peers(gm)}
     if mode == "hf":
         return model.generate(**enc, **hf_kwargs(kw, penalty_scope))
     return generate_prefill_once(model, enc, penalty_scope, **kw)

@@ -4,6 +4,25 @@ Model-layer code (loading a trained output) needs these without reaching into tr
 from __future__ import annotations
 
 import contextlib
+import contextvars
+
+# set while a ZeRO-3 model's parameters are gathered whole for a generation pass
+# (`ecomcap.training.zero.gathered_for_generation`): ranks then decode alone, not in step
+_GATHERED = contextvars.ContextVar("ecomcap_generation_gathered", default=False)
+
+
+def generation_gathered() -> bool:
+    """Whether this process's partitioned parameters are whole now (no collective per forward)."""
+    return _GATHERED.get()
+
+
+@contextlib.contextmanager
+def marked_gathered():
+    token = _GATHERED.set(True)
+    try:
+        yield
+    finally:
+        _GATHERED.reset(token)
 
 
 def merge_adapter(model):

@@ -83,7 +83,7 @@ class RetrievalLoop(TrainLoop):
         return Encoder(self.dual, self.pre, settings, device=str(self.acc.device))
 
     def validate(self) -> dict[str, Any] | None:
-        if self.valid_dir is None:
+        if self.valid_dir is None or not self.acc.is_main_process:  # rank 0 scores; `_evaluate` shares them
             return None
         scores = recall_of(embed_split(self._encoder(), self.valid_dir, self.run_cfg.encoder.item_embedding))
         self.model.train()

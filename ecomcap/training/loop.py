@@ -138,12 +138,26 @@ class TrainLoop:
             self._valid_cache = (ids, [self.valid.image(i) for i in range(n)],
                                  {ids[i]: self.valid.texts[i] for i in range(n)})
         ids, images, refs = self._valid_cache
+        caps = self.validation_captions(images)
+        scores = evaluate(dict(zip(ids, caps)), refs)
+        return {**scores, "distinct": len(set(caps))}
+
+    def validation_captions(self, images: list) -> list[str]:
+        """Captions of `images` in order, each rank captioning every world-th image (under ZeRO-3
+        with the parameters gathered once); every rank returns all of them. Collective."""
         # checkpoint selection by the model alone: no reranking (its scorer is not the policy's doing)
         gen = self.gen_cfg.model_copy(update={"num_beams": self.cfg.eval_beams,
                                               "rerank": self.gen_cfg.rerank.model_copy(update={"candidates": 0})})
-        caps = caption_images(self.acc.unwrap_model(self.model), self.builder, images, gen, progress=False)
-        scores = evaluate(dict(zip(ids, caps)), refs)
-        return {**scores, "distinct": len(set(caps))}
+        world, rank = self.acc.num_processes, self.acc.process_index
+        mine = list(range(rank, len(images), world))
+        with zero.gathered_for_generation(self.acc, self.model, self.cfg.gather_for_generation):
+            caps = caption_images(self.acc.unwrap_model(self.model), self.builder, [images[i] for i in mine], gen,
+                                  progress=False)
+        if world == 1:
+            return caps
+        from accelerate.utils import gather_object
+
+        return [c for _, c in sorted(gather_object(list(zip(mine, caps))))]
 
     # ------------------------------------------------------------------ the loop
     def run(self, data: ShardImages, step_fn: StepFn) -> StageResult:
@@ -257,11 +271,8 @@ class TrainLoop:
         return h.hexdigest()[:16]
 
     def _evaluate(self, step: int, state: dict[str, Any]) -> None:
-        everyone = zero.zero_stage(self.acc) == 3  # every forward all-gathers: all ranks generate
-        if not self.acc.is_main_process and not everyone:
-            return
-        scores = self.validate()
-        if everyone:  # rank 0's scores decide for all (the best export is collective too)
+        scores = self.validate()  # collective: the ranks share the images, then all hold every caption
+        if self.acc.num_processes > 1:  # rank 0's scores decide for all (the best export is collective under ZeRO-3)
             from accelerate.utils import broadcast_object_list
 
             scores = broadcast_object_list([scores])[0]

@@ -2,7 +2,8 @@
 
 One setup for both stages: the generation settings with sampling on and the output-side
 repetition guards off (a loop must reach the reward, not be hidden from it), the special and
-vision tokens suppressed, and ZeRO-3's synchronised generation said explicitly.
+vision tokens suppressed, and under ZeRO-3 the parameters gathered once per pass (or, with
+`gather_for_generation` off, synchronised generation said explicitly).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ecomcap.inference.decode import generate
 from ecomcap.inference.generate import generate_kwargs
 from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.training.collate import split_samples
-from ecomcap.training.zero import zero_stage
+from ecomcap.training.zero import gathered_for_generation, zero_stage
 
 
 class Sampler:
@@ -29,8 +30,9 @@ class Sampler:
             top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0,
             no_repeat_ngram_size=0))
         self.sample_kw = generate_kwargs(sample_cfg, self.builder)
-        if zero_stage(loop.acc) == 3:  # ranks sample different lengths and each forward all-gathers:
-            self.sample_kw["synced_gpus"] = True  # said, not left to transformers' global-config guess
+        self.gather = loop.cfg.gather_for_generation
+        if zero_stage(loop.acc) == 3 and not self.gather:  # ranks sample different lengths and each forward
+            self.sample_kw["synced_gpus"] = True  # all-gathers: said, not left to transformers' global-config guess
         self.greedy_kw = {**self.sample_kw, "do_sample": False}
         self.prefill, self.scope = gen_cfg.prefill, gen_cfg.penalty_scope
 
@@ -44,7 +46,8 @@ class Sampler:
         model = self.loop.acc.unwrap_model(self.loop.model)
         was_training = model.training
         model.eval()
-        out = generate(model, enc, self.prefill, penalty_scope=self.scope, **kw)
+        with gathered_for_generation(self.loop.acc, self.loop.model, self.gather):  # ZeRO-3: whole, once
+            out = generate(model, enc, self.prefill, penalty_scope=self.scope, **kw)
         model.train(was_training)
         return out[:, enc["input_ids"].shape[1]:]
 

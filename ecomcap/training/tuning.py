@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ecomcap.config import GenerateConfig, GroundingConfig, ModelConfig
+from ecomcap.config import SPEED_ONLY, GenerateConfig, GroundingConfig, ModelConfig
 from ecomcap.data.shards import read_report
 from ecomcap.errors import EcomcapError
 from ecomcap.modeling.load import expected_dtype, load_trained
@@ -51,7 +51,7 @@ def start_tuning(stage: str, loop_cls: type[TrainLoop], start_dir: str | Path, t
     disable_dropout(model)
     train, select_on = train_and_dev(train_dir, valid_dir, dev_images)
     scorer = load_reward_scorer(scorer_dir, stage, cfg, grounding, str(acc.device))
-    configs = {"model": model_cfg.model_dump(mode="json"), stage: cfg.model_dump(mode="json"),
+    configs = {"model": model_cfg.model_dump(mode="json"), stage: cfg.model_dump(mode="json", exclude=SPEED_ONLY[stage]),
                "generate": gen_cfg.model_dump(mode="json"), "dev_images": dev_images, **(extra or {}),
                **({"scorer": scorer.fingerprint, "grounding": grounding.model_dump(
                    mode="json", include={"clip_w", "min_pairwise_acc", "attribute_vocab"})} if scorer else {})}

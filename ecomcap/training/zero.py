@@ -18,6 +18,7 @@ plus our scheduler, trainer state and per-rank RNG files.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -130,6 +131,36 @@ def whole_trainables(acc, model):
     for name, p in params:
         with deepspeed.zero.GatheredParameters([p]):
             yield name, p
+
+
+@contextlib.contextmanager
+def gathered_for_generation(acc, model, enabled: bool = True):
+    """Under ZeRO-3, every parameter gathered once for a whole generation pass, DeepSpeed's
+    per-module fetch hooks removed meanwhile (TRL's `unwrap_model_for_generation`): without it
+    each decoded token re-gathers every layer, and ranks must step together (`synced_gpus`).
+    Inside, each rank decodes alone. Yields whether it gathered (no-op outside ZeRO-3 or when
+    `enabled` is off). Costs the whole model's weights on each device while it lasts."""
+    if not enabled or zero_stage(acc) != 3:
+        yield False
+        return
+    import deepspeed
+
+    from ecomcap.modeling.partitions import marked_gathered
+
+    engine = acc.deepspeed_engine_wrapped.engine if acc.deepspeed_engine_wrapped is not None else model
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        for p in params:
+            p.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            with marked_gathered():
+                yield True
+        finally:
+            offload._register_deepspeed_module(offload.module)
 
 
 # ---------------------------------------------------------------- step checkpoints

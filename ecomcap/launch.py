@@ -117,10 +117,13 @@ def _keep_running(run_id: str | None) -> None:
 
 def _child_env(processes: int, run_id: str | None) -> dict[str, str]:
     """This environment, plus: the `ecomcap` this process imports, the active MLflow run, and on
-    CPU the usable cores split between the processes (torchrun would give each one thread);
-    minus the process-group settings of any launch this process is itself part of."""
+    CPU the usable cores split between the processes (torchrun would give each one thread), and
+    the CUDA caching allocator's expandable segments (variable-length image batches fragment
+    fixed blocks: OOM with free memory); minus the process-group settings of any launch this
+    process is itself part of. A value the user set wins."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.setdefault("OMP_NUM_THREADS", str(worker_threads(processes)))
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env.setdefault("PYTHONUNBUFFERED", "1")

@@ -68,7 +68,8 @@ def two_fake_gpus(monkeypatch):
 
 
 def test_each_rank_loads_onto_its_own_gpu(two_fake_gpus, tiny_model_cfg, monkeypatch):
-    """Rank 1 of a 2-GPU launch: 4-bit weights placed on GPU 1 at load time, others moved there."""
+    """Rank 1 of a 2-GPU launch: weights (4-bit or not) placed on GPU 1 at load time, not built whole
+    in host memory first (8 ranks of a node would hold 8 copies there)."""
     from ecomcap.modeling import load
 
     seen = []
@@ -81,6 +82,9 @@ def test_each_rank_loads_onto_its_own_gpu(two_fake_gpus, tiny_model_cfg, monkeyp
         def eval(self):
             return self
 
+        def named_modules(self):
+            return iter(())
+
     def from_pretrained(name, **kwargs):
         seen.append(("device_map", kwargs.get("device_map")))
         return Model()
@@ -91,7 +95,7 @@ def test_each_rank_loads_onto_its_own_gpu(two_fake_gpus, tiny_model_cfg, monkeyp
     assert load.pick_device(cfg) == torch.device("cuda", 1)
     load.load_base(cfg, quantization_config=object())
     load.load_base(cfg)
-    assert seen == [("device_map", {"": 1}), ("device_map", None), ("to", "cuda:1")]
+    assert seen == [("device_map", {"": 1}), ("device_map", {"": 1})]
     assert two_fake_gpus == [("set_device", "cuda:1")] * 2
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(EcomcapError, match="only 2 GPU"):
@@ -169,3 +173,12 @@ def test_a_4bit_base_is_refused_inside_a_zero3_load(tiny_model_cfg, monkeypatch)
     monkeypatch.setattr(load, "sharded_load", lambda: True)
     with pytest.raises(EcomcapError, match="ZeRO-3"):
         load.load_base(tiny_model_cfg, quantization_config=object())
+
+
+def test_launched_processes_get_expandable_segments_unless_set(monkeypatch):
+    from ecomcap.launch import _child_env
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert _child_env(2, None)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert _child_env(2, None)["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

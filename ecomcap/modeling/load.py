@@ -125,7 +125,7 @@ def load_base(cfg: ModelConfig, quantization_config: Any = None):
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise EcomcapError(f"cannot load model '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from None
-    if quantization_config is None and not sharded:
+    if "device_map" not in kwargs and not sharded:  # (CPU)
         model.to(device)
     if quantization_config is not None:
         from ecomcap.modeling.strategies import check_vision_16bit

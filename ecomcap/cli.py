@@ -165,25 +165,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from ecomcap.registry.tracking import HEADLINE, last_run_summary
+    from ecomcap.registry.summary import summary_lines
+    from ecomcap.registry.tracking import last_run_summary
+    from ecomcap.stores import tracking_uri
 
-    s = last_run_summary(args.tracking_uri, args.experiment)
+    uri = tracking_uri(args.tracking_uri)
+    s = last_run_summary(uri, args.experiment)
     if s is None:
-        raise EcomcapError(f"no runs in experiment '{args.experiment}' at {args.tracking_uri}")
-    m = s["metrics"]
-    print(f"run {s['run']}: " + "  ".join(f"{k} {m[k]:.4f}" for k in HEADLINE if k in m))
-    for split in ("train", "valid"):
-        if f"data.{split}.rows_in" in m:
-            print(f"data {split}: rows_in {m[f'data.{split}.rows_in']:.0f} = ok {m[f'data.{split}.rows_ok']:.0f}"
-                  f" + quarantined {m[f'data.{split}.rows_quarantined']:.0f}")
-    gate = s["gate"]
-    print(f"gate: {gate.get('gate.decision', 'n/a')} (candidate version {gate.get('gate.candidate_version')}, "
-          f"champion now {gate.get('gate.champion_after')})")
-    if "gate.rel_gain_low" in m:
-        print(f"gate: relative gain {m['gate.rel_gain']:+.2%}, interval [{m['gate.rel_gain_low']:+.2%}, "
-              f"{m['gate.rel_gain_high']:+.2%}] (gate_decision.txt has the reasons)")
-    print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {args.tracking_uri} --port 5000")
+        raise EcomcapError(f"no runs in experiment '{args.experiment}' at {uri or 'MLflow default store'}")
+    print("\n".join(summary_lines(s, uri or _mlflow_default())))
     return 0
+
+
+def _mlflow_default() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
@@ -197,10 +194,10 @@ def _cmd_champion(args: argparse.Namespace) -> int:
     from ecomcap.config import load_run_config
     from ecomcap.registry.gate import Gate
     from ecomcap.registry.register import registry_client
+    from ecomcap.stores import tracking_uri
 
     cfg = load_run_config(args.config).registry
-    if args.tracking_uri:
-        cfg = cfg.model_copy(update={"tracking_uri": args.tracking_uri})
+    cfg = cfg.model_copy(update={"tracking_uri": tracking_uri(args.tracking_uri, cfg.tracking_uri)})
     gate = Gate(registry_client(cfg), cfg)
     gate.check_reachable()
     try:
@@ -221,6 +218,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
     return 0
+
+
+STORE_HELP = ("MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, else this checkout's .mlflow/mlflow.db "
+              "as `make` uses)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finished chunks (default: <out>.parts); rerun with the same --out/--parts to resume")
     g.set_defaults(func=_cmd_generate)
 
-    m = sub.add_parser("summary", help="metrics and gate decision of the newest pipeline run")
-    m.add_argument("--tracking-uri", required=True)
+    m = sub.add_parser("summary", help="metrics, attribute accuracy, gate decision of the newest pipeline run")
+    m.add_argument("--tracking-uri", default=None, help=STORE_HELP)
     m.add_argument("--experiment", default="training_pipeline")
     m.set_defaults(func=_cmd_summary)
 
@@ -295,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True, help="run config (its registry section)")
     c.add_argument("--version", required=True)
     c.add_argument("--reason", required=True, help="recorded on the version")
-    c.add_argument("--tracking-uri", default=None, help="default: registry.tracking_uri or MLFLOW_TRACKING_URI")
+    c.add_argument("--tracking-uri", default=None, help=STORE_HELP.replace("default: ", "default: registry.tracking_uri, "))
     c.set_defaults(func=_cmd_champion)
 
     from ecomcap.retrieval.cli import add_retrieval_commands

@@ -143,12 +143,16 @@ class SFTConfig(LoopConfig):
         1024, ge=0, description="processed training prompts (pixels, token ids) kept across epochs, MB per "
         "process, admitted until full (no eviction: epochs are reshuffled); 0: the processor runs every step. "
         "Speed only: not part of the run identity")
+    prompt_cache_max_row_mb: float = Field(
+        1.0, ge=0, description="rows (one image's processed prompt) larger than this are not cached: a real-size "
+        "photo's fp32 patches are 5-10 MB, so a 1 GB cache would hold ~150 of a catalogue; speed only")
 
 
 # Settings that change how fast a stage runs, never what it trains: left out of run identities
 # and of the config hash that `retrain --if-changed` compares.
-SPEED_ONLY = {"sft": {"prompt_cache_mb", "loss_chunk_tokens", "gather_for_generation"},
-              "scst": {"gather_for_generation"}, "dpo": {"gather_for_generation"},
+_LOOP_SPEED = {"gather_for_generation", "data_workers"}
+SPEED_ONLY = {"sft": {"prompt_cache_mb", "prompt_cache_max_row_mb", "loss_chunk_tokens", *_LOOP_SPEED},
+              "scst": _LOOP_SPEED, "dpo": _LOOP_SPEED,
               # not speed, but not the recipe either: where this run's grounding step left its scorer
               "generate": {"rerank": {"scorer_dir"}}}
 

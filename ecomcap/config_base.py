@@ -29,6 +29,9 @@ class LoopConfig(_Strict):
     eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
     eval_images: int = Field(200, ge=1)
     eval_beams: int = Field(1, ge=1, description="beam width of the in-training validation")
+    data_workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes that prepare micro-batches ahead of the step (stages "
+        "with a CPU prepare: SFT); null: none on CPU, up to 4 per process on GPU; 0: inline. Speed only")
     gather_for_generation: bool = Field(
         True, description="ZeRO-3: gather the whole model once per generation pass (validation, SCST/DPO "
         "sampling) instead of every layer per decoded token; needs the whole 16-bit model's memory on each GPU "

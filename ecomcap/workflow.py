@@ -157,11 +157,13 @@ def with_grounding(cfg: RunConfig, grounding: Path | None) -> RunConfig:
 
 
 def generate_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, log: bool = True,
-                   grounding: Path | None = None) -> dict[str, str]:
-    """Captions for every image of `data_dir`; logs caption_gen.jsonl (unless `log` is off)."""
+                   grounding: Path | None = None, registered: bool = False) -> dict[str, str]:
+    """Captions for every image of `data_dir`; logs caption_gen.jsonl (unless `log` is off).
+    `registered`: `model_dir` is a registered version (batch inference), captioned with its recorded
+    settings, as it is served."""
     from ecomcap.inference.batch import caption_dataset
 
-    cfg = with_grounding(cfg, grounding)
+    cfg = _as_registered(cfg, model_dir) if registered else with_grounding(cfg, grounding)
 
     if log:
         tracking.log_config("generate", cfg.generate)
@@ -172,10 +174,17 @@ def generate_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, log: bool = 
     return preds
 
 
+def _as_registered(cfg: RunConfig, model_dir: Path) -> RunConfig:
+    from ecomcap.registry.pyfunc import as_recorded
+
+    return as_recorded(cfg, model_dir)
+
+
 def generate_share_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, index: int) -> int:
     """One share of a generate fan-out (a step/pod): chunks index, index+n, ... -> parts."""
     from ecomcap.inference.batch import caption_share
 
+    cfg = _as_registered(cfg, model_dir)  # a fan-out captions the registry's champion
     return caption_share(model_dir, cfg.model, data_dir, cfg.generate, index, cfg.generate.chunks.fan_out,
                          parts_root(cfg))
 
@@ -184,6 +193,7 @@ def merge_generated_stage(model_dir: Path, data_dir: Path, cfg: RunConfig) -> di
     """After a fan-out: every share's parts -> caption_gen.jsonl (every id once), logged."""
     from ecomcap.inference.batch import merge_dataset
 
+    cfg = _as_registered(cfg, model_dir)  # the parts are keyed by the settings the shares used
     tracking.log_config("generate", cfg.generate)
     out = _scratch(cfg, "generate") / "caption_gen.jsonl"
     preds = merge_dataset(model_dir, cfg.model, data_dir, out, cfg.generate, parts_root(cfg), cleanup=True)

@@ -5,6 +5,9 @@
 `generate.chunks.fan_out: N` (N > 1) runs N `generate_<i>` steps in parallel (one GPU pod each
 on Kubernetes), each captioning every N-th chunk into the shared `generate.chunks.parts_dir`,
 then `merge_generated` writes caption_gen.jsonl with every id once (docs/kubernetes.md).
+
+The champion captions with the prompt, decoding, pixel bounds and dtype its version records, as
+`mlflow models serve` does (the config gives batch size, chunking and device).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from zenml import pipeline
 from zenml.config import CachePolicy
 
 from ecomcap.config import RunConfig
+from ecomcap.config_check import pipeline_input
 from ecomcap.workflow import library_fingerprint, source_fingerprint
 from steps import (
     champion_model,
@@ -22,14 +26,17 @@ from steps import (
     write_predictions,
 )
 
+# `zenml pipeline run -c`: the YAML's parameters.config checked with one-line errors
+CheckedConfig = pipeline_input(RunConfig)
+
 
 @pipeline(enable_cache=True, cache_policy=CachePolicy(cache_func=library_fingerprint))
-def batch_inference_pipeline(config: RunConfig = RunConfig(), output: str = ".run/caption_gen.jsonl") -> None:  # noqa: B008
+def batch_inference_pipeline(config: CheckedConfig = RunConfig(), output: str = ".run/caption_gen.jsonl") -> None:  # noqa: B008
     test = ingest_split_step(data=config.data, split="test", source_fingerprint=source_fingerprint(config.data))
     model = champion_model(config=config)
     fan_out = config.generate.chunks.fan_out
     if fan_out <= 1:
-        predictions = generate(config=config, model=model, data=test)
+        predictions = generate(config=config, model=model, data=test, registered=True)  # as it is served
     else:
         shares = [f"generate_{i}" for i in range(fan_out)]
         for i, share in enumerate(shares):

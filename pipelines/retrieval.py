@@ -7,6 +7,7 @@ from __future__ import annotations
 from zenml import Model, pipeline
 from zenml.config import CachePolicy
 
+from ecomcap.config_check import pipeline_input
 from ecomcap.retrieval.config import RetrievalRunConfig
 from ecomcap.retrieval.prepare import retrieval_source_fingerprint
 from ecomcap.workflow import library_fingerprint
@@ -19,11 +20,14 @@ from steps.retrieval import (
     retrieval_validate,
 )
 
+# `zenml pipeline run -c`: the YAML's parameters.config checked with one-line errors
+CheckedConfig = pipeline_input(RetrievalRunConfig)
+
 MODEL = Model(name="ecomcap-retriever", description="Chinese product search dual encoder + gallery index")
 
 
 @pipeline(model=MODEL, enable_cache=True, cache_policy=CachePolicy(cache_func=library_fingerprint))
-def retrieval_pipeline(config: RetrievalRunConfig = RetrievalRunConfig()) -> None:  # noqa: B008
+def retrieval_pipeline(config: CheckedConfig = RetrievalRunConfig()) -> None:  # noqa: B008
     train, valid = retrieval_ingest(config=config, source_fingerprint=retrieval_source_fingerprint(config.data))
     report = retrieval_validate(config=config, train=train, valid=valid)
     model = retrieval_train(config=config, train=train, valid=valid, after="retrieval_validate")

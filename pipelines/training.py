@@ -10,9 +10,13 @@ from zenml import Model, pipeline
 from zenml.config import CachePolicy
 
 from ecomcap.config import RunConfig
+from ecomcap.config_check import pipeline_input
 from ecomcap.errors import EcomcapError
 from ecomcap.workflow import library_fingerprint, source_fingerprint
 from steps import dpo, evaluate, generate, grounding, ingest, promote, scst, sft, validate
+
+# `zenml pipeline run -c`: the YAML's parameters.config checked with one-line errors
+CheckedConfig = pipeline_input(RunConfig)
 
 
 def check_rerank_scorer(config: RunConfig) -> None:
@@ -26,7 +30,7 @@ MODEL = Model(name="ecomcap-captioner", description="Chinese e-commerce product 
 
 
 @pipeline(model=MODEL, enable_cache=True, cache_policy=CachePolicy(cache_func=library_fingerprint))
-def training_pipeline(config: RunConfig = RunConfig()) -> None:  # noqa: B008  (a value, not a call per run)
+def training_pipeline(config: CheckedConfig = RunConfig()) -> None:  # noqa: B008  (a value, not a call per run)
     check_rerank_scorer(config)
     train, valid = ingest(data=config.data, source_fingerprint=source_fingerprint(config.data))
     report = validate(config=config, train=train, valid=valid)

@@ -13,10 +13,11 @@ from steps._tracker import TRACKER
 
 
 @step(experiment_tracker=TRACKER)
-def generate(config: RunConfig, model: ModelDir, data: DatasetDir,
-             grounding: ModelDir | None = None) -> Annotated[dict, "caption_gen"]:
+def generate(config: RunConfig, model: ModelDir, data: DatasetDir, grounding: ModelDir | None = None,
+             registered: bool = False) -> Annotated[dict, "caption_gen"]:
+    """`registered`: a registry version (batch inference), captioned with its recorded settings."""
     return generate_stage(Path(model.path), Path(data.path), config,
-                          grounding=Path(grounding.path) if grounding else None)
+                          grounding=Path(grounding.path) if grounding else None, registered=registered)
 
 
 @step(enable_cache=False)  # its output lives in parts_dir, not in the artifact: finished chunks are skipped

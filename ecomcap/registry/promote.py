@@ -14,7 +14,7 @@ from ecomcap.config import RunConfig
 from ecomcap.errors import EcomcapError
 from ecomcap.registry import tracking
 from ecomcap.registry.gate import Decision, Gate, Scores
-from ecomcap.registry.pyfunc import INFERENCE_FILE, export_merged, generate_settings, log_pyfunc
+from ecomcap.registry.pyfunc import INFERENCE_FILE, as_recorded, export_merged, log_pyfunc
 from ecomcap.registry.register import (
     TRAINED_AS,
     champion_version,
@@ -55,12 +55,7 @@ def reevaluator(cfg: RunConfig, valid: Path, eval_fp: str, grounding: Path | Non
 
         with tempfile.TemporaryDirectory(prefix="ecomcap-champion-") as tmp:
             model_dir = download_version(cfg.registry, version, INFERENCE_FILE, tmp)
-            info = json.loads((model_dir / INFERENCE_FILE).read_text(encoding="utf-8"))
-            own = cfg.model_copy(update={
-                "model": cfg.model.model_copy(update={
-                    "prompt": info["prompt"], "device": "auto", "dtype": info.get("dtype", "auto"),
-                    "min_pixels": info.get("min_pixels"), "max_pixels": info.get("max_pixels")}),
-                "generate": generate_settings(info, model_dir, batch_size=cfg.generate.batch_size)})
+            own = as_recorded(cfg, model_dir, device="auto", warn=False)
             preds = generate_stage(model_dir, valid, own, log=False)
             metrics, _, _ = evaluate_stage(preds, valid, own, log=False, grounding=grounding)
         return caption_scores(metrics, eval_fp, cfg)

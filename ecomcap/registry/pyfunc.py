@@ -6,14 +6,17 @@ strings) and returns captions, so `mlflow models serve -m models:/<name>@champio
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import mlflow.pyfunc
 
-from ecomcap.config import GenerateConfig, ModelConfig
+from ecomcap.config import GenerateConfig, ModelConfig, RunConfig
 from ecomcap.inference.prompt import INFERENCE_FILE, with_model_prompt
 from ecomcap.inference.rerank import SCORER_DIR, resolve_scorer, scorer_path
+
+log = logging.getLogger(__name__)
 
 
 def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelConfig,
@@ -52,6 +55,31 @@ def generate_settings(info: dict, model_dir: Path, **update) -> GenerateConfig:
     return with_scorer(GenerateConfig.model_validate({**info["generate"], **update}), model_dir)
 
 
+def recorded_model_config(info: dict, base: ModelConfig) -> ModelConfig:
+    """`base` with what an exported model records about its inputs: prompt, dtype, pixel bounds."""
+    return base.model_copy(update={"prompt": info["prompt"], "dtype": info.get("dtype", "auto"),
+                                   "min_pixels": info.get("min_pixels"), "max_pixels": info.get("max_pixels")})
+
+
+def as_recorded(cfg: RunConfig, model_dir: str | Path, device: str | None = None, warn: bool = True) -> RunConfig:
+    """`cfg` as a registered model is captioned everywhere - the gate's re-evaluation, batch
+    inference, serving: its recorded prompt, decoding, pixel bounds and dtype (the version is those
+    settings as much as its weights). Batch size, chunking and `device` (None: the config's) are the
+    caller's: speed and place, not captions. `warn`: say so when the config asks for other settings."""
+    info = json.loads((Path(model_dir) / INFERENCE_FILE).read_text(encoding="utf-8"))
+    gen = generate_settings(info, Path(model_dir), batch_size=cfg.generate.batch_size,
+                            chunks=cfg.generate.chunks.model_dump())
+    model = recorded_model_config(info, cfg.model).model_copy(update={"device": device or cfg.model.device})
+    ignore = {"batch_size": True, "chunks": True, "rerank": {"scorer_dir"}}
+    inputs = ("min_pixels", "max_pixels", "dtype")
+    if warn and (gen.model_dump(mode="json", exclude=ignore) != cfg.generate.model_dump(mode="json", exclude=ignore)
+                 or any(getattr(model, k) != getattr(cfg.model, k) for k in inputs)):
+        log.warning("%s records its own decoding and image settings (%s): captioning with those, not the config's "
+                    "generate / model pixel bounds (served and gated captions are made with them)", model_dir,
+                    INFERENCE_FILE)
+    return cfg.model_copy(update={"model": model, "generate": gen})
+
+
 def inference_settings(model_cfg: ModelConfig, gen_cfg: GenerateConfig) -> dict:
     """What changes a caption besides the weights: prompt, decoding, image resolution bounds, the
     dtype it runs in (not the batch size: that changes speed, not captions)."""
@@ -69,7 +97,8 @@ class CaptionModel(mlflow.pyfunc.PythonModel):
         path = Path(context.artifacts["model_dir"])
         info = json.loads((path / INFERENCE_FILE).read_text(encoding="utf-8"))
         self.gen = generate_settings(info, path)  # a reranker without its shipped scorer: refused here
-        self.model, processor = load_trained(path, ModelConfig(name_or_path=str(path)))
+        # the recorded pixel bounds and dtype, as batch inference and the gate use them
+        self.model, processor = load_trained(path, recorded_model_config(info, ModelConfig(name_or_path=str(path))))
         self.builder = PromptBuilder(processor, info["prompt"])
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow infers no schema from hints

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ecomcap import stores
 from ecomcap.config import load_run_config
 from ecomcap.registry import tracking
 from ecomcap.registry.gate import Gate
@@ -33,9 +34,13 @@ def plan(config_path: str | Path, if_changed: bool) -> RetrainPlan:
     src, chash = source_fingerprint(cfg.data), tracking.config_hash(cfg)
     if not if_changed:
         return RetrainPlan(True, "retraining unconditionally (no --if-changed)", src, chash)
-    client = registry_client(cfg.registry)
-    Gate(client, cfg.registry).check_reachable()
-    name = cfg.registry.model_name
+    uri = stores.tracking_uri(config=cfg.registry.tracking_uri, must_exist=False)
+    if uri is None and stores.find_checkout() is not None:
+        return RetrainPlan(True, "no MLflow store in this checkout yet", src, chash)
+    reg = cfg.registry.model_copy(update={"tracking_uri": uri})
+    client = registry_client(reg)
+    Gate(client, reg).check_reachable()
+    name = reg.model_name
     versions = client.search_model_versions(f"name='{name}'") if client.search_registered_models(
         filter_string=f"name='{name}'") else []
     for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
@@ -61,4 +66,5 @@ def retrain(config_path: str | Path, if_changed: bool) -> int:
     cmd = [str(Path(sys.executable).with_name("zenml")), "pipeline", "run",
            "pipelines.training.training_pipeline", "-c", str(config_path)]
     print("retrain: " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env={**os.environ, "ZENML_ANALYTICS_OPT_IN": "false"})
+    # the checkout's ZenML state when `make` set it up (as scripts/zenml_env.sh does for `make run`)
+    return subprocess.call(cmd, env={**os.environ, "ZENML_ANALYTICS_OPT_IN": "false", **stores.zenml_env()})

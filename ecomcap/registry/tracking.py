@@ -172,6 +172,7 @@ def last_run_summary(tracking_uri: str, experiment: str = "training_pipeline") -
     if not runs:
         return None
     r = runs[0]
-    return {"run": r.info.run_name, "run_id": r.info.run_id,
+    return {"run": r.info.run_name, "run_id": r.info.run_id, "experiment_id": exp.experiment_id,
+            "artifact_uri": r.info.artifact_uri,
             "metrics": {k: v for k, v in r.data.metrics.items() if k in HEADLINE or k.startswith(("val.", "data.", "gate."))},
             "gate": {k: v for k, v in r.data.tags.items() if k.startswith("gate.")}}

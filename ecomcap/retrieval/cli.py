@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from ecomcap.errors import EcomcapError
@@ -64,7 +63,9 @@ def _cmd_table(args: argparse.Namespace) -> int:
     from ecomcap.retrieval.experiments import comparison_table, format_table
 
     cfg = load_run_config(args.config, RetrievalRunConfig)
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    from ecomcap.stores import tracking_uri
+
+    uri = tracking_uri(args.tracking_uri, must_exist=False)
     if uri:  # the table as one MLflow run: table.md/json plus each row's figures
         import mlflow
 
@@ -97,5 +98,6 @@ def add_retrieval_commands(sub) -> None:
     t = sub.add_parser("retrieval-table", help="zero-shot vs InfoNCE vs sigmoid vs +hard negatives vs fused")
     t.add_argument("--config", type=Path, required=True, help="retrieval run YAML (configs/retrieval_local.yaml)")
     t.add_argument("--out", type=Path, default=Path(".run/retrieval/table"))
-    t.add_argument("--tracking-uri", default=None, help="log the table to MLflow (default: MLFLOW_TRACKING_URI)")
+    t.add_argument("--tracking-uri", default=None, help="log the table to MLflow (default: MLFLOW_TRACKING_URI, else this checkout's "
+                   ".mlflow/mlflow.db where it exists)")
     t.set_defaults(func=_cmd_table)

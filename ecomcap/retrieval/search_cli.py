@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 
@@ -11,7 +10,12 @@ def _searcher(args: argparse.Namespace):
     from ecomcap.retrieval.search import champion_gallery, open_searcher
     from ecomcap.retrieval.store import StoreConfig
 
-    gallery = args.gallery or champion_gallery(args.tracking_uri)
+    if args.gallery:
+        gallery = args.gallery
+    else:
+        from ecomcap.stores import tracking_uri
+
+        gallery = champion_gallery(tracking_uri(args.tracking_uri))
     return open_searcher(gallery, StoreConfig(uri=args.store_uri, ef=args.ef))
 
 
@@ -45,8 +49,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     store = StoreConfig()
     p.add_argument("--gallery", type=Path, default=None,
                    help="a gallery index directory; default: the registry's ecomcap-retriever@champion")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                   help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else this checkout's "
+                   ".mlflow/mlflow.db as `make retrieval` writes it)")
     p.add_argument("--store-uri", default=store.uri,
                    help=f"vector store: a *.db file (embedded Milvus Lite) or http://host:19530 (server); "
                         f"default: {store.uri}")

@@ -63,11 +63,17 @@ class AnswerBatch:
     answer_len: int
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "AnswerBatch":
+        """Non-blocking from pinned memory (the DataLoader path), an ordinary copy otherwise."""
         moved = {
-            k: v.to(device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+            k: v.to(device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None, non_blocking=True)
             for k, v in self.inputs.items()
         }
-        return AnswerBatch(moved, self.labels.to(device), self.answer_len)
+        return AnswerBatch(moved, self.labels.to(device, non_blocking=True), self.answer_len)
+
+    def pin_memory(self) -> "AnswerBatch":
+        """(DataLoader's `pin_memory` calls this on a batch it does not know.)"""
+        return AnswerBatch({k: v.pin_memory() for k, v in self.inputs.items()}, self.labels.pin_memory(),
+                           self.answer_len)
 
 
 def with_answers(prompts: dict[str, torch.Tensor], answers: Sequence[Sequence[int]], pad_id: int) -> AnswerBatch:

@@ -40,6 +40,7 @@ from ecomcap.training.checkpoint import (
 from ecomcap.training.collate import PromptBuilder
 from ecomcap.training.data import Example, ShardImages, epoch_order, make_example
 from ecomcap.training.identity import record_finished, run_dir
+from ecomcap.training.microbatches import MicroBatches, default_workers, micro_batches
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -185,13 +186,14 @@ class TrainLoop:
         self.model.train()
         bar = tqdm(total=cfg.max_steps, initial=step, desc=self.stage, unit="step",
                    disable=not acc.is_local_main_process or None)
+        batches = self._batches(data, step_fn, step)
         try:
             while step < cfg.max_steps:
                 t0 = time.perf_counter()
-                logs: dict[str, float] = {}
+                logs: dict[str, Any] = {}
                 for micro in range(cfg.grad_accum):
                     with acc.accumulate(self.model):
-                        loss, extra = step_fn(self.examples_for(data, step, micro))
+                        loss, extra = step_fn(next(batches) if batches is not None else self.examples_for(data, step, micro))
                         if loss.requires_grad or not getattr(step_fn, "does_backward", False):
                             acc.backward(loss)  # (SCST backwards its chunked log-prob pass itself)
                         if acc.sync_gradients:
@@ -201,9 +203,10 @@ class TrainLoop:
                             self.opt.step()  # (under DeepSpeed a no-op: the engine stepped in backward)
                             self.sched.step()
                             self.opt.zero_grad(set_to_none=True)
-                    for k, v in {"loss": float(loss.detach()), **extra}.items():
+                    for k, v in {"loss": loss.detach(), **extra}.items():  # kept on the device: one sync per step
                         logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
                 step += 1
+                logs = {k: float(v) for k, v in logs.items()}
                 logs.update(lr=self.sched.get_last_lr()[0],
                             images_per_s=cfg.batch_size * cfg.grad_accum * acc.num_processes / (time.perf_counter() - t0))
                 self._emit(metrics_log, {"step": step, **logs})
@@ -223,7 +226,7 @@ class TrainLoop:
                     elif acc.is_main_process:
                         save_checkpoint(ckpts, step, acc.unwrap_model(self.model), self.opt, self.sched, state,
                                         cfg.keep_checkpoints)
-                acc.wait_for_everyone()
+                    acc.wait_for_everyone()  # (no barrier on other steps: the gradient all-reduce keeps ranks in step)
                 if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step < cfg.max_steps:
                     bar.close()
                     raise InterruptedError(f"{self.stage}: stopped after step {step} (stop_after_steps)")
@@ -244,6 +247,18 @@ class TrainLoop:
         return StageResult(best or final, final, best, step, self.params, state["best"], state["evals"],
                            time.perf_counter() - started, resumed_from, self._param_digest(),
                            self._order_digest(data))
+
+    def _batches(self, data, step_fn, step: int):
+        """Prepared micro-batches from `step` on, when the step function has a CPU `prepare` (else
+        None: the step function gets examples)."""
+        prepare = getattr(step_fn, "prepare", None)
+        if prepare is None:
+            return None
+        cfg, acc = self.cfg, self.acc
+        workers = cfg.data_workers if cfg.data_workers is not None else default_workers(acc.device, acc.num_processes)
+        dataset = MicroBatches(lambda s, m: self.examples_for(data, s, m), prepare, cfg.grad_accum,
+                               cfg.max_steps * cfg.grad_accum)
+        return micro_batches(dataset, step * cfg.grad_accum, workers, pin=acc.device.type == "cuda")
 
     def _resumable(self, last: Path | None) -> Path | None:
         """`last` if this launch can resume it: the same process count (data-to-step mapping) and

@@ -7,7 +7,9 @@ pre-tokenised datasets, but in memory and bounded: each row's processor output (
 `mm_token_type_ids`, pixel patches, grid) is kept until `max_bytes` are held, then no more rows
 are admitted (the epoch order is reshuffled every epoch, so evicting would only churn: with a
 catalogue larger than the budget, the share that fits is served from memory, the rest is
-processed as before). A batch is put together from the rows as the processor would (left padding).
+processed as before). Rows over `max_row_bytes` are not admitted: a real-size photo's fp32 patches
+(5-10 MB) would fill a 1 GB budget with ~150 images of a catalogue of millions. A batch is put
+together from the rows as the processor would (left padding).
 
 Checked once, on the first batch: the rows split from the processor's batch rebuild that batch
 bit for bit, and the first row equals what the processor gives for its image alone (a row does
@@ -34,13 +36,13 @@ Row = dict[str, torch.Tensor]
 class PromptCache:
     """`prompts(keys, load)` == `builder.prompts(load(keys))`, from held rows where it can."""
 
-    def __init__(self, builder: PromptBuilder, max_bytes: int):
-        self.builder, self.max_bytes = builder, max_bytes
+    def __init__(self, builder: PromptBuilder, max_bytes: int, max_row_bytes: int | None = None):
+        self.builder, self.max_bytes, self.max_row_bytes = builder, max_bytes, max_row_bytes
         self.enabled = max_bytes > 0
         self._rows: dict[Hashable, Row] = {}
         self._bytes = 0
         self._checked = False
-        self.hits = self.misses = 0  # rows served from memory / processed
+        self.hits = self.misses = self.too_large = 0  # rows served from memory / processed / not admitted (size)
 
     def prompts(self, keys: Sequence[Hashable], load: Callable[[list[Hashable]], list[Image.Image]]) -> Row:
         """The left-padded prompt batch of the images behind `keys` (`load` decodes the keys given)."""
@@ -64,14 +66,17 @@ class PromptCache:
                                                           self.builder.pad_id)
         for k, row in fresh.items():
             size = _nbytes(row)
-            if self._bytes + size <= self.max_bytes:  # copied: a view would keep the whole batch alive
+            if self.max_row_bytes is not None and size > self.max_row_bytes:
+                self.too_large += 1
+            elif self._bytes + size <= self.max_bytes:  # copied: a view would keep the whole batch alive
                 self._rows[k] = {name: t.clone() for name, t in row.items()}
                 self._bytes += size
         return batch
 
     def summary(self) -> str:
         return (f"prompt cache: {self.hits} rows from memory, {self.misses} processed, {len(self._rows)} held "
-                f"({self._bytes / 2**20:.0f} of {self.max_bytes / 2**20:.0f} MB)" if self.enabled else "prompt cache off")
+                f"({self._bytes / 2**20:.0f} of {self.max_bytes / 2**20:.0f} MB), {self.too_large} rows over the "
+                "row size limit" if self.enabled else "prompt cache off")
 
     def _check(self, out: Row, rows: list[Row], first: Image.Image) -> bool:
         self._checked = True

@@ -69,15 +69,22 @@ def run_sft(
         identity=identity, accelerator=acc,
     )
     builder = loop.builder
-    cache = PromptCache(builder, cfg.prompt_cache_mb * 2**20)
+    cache = PromptCache(builder, cfg.prompt_cache_mb * 2**20, int(cfg.prompt_cache_max_row_mb * 2**20))
 
-    def step(examples: list[Example]):
+    def prepare(examples: list[Example]):
+        """CPU side of a step (run ahead in DataLoader workers): the processed batch and its token count."""
         by_row = {e.index: e for e in examples}
         prompts = cache.prompts([e.index for e in examples], lambda rows: [by_row[r].image for r in rows])
         answers = builder.answer_ids([e.answer for e in examples], cfg.max_answer_tokens)
-        batch = with_answers(prompts, answers, builder.pad_id).to(loop.acc.device)
-        loss = answer_loss(loop.model, batch, cfg.label_smoothing, cfg.loss_chunk_tokens)
-        return loss, {"answer_tokens": float((batch.labels != IGNORE).sum())}
+        batch = with_answers(prompts, answers, builder.pad_id)
+        return batch, float((batch.labels != IGNORE).sum())
+
+    def step(prepared):
+        batch, tokens = prepared
+        loss = answer_loss(loop.model, batch.to(loop.acc.device), cfg.label_smoothing, cfg.loss_chunk_tokens)
+        return loss, {"answer_tokens": tokens}
+
+    step.prepare = prepare
 
     check_token_budget(train, builder, cfg.max_answer_tokens, model_token_limit(model, model_cfg.max_seq_len))
     result = loop.run(train, step)

@@ -8,12 +8,14 @@ export ZENML_ANALYTICS_OPT_IN := false
 
 .PHONY: setup run test e2e infer bench clean retrieval dashboard dashboard-stop
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml docker/requirements-gpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first (from pip's find-links), so nothing pulls CUDA wheels.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev]"
+	# the GPU image's pins as constraints: the suite tests the versions the image ships
+	sed 's/\[[^]]*\]//' docker/requirements-gpu.txt > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -e ".[dev]" -c $(VENV)/constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)

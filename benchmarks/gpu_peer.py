@@ -1,7 +1,7 @@
 """ecomcap against its peers on one GPU, one prepared call: the full-size Qwen2.5-VL-3B (random
 weights, hub layout, loaded like `Qwen/Qwen2.5-VL-3B-Instruct`), every side on the same data.
 
-- sft: ecomcap's step (answer-only chunked cross-entropy) vs TRL's `SFTTrainer` (prompt-completion,
+- sft: ecomcap's step (answer-only chunked cross-entropy; padded and packed) vs TRL's `SFTTrainer` (prompt-completion,
   its VLM collator): same image-caption pairs, LoRA r16 on the same modules, batch, constant LR,
   no gradient checkpointing; samples/s, peak memory, MFU (matmul FLOPs), and held-out CE after
   equal steps, both models scored by one scorer over ecomcap's answer tokens and over TRL's
@@ -86,7 +86,7 @@ def _mfu(model, builder, train, args, step_s: float) -> float | None:
     return round(flops / step_s / 1e12 / peak, 4) if peak else None
 
 
-def sft_ours(load, builder, train, held, args, device) -> dict:
+def sft_ours(load, builder, train, held, args, device, packed: bool = False) -> dict:
     from ecomcap.config import FinetuneConfig
     from ecomcap.modeling.strategies import apply_strategy
     from ecomcap.training.answer_loss import answer_loss
@@ -105,7 +105,7 @@ def sft_ours(load, builder, train, held, args, device) -> dict:
         batch = with_answers(builder.prompts([im for im, _ in chunk]), builder.answer_ids([c for _, c in chunk], 64),
                              builder.pad_id).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = answer_loss(model, batch, 0.0, 1024)
+            loss = answer_loss(model, batch, 0.0, 1024, packed=packed)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -114,7 +114,7 @@ def sft_ours(load, builder, train, held, args, device) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = sum(times) / len(times)
-    out = {"side": "ecomcap", "samples_per_s": round(args.batch / step_s, 2), "step_s": round(step_s, 3),
+    out = {"side": "ecomcap_packed" if packed else "ecomcap", "samples_per_s": round(args.batch / step_s, 2), "step_s": round(step_s, 3),
            "peak_mem_gib": peak_gib(device), "mfu": _mfu(model, builder, train, args, step_s),
            "heldout_ce_ecomcap_tokens": heldout_ce(model, builder, held, device, False),
            "heldout_ce_trl_tokens": heldout_ce(model, builder, held, device, True)}
@@ -355,6 +355,7 @@ def main() -> None:
         train, held = data[:-16], data[-16:]
         if "sft" in args.parts:
             for side in (sft_ours(load, builder, train, held, args, device),
+                         sft_ours(load, builder, train, held, args, device, packed=True),
                          sft_trl(load, builder, train, held, args, device, Path(tmp))):
                 results.append({"stage": "sft", **side})
                 print(json.dumps(results[-1]), flush=True)

@@ -139,6 +139,10 @@ class SFTConfig(LoopConfig):
     loss_chunk_tokens: int = Field(
         1024, ge=0, description="answer tokens whose vocabulary logits exist at once in the loss (recomputed in "
         "backward; Liger's fused kernel on CUDA where installed); 0: the whole batch's. Memory only")
+    packing: bool = Field(
+        False, description="padding-free: a micro-batch's rows as one sequence (per-example 3D rope positions, "
+        "attention kept inside each example: block-diagonal on sdpa, varlen on flash-attention 2); same loss and "
+        "gradients as padded, less work where image sizes differ. Speed only")
     prompt_cache_mb: int = Field(
         1024, ge=0, description="processed training prompts (pixels, token ids) kept across epochs, MB per "
         "process, admitted until full (no eviction: epochs are reshuffled); 0: the processor runs every step. "
@@ -151,7 +155,7 @@ class SFTConfig(LoopConfig):
 # Settings that change how fast a stage runs, never what it trains: left out of run identities
 # and of the config hash that `retrain --if-changed` compares.
 _LOOP_SPEED = {"gather_for_generation", "data_workers"}
-SPEED_ONLY = {"sft": {"prompt_cache_mb", "prompt_cache_max_row_mb", "loss_chunk_tokens", *_LOOP_SPEED},
+SPEED_ONLY = {"sft": {"prompt_cache_mb", "prompt_cache_max_row_mb", "loss_chunk_tokens", "packing", *_LOOP_SPEED},
               "scst": _LOOP_SPEED, "dpo": _LOOP_SPEED,
               # not speed, but not the recipe either: where this run's grounding step left its scorer
               "generate": {"rerank": {"scorer_dir"}}}

@@ -230,3 +230,38 @@ def test_vision_lr_scale_gives_the_vision_tower_its_own_rate(tiny_model_cfg):
     assert all(VISION.search(names[id(p)]) for p in vision["params"])
     assert not any(VISION.search(names[id(p)]) for p in llm["params"])
     assert len(llm["params"]) + len(vision["params"]) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_one_mlflow_hiccup_is_logged_not_fatal(tmp_path, caplog):
+    """A write that fails once keeps its metrics for the next one (nothing lost, nothing twice);
+    `max_failures` writes failing in a row fail the stage."""
+    import mlflow
+
+    from ecomcap.registry.tracking import StepMetrics
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        with mlflow.start_run() as run:
+            log = StepMetrics(every=2, max_failures=2)
+            real, calls = log.client.log_batch, []
+
+            def flaky(*a, **kw):
+                calls.append(1)
+                if len(calls) in (1, 3, 4):
+                    raise ConnectionError("MLflow server unreachable")
+                return real(*a, **kw)
+
+            log.client.log_batch = flaky
+            with caplog.at_level("WARNING"):
+                for step in range(1, 5):
+                    log({"sft/loss": float(step)}, step)  # writes at steps 2 (fails) and 4 (sends all)
+            assert "kept for the next write" in caplog.text
+            history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "sft.loss")
+            assert sorted(m.step for m in history) == [1, 2, 3, 4]
+            log({"sft/loss": 5.0}, 5)
+            log({"sft/loss": 6.0}, 6)  # fails (call 3): logged
+            with pytest.raises(ConnectionError):
+                log.flush()  # fails again (call 4): the second in a row is fatal
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import time
 import warnings
@@ -16,6 +17,8 @@ from pydantic import BaseModel
 
 from ecomcap.config import SPEED_ONLY
 from ecomcap.errors import EcomcapError
+
+log = logging.getLogger(__name__)
 
 MAX_PARAMS_PER_CALL = 100
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
@@ -80,18 +83,21 @@ def log_config(section: str, cfg: BaseModel) -> None:
 class StepMetrics:
     """Per-step training metrics for an MLflow run (default: the active one), stored `every` steps
     in one batch: a synchronous SQLite write costs ~5 ms, i.e. ~5 s of a 950-step first run if
-    done per step. Each row keeps the time it was logged at. A failing store still fails the
-    stage (at the next write); a killed process loses at most the last `every - 1` steps (the
-    stage's metrics.jsonl has them all). The loop flushes before each checkpoint, at the end of
-    a stage and when a stage fails."""
+    done per step. Each row keeps the time it was logged at. A store that fails once (a network
+    hiccup, a locked database) is logged and the unsent metrics wait for the next write; one that
+    fails `max_failures` writes in a row fails the stage. A killed process loses at most the last
+    `every - 1` steps (the stage's metrics.jsonl has them all). The loop flushes before each
+    checkpoint, at the end of a stage and when a stage fails."""
 
-    def __init__(self, every: int = 25, run_id: str | None = None):
+    def __init__(self, every: int = 25, run_id: str | None = None, max_failures: int = 3):
         run = mlflow.active_run()
         if run_id is None and run is None:
             raise EcomcapError("StepMetrics needs an MLflow run: start one or pass run_id")
-        self.every, self.run_id = every, run_id or run.info.run_id
+        self.every, self.run_id, self.max_failures = every, run_id or run.info.run_id, max_failures
         self.client = mlflow.MlflowClient()
         self._rows: list[tuple[dict[str, float], int, int]] = []
+        self._unsent: list = []  # metrics a failed write left behind
+        self._failures = 0
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         self._rows.append((metrics, step, int(time.time() * 1000)))
@@ -101,11 +107,22 @@ class StepMetrics:
     def flush(self) -> None:
         from mlflow.entities import Metric
 
-        batch = [Metric(k.replace("/", "."), float(v), at, step) for metrics, step, at in self._rows
-                 for k, v in metrics.items()]
+        self._unsent += [Metric(k.replace("/", "."), float(v), at, step) for metrics, step, at in self._rows
+                         for k, v in metrics.items()]
         self._rows = []
-        for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_METRICS_PER_BATCH])
+        while self._unsent:
+            try:
+                self.client.log_batch(self.run_id, metrics=self._unsent[:MAX_METRICS_PER_BATCH])
+            except Exception as exc:
+                self._failures += 1
+                if self._failures >= self.max_failures:
+                    raise
+                log.warning("MLflow did not store %d step metrics (%s: %s); kept for the next write (%d/%d failed "
+                            "writes in a row)", len(self._unsent), type(exc).__name__, str(exc).splitlines()[0][:200],
+                            self._failures, self.max_failures)
+                return
+            self._unsent = self._unsent[MAX_METRICS_PER_BATCH:]
+            self._failures = 0
 
 
 def metrics_callback() -> StepMetrics | None:

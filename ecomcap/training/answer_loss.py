@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ecomcap.inference.prefill import generative_model
 from ecomcap.training.collate import IGNORE, AnswerBatch, answer_logits
 from ecomcap.training.losses import sft_loss
+from ecomcap.training.packing import packed_answer_hidden
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -72,16 +73,21 @@ def _liger(device: torch.device, label_smoothing: float):
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, label_smoothing=label_smoothing)
 
 
-def answer_loss(model, batch: AnswerBatch, label_smoothing: float = 0.0, chunk_tokens: int = 1024) -> torch.Tensor:
-    """The SFT loss over the answer tokens; `chunk_tokens` 0 computes the whole batch's logits."""
+def answer_loss(model, batch: AnswerBatch, label_smoothing: float = 0.0, chunk_tokens: int = 1024,
+                packed: bool = False) -> torch.Tensor:
+    """The SFT loss over the answer tokens; `chunk_tokens` 0 computes the whole batch's logits;
+    `packed`: the rows run as one padding-free sequence (`ecomcap.training.packing`)."""
     head = _head(model) if chunk_tokens > 0 else None
     if head is None:
-        logits, targets = answer_logits(model, batch)
-        return sft_loss(logits, targets, label_smoothing)
-    a = batch.answer_len
+        logits, targets = packed_answer_hidden(model, batch) if packed else answer_logits(model, batch)
+        return sft_loss(logits.float(), targets, label_smoothing)
     with _hidden_out(head):
-        hidden = model(**batch.inputs, use_cache=False, logits_to_keep=a + 1).logits[:, :-1]
-    targets = batch.labels[:, -a:]
+        if packed:
+            hidden, targets = packed_answer_hidden(model, batch)
+        else:
+            a = batch.answer_len
+            hidden = model(**batch.inputs, use_cache=False, logits_to_keep=a + 1).logits[:, :-1]
+            targets = batch.labels[:, -a:]
     fused = _liger(hidden.device, label_smoothing)
     if fused is not None:
         return fused(head.weight, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), head.bias)

@@ -81,7 +81,8 @@ def run_sft(
 
     def step(prepared):
         batch, tokens = prepared
-        loss = answer_loss(loop.model, batch.to(loop.acc.device), cfg.label_smoothing, cfg.loss_chunk_tokens)
+        loss = answer_loss(loop.model, batch.to(loop.acc.device), cfg.label_smoothing, cfg.loss_chunk_tokens,
+                           cfg.packing)
         return loss, {"answer_tokens": tokens}
 
     step.prepare = prepare

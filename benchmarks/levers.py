@@ -6,13 +6,16 @@ so its peak RSS is its own. Levers, each against the reference measured in the s
 - patch_embed: the stock Conv3d vs the matmul (vision tower forward);
 - decode: the shipped penalties (beam 5, repetition 1.2, no-repeat 3-grams) on stock `generate`
   vs the own loop (EOS suppressed: both decode every step);
-- data: the SFT step with micro-batches built inline vs by 2 DataLoader workers.
+- data: the SFT step with micro-batches built inline vs by 2 DataLoader workers;
+- packing: the SFT step on images of very different sizes, left-padded vs packed padding-free.
 
     python benchmarks/levers.py [--batch 4] [--steps 2]     # last line: one JSON object
 
 tokens/s counts the tokens a variant processes (prompt + answer for SFT, images' patches for the
 vision tower, generated tokens for decoding); cpu_s is the process's user + system time of the
-measured part. On a 2-core box the DataLoader's workers share the cores with the step.
+measured part, its finished children's (DataLoader workers) included; peak RSS is the process's own
+and, apart, its largest child's. On a 2-core box the DataLoader's workers share the cores with the
+step.
 """
 from __future__ import annotations
 
@@ -30,12 +33,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 LEVERS = {"loss": ("full_logits", "chunked"), "patch_embed": ("conv3d", "matmul"),
-          "decode": ("hf_generate", "own_loop"), "data": ("inline", "workers2")}
+          "decode": ("hf_generate", "own_loop"), "data": ("inline", "workers2"), "packing": ("padded", "packed")}
+MIXED = [(448, 448), (112, 224), (224, 112), (448, 224)]  # the packing lever's images: very different token counts
 
 
 def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """User + system seconds of this process and of its finished children (DataLoader workers)."""
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 
 
 def one(lever: str, variant: str, path: str, args) -> dict:
@@ -56,8 +60,15 @@ def one(lever: str, variant: str, path: str, args) -> dict:
     model, processor = load_base(cfg)
     builder = PromptBuilder(processor, PROMPT)
     data = pairs(args.batch * args.steps, 0.5, seed=0)
+    if lever == "packing":
+        from PIL import Image
+
+        cfg = cfg.model_copy(update={"min_pixels": 112 * 112})
+        model, processor = load_base(cfg)
+        builder = PromptBuilder(processor, PROMPT)
+        data = [(Image.new("RGB", MIXED[i % len(MIXED)], (40 * i % 255, 90, 160)), c) for i, (_, c) in enumerate(data)]
     tokens = 0
-    if lever in ("loss", "data"):
+    if lever in ("loss", "data", "packing"):
         model, _ = apply_strategy(model, FinetuneConfig(strategy="lora", lora_r=16))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -69,7 +80,7 @@ def one(lever: str, variant: str, path: str, args) -> dict:
                                              args.steps), 0, 2 if variant == "workers2" else 0, pin=False)
         t0, c0 = time.perf_counter(), _cpu()
         for batch in batches:
-            loss = answer_loss(model, batch, 0.0, 0 if variant == "full_logits" else 1024)
+            loss = answer_loss(model, batch, 0.0, 0 if variant == "full_logits" else 1024, packed=variant == "packed")
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -92,7 +103,8 @@ def one(lever: str, variant: str, path: str, args) -> dict:
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
     return {"lever": lever, "variant": variant, "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
             "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "children_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
 
 
 def main() -> None:

@@ -360,7 +360,12 @@ def load_run_config(path: str | Path, model: type[BaseModel] | None = None) -> A
     """
     data = load_yaml(path)
     if "parameters" in data:
-        data = (data.get("parameters") or {}).get("config") or {}
+        params = data.get("parameters") or {}
+        other = sorted(set(params) - {"config"}) if isinstance(params, dict) else ["(not a mapping)"]
+        if other:
+            raise EcomcapError(f"invalid config in {path}: unknown key parameters.{other[0]}: the run settings go under "
+                               "parameters.config")
+        data = params.get("config") or {}
     return parse_model(model or RunConfig, data, str(path))
 
 
@@ -371,8 +376,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise EcomcapError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise EcomcapError(f"{path} is not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # one line: the problem and where (PyYAML's own text spans several)
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise EcomcapError(f"{path} is not valid YAML: {problem}{where}") from None
     if not isinstance(data, dict):
         raise EcomcapError(f"{path} must hold a mapping at the top level")
     return data

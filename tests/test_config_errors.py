@@ -94,3 +94,18 @@ def test_renames_are_dropped_in_the_release_they_name():
     current = tuple(int(p) for p in version("ecomcap").split(".")[:2])
     for old, (new, until) in RENAMED.items():
         assert current < tuple(int(p) for p in until.split(".")), f"{old} -> {new}: drop it (ecomcap {until})"
+
+
+def test_a_misspelt_parameters_config_and_broken_yaml_are_one_line(tmp_path):
+    from ecomcap.config import load_run_config
+    from ecomcap.errors import EcomcapError
+
+    bad = tmp_path / "confg.yaml"
+    bad.write_text("parameters:\n  confg:\n    sft: {max_steps: 3}\n", encoding="utf-8")
+    with pytest.raises(EcomcapError, match=r"unknown key parameters.confg: the run settings go under parameters.config"):
+        load_run_config(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("parameters:\n  config:\n    sft: {max_steps: 3\n", encoding="utf-8")
+    with pytest.raises(EcomcapError) as err:
+        load_run_config(broken)
+    assert "\n" not in str(err.value) and "is not valid YAML" in str(err.value) and "line" in str(err.value)

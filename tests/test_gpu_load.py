@@ -62,6 +62,8 @@ def test_attention_is_chosen_per_sub_model(hub_checkpoint, monkeypatch):
     chosen = pick_attention(ModelConfig(), torch.bfloat16)
     assert chosen["vision_config"] == "flash_attention_2" and chosen["text_config"] == "sdpa"
     assert pick_attention(ModelConfig(), torch.float32) == "sdpa"  # flash-attention needs 16-bit
+    packed = pick_attention(ModelConfig(), torch.bfloat16, packed=True)  # varlen keeps packed examples apart
+    assert packed["text_config"] == packed["vision_config"] == "flash_attention_2"
     assert pick_attention(ModelConfig(attn_implementation="eager"), torch.bfloat16) == "eager"
     monkeypatch.setattr(importlib.util, "find_spec", real)
     model = AutoModelForImageTextToText.from_pretrained(  # the same form, with kernels that run on CPU

@@ -9,15 +9,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ecomcap"
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph() -> dict[str, set[str]]:
-    """module -> the `ecomcap` modules it imports anywhere in its body (package `__init__`s are
-    left out: importing `ecomcap.x.y` is an edge to `ecomcap.x.y`, not to `ecomcap.x`)."""
-    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+def import_graph(package: Path = PACKAGE, with_packages: bool = False) -> dict[str, set[str]]:
+    """module -> the modules of `package` it imports anywhere in its body. Package `__init__`s
+    are left out for the cycle check (importing `ecomcap.x.y` runs `ecomcap.x` first, which is not
+    a dependency of ours), kept with `with_packages` (`from ecomcap import training` is one)."""
+    root = package.parent
+    modules = {_module_name(p, root): p for p in package.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         edges = set()
@@ -32,7 +34,8 @@ def import_graph() -> dict[str, set[str]]:
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             else:
                 continue
-            edges.update(t for t in targets if t in modules and t != name and modules[t].name != "__init__.py")
+            edges.update(t for t in targets if t in modules and t != name
+                         and (with_packages or modules[t].name != "__init__.py"))
         graph[name] = edges
     return graph
 
@@ -69,9 +72,18 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def test_the_graph_sees_lazy_and_relative_imports():
+def test_the_graph_sees_lazy_and_relative_imports(tmp_path):
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    for f, text in {"__init__.py": "", "sub/__init__.py": "X = 1\n", "a.py": "from .sub import b\n",
+                    "sub/b.py": "def f():\n    from ..a import g\n", "c.py": "from pkg import sub\n"}.items():
+        (pkg / f).write_text(text)
+    synthetic = import_graph(pkg)
+    assert synthetic["pkg.a"] == {"pkg.sub.b"} and synthetic["pkg.sub.b"] == {"pkg.a"}
+    assert cycles(synthetic) == [["pkg.a", "pkg.sub.b"]]
+    assert import_graph(pkg, with_packages=True)["pkg.c"] == {"pkg.sub"}
     real = import_graph()
     assert "ecomcap.inference.beam" in real["ecomcap.inference.decode"]  # a top-level import
     assert "ecomcap.inference.rerank" in real["ecomcap.inference.generate"]  # one inside a function
@@ -82,7 +94,7 @@ def test_no_import_circles():
 
 
 def test_the_model_layer_never_imports_training():
-    graph = import_graph()
+    graph = import_graph(with_packages=True)
     upward = {m: sorted(t for t in targets if t.startswith("ecomcap.training"))
               for m, targets in graph.items() if m.startswith("ecomcap.modeling")}
     assert {m: t for m, t in upward.items() if t} == {}

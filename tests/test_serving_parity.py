@@ -108,7 +108,7 @@ def test_make_infer_output_equals_served_captions(tiny_model_cfg, tmp_path):
                                   "synth": {"train": 24, "valid": 8, "test": 8, "seed": 3}}}
     (repo / "configs" / "infer.yaml").write_text(yaml.safe_dump({"parameters": {"config": settings}},
                                                                 allow_unicode=True), encoding="utf-8")
-    proc = sh("CONFIG=configs/infer.yaml make -s infer")
+    proc = sh("CONFIG=configs/infer.yaml make -s -o .venv/.installed infer")  # (never reinstall the shared venv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (repo / ".run" / "caption_gen.jsonl").read_text(encoding="utf-8").splitlines()
     batch = {r["image_id"]: r["text"] for r in map(json.loads, lines)}

@@ -263,5 +263,8 @@ def test_one_mlflow_hiccup_is_logged_not_fatal(tmp_path, caplog):
             log({"sft/loss": 6.0}, 6)  # fails (call 3): logged
             with pytest.raises(ConnectionError):
                 log.flush()  # fails again (call 4): the second in a row is fatal
+            log.flush(final=True)  # the stage's last write retries: call 5 stores steps 5 and 6
+            history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "sft.loss")
+            assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
     finally:
         mlflow.set_tracking_uri(previous)

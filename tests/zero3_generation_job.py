@@ -6,7 +6,7 @@ ZeRO-3 launch: into partitions), builds the training loop, and writes out/rank{r
   each decoded token's forward all-gathering every layer, ranks in step: synced_gpus);
 - `gathered`: the same images under `gathered_for_generation` (parameters gathered once);
 - `sharded`: `validation_captions` (each rank every 2nd image, gathered across ranks);
-- `forwards_gathered`: how often DeepSpeed fetched partitions during the gathered pass.
+- `fetches_per_token` / `fetches_gathered`: how often DeepSpeed fetched partitions during each pass.
 """
 import json
 import sys

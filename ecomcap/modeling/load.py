@@ -54,15 +54,18 @@ def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def pick_attention(cfg: ModelConfig, dtype: torch.dtype) -> str | dict[str, str]:
+def pick_attention(cfg: ModelConfig, dtype: torch.dtype, packed: bool = False) -> str | dict[str, str]:
     """`auto`: flash-attention varlen for the vision tower where it is installed (one call per
     image instead of one per window: ~1,000 small launches per image per forward), sdpa for the
-    text decoder (left-padded batches, and the path every test runs); sdpa everywhere otherwise."""
+    text decoder (left-padded batches, and the path every test runs) unless the batches are
+    `packed` (varlen then keeps each example's attention to itself; sdpa would need a dense
+    block-diagonal mask over the whole packed row); sdpa everywhere otherwise."""
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
     has_fa2 = importlib.util.find_spec("flash_attn") is not None
     if has_fa2 and dtype in (torch.bfloat16, torch.float16):
-        return {"vision_config": "flash_attention_2", "text_config": "sdpa", "": "sdpa"}
+        text = "flash_attention_2" if packed else "sdpa"
+        return {"vision_config": "flash_attention_2", "text_config": text, "": text}
     return "sdpa"
 
 
@@ -93,9 +96,10 @@ def sharded_load() -> bool:
     return is_deepspeed_zero3_enabled()
 
 
-def load_base(cfg: ModelConfig, quantization_config: Any = None):
+def load_base(cfg: ModelConfig, quantization_config: Any = None, packed: bool = False):
     """(model, processor) for `cfg.name_or_path`, on the chosen device (or, under ZeRO-3 with
-    zero3_init_flag, in this rank's partitions), in eval mode."""
+    zero3_init_flag, in this rank's partitions), in eval mode. `packed`: training runs padding-free
+    batches (the attention choice follows)."""
     _check_source(cfg.name_or_path)
     device = pick_device(cfg)
     if device.type == "cuda":
@@ -107,7 +111,7 @@ def load_base(cfg: ModelConfig, quantization_config: Any = None):
                            "partitions; train it with ZeRO-2 or DDP (no launch.config_file)")
     kwargs: dict[str, Any] = dict(
         dtype=dtype,
-        attn_implementation=pick_attention(cfg, dtype),
+        attn_implementation=pick_attention(cfg, dtype, packed),
         trust_remote_code=cfg.trust_remote_code,
     )
     if quantization_config is not None and not sharded:  # 4-bit weights are placed at load time

@@ -104,7 +104,9 @@ class StepMetrics:
         if len(self._rows) >= self.every:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
+        """Store what is held; `final` (the stage's last write) retries a failed write, 2 s apart,
+        until it succeeds or `max_failures` in a row have failed (then raises)."""
         from mlflow.entities import Metric
 
         self._unsent += [Metric(k.replace("/", "."), float(v), at, step) for metrics, step, at in self._rows
@@ -120,7 +122,10 @@ class StepMetrics:
                 log.warning("MLflow did not store %d step metrics (%s: %s); kept for the next write (%d/%d failed "
                             "writes in a row)", len(self._unsent), type(exc).__name__, str(exc).splitlines()[0][:200],
                             self._failures, self.max_failures)
-                return
+                if not final:
+                    return
+                time.sleep(2)
+                continue
             self._unsent = self._unsent[MAX_METRICS_PER_BATCH:]
             self._failures = 0
 

@@ -11,7 +11,7 @@ linear-cross-entropy kernel does the same in one kernel.
 The numbers are the full path's (`answer_logits` + `sft_loss`): the same matmul per row, the
 same fp32 cross-entropy, the sum divided by the answer tokens (what the token mean is, label
 smoothing included). Where the head cannot be used outside its own forward (a ZeRO-3 partitioned
-weight, accelerate hooks) the full path runs.
+weight, accelerate hooks) the full path runs: under ZeRO-3 the whole batch's logits still exist.
 """
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
 
 
 def _chunk_sum(h, weight, bias, t, label_smoothing):
-    logits = F.linear(h, weight, bias).float()
+    # accelerate's mixed precision hands the forward's outputs back in fp32: the head's own dtype
+    # again, as inside the forward (the values were computed in it)
+    logits = F.linear(h.to(weight.dtype), weight, bias).float()
     return F.cross_entropy(logits, t, ignore_index=IGNORE, label_smoothing=label_smoothing, reduction="sum")
 
 
@@ -90,5 +92,6 @@ def answer_loss(model, batch: AnswerBatch, label_smoothing: float = 0.0, chunk_t
             targets = batch.labels[:, -a:]
     fused = _liger(hidden.device, label_smoothing)
     if fused is not None:
-        return fused(head.weight, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), head.bias)
+        return fused(head.weight, hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype), targets.reshape(-1),
+                     head.bias)
     return chunked_cross_entropy(hidden, head.weight, head.bias, targets, label_smoothing, chunk_tokens)

@@ -10,6 +10,7 @@ one CPU, DDP over GPUs and DeepSpeed ZeRO-2/3 (what differs there lives in `zero
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from ecomcap.training.checkpoint import (
 from ecomcap.training.collate import PromptBuilder
 from ecomcap.training.data import Example, ShardImages, epoch_order, make_example
 from ecomcap.training.identity import record_finished, run_dir
-from ecomcap.training.microbatches import MicroBatches, default_workers, micro_batches
+from ecomcap.training.microbatches import MicroBatches, data_workers, micro_batches
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -150,11 +151,13 @@ class TrainLoop:
         gen = self.gen_cfg.model_copy(update={"num_beams": self.cfg.eval_beams,
                                               "rerank": self.gen_cfg.rerank.model_copy(update={"candidates": 0})})
         world, rank = self.acc.num_processes, self.acc.process_index
-        mine = list(range(rank, len(images), world))
-        with zero.gathered_for_generation(self.acc, self.model, self.cfg.gather_for_generation):
+        with zero.gathered_for_generation(self.acc, self.model, self.cfg.gather_for_generation) as gathered:
+            # partitioned and not gathered, every forward is collective: all ranks caption all images, in step
+            alone = gathered or zero.zero_stage(self.acc) != 3
+            mine = list(range(rank, len(images), world)) if alone else list(range(len(images)))
             caps = caption_images(self.acc.unwrap_model(self.model), self.builder, [images[i] for i in mine], gen,
                                   progress=False)
-        if world == 1:
+        if world == 1 or not alone:
             return caps
         from accelerate.utils import gather_object
 
@@ -243,7 +246,7 @@ class TrainLoop:
             if self.out != self.root:
                 record_finished(self.root, self.out, best or final)
         acc.wait_for_everyone()
-        self._flush_metrics()  # after the (collective) export: a tracking error cannot strand other ranks
+        self._flush_metrics(final=True)  # after the (collective) export: a tracking error cannot strand other ranks
         return StageResult(best or final, final, best, step, self.params, state["best"], state["evals"],
                            time.perf_counter() - started, resumed_from, self._param_digest(),
                            self._order_digest(data))
@@ -255,7 +258,7 @@ class TrainLoop:
         if prepare is None:
             return None
         cfg, acc = self.cfg, self.acc
-        workers = cfg.data_workers if cfg.data_workers is not None else default_workers(acc.device, acc.num_processes)
+        workers = data_workers(cfg, acc)
         dataset = MicroBatches(lambda s, m: self.examples_for(data, s, m), prepare, cfg.grad_accum,
                                cfg.max_steps * cfg.grad_accum)
         return micro_batches(dataset, step * cfg.grad_accum, workers, pin=acc.device.type == "cuda")
@@ -314,14 +317,14 @@ class TrainLoop:
                          configs=self.configs, metrics_log=self.out / "metrics.jsonl", state_dict=weights)
         return path
 
-    def _flush_metrics(self, failing: bool = False) -> None:
+    def _flush_metrics(self, failing: bool = False, final: bool = False) -> None:
         """Store what a batching metrics callback holds (rank 0). While a stage is failing, a
         tracking error is only logged: it must not replace the stage's own error."""
         flush = getattr(self.on_metrics, "flush", None)
         if flush is None or not self.acc.is_main_process:
             return
         try:
-            flush()
+            flush(final=True) if final and "final" in inspect.signature(flush).parameters else flush()
         except Exception as exc:
             if not failing:
                 raise

@@ -49,8 +49,17 @@ def micro_batches(dataset: MicroBatches, first: int, workers: int, pin: bool, pr
     return iter(loader)
 
 
+def data_workers(cfg, acc) -> int:
+    """The loop config's `data_workers`, or the default for this process's device."""
+    return cfg.data_workers if cfg.data_workers is not None else default_workers(acc.device, acc.num_processes)
+
+
 def default_workers(device: torch.device, processes: int) -> int:
     """`data_workers: null`: none on CPU (the cores train), else up to 4 per process on the machine's cores."""
     if device.type == "cpu":
         return 0
-    return max(1, min(4, (os.cpu_count() or 2) // max(1, processes) - 1))
+    from ecomcap.processes import (
+        available_cpus,  # the pod's share (affinity, cgroup quota), not the node's
+    )
+
+    return max(1, min(4, available_cpus() // max(1, processes) - 1))

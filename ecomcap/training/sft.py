@@ -16,6 +16,7 @@ from ecomcap.training.collate import IGNORE, with_answers
 from ecomcap.training.data import Example, train_and_dev
 from ecomcap.training.identity import model_fingerprint, run_identity
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop, make_accelerator
+from ecomcap.training.microbatches import data_workers
 from ecomcap.training.prompt_cache import PromptCache
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def run_sft(
     torch.manual_seed(cfg.seed)  # adapter init and sampling follow the seed, not the process history
     ensure_model(model_cfg, train_dir)
     acc = make_accelerator(cfg, dtype=expected_dtype(model_cfg))  # first: ZeRO-3 then loads sharded
-    model, processor = load_base(model_cfg, quantization_config(ft_cfg))
+    model, processor = load_base(model_cfg, quantization_config(ft_cfg), packed=cfg.packing)
     model, _ = apply_strategy(model, ft_cfg)
     gen_cfg = gen_cfg or GenerateConfig()
     train, select_on = train_and_dev(train_dir, valid_dir, dev_images)
@@ -69,7 +70,9 @@ def run_sft(
         identity=identity, accelerator=acc,
     )
     builder = loop.builder
-    cache = PromptCache(builder, cfg.prompt_cache_mb * 2**20, int(cfg.prompt_cache_max_row_mb * 2**20))
+    # each DataLoader worker would fill its own copy and rarely see an image again: off with workers
+    cache = PromptCache(builder, 0 if data_workers(cfg, loop.acc) else cfg.prompt_cache_mb * 2**20,
+                        int(cfg.prompt_cache_max_row_mb * 2**20))
 
     def prepare(examples: list[Example]):
         """CPU side of a step (run ahead in DataLoader workers): the processed batch and its token count."""

@@ -120,15 +120,17 @@ def ddp_scst(tiny_model_cfg, small_data, tmp_path_factory):
 def test_zero_scst_matches_ddp(stage, ddp_scst, tiny_model_cfg, small_data, tmp_path):
     """SCST's chunked log-prob pass under ZeRO (the deferred path: earlier chunks as non-boundary
     engine backwards, the last in the loop's backward), a checkpoint every step: the same samples,
-    rewards, losses and gradient norms as 2-process DDP. Under ZeRO-3 every sampling forward is
-    an all-gather: ranks whose samples end at different lengths keep stepping (`synced_gpus`)."""
+    rewards, losses and gradient norms as 2-process DDP. Under ZeRO-3 sampling runs on the
+    parameters gathered once per pass (`gather_for_generation`). The losses agree to float rounding
+    (rel 1e-4): DDP's model runs the matmul patch embedding, a ZeRO-3 partitioned one keeps the
+    Conv3d (its weight is only gathered by the conv's own hook)."""
     run = launch(["--config_file", str(zero_yaml(stage, tmp_path))], small_data, tiny_model_cfg, tmp_path / "out",
                  "lora", "scst")
     rows, ref = curve(run.model_dir.parent), curve(ddp_scst.model_dir.parent)
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["lr"] == 0.0
     for a, b in zip(rows, ref):
-        for key in ("loss", "reward", "pg_loss", "sample_len"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
+        for key, rel in (("loss", 1e-4), ("reward", 1e-5), ("pg_loss", 1e-4), ("sample_len", 1e-5)):
+            assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-9), key
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4) and a["grad_norm"] > 0
     adapter = load_file(str(run.model_dir / "adapter_model.safetensors"))
     assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n)  # trained

@@ -54,6 +54,14 @@ def pairs(n: int, scale: float, seed: int) -> list[tuple]:
     return out
 
 
+def ingested(split: Path, n: int) -> list[tuple]:
+    """(image, first reference) of the first `n` images of an ingested split."""
+    from ecomcap.training.data import ShardImages
+
+    data = ShardImages(split)
+    return [(data.image(i), data.texts[i][0]) for i in range(min(n, len(data)))]
+
+
 def heldout_ce(model, builder, held, device, newline: bool) -> float:
     """Token-mean cross-entropy of the held-out captions (ecomcap's answer tokens, or TRL's: + "\\n")."""
     from ecomcap.training.collate import IGNORE, answer_logits, with_answers
@@ -135,7 +143,8 @@ def sft_trl(load, builder, train, held, args, device, tmp: Path) -> dict:
 
     order = [train[(i % len(train))] for i in range((args.warmup + args.steps) * args.batch)]
     rows = {"images": [[im] for im, _ in order],
-            "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]] * len(order),
+            "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]]
+            * len(order),
             "completion": [[{"role": "assistant", "content": [{"type": "text", "text": c}]}] for _, c in order]}
     times, marks = [], {}
 
@@ -315,7 +324,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="equal optimizer steps on each side (20; --smoke: 4)")
     ap.add_argument("--seed", type=int, default=0, help="LoRA init and data order on both sides")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=None, help="images per step (8; --smoke: 2)")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--gen-batches", type=int, nargs="+", default=[32, 96])
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -324,6 +333,9 @@ def main() -> None:
     ap.add_argument("--logprob-chunk", type=int, default=8)
     ap.add_argument("--parts", nargs="+", default=["sft", "decode", "vision", "qlora", "scst"])
     ap.add_argument("--smoke", action="store_true", help="tiny width, small images, on CPU: both sides, a code check")
+    ap.add_argument("--model", help="a local model directory instead of the random 3B (e.g. make run's tiny model)")
+    ap.add_argument("--data", help="an ingested data directory (train/, valid/): its images and first references")
+    ap.add_argument("--prompt", default=PROMPT)
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
         print(json.dumps({"bench": "gpu_peer", "skipped": "no CUDA device (use --smoke on CPU)"}))
@@ -331,9 +343,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     args.scale = 0.125 if args.smoke else 1.0
     if args.smoke:
-        args.warmup, args.batch, args.scst_batch, args.samples = 1, 2, 2, 2
+        args.warmup, args.scst_batch, args.samples = 1, 2, 2
         args.gen_batches, args.new_tokens, args.lr = [2], 6, 1e-3
     args.steps = args.steps or (4 if args.smoke else 20)
+    args.batch = args.batch or (2 if args.smoke else 8)
     from ecomcap.config import ModelConfig
     from ecomcap.modeling.hubfixture import QWEN25_VL_3B, TEST_ARCH, build_hub_checkpoint
     from ecomcap.modeling.load import load_base
@@ -342,17 +355,26 @@ def main() -> None:
 
     started, results = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_hub_checkpoint(Path(tmp) / "Qwen2.5-VL-3B-Instruct-random", TEST_ARCH if args.smoke else QWEN25_VL_3B)
-        cfg = ModelConfig(name_or_path=str(path), device=device.type, dtype="bfloat16" if device.type == "cuda"
-                          else "float32", min_pixels=200704 // (64 if args.smoke else 1), max_pixels=401408)
+        if args.model:
+            path = Path(args.model)
+            cfg = ModelConfig(name_or_path=str(path), device=device.type,
+                              dtype="bfloat16" if device.type == "cuda" else "float32")
+        else:
+            path = build_hub_checkpoint(Path(tmp) / "Qwen2.5-VL-3B-Instruct-random",
+                                        TEST_ARCH if args.smoke else QWEN25_VL_3B)
+            cfg = ModelConfig(name_or_path=str(path), device=device.type, dtype="bfloat16" if device.type == "cuda"
+                              else "float32", min_pixels=200704 // (64 if args.smoke else 1), max_pixels=401408)
 
         def load(patch_embed: str = "matmul"):
             return load_base(cfg.model_copy(update={"patch_embed": patch_embed}))[0]
 
         processor = load_processor(str(path), min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-        builder = PromptBuilder(processor, PROMPT)
-        data = pairs(args.batch * 6 + 16, args.scale, seed=1 + args.seed)
-        train, held = data[:-16], data[-16:]
+        builder = PromptBuilder(processor, args.prompt)
+        if args.data:
+            train, held = ingested(Path(args.data) / "train", args.batch * 6), ingested(Path(args.data) / "valid", 32)
+        else:
+            data = pairs(args.batch * 6 + 16, args.scale, seed=1 + args.seed)
+            train, held = data[:-16], data[-16:]
         if "sft" in args.parts:
             for side in (sft_ours(load, builder, train, held, args, device),
                          sft_ours(load, builder, train, held, args, device, packed=True),
@@ -376,7 +398,7 @@ def main() -> None:
             results.append(qlora(path, builder, train, args, device))
             print(json.dumps(results[-1]), flush=True)
     print(json.dumps({"bench": "gpu_peer", "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-                      "model": "tiny width (smoke)" if args.smoke else "Qwen2.5-VL-3B (random weights, hub layout)",
+                      "model": args.model or ("tiny width (smoke)" if args.smoke else "Qwen2.5-VL-3B (random weights, hub layout)"),
                       "steps": args.steps, "batch": args.batch, "wall_s": round(time.perf_counter() - started, 1),
                       "results": results}))
 

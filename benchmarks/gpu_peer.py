@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-from gpu_sft import PEAK_BF16_TFLOPS, images, matmul_flops, peak_gib, reset_peak, sync  # noqa: E402
+from gpu_sft import achieved, images, peak_gib, reset_peak, sync, timed_sft_steps  # noqa: E402
 
 PROMPT = "请为这张电商商品图生成中文描述，突出品类、颜色、图案和品牌。"
 COLOURS, ITEMS, PATTERNS = ["红色", "蓝色", "白色", "黑色", "绿色"], ["连衣裙", "T恤", "卫衣", "衬衫"], ["条纹", "碎花", "纯色", "格子"]
@@ -82,51 +82,35 @@ def heldout_ce(model, builder, held, device, newline: bool) -> float:
     return round(total / count, 4)
 
 
-def _mfu(model, builder, train, args, step_s: float) -> float | None:
+def _batch(builder, chunk):
     from ecomcap.training.collate import with_answers
 
-    chunk = train[: args.batch]
-    batch = with_answers(builder.prompts([im for im, _ in chunk]), builder.answer_ids([c for _, c in chunk], 64),
-                         builder.pad_id)
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    flops = matmul_flops(model.config, batch.inputs, batch.answer_len, backward=True)
-    return round(flops / step_s / 1e12 / peak, 4) if peak else None
+    return with_answers(builder.prompts([im for im, _ in chunk]), builder.answer_ids([c for _, c in chunk], 64),
+                        builder.pad_id)
+
+
+def _mfu(model, builder, train, args, step_s: float) -> float | None:
+    return achieved(model, _batch(builder, train[: args.batch]), step_s)[1]
 
 
 def sft_ours(load, builder, train, held, args, device, packed: bool = False) -> dict:
     from ecomcap.config import FinetuneConfig
     from ecomcap.modeling.strategies import apply_strategy
     from ecomcap.training.answer_loss import answer_loss
-    from ecomcap.training.collate import with_answers
 
     torch.manual_seed(args.seed)
     model, _ = apply_strategy(load(), FinetuneConfig(strategy="lora", lora_r=16, lora_alpha=32, lora_dropout=0.0))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            fused=device.type == "cuda")
-    reset_peak(device)
-    times, model = [], model.train()
-    for step in range(args.warmup + args.steps):
-        chunk = [train[(step * args.batch + j) % len(train)] for j in range(args.batch)]
-        sync(device)
-        t0 = time.perf_counter()
-        batch = with_answers(builder.prompts([im for im, _ in chunk]), builder.answer_ids([c for _, c in chunk], 64),
-                             builder.pad_id).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = answer_loss(model, batch, 0.0, 1024, packed=packed)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = sum(times) / len(times)
-    out = {"side": "ecomcap_packed" if packed else "ecomcap", "samples_per_s": round(args.batch / step_s, 2), "step_s": round(step_s, 3),
-           "peak_mem_gib": peak_gib(device), "mfu": _mfu(model, builder, train, args, step_s),
+
+    def batch_at(step):  # the processor runs inside the timed step, as in TRL's collator
+        return _batch(builder, [train[(step * args.batch + j) % len(train)] for j in range(args.batch)]).to(device)
+
+    step_s, _ = timed_sft_steps(model, args, device, batch_at, lambda m, b: answer_loss(m, b, 0.0, 1024, packed=packed),
+                                lr=args.lr)
+    out = {"side": "ecomcap_packed" if packed else "ecomcap", "samples_per_s": round(args.batch / step_s, 2),
+           "step_s": round(step_s, 3), "peak_mem_gib": peak_gib(device), "mfu": _mfu(model, builder, train, args, step_s),
            "heldout_ce_ecomcap_tokens": heldout_ce(model, builder, held, device, False),
            "heldout_ce_trl_tokens": heldout_ce(model, builder, held, device, True)}
-    del model, opt
+    del model
     return out
 
 
@@ -260,7 +244,6 @@ def qlora(path: Path, builder, train, args, device) -> dict:
         quantized_vision_modules,
     )
     from ecomcap.training.answer_loss import answer_loss
-    from ecomcap.training.collate import with_answers
 
     try:
         model = AutoModelForImageTextToText.from_pretrained(str(path), quantization_config=bnb_4bit_config(),
@@ -272,9 +255,7 @@ def qlora(path: Path, builder, train, args, device) -> dict:
     vision4 = len(quantized_vision_modules(model))
     check_vision_16bit(model)
     model, _ = apply_strategy(model, FinetuneConfig(strategy="qlora", lora_r=16))
-    chunk = train[: args.batch]
-    batch = with_answers(builder.prompts([im for im, _ in chunk]), builder.answer_ids([c for _, c in chunk], 64),
-                         builder.pad_id).to(device)
+    batch = _batch(builder, train[: args.batch]).to(device)
     reset_peak(device)
     sync(device)
     t0 = time.perf_counter()

@@ -98,23 +98,19 @@ def load(tmp: Path, smoke: bool, device):
     return model, processor
 
 
-def sft(model, builder, args, device) -> dict:
-    from ecomcap.training.collate import answer_logits, with_answers
-    from ecomcap.training.losses import sft_loss
-
-    ims = images(args.batch, args.scale)
-    batch = with_answers(builder.prompts(ims), builder.answer_ids([CAPTION * 2] * args.batch, 64),
-                         builder.pad_id).to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+def timed_sft_steps(model, args, device, batch_at, loss_of, lr: float = 1e-5):
+    """Mean seconds of an SFT step (forward, backward, clip, AdamW) over `args.steps` after
+    `args.warmup`, and the last loss; `batch_at(step)` gives the step's batch (timed with it)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=device.type == "cuda")
     reset_peak(device)
     times = []
     model.train()
     for step in range(args.warmup + args.steps):
         sync(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits, targets = answer_logits(model, batch)
-            loss = sft_loss(logits, targets, 0.1)
+        batch = batch_at(step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_of(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -122,14 +118,30 @@ def sft(model, builder, args, device) -> dict:
         sync(device)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-    step_s = sum(times) / len(times)
-    flops = matmul_flops(model.config, batch.inputs, batch.answer_len, backward=True)
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    return sum(times) / len(times), loss
+
+
+def achieved(model, batch, step_s: float) -> tuple[float, float | None]:
+    """(matmul TFLOP/s of an SFT step over `batch`, MFU against the card's bf16 peak, if known)."""
+    tflops = matmul_flops(model.config, batch.inputs, batch.answer_len, backward=True) / step_s / 1e12
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    achieved = flops / step_s / 1e12
+    return tflops, (round(tflops / peak, 4) if peak else None)
+
+
+def sft(model, builder, args, device) -> dict:
+    from ecomcap.training.answer_loss import answer_loss
+    from ecomcap.training.collate import with_answers
+
+    ims = images(args.batch, args.scale)
+    batch = with_answers(builder.prompts(ims), builder.answer_ids([CAPTION * 2] * args.batch, 64),
+                         builder.pad_id).to(device)
+    step_s, loss = timed_sft_steps(model, args, device, lambda step: batch,
+                                   lambda m, b: answer_loss(m, b, 0.1))
+    tflops, mfu = achieved(model, batch, step_s)
     return {"stage": "sft_lora", "batch": args.batch, "samples_per_s": round(args.batch / step_s, 2),
-            "step_s": round(step_s, 3), "peak_mem_gib": peak_gib(device), "matmul_tflops": round(achieved, 1),
-            "mfu": round(achieved / peak, 4) if peak else None, "seq_len": int(batch.inputs["input_ids"].shape[1]),
+            "step_s": round(step_s, 3), "peak_mem_gib": peak_gib(device), "matmul_tflops": round(tflops, 1),
+            "mfu": mfu, "seq_len": int(batch.inputs["input_ids"].shape[1]),
             "loss": round(float(loss.detach()), 4)}
 
 

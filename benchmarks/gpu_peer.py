@@ -36,7 +36,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from gpu_sft import achieved, images, peak_gib, reset_peak, sync, timed_sft_steps  # noqa: E402
 
-PROMPT = "请为这张电商商品图生成中文描述，突出品类、颜色、图案和品牌。"
+from ecomcap.config import ModelConfig  # noqa: E402
+from ecomcap.modeling.unwrap import generative_model  # noqa: E402
+
+PROMPT = ModelConfig().prompt  # the detailed instruction real checkpoints are trained with
 COLOURS, ITEMS, PATTERNS = ["红色", "蓝色", "白色", "黑色", "绿色"], ["连衣裙", "T恤", "卫衣", "衬衫"], ["条纹", "碎花", "纯色", "格子"]
 
 
@@ -208,7 +211,7 @@ def vision(model, builder, args, device) -> list[dict]:
     from ecomcap.modeling.patch_embed import patch_embed_as_matmul, runs_matmul
 
     enc = {k: v.to(device) for k, v in builder.prompts(images(args.batch, args.scale)).items()}
-    visual = model.get_base_model().model.visual if hasattr(model, "get_base_model") else model.model.visual
+    visual = generative_model(model).model.visual
     impls = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") and device.type == "cuda" else [])
     out = []
     for impl in impls:
@@ -328,7 +331,6 @@ def main() -> None:
         args.gen_batches, args.new_tokens, args.lr = [2], 6, 1e-3
     args.steps = args.steps or (4 if args.smoke else 20)
     args.batch = args.batch or (2 if args.smoke else 8)
-    from ecomcap.config import ModelConfig
     from ecomcap.modeling.hubfixture import QWEN25_VL_3B, TEST_ARCH, build_hub_checkpoint
     from ecomcap.modeling.load import load_base
     from ecomcap.modeling.processor import load_processor

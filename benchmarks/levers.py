@@ -44,18 +44,20 @@ def _cpu() -> float:
 
 def one(lever: str, variant: str, path: str, args) -> dict:
     import torch
-    from gpu_peer import PROMPT, _decode_kw, pairs
+    from gpu_peer import PROMPT, _batch, _decode_kw, pairs
 
     from ecomcap.config import FinetuneConfig, ModelConfig
     from ecomcap.inference.decode import generate
     from ecomcap.modeling.load import load_base
     from ecomcap.modeling.strategies import apply_strategy
     from ecomcap.training.answer_loss import answer_loss
-    from ecomcap.training.collate import PromptBuilder, with_answers
+    from ecomcap.training.collate import PromptBuilder
     from ecomcap.training.microbatches import MicroBatches, micro_batches
 
     torch.manual_seed(0)
-    cfg = ModelConfig(name_or_path=path, device="cpu", dtype="float32", min_pixels=448 * 448, max_pixels=448 * 448,
+    # the packing lever lets image sizes (token counts) differ: a pixel floor below its smallest image
+    cfg = ModelConfig(name_or_path=path, device="cpu", dtype="float32",
+                      min_pixels=112 * 112 if lever == "packing" else 448 * 448, max_pixels=448 * 448,
                       patch_embed="conv" if variant == "conv3d" else "matmul")
     model, processor = load_base(cfg)
     builder = PromptBuilder(processor, PROMPT)
@@ -63,20 +65,14 @@ def one(lever: str, variant: str, path: str, args) -> dict:
     if lever == "packing":
         from PIL import Image
 
-        cfg = cfg.model_copy(update={"min_pixels": 112 * 112})
-        model, processor = load_base(cfg)
-        builder = PromptBuilder(processor, PROMPT)
         data = [(Image.new("RGB", MIXED[i % len(MIXED)], (40 * i % 255, 90, 160)), c) for i, (_, c) in enumerate(data)]
     tokens = 0
     if lever in ("loss", "data", "packing"):
         model, _ = apply_strategy(model, FinetuneConfig(strategy="lora", lora_r=16))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-        def prepare(chunk):
-            return with_answers(builder.prompts([im for im, _ in chunk]), builder.answer_ids([c for _, c in chunk], 64),
-                                builder.pad_id)
-
-        batches = micro_batches(MicroBatches(lambda s, m: data[s * args.batch:(s + 1) * args.batch], prepare, 1,
+        batches = micro_batches(MicroBatches(lambda s, m: data[s * args.batch:(s + 1) * args.batch],
+                                             lambda chunk: _batch(builder, chunk), 1,
                                              args.steps), 0, 2 if variant == "workers2" else 0, pin=False)
         t0, c0 = time.perf_counter(), _cpu()
         for batch in batches:

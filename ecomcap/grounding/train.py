@@ -90,10 +90,10 @@ class RoleMetrics:
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         self.inner({self.prefix + k.split("/", 1)[-1]: v for k, v in metrics.items()}, step)
 
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
         flush = getattr(self.inner, "flush", None)
         if flush is not None:
-            flush()
+            flush(final=final)
 
 
 def train_role(pairs_dir: Path, cfg: GroundingConfig, role: str, out_root: Path, on_metrics=None) -> Path:

@@ -182,7 +182,9 @@ class _History:
 
     def __init__(self, ids: torch.Tensor, mask: torch.Tensor | None, n: int, scope: PenaltyScope):
         keep = ids.shape[1] if scope == "prompt" else 0
-        pad = left_padding(mask, ids.shape) if keep else None
+        pad = None
+        if keep:  # (no mask: nothing is padding)
+            pad = left_padding(mask, ids.shape) if mask is not None else torch.zeros_like(ids, dtype=torch.bool)
         self.prompt = {1: ids[:, :keep], n: ids[:, :keep].repeat_interleave(n, 0)}
         self.pad = None if pad is None else {1: pad, n: pad.repeat_interleave(n, 0)}
 

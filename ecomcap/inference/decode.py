@@ -50,11 +50,12 @@ def generate(model, enc: dict[str, torch.Tensor], mode: PrefillMode = "once", pe
              **kw):
     """Dispatch: `once` (prefill once per image) or `hf` (stock `generate`), both under the same
     penalty rule."""
-    gm = generative_model(model)
-    if "synced_gpus" not in kw and (beam.zero3_peers(gm) or generation_gathered()):
-        # partitioned ranks step together (also where transformers' flag is unset); gathered ones
-        # decode alone (transformers would infer True from its global ZeRO-3 flag)
-        kw = {**kw, "synced_gpus": beam.zero3_peers(gm)}
+    if "synced_gpus" not in kw:
+        peers = beam.zero3_peers(generative_model(model))
+        if peers or generation_gathered():
+            # partitioned ranks step together (also where transformers' flag is unset); gathered ones
+            # decode alone (transformers would infer True from its global ZeRO-3 flag)
+            kw = {**kw, "synced_gpus": peers}
     if mode == "hf":
         return model.generate(**enc, **hf_kwargs(kw, penalty_scope))
     return generate_prefill_once(model, enc, penalty_scope, **kw)

@@ -9,7 +9,7 @@ Two rules for which tokens count as already said:
   for comparison: under it the token ids equal `generate`'s.
 
 The operations are `RepetitionPenaltyLogitsProcessor`'s and `NoRepeatNGramLogitsProcessor`'s
-(a spare column past the vocabulary absorbs ignored positions and non-matching windows), applied
+(under the prompt rule a spare column past the vocabulary absorbs ignored positions), applied
 to all rows at once: no Python loop over hypotheses, no host sync. The own beam loop
 (`ecomcap.inference.beam`) calls `apply_penalties`; HF `generate` paths (greedy, sampling) get
 `GeneratedTokenPenalties` as a logits processor for the `generated` rule.
@@ -30,25 +30,30 @@ def active(repetition_penalty, no_repeat_ngram_size) -> bool:
 def apply_penalties(scores: torch.Tensor, seq: torch.Tensor, repetition_penalty: float = 1.0,
                     no_repeat_ngram_size: int = 0, ignore: torch.Tensor | None = None) -> torch.Tensor:
     """`scores` [R, V] (log-probs or logits) after both rules over the history `seq` [R, L];
-    `ignore` [R, L] marks positions the repetition penalty does not count (left padding)."""
+    `ignore` [R, L] marks positions the repetition penalty does not count (left padding); given (the
+    prompt rule), `seq` holds prompt ids too, which may lie past the head's vocabulary, and the work
+    is done on a copy with a spare column that absorbs them. Without it (the generated rule: ids the
+    head produced) in place, with no copy of the scores per decoded token."""
     rep, ngram, vocab = float(repetition_penalty or 1.0), int(no_repeat_ngram_size or 0), scores.shape[-1]
     length = seq.shape[1]
     if length == 0 or not active(rep, ngram):
         return scores
-    padded = torch.nn.functional.pad(scores, (0, 1))  # column `vocab`: ids that must not count
+    spare = ignore is not None
+    out = torch.nn.functional.pad(scores, (0, 1)) if spare else scores  # column `vocab`: ids that must not count
     if rep != 1.0:
-        ids = seq.clamp(max=vocab)
+        ids = seq.clamp(max=vocab) if spare else seq
         if ignore is not None:
             ids = ids.masked_fill(ignore, vocab)
-        said = padded.gather(1, ids)
-        padded.scatter_(1, ids, torch.where(said < 0, said * rep, said / rep))
+        said = out.gather(1, ids)
+        out.scatter_(1, ids, torch.where(said < 0, said * rep, said / rep))
     if ngram > 0 and length >= ngram:
         # a window whose first n-1 tokens equal the last n-1 said bans its own last token
         prefix = seq[:, length + 1 - ngram:]
         windows = seq.unfold(1, ngram, 1)
         matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)
-        padded.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), -float("inf"))
-    return padded[:, :vocab]
+        banned = torch.where(matches, -float("inf"), float("inf")).to(out.dtype)  # +inf: leaves the score as it is
+        out.scatter_reduce_(1, windows[..., -1].clamp(max=out.shape[-1] - 1), banned, reduce="amin")
+    return out[:, :vocab] if spare else out
 
 
 def left_padding(attention_mask: torch.Tensor | None, shape) -> torch.Tensor | None:

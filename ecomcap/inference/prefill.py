@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from ecomcap.modeling.unwrap import generative_model  # noqa: F401  (re-exported: inference's callers)
+
 
 def cache_kwarg() -> str:
     """The name `generate` takes a ready cache under: `past_key_values` up to transformers 5.23
@@ -33,12 +35,6 @@ def cache_kwarg() -> str:
 def expand_size(kw: dict) -> int:
     """How many sequences `generate` decodes per prompt (beams or returned samples)."""
     return max(int(kw.get("num_beams") or 1), int(kw.get("num_return_sequences") or 1))
-
-
-def generative_model(model):
-    """The `GenerationMixin` model under PEFT/accelerate wrappers (the one holding `rope_deltas`)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner, "module", inner)
 
 
 def prompt_positions(gm, enc: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -17,14 +17,15 @@ from contextlib import contextmanager
 
 import torch
 
+from ecomcap.modeling.unwrap import generative_model
+
 _LOCK = threading.Lock()
 _DEPTH = "_ecomcap_matmul_depth"  # how many blocks use the swap now (nested / concurrent callers)
 
 
 def _vision_patch_embed(model):
     """`model.visual.patch_embed` under PEFT / DDP wrappers, or None."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(getattr(inner, "module", inner), "model", None)
+    inner = getattr(generative_model(model), "model", None)
     return getattr(getattr(inner, "visual", None), "patch_embed", None)
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-ATTRIBUTES = ("category", "colour", "pattern", "brand")  # ecomcap.metrics.attributes.FIELDS, in its order
+from ecomcap.metrics.attributes import FIELDS as ATTRIBUTES
+
 UI = "http://127.0.0.1:5000"
 
 

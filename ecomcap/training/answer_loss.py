@@ -15,6 +15,7 @@ weight, accelerate hooks) the full path runs: under ZeRO-3 the whole batch's log
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from contextlib import contextmanager
 
@@ -67,8 +68,9 @@ def _hidden_out(head: torch.nn.Linear):
         del head.forward
 
 
-def _liger(device: torch.device, label_smoothing: float):
-    if device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None:
+@functools.lru_cache(maxsize=8)
+def _liger_for(device_type: str, label_smoothing: float):
+    if device_type != "cuda" or importlib.util.find_spec("liger_kernel") is None:
         return None
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -87,10 +89,8 @@ def answer_loss(model, batch: AnswerBatch, label_smoothing: float = 0.0, chunk_t
         if packed:
             hidden, targets = packed_answer_hidden(model, batch)
         else:
-            a = batch.answer_len
-            hidden = model(**batch.inputs, use_cache=False, logits_to_keep=a + 1).logits[:, :-1]
-            targets = batch.labels[:, -a:]
-    fused = _liger(hidden.device, label_smoothing)
+            hidden, targets = answer_logits(model, batch)  # (the head returns its input: hidden states)
+    fused = _liger_for(hidden.device.type, label_smoothing)  # looked up once, not per step
     if fused is not None:
         return fused(head.weight, hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype), targets.reshape(-1),
                      head.bias)

@@ -10,7 +10,6 @@ one CPU, DDP over GPUs and DeepSpeed ZeRO-2/3 (what differs there lives in `zero
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -324,7 +323,7 @@ class TrainLoop:
         if flush is None or not self.acc.is_main_process:
             return
         try:
-            flush(final=True) if final and "final" in inspect.signature(flush).parameters else flush()
+            flush(final=final)
         except Exception as exc:
             if not failing:
                 raise

@@ -2,8 +2,8 @@
 
 One setup for both stages: the generation settings with sampling on and the output-side
 repetition guards off (a loop must reach the reward, not be hidden from it), the special and
-vision tokens suppressed, and under ZeRO-3 the parameters gathered once per pass (or, with
-`gather_for_generation` off, synchronised generation said explicitly).
+vision tokens suppressed, and under ZeRO-3 the parameters gathered once per pass (with
+`gather_for_generation` off, `decode.generate` keeps the partitioned ranks in step).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ecomcap.inference.decode import generate
 from ecomcap.inference.generate import generate_kwargs
 from ecomcap.modeling.processor import suppressed_token_ids
 from ecomcap.training.collate import split_samples
-from ecomcap.training.zero import gathered_for_generation, zero_stage
+from ecomcap.training.zero import gathered_for_generation
 
 
 class Sampler:
@@ -30,11 +30,10 @@ class Sampler:
             top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0,
             no_repeat_ngram_size=0))
         self.sample_kw = generate_kwargs(sample_cfg, self.builder)
+        # (`decode.generate` says synced_gpus: ranks in step while partitioned, alone once gathered)
         self.gather = loop.cfg.gather_for_generation
-        if zero_stage(loop.acc) == 3 and not self.gather:  # ranks sample different lengths and each forward
-            self.sample_kw["synced_gpus"] = True  # all-gathers: said, not left to transformers' global-config guess
         self.greedy_kw = {**self.sample_kw, "do_sample": False}
-        self.prefill, self.scope = gen_cfg.prefill, gen_cfg.penalty_scope
+        self.prefill = gen_cfg.prefill
 
     def decode(self, seqs: list[list[int]]) -> list[str]:
         """The captions as decoded, not post-processed: collapsing a looping phrase would hide
@@ -47,7 +46,7 @@ class Sampler:
         was_training = model.training
         model.eval()
         with gathered_for_generation(self.loop.acc, self.loop.model, self.gather):  # ZeRO-3: whole, once
-            out = generate(model, enc, self.prefill, penalty_scope=self.scope, **kw)
+            out = generate(model, enc, self.prefill, **kw)
         model.train(was_training)
         return out[:, enc["input_ids"].shape[1]:]
 

@@ -31,6 +31,8 @@ def test_zero3_generation_gathered_once_equals_per_token_gathers(small_data, tin
     assert r0["fetches_per_token"] > 0 and r0["fetches_gathered"] == 0  # no partition fetched while decoding
     assert r0["sharded"] == r1["sharded"] == r0["per_token"]  # sharded validation == one rank's
     assert r0["after"] == r0["per_token"]  # DeepSpeed's hooks are back afterwards
+    # not gathered, every forward is collective: all ranks caption all images (no hang), same captions
+    assert r0["not_gathered"] == r1["not_gathered"] == r0["per_token"]
 
 
 def test_ddp_validation_sharded_equals_one_rank(small_data, tiny_model_cfg, tmp_path):

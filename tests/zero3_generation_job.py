@@ -6,6 +6,7 @@ ZeRO-3 launch: into partitions), builds the training loop, and writes out/rank{r
   each decoded token's forward all-gathering every layer, ranks in step: synced_gpus);
 - `gathered`: the same images under `gathered_for_generation` (parameters gathered once);
 - `sharded`: `validation_captions` (each rank every 2nd image, gathered across ranks);
+- `not_gathered`: `validation_captions` with `gather_for_generation` off and batches of 2;
 - `fetches_per_token` / `fetches_gathered`: how often DeepSpeed fetched partitions during each pass.
 """
 import json
@@ -53,11 +54,16 @@ with gathered_for_generation(acc, loop.model) as gathered:
 fetched_gathered = len(fetches) - fetched_per_token
 sharded = loop.validation_captions(images)
 after = caption_images(inner, loop.builder, images, eval_gen, progress=False)  # the hooks are back
+# gathering off, batches of 2: sharded, the ranks would run 2 and 1 collective generate calls and hang
+loop.cfg = cfg.model_copy(update={"gather_for_generation": False})
+loop.gen_cfg = gen.model_copy(update={"batch_size": 2})
+not_gathered = loop.validation_captions(images)
 
 state = PartialState()
 Path(out, f"rank{state.process_index}.json").write_text(json.dumps({
     "world": state.num_processes, "zero_stage": zero_stage(acc), "did_gather": gathered,
     "per_token": per_token, "gathered": gathered_caps, "sharded": sharded, "after": after,
+    "not_gathered": not_gathered,
     "fetches_per_token": fetched_per_token, "fetches_gathered": fetched_gathered}, ensure_ascii=False))
 
 from ecomcap.launch import leave_group  # noqa: E402

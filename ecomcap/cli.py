@@ -80,35 +80,67 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace):
+    """The run config of --config FILE or --config-json (a command step's pods get it inline)."""
+    from ecomcap.config import RunConfig, load_run_config, parse_model
+
+    if getattr(args, "config_json", None):
+        try:
+            data = json.loads(args.config_json)
+        except json.JSONDecodeError as exc:
+            raise EcomcapError(f"--config-json is not JSON: {exc}") from None
+        return parse_model(RunConfig, data, "--config-json")
+    return load_run_config(args.config) if args.config else None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ecomcap.config import load_run_config
-    from ecomcap.data.prepare import prepare_data
+    from ecomcap.command_steps import read_inputs, train_on_this_node
+    from ecomcap.training.stages import launch_stage  # launch.num_processes processes, as in the pipeline
 
-    cfg = load_run_config(args.config)
-    if "valid" not in cfg.data.splits:
-        cfg.data.splits.append("valid")
-    prepare_data(cfg.data)
-    work = Path(cfg.data.work_dir)
-    from ecomcap.training.stages import (
-        launch_stage,  # launch.num_processes processes, as in the pipeline
-    )
-
-    if args.stage == "sft":
-        res = launch_stage("sft", cfg, train=work / "train", valid=work / "valid", run_name="")
+    cfg = _run_config(args)
+    if cfg is None:
+        raise EcomcapError("ecomcap train needs --config FILE (or --config-json)")
+    if args.inputs:  # a pod of a command step: the regular step before it wrote the inputs
+        inputs = read_inputs(args.inputs, args.stage)
     else:
-        from ecomcap.training.sft import sft_output
-
-        start = args.start or sft_output(work / "train", cfg.model, cfg.finetune, cfg.sft, cfg.data.dev_images)
-        if start is None:
-            raise EcomcapError(f"no finished SFT run of this config (model, finetune, sft, data) under "
-                               f"{cfg.sft.output_dir}: run --stage sft first or pass --from")
-        model_arg = {"sft_model": start} if args.stage == "scst" else {"start_model": start}
-        scorer = _grounding_scorer(args.grounding) if args.grounding else None
-        res = launch_stage(args.stage, cfg, **model_arg, train=work / "train", valid=work / "valid", run_name="",
-                           scorer_dir=scorer)
-    print(json.dumps({"stage": args.stage, **{k: res[k] for k in ("model_dir", "steps", "ranks")}},
+        inputs = _train_inputs(args, cfg)
+    if cfg.launch.nodes > 1:
+        res = train_on_this_node(args.stage, cfg, inputs, args.inputs)
+    else:
+        res = launch_stage(args.stage, cfg, **inputs)
+    if res is None:  # another pod than pod 0: rank 0 (and the result) is on pod 0
+        print(json.dumps({"stage": args.stage, "node_done": True}))
+        return 0
+    print(json.dumps({"stage": args.stage, **{k: res[k] for k in ("model_dir", "steps", "nodes", "ranks")}},
                      ensure_ascii=False))
     return 0
+
+
+def _train_inputs(args: argparse.Namespace, cfg) -> dict:
+    """The stage's data (prepared here on one node; on several, prepared once beforehand: the pods
+    would race to rewrite the shared shards) and the model it starts from."""
+    from ecomcap.data.prepare import prepare_data
+
+    if "valid" not in cfg.data.splits:
+        cfg.data.splits.append("valid")
+    work = Path(cfg.data.work_dir)
+    if cfg.launch.nodes == 1:
+        prepare_data(cfg.data)
+    elif not all((work / s / "report.json").is_file() for s in ("train", "valid")):
+        raise EcomcapError(f"launch.nodes is {cfg.launch.nodes}: the pods do not ingest (they would race on the shared "
+                           f"volume); run `ecomcap prepare --config ...` once first (no ingested train/valid in {work})")
+    inputs = {"train": work / "train", "valid": work / "valid", "run_name": ""}
+    if args.stage == "sft":
+        return inputs
+    from ecomcap.training.sft import sft_output
+
+    start = args.start or sft_output(work / "train", cfg.model, cfg.finetune, cfg.sft, cfg.data.dev_images)
+    if start is None:
+        raise EcomcapError(f"no finished SFT run of this config (model, finetune, sft, data) under "
+                           f"{cfg.sft.output_dir}: run --stage sft first or pass --from")
+    inputs["sft_model" if args.stage == "scst" else "start_model"] = str(start)
+    inputs["scorer_dir"] = _grounding_scorer(args.grounding) if args.grounding else None
+    return inputs
 
 
 def _grounding_scorer(grounding: Path) -> str:
@@ -144,12 +176,26 @@ def _positive_int(text: str) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import tempfile
 
-    from ecomcap.config import GenerateConfig, IngestConfig, RunConfig, load_run_config
+    from ecomcap.config import GenerateConfig, IngestConfig, RunConfig
     from ecomcap.data.ingest import ingest_split
     from ecomcap.data.shards import read_report
-    from ecomcap.inference.batch import caption_dataset
+    from ecomcap.inference.batch import caption_dataset, caption_share
+    from ecomcap.nodes import current_node
 
-    cfg = load_run_config(args.config) if args.config else RunConfig()
+    cfg = _run_config(args) or RunConfig()
+    node = current_node()  # a pod of a multi-pod job: its share of the chunks, no merge
+    if args.inputs:  # a pod of the `generate_pods` command step: the champion and dataset its regular step gave
+        from ecomcap.command_steps import read_inputs
+        from ecomcap.workflow import generate_share_stage
+
+        inputs = read_inputs(args.inputs, "generate")
+        index, count = (node.rank, node.count) if node else (0, 1)
+        n = generate_share_stage(Path(inputs["model"]), Path(inputs["data"]), cfg, index, count)
+        print(json.dumps({"pod": index, "pods": count, "images": n}))
+        return 0
+    missing = [f"--{k}" for k in ("model", "data", "out") if getattr(args, k) is None]
+    if missing:
+        raise EcomcapError(f"ecomcap generate needs {', '.join(missing)} (or --inputs from a command step)")
     model_cfg, gen = cfg.model, cfg.generate
     flags = {"num_beams": args.beams, "chunks": {"workers": args.workers, "chunk_size": args.chunk_size}}
     gen = GenerateConfig.model_validate(_overlay(gen.model_dump(), flags))  # validated, like a YAML value
@@ -158,6 +204,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if not (data / "report.json").is_file():  # raw MUGE files: ingest (checks, quarantine) first
             data = ingest_split(data, args.split, Path(tmp) / args.split,
                                 IngestConfig(max_bad_rate=1.0)).out_dir
+        if node is not None:
+            parts = Path(args.parts or gen.chunks.parts_dir or f"{args.out}.parts")
+            n = caption_share(args.model, model_cfg, data, gen, node.rank, node.count, parts)
+            print(json.dumps({"pod": node.rank, "pods": node.count, "images": n, "parts": str(parts)}))
+            return 0
         preds = caption_dataset(args.model, model_cfg, data, args.out, gen, args.parts)
         report = read_report(data)
     print(json.dumps({"written": len(preds), "out": str(args.out), "rows_quarantined": report["rows_quarantined"]}))
@@ -255,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="run a training stage from a run config")
     t.add_argument("--stage", choices=["sft", "scst", "dpo"], required=True)
-    t.add_argument("--config", type=Path, required=True)
+    t.add_argument("--config", type=Path, default=None)
+    t.add_argument("--config-json", default=None, help="the run config inline (what a command step's pods get)")
+    t.add_argument("--inputs", type=Path, default=None,
+                   help="a command step's handoff file: the datasets, start model and run name its regular step wrote")
     t.add_argument("--from", dest="start", type=Path, default=None,
                    help="SCST, DPO: the model to start from (default: the finished SFT run of this config; DPO after "
                    "SCST: pass the SCST output here)")
@@ -264,11 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="caption a dataset (ingested dir or raw MUGE dir) -> caption_gen.jsonl")
-    g.add_argument("--model", required=True, help="trained output dir, model dir or hub id")
-    g.add_argument("--data", type=Path, required=True)
+    g.add_argument("--model", default=None, help="trained output dir, model dir or hub id")
+    g.add_argument("--data", type=Path, default=None)
     g.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--out", type=Path, default=None,
+                   help="caption_gen.jsonl; on a pod of several (ZenML / PET_* pod environment): its share's parts only, "
+                   "the same command without that environment merges")
     g.add_argument("--config", type=Path, default=None, help="run YAML (model + generate sections)")
+    g.add_argument("--config-json", default=None, help="the run config inline (what a command step's pods get)")
+    g.add_argument("--inputs", type=Path, default=None, help="a generate_pods command step's handoff file")
     g.add_argument("--beams", type=_positive_int, default=None)
     g.add_argument("--workers", type=_positive_int, default=None, help="worker processes (one per GPU on a GPU node)")
     g.add_argument("--chunk-size", type=_positive_int, default=None, help="images per chunk (the unit of resume)")

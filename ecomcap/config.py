@@ -242,13 +242,20 @@ class ChunksConfig(_Strict):
     workers: int = Field(1, ge=1, description="worker processes on this machine (one per GPU on a GPU node)")
     fan_out: int = Field(1, ge=1, description="batch_inference_pipeline: parallel generate steps (pods), "
                          "step i taking chunks i, i+fan_out, ...; parts_dir must then be a shared volume")
+    pods: int = Field(1, ge=1, description="batch_inference_pipeline: one multi-pod command step (`generate_pods`, "
+                      "ZenML's Kubernetes step operator with pod_count = pods), pod i taking chunks i, i+pods, ...; "
+                      "parts_dir must then be a shared volume")
     parts_dir: Path | None = Field(None, description="where finished chunks are kept (default: next to the output)")
 
     @model_validator(mode="after")
     def _fan_out_shares_parts(self):
-        if self.fan_out > 1 and self.parts_dir is None:  # else each pod writes its own, the merge finds none
-            raise ValueError(f"fan_out {self.fan_out} needs parts_dir: a path every generate_<i> step mounts "
-                             "(a shared volume, e.g. /data/ecomcap/generate_parts; docs/kubernetes.md)")
+        for key in ("fan_out", "pods"):  # else each pod writes its own parts, the merge finds none
+            if getattr(self, key) > 1 and self.parts_dir is None:
+                raise ValueError(f"{key} {getattr(self, key)} needs parts_dir: a path every pod mounts (a shared "
+                                 "volume, e.g. /data/ecomcap/generate_parts; docs/kubernetes.md)")
+        if self.fan_out > 1 and self.pods > 1:
+            raise ValueError("fan_out (N regular steps) and pods (one command step on N pods) are two ways to share "
+                             "the chunks: set one of them")
         return self
 
 
@@ -306,7 +313,13 @@ class LaunchConfig(_Strict):
     num_processes: int = Field(1, ge=1, description="training processes (GPUs) on the step's machine")
     config_file: str | None = Field(
         None, description="accelerate config: configs/accelerate/deepspeed_zero{2,3}.yaml; none: DDP")
-    main_process_port: int | None = Field(None, description="rendezvous port; none: a free one")
+    main_process_port: int | None = Field(None, description="rendezvous port; none: a free one (one node), "
+                                          "the main pod's port (several nodes)")
+    nodes: int = Field(1, ge=1, description="machines (pods) the stage spans, num_processes on each; > 1: the "
+                       "training steps run as multi-pod command steps (docs/kubernetes.md#several-nodes)")
+    rendezvous_timeout_s: int = Field(
+        1800, ge=10, description="how long the pods of a multi-node stage wait for each other at start (a GPU "
+        "pod pulling a large image starts minutes after the first)")
 
 
 CAPTION_METRICS = ("CIDEr-D", "BLEU-4", "ROUGE-L")

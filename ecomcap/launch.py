@@ -6,7 +6,8 @@ JSON arguments), starts the processes on it, streams their output (progress bars
 the exit of every rank and returns what rank 0 wrote. The same path serves one process and N,
 on the local orchestrator and inside a Kubernetes step pod (N = the pod's GPUs), for DDP and
 DeepSpeed alike (`launch.config_file`). Rank 0 logs to the step's MLflow run: its id travels in
-the environment.
+the environment. With `launch.nodes` > 1 every pod of a multi-pod job runs this on its own
+`num_processes` ranks, joined at pod 0's address (`ecomcap.nodes`); only pod 0 holds rank 0's result.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Any
 
 from ecomcap.config import LaunchConfig
 from ecomcap.errors import EcomcapError
+from ecomcap.nodes import Node
 from ecomcap.processes import parent_death_signal, worker_threads
 
 log = logging.getLogger(__name__)
@@ -37,16 +39,18 @@ DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK
 
 
 def launch(target: str, kwargs: dict[str, Any], cfg: LaunchConfig, *, name: str,
-           workdir: str | Path | None = None) -> dict[str, Any]:
+           workdir: str | Path | None = None, node: Node | None = None) -> dict[str, Any] | None:
     """Call `target` ("module:function", JSON kwargs) in `cfg.num_processes` processes; returns
-    the JSON-able result rank 0's call returned. Raises EcomcapError with the failing output."""
+    the JSON-able result rank 0's call returned (None on a pod other than pod 0 of a multi-node
+    run: rank 0 is not there). Raises EcomcapError with the failing output."""
     scratch = Path(tempfile.mkdtemp(prefix=f"launch-{name}-", dir=workdir))
     spec = scratch / "spec.json"
     result = scratch / "result.json"
     spec.write_text(json.dumps({"target": target, "kwargs": kwargs, "result": str(result)},
                                ensure_ascii=False, default=str), encoding="utf-8")
-    cmd = command(spec, cfg)
-    log.info("%s: %d process(es): %s", name, cfg.num_processes, " ".join(cmd))
+    cmd = command(spec, cfg, node)
+    log.info("%s: %d process(es)%s: %s", name, cfg.num_processes, f" on {node.describe()}" if node else "",
+             " ".join(cmd))
     run_id = os.environ.get("ECOMCAP_MLFLOW_RUN_ID") or _active_run_id()
     try:
         code, tail, reasons = _stream(cmd, _child_env(cfg.num_processes, run_id))
@@ -54,9 +58,13 @@ def launch(target: str, kwargs: dict[str, Any], cfg: LaunchConfig, *, name: str,
         _keep_running(run_id)
     if code != 0:
         why = "".join(f"  {r}\n" for r in dict.fromkeys(reasons)) or "  (no reason printed: see the output)\n"
+        where = f" on {node.describe()}" if node else ""
         raise EcomcapError(f"{name}: the training processes failed (exit {code}; {cfg.num_processes} "
-                           f"process(es), {cfg.config_file or 'no accelerate config'}):\n{why}Last output:\n"
+                           f"process(es){where}, {cfg.config_file or 'no accelerate config'}):\n{why}Last output:\n"
                            + "".join(tail))
+    if node is not None and node.rank > 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        return None
     if not result.is_file():
         raise EcomcapError(f"{name}: the processes exited 0 but rank 0 wrote no result ({result})")
     out = json.loads(result.read_text(encoding="utf-8"))
@@ -64,16 +72,26 @@ def launch(target: str, kwargs: dict[str, Any], cfg: LaunchConfig, *, name: str,
     return out
 
 
-def command(spec: Path, cfg: LaunchConfig) -> list[str]:
+def command(spec: Path, cfg: LaunchConfig, node: Node | None = None) -> list[str]:
     """The command line: plain Python for one process without an accelerate config, else
-    `accelerate launch` (torchrun under it; DeepSpeed's engine when the config file says so)."""
-    if cfg.num_processes == 1 and not cfg.config_file:
+    `accelerate launch` (torchrun under it; DeepSpeed's engine when the config file says so).
+    On node `node` of several: this pod's `num_processes` ranks of `num_processes x nodes`,
+    torchrun's static rendezvous at the main pod (it waits `rendezvous_timeout_s` for the others),
+    DeepSpeed through torchrun on each pod (the `standard` launcher: no SSH between pods)."""
+    if cfg.num_processes == 1 and not cfg.config_file and node is None:
         return [sys.executable, "-m", ENTRY, str(spec)]
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
         raise EcomcapError("launch.num_processes > 1 needs the `accelerate` command (pip install accelerate)")
-    cmd = [accelerate, "launch", "--num_processes", str(cfg.num_processes), "--num_machines", "1",
-           "--main_process_port", str(cfg.main_process_port or _free_port())]
+    if node is None:
+        cmd = [accelerate, "launch", "--num_processes", str(cfg.num_processes), "--num_machines", "1",
+               "--main_process_port", str(cfg.main_process_port or _free_port())]
+    else:
+        cmd = [accelerate, "launch", "--num_processes", str(cfg.num_processes * node.count),
+               "--num_machines", str(node.count), "--machine_rank", str(node.rank),
+               "--main_process_ip", node.main_address, "--main_process_port", str(node.main_port),
+               "--same_network", "--rdzv_conf", f"timeout={cfg.rendezvous_timeout_s}",
+               "--deepspeed_multinode_launcher", "standard"]
     if cfg.config_file:
         if not Path(cfg.config_file).is_file():
             raise EcomcapError(f"launch.config_file {cfg.config_file} does not exist")
@@ -159,6 +177,7 @@ def main(spec_path: str) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    _say_world()
     run_id = os.environ.get("ECOMCAP_MLFLOW_RUN_ID")
     if run_id and rank == 0:
         import mlflow
@@ -183,6 +202,15 @@ def main(spec_path: str) -> int:
         tmp.replace(spec["result"])
     leave_group()
     return 0
+
+
+def _say_world() -> None:
+    """Each pod's first rank says in one line what torchrun's rendezvous made of the job."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world > 1 and os.environ.get("LOCAL_RANK", "0") == "0":
+        nodes = max(1, world // max(1, local))
+        print(f"node {os.environ.get('GROUP_RANK', '0')}: world size {world} over {nodes} "
+              f"node{'s' if nodes > 1 else ''} ({local} process(es) here)", flush=True)
 
 
 def all_ranks(mine: dict[str, Any]) -> list[dict[str, Any]]:

@@ -180,12 +180,13 @@ def _as_registered(cfg: RunConfig, model_dir: Path) -> RunConfig:
     return as_recorded(cfg, model_dir)
 
 
-def generate_share_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, index: int) -> int:
-    """One share of a generate fan-out (a step/pod): chunks index, index+n, ... -> parts."""
+def generate_share_stage(model_dir: Path, data_dir: Path, cfg: RunConfig, index: int, count: int | None = None) -> int:
+    """One share of a generate fan-out (a step, or a pod of `generate_pods`): chunks index,
+    index+count, ... -> parts."""
     from ecomcap.inference.batch import caption_share
 
     cfg = _as_registered(cfg, model_dir)  # a fan-out captions the registry's champion
-    return caption_share(model_dir, cfg.model, data_dir, cfg.generate, index, cfg.generate.chunks.fan_out,
+    return caption_share(model_dir, cfg.model, data_dir, cfg.generate, index, count or cfg.generate.chunks.fan_out,
                          parts_root(cfg))
 
 

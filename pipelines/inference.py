@@ -5,6 +5,8 @@
 `generate.chunks.fan_out: N` (N > 1) runs N `generate_<i>` steps in parallel (one GPU pod each
 on Kubernetes), each captioning every N-th chunk into the shared `generate.chunks.parts_dir`,
 then `merge_generated` writes caption_gen.jsonl with every id once (docs/kubernetes.md).
+`generate.chunks.pods: N` runs one `generate_pods` command step on N pods instead (ZenML's
+Kubernetes step operator, `pod_count` N), the same merge after it.
 
 The champion captions with the prompt, decoding, pixel bounds and dtype its version records, as
 `mlflow models serve` does (the config gives batch size, chunking and device).
@@ -25,6 +27,7 @@ from steps import (
     merge_generated,
     write_predictions,
 )
+from steps.nodes import generate_inputs, on_nodes
 
 # `zenml pipeline run -c`: the YAML's parameters.config checked with one-line errors
 CheckedConfig = pipeline_input(RunConfig)
@@ -34,8 +37,12 @@ CheckedConfig = pipeline_input(RunConfig)
 def batch_inference_pipeline(config: CheckedConfig = RunConfig(), output: str = ".run/caption_gen.jsonl") -> None:  # noqa: B008
     test = ingest_split_step(data=config.data, split="test", source_fingerprint=source_fingerprint(config.data))
     model = champion_model(config=config)
-    fan_out = config.generate.chunks.fan_out
-    if fan_out <= 1:
+    fan_out, pods = config.generate.chunks.fan_out, config.generate.chunks.pods
+    if pods > 1:  # one command step on `pods` pods, pod i captioning chunks i, i+pods, ...
+        generate_inputs(config=config, model=model, data=test, id="generate_inputs")
+        predictions = merge_generated(config=config, model=model, data=test,
+                                      after=on_nodes("generate", config, pods, "generate_inputs"))
+    elif fan_out <= 1:
         predictions = generate(config=config, model=model, data=test, registered=True)  # as it is served
     else:
         shares = [f"generate_{i}" for i in range(fan_out)]

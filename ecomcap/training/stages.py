@@ -14,21 +14,25 @@ from typing import Any
 from ecomcap.config import RunConfig
 from ecomcap.errors import EcomcapError
 from ecomcap.launch import all_ranks, launch
+from ecomcap.nodes import Node
 from ecomcap.paths import require_durable_paths
 from ecomcap.registry import tracking
 
 
-def launch_stage(stage: str, cfg: RunConfig, **kwargs: Any) -> dict[str, Any]:
-    """Run `<stage>_process` in `cfg.launch.num_processes` processes; rank 0's summary."""
+def launch_stage(stage: str, cfg: RunConfig, node: Node | None = None, **kwargs: Any) -> dict[str, Any] | None:
+    """Run `<stage>_process` in `cfg.launch.num_processes` processes (on each pod of a multi-node
+    job: `node`); rank 0's summary (None on a pod other than pod 0)."""
     from ecomcap.modeling.prepare import ensure_model
 
     require_durable_paths(cfg)
     check_strategy_fits_launch(cfg, stage)
-    if "train" in kwargs:  # the tiny model is built here once, not raced for by N ranks
+    if "train" in kwargs and (node is None or node.rank == 0):
+        # the tiny model is built here once, not raced for by N ranks; the other pods' ranks start
+        # only once pod 0's launcher has joined the rendezvous, after this
         ensure_model(cfg.model, kwargs["train"])
     args = {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}
     return launch(f"{__name__}:{stage}_process", {**args, "config": cfg.model_dump(mode="json")},
-                  cfg.launch, name=stage)
+                  cfg.launch, name=stage, node=node)
 
 
 def zero_stage_of(config_file: str | None) -> int:
@@ -59,7 +63,11 @@ def sft_stage(train: Path, valid: Path, cfg: RunConfig, run_name: str) -> Path:
     tracking.log_config("finetune", cfg.finetune)
     tracking.log_config("sft", cfg.sft)
     tracking.log_config("launch", cfg.launch)
-    res = launch_stage("sft", cfg, train=train, valid=valid, run_name=run_name)
+    return finish_sft(launch_stage("sft", cfg, train=train, valid=valid, run_name=run_name))
+
+
+def finish_sft(res: dict[str, Any]) -> Path:
+    """Rank 0's account of SFT -> checked, logged, the model to hand on (one pod or several)."""
     _check_ranks("sft", res)
     tracking.log_metrics({k: res[k] for k in ("trainable_params", "total_params", "wall_s")}, prefix="sft.")
     return Path(res["model_dir"])
@@ -87,12 +95,18 @@ def _tuning_stage(stage: str, start: dict[str, Path], train: Path, valid: Path, 
                   grounding: Path | None) -> Path:
     """A stage that tunes a finished model with a reward (SCST, DPO): its processes, then one
     standalone merged model to hand on."""
-    from ecomcap.registry.pyfunc import export_merged
-
     stage_cfg = getattr(cfg, stage)
     tracking.log_config(stage, stage_cfg)
     tracking.log_config("launch", cfg.launch)
-    needs = stage_cfg.reward.needs_scorer
+    scorer = reward_scorer(stage, cfg, grounding)
+    res = launch_stage(stage, cfg, **start, train=train, valid=valid, run_name=run_name,
+                       scorer_dir=str(scorer) if scorer else None)
+    return finish_tuning(stage, cfg, res, grounding)
+
+
+def reward_scorer(stage: str, cfg: RunConfig, grounding: Path | None) -> Path | None:
+    """The grounding scorer a stage's reward terms need (tagged on the run), or None."""
+    needs = getattr(cfg, stage).reward.needs_scorer
     scorer = Path(grounding) / "scorer" if grounding is not None and needs else None
     if needs and (scorer is None or not scorer.is_dir()):
         raise EcomcapError(f"{stage}.reward.clip / distinct need the grounding stage's scorer: set grounding.enabled")
@@ -100,8 +114,13 @@ def _tuning_stage(stage: str, start: dict[str, Path], train: Path, valid: Path, 
         from ecomcap.grounding.scorer import weights_fingerprint
 
         tracking.set_tags({"grounding.scorer": weights_fingerprint(scorer)})
-    res = launch_stage(stage, cfg, **start, train=train, valid=valid, run_name=run_name,
-                       scorer_dir=str(scorer) if scorer else None)
+    return scorer
+
+
+def finish_tuning(stage: str, cfg: RunConfig, res: dict[str, Any], grounding: Path | None) -> Path:
+    """Rank 0's account of SCST/DPO -> checked, logged, merged into one standalone model."""
+    from ecomcap.registry.pyfunc import export_merged
+
     _check_ranks(stage, res)
     tracking.log_metrics({"wall_s": res["wall_s"]}, prefix=f"{stage}.")
     model_dir = Path(res["model_dir"])
@@ -120,8 +139,15 @@ def _summary(res, output_dir: Path) -> dict[str, Any]:
     """Rank 0's account of the stage, with every rank's weights and data-order digests."""
     return {"model_dir": str(res.model_dir), "output_dir": str(output_dir), "steps": res.steps,
             "wall_s": res.wall_s, "trainable_params": res.params.trainable, "total_params": res.params.total,
-            "resumed_from": res.resumed_from,
+            "resumed_from": res.resumed_from, "nodes": _nodes(),
             "ranks": all_ranks({"weights": res.param_digest, "data_order": res.order_digest})}
+
+
+def _nodes() -> int:
+    """Machines (pods) this launch spans: torchrun's world over the ranks on each."""
+    import os
+
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def _check_ranks(stage: str, res: dict[str, Any]) -> None:
@@ -132,7 +158,7 @@ def _check_ranks(stage: str, res: dict[str, Any]) -> None:
         if len({r[key] for r in ranks}) > 1:
             raise EcomcapError(f"{stage}: the {len(ranks)} training processes disagree on {key}: "
                                f"{[r[key] for r in ranks]}")
-    tracking.log_metrics({"world_size": len(ranks)}, prefix=f"{stage}.")
+    tracking.log_metrics({"world_size": len(ranks), "nodes": res.get("nodes", 1)}, prefix=f"{stage}.")
     tracking.set_tags({f"{stage}.weights_digest": ranks[0]["weights"], f"{stage}.data_order_digest":
                        ranks[0]["data_order"]})
 

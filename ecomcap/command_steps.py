@@ -1,0 +1,134 @@
+"""What the multi-pod command steps run, and how their inputs and outputs cross to regular steps.
+
+ZenML runs a *command step* on `pod_count` pods (an Indexed Job with a headless Service), but a
+command step has no inputs or outputs: its command is fixed when the pipeline is compiled. So:
+
+1. a regular step before it writes the stage's inputs (the paths of the artifacts it was given:
+   datasets, the model to start from, the run name) to a handoff file whose path the command
+   names (`handoff_path`: the shared volume, keyed by the run config);
+2. every pod runs the same command, `ecomcap train --stage S --config-json C --inputs H` (or
+   `ecomcap generate ...`), and takes its node rank, the node count and the main pod's address
+   from the environment (`ecomcap.nodes`); pod 0 (which holds rank 0) writes the result next to
+   the handoff;
+3. a regular step after it reads that result and hands the model on as its typed artifact, so
+   `generate`, `evaluate`, `promote` and MLflow see the lineage of a one-pod run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ecomcap.config import RunConfig
+from ecomcap.errors import EcomcapError
+
+HANDOFF_DIR = "command_steps"
+NODE_STAGES = ("sft", "scst", "dpo")  # the training stages that run on several nodes
+
+
+def config_key(cfg: RunConfig) -> str:
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
+
+
+def handoff_path(cfg: RunConfig, stage: str) -> Path:
+    """Where the stage's inputs wait for its pods: next to the data, on the shared volume."""
+    return Path(cfg.data.work_dir).parent / HANDOFF_DIR / f"{stage}-{config_key(cfg)}.json"
+
+
+def result_path(handoff: Path) -> Path:
+    return Path(handoff).with_name(Path(handoff).stem + ".result.json")
+
+
+def pod_command(stage: str, cfg: RunConfig) -> list[str]:
+    """The command every pod of the stage's command step runs (the run config travels inline:
+    the pods need no file the client has)."""
+    handoff = str(handoff_path(cfg, stage))
+    if stage == "generate":
+        return ["ecomcap", "generate", "--config-json", cfg.model_dump_json(), "--inputs", handoff]
+    if stage not in NODE_STAGES:
+        raise EcomcapError(f"{stage} does not run on several nodes (those that do: {', '.join(NODE_STAGES)})")
+    return ["ecomcap", "train", "--stage", stage, "--config-json", cfg.model_dump_json(), "--inputs", handoff]
+
+
+def _atomic_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def write_handoff(cfg: RunConfig, stage: str, inputs: dict[str, Any]) -> Path:
+    """The regular step before the command step: its inputs for the pods (a previous run's
+    result removed, so a stale one can never be taken for this run's)."""
+    path = handoff_path(cfg, stage)
+    result_path(path).unlink(missing_ok=True)
+    _atomic_json(path, {"stage": stage, "inputs": {k: str(v) if isinstance(v, Path) else v
+                                                   for k, v in inputs.items()}})
+    return path
+
+
+def read_inputs(handoff: str | Path, stage: str) -> dict[str, Any]:
+    path = Path(handoff)
+    if not path.is_file():
+        raise EcomcapError(f"--inputs {path}: no such file (the {stage}_inputs step writes it on the shared volume; "
+                           "is it mounted on this pod?)")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("stage") != stage:
+        raise EcomcapError(f"--inputs {path} holds the inputs of stage {data.get('stage')!r}, not {stage!r}")
+    return data["inputs"]
+
+
+def write_result(handoff: str | Path, result: dict[str, Any]) -> None:
+    """Pod 0, after the stage: its result, tied to the handoff it ran on."""
+    _atomic_json(result_path(Path(handoff)), {"handoff": _digest(Path(handoff)), "result": result})
+
+
+def read_result(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """The regular step after the command step: pod 0's result of this run's handoff."""
+    handoff = handoff_path(cfg, stage)
+    path = result_path(handoff)
+    if not path.is_file():
+        raise EcomcapError(f"{stage}: the {cfg.launch.nodes} pods of {stage}_nodes left no result at {path}: "
+                           "see that step's pod logs")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not handoff.is_file() or data["handoff"] != _digest(handoff):
+        raise EcomcapError(f"{path} belongs to another run's inputs than {handoff}: rerun the pipeline")
+    return data["result"]
+
+
+def train_on_this_node(stage: str, cfg: RunConfig, inputs: dict[str, Any],
+                       handoff: str | Path | None = None) -> dict[str, Any] | None:
+    """One pod's part of a multi-node stage: its ranks join the others'; pod 0 returns (and, with
+    a handoff, records) rank 0's result, the other pods None."""
+    from ecomcap.nodes import require_nodes
+    from ecomcap.training.stages import launch_stage
+
+    node = require_nodes(cfg.launch.nodes)
+    print(f"{stage}: {node.describe()}, {cfg.launch.num_processes} process(es) here", flush=True)
+    res = launch_stage(stage, cfg, node=node, **inputs)
+    if res is not None and handoff is not None:
+        write_result(handoff, res)
+    return res
+
+
+def replay_curve(stage: str, model_dir: str | Path) -> int:
+    """The stage's per-step metrics (its metrics.jsonl) into the active MLflow run, at their steps:
+    the pods had no step run to log to. Returns the rows replayed."""
+    from ecomcap.registry import tracking
+
+    path = Path(model_dir) / "metrics.jsonl"
+    if not tracking.active() or not path.is_file():
+        return 0
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    sink = tracking.StepMetrics(every=len(rows) + 1)
+    for row in rows:
+        sink({f"{stage}/{k}": float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))},
+             int(row["step"]))
+    sink.flush(final=True)
+    return len(rows)

@@ -111,7 +111,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if res is None:  # another pod than pod 0: rank 0 (and the result) is on pod 0
         print(json.dumps({"stage": args.stage, "node_done": True}))
         return 0
-    print(json.dumps({"stage": args.stage, **{k: res[k] for k in ("model_dir", "steps", "nodes", "ranks")}},
+    print(json.dumps({"stage": args.stage, **{k: res[k] for k in ("model_dir", "steps", "resumed_from", "nodes", "ranks")}},
                      ensure_ascii=False))
     return 0
 

@@ -5,19 +5,26 @@ command step has no inputs or outputs: its command is fixed when the pipeline is
 
 1. a regular step before it writes the stage's inputs (the paths of the artifacts it was given:
    datasets, the model to start from, the run name) to a handoff file whose path the command
-   names (`handoff_path`: the shared volume, keyed by the run config);
+   names (`handoff_path`: on the shared volume, named by a token drawn when the pipeline is
+   compiled: one per run, so two runs never share one and ZenML never takes a command step of
+   another run's inputs for a cached one);
 2. every pod runs the same command, `ecomcap train --stage S --config-json C --inputs H` (or
    `ecomcap generate ...`), and takes its node rank, the node count and the main pod's address
    from the environment (`ecomcap.nodes`); pod 0 (which holds rank 0) writes the result next to
    the handoff;
 3. a regular step after it reads that result and hands the model on as its typed artifact, so
    `generate`, `evaluate`, `promote` and MLflow see the lineage of a one-pod run.
+
+A training stage whose inputs (config, datasets, start model) an earlier run already trained is
+not trained again: the handoff names that run's result and the pods exit at once, as ZenML's
+cache spares a one-pod step.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +35,36 @@ HANDOFF_DIR = "command_steps"
 NODE_STAGES = ("sft", "scst", "dpo")  # the training stages that run on several nodes
 
 
-def config_key(cfg: RunConfig) -> str:
-    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
+def new_token() -> str:
+    """One per pipeline run (drawn when it is compiled): names its handoff files."""
+    return uuid.uuid4().hex[:12]
 
 
-def handoff_path(cfg: RunConfig, stage: str) -> Path:
+def handoff_path(cfg: RunConfig, stage: str, token: str) -> Path:
     """Where the stage's inputs wait for its pods: next to the data, on the shared volume."""
-    return Path(cfg.data.work_dir).parent / HANDOFF_DIR / f"{stage}-{config_key(cfg)}.json"
+    return Path(cfg.data.work_dir).parent / HANDOFF_DIR / f"{stage}-{token}.json"
+
+
+def _done_path(cfg: RunConfig, stage: str, key: str) -> Path:
+    return Path(cfg.data.work_dir).parent / HANDOFF_DIR / "done" / f"{stage}-{key}.json"
+
+
+def inputs_key(stage: str, cfg: RunConfig, inputs: dict[str, Any]) -> str:
+    """What decides a training stage's result: its config and input paths (artifact paths are
+    unique per artifact version), not the run name."""
+    blob = json.dumps({"stage": stage, "config": cfg.model_dump(mode="json"),
+                       "inputs": {k: v for k, v in inputs.items() if k != "run_name"}}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def result_path(handoff: Path) -> Path:
     return Path(handoff).with_name(Path(handoff).stem + ".result.json")
 
 
-def pod_command(stage: str, cfg: RunConfig) -> list[str]:
+def pod_command(stage: str, cfg: RunConfig, token: str) -> list[str]:
     """The command every pod of the stage's command step runs (the run config travels inline:
     the pods need no file the client has)."""
-    handoff = str(handoff_path(cfg, stage))
+    handoff = str(handoff_path(cfg, stage, token))
     if stage == "generate":
         return ["ecomcap", "generate", "--config-json", cfg.model_dump_json(), "--inputs", handoff]
     if stage not in NODE_STAGES:
@@ -63,17 +83,25 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def write_handoff(cfg: RunConfig, stage: str, inputs: dict[str, Any]) -> Path:
-    """The regular step before the command step: its inputs for the pods (a previous run's
-    result removed, so a stale one can never be taken for this run's)."""
-    path = handoff_path(cfg, stage)
+def write_handoff(cfg: RunConfig, stage: str, token: str, inputs: dict[str, Any]) -> Path:
+    """The regular step before the command step: its inputs for the pods (and, for a training
+    stage whose inputs an earlier run trained, that run's result to reuse)."""
+    path = handoff_path(cfg, stage, token)
     result_path(path).unlink(missing_ok=True)
-    _atomic_json(path, {"stage": stage, "inputs": {k: str(v) if isinstance(v, Path) else v
-                                                   for k, v in inputs.items()}})
+    inputs = {k: str(v) if isinstance(v, Path) else v for k, v in inputs.items()}
+    data: dict[str, Any] = {"stage": stage, "inputs": inputs}
+    if stage != "generate":
+        data["key"] = inputs_key(stage, cfg, inputs)
+        done = _done_path(cfg, stage, data["key"])
+        if done.is_file():
+            earlier = json.loads(done.read_text(encoding="utf-8"))
+            if Path(earlier["model_dir"]).is_dir():
+                data["reuse"] = earlier
+    _atomic_json(path, data)
     return path
 
 
-def read_inputs(handoff: str | Path, stage: str) -> dict[str, Any]:
+def read_handoff(handoff: str | Path, stage: str) -> dict[str, Any]:
     path = Path(handoff)
     if not path.is_file():
         raise EcomcapError(f"--inputs {path}: no such file (the {stage}_inputs step writes it on the shared volume; "
@@ -81,7 +109,11 @@ def read_inputs(handoff: str | Path, stage: str) -> dict[str, Any]:
     data = json.loads(path.read_text(encoding="utf-8"))
     if data.get("stage") != stage:
         raise EcomcapError(f"--inputs {path} holds the inputs of stage {data.get('stage')!r}, not {stage!r}")
-    return data["inputs"]
+    return data
+
+
+def read_inputs(handoff: str | Path, stage: str) -> dict[str, Any]:
+    return read_handoff(handoff, stage)["inputs"]
 
 
 def write_result(handoff: str | Path, result: dict[str, Any]) -> None:
@@ -89,9 +121,9 @@ def write_result(handoff: str | Path, result: dict[str, Any]) -> None:
     _atomic_json(result_path(Path(handoff)), {"handoff": _digest(Path(handoff)), "result": result})
 
 
-def read_result(cfg: RunConfig, stage: str) -> dict[str, Any]:
+def read_result(cfg: RunConfig, stage: str, token: str) -> dict[str, Any]:
     """The regular step after the command step: pod 0's result of this run's handoff."""
-    handoff = handoff_path(cfg, stage)
+    handoff = handoff_path(cfg, stage, token)
     path = result_path(handoff)
     if not path.is_file():
         raise EcomcapError(f"{stage}: the {cfg.launch.nodes} pods of {stage}_nodes left no result at {path}: "
@@ -105,15 +137,23 @@ def read_result(cfg: RunConfig, stage: str) -> dict[str, Any]:
 def train_on_this_node(stage: str, cfg: RunConfig, inputs: dict[str, Any],
                        handoff: str | Path | None = None) -> dict[str, Any] | None:
     """One pod's part of a multi-node stage: its ranks join the others'; pod 0 returns (and, with
-    a handoff, records) rank 0's result, the other pods None."""
+    a handoff, records) rank 0's result, the other pods None. A handoff that names an earlier
+    run's result of the same inputs: nothing to train, pod 0 hands that result on."""
     from ecomcap.nodes import require_nodes
     from ecomcap.training.stages import launch_stage
 
-    node = require_nodes(cfg.launch.nodes)
-    print(f"{stage}: {node.describe()}, {cfg.launch.num_processes} process(es) here", flush=True)
-    res = launch_stage(stage, cfg, node=node, **inputs)
+    node = require_nodes(cfg.launch.nodes, processes=cfg.launch.num_processes)
+    data = read_handoff(handoff, stage) if handoff is not None else {}
+    if "reuse" in data:
+        print(f"{stage}: these inputs were trained by an earlier run: reusing {data['reuse']['model_dir']}", flush=True)
+        res = data["reuse"] if node.rank == 0 else None
+    else:
+        print(f"{stage}: {node.describe()}, {cfg.launch.num_processes} process(es) here", flush=True)
+        res = launch_stage(stage, cfg, node=node, **inputs)
     if res is not None and handoff is not None:
         write_result(handoff, res)
+        if "key" in data:
+            _atomic_json(_done_path(cfg, stage, data["key"]), res)
     return res
 
 

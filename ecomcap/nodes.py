@@ -38,19 +38,22 @@ class Node:
         return f"node {self.rank} of {self.count} (main {self.main_address}:{self.main_port}, from {self.source})"
 
 
-def _int(env: Mapping[str, str], key: str) -> int:
+def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
+    if not env.get(key) and default is not None:
+        return default
     try:
         return int(env[key])
     except ValueError:
-        raise EcomcapError(f"{key}={env[key]!r} is not an integer") from None
+        hint = " (elastic MIN:MAX node ranges are not supported: give a fixed count)" if ":" in env[key] else ""
+        raise EcomcapError(f"{key}={env[key]!r} is not an integer{hint}") from None
 
 
 def current_node(env: Mapping[str, str] | None = None) -> Node | None:
     """The node this process runs as, or None outside a multi-pod job (one pod, no variables)."""
     env = os.environ if env is None else env
-    if int(env.get("ZENML_KUBERNETES_POD_COUNT") or 1) > 1:
+    if _int(env, ZENML[0], 1) > 1:
         keys, source = ZENML, "ZenML Kubernetes step operator"
-    elif int(env.get("PET_NNODES") or 1) > 1:
+    elif _int(env, KUBEFLOW[0], 1) > 1:
         keys, source = KUBEFLOW, "PET_* (Kubeflow TrainJob / torchrun)"
     else:
         return None
@@ -66,8 +69,10 @@ def current_node(env: Mapping[str, str] | None = None) -> Node | None:
     return node
 
 
-def require_nodes(expected: int, env: Mapping[str, str] | None = None) -> Node:
-    """The node of a `launch.nodes: expected` run, refusing a pod count that disagrees with it."""
+def require_nodes(expected: int, env: Mapping[str, str] | None = None, processes: int | None = None) -> Node:
+    """The node of a `launch.nodes: expected` run, refusing a pod count (or, under Kubeflow, a
+    processes-per-node count) that disagrees with the config."""
+    env = os.environ if env is None else env
     node = current_node(env)
     if node is None:
         raise EcomcapError(f"launch.nodes is {expected} but this process is not one of {expected} pods: set "
@@ -76,4 +81,8 @@ def require_nodes(expected: int, env: Mapping[str, str] | None = None) -> Node:
     if node.count != expected:
         raise EcomcapError(f"launch.nodes is {expected} but the job has {node.count} pods ({node.source}): "
                            "make the step's pod_count equal launch.nodes")
+    per_node = env.get("PET_NPROC_PER_NODE", "")
+    if processes is not None and per_node.isdigit() and int(per_node) != processes:
+        raise EcomcapError(f"PET_NPROC_PER_NODE={per_node} but launch.num_processes is {processes}: the ranks per "
+                           "node come from launch.num_processes; make them equal")
     return node

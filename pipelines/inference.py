@@ -16,6 +16,7 @@ from __future__ import annotations
 from zenml import pipeline
 from zenml.config import CachePolicy
 
+from ecomcap.command_steps import new_token
 from ecomcap.config import RunConfig
 from ecomcap.config_check import pipeline_input
 from ecomcap.workflow import library_fingerprint, source_fingerprint
@@ -39,9 +40,10 @@ def batch_inference_pipeline(config: CheckedConfig = RunConfig(), output: str = 
     model = champion_model(config=config)
     fan_out, pods = config.generate.chunks.fan_out, config.generate.chunks.pods
     if pods > 1:  # one command step on `pods` pods, pod i captioning chunks i, i+pods, ...
-        generate_inputs(config=config, model=model, data=test, id="generate_inputs")
+        token = new_token()  # this run's handoff file (drawn at compile time: one per run)
+        generate_inputs(config=config, token=token, model=model, data=test, id="generate_inputs")
         predictions = merge_generated(config=config, model=model, data=test,
-                                      after=on_nodes("generate", config, pods, "generate_inputs"))
+                                      after=on_nodes("generate", config, pods, "generate_inputs", token))
     elif fan_out <= 1:
         predictions = generate(config=config, model=model, data=test, registered=True)  # as it is served
     else:

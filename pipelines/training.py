@@ -10,6 +10,7 @@ from __future__ import annotations
 from zenml import Model, pipeline
 from zenml.config import CachePolicy
 
+from ecomcap.command_steps import new_token
 from ecomcap.config import RunConfig
 from ecomcap.config_check import pipeline_input
 from ecomcap.errors import EcomcapError
@@ -31,17 +32,19 @@ def check_rerank_scorer(config: RunConfig) -> None:
 def _on_nodes(config: RunConfig, train, valid, scorers):
     """sft_inputs -> sft_nodes (N pods) -> sft, and the same for scst and dpo when on: the regular
     steps keep the names and outputs of the one-pod pipeline."""
-    stage_inputs(config=config, stage="sft", train=train, valid=valid, id="sft_inputs", after="validate")
-    sft_model = sft_from_nodes(config=config, train=train, valid=valid, id="sft",
-                               after=on_nodes("sft", config, config.launch.nodes, "sft_inputs"))
+    token = new_token()  # this run's handoff files (drawn at compile time: one per run)
+    stage_inputs(config=config, stage="sft", token=token, train=train, valid=valid, id="sft_inputs", after="validate")
+    sft_model = sft_from_nodes(config=config, token=token, train=train, valid=valid, id="sft",
+                               after=on_nodes("sft", config, config.launch.nodes, "sft_inputs", token))
     model = scst_model = sft_model
     for stage, enabled in (("scst", config.scst.enabled and config.scst.max_steps > 0),
                            ("dpo", config.dpo.enabled and config.dpo.max_steps > 0)):
         if enabled:
-            stage_inputs(config=config, stage=stage, train=train, valid=valid, model=model, grounding=scorers,
-                         id=f"{stage}_inputs")
-            model = tuned_from_nodes(config=config, stage=stage, train=train, valid=valid, grounding=scorers,
-                                     id=stage, after=on_nodes(stage, config, config.launch.nodes, f"{stage}_inputs"))
+            stage_inputs(config=config, stage=stage, token=token, train=train, valid=valid, model=model,
+                         grounding=scorers, id=f"{stage}_inputs")
+            model = tuned_from_nodes(config=config, stage=stage, token=token, train=train, valid=valid,
+                                     grounding=scorers, id=stage,
+                                     after=on_nodes(stage, config, config.launch.nodes, f"{stage}_inputs", token))
             scst_model = model if stage == "scst" else scst_model
     return sft_model, scst_model, model
 

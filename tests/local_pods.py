@@ -64,11 +64,20 @@ def wait(pods: dict[int, subprocess.Popen], timeout: float = 900) -> dict[int, i
 
 
 def kill_pod(pod: subprocess.Popen) -> None:
-    """A lost pod: its whole process tree, at once (SIGKILL, no clean-up)."""
+    """A lost pod: its whole process tree at once (SIGKILL, no clean-up), as Kubernetes kills a
+    pod's container. The tree, not the process group: torchrun starts each rank in a session of
+    its own."""
+    import psutil
+
     try:
-        os.killpg(pod.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        tree = [psutil.Process(pod.pid), *psutil.Process(pod.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for proc in tree:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
     pod.wait()
 
 

@@ -174,8 +174,11 @@ def test_restricted_check_catches_a_root_pod():
 
 
 def test_network_policies_select_real_pods():
-    """Every selector matches a workload's pods or the pipeline pods of configs/k8s.yaml."""
-    pods = [labels for _, _, labels in pod_templates()] + [PIPELINE_LABEL]
+    """Every selector matches a workload's pods, the pipeline pods of configs/k8s.yaml or the
+    multi-node pods of configs/k8s_multinode.yaml."""
+    multi = read_yaml(ROOT / "configs" / "k8s_multinode.yaml")["steps"]["sft_nodes"]
+    pods = [labels for _, _, labels in pod_templates()] + [PIPELINE_LABEL] + [
+        multi["settings"]["step_operator.kubernetes"]["pod_settings"]["labels"]]
     policies = {d["metadata"]["name"]: d["spec"]
                 for d in manifests() if d["kind"] == "NetworkPolicy"}
     assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}

@@ -95,7 +95,9 @@ def _run_config(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ecomcap.command_steps import read_inputs, train_on_this_node
-    from ecomcap.training.stages import launch_stage  # launch.num_processes processes, as in the pipeline
+    from ecomcap.training.stages import (
+        launch_stage,  # launch.num_processes processes, as in the pipeline
+    )
 
     cfg = _run_config(args)
     if cfg is None:

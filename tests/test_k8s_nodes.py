@@ -41,6 +41,7 @@ from tests.test_k8s import (
     validate_strict,
 )
 from tests.test_k8s_sizing import sizing_problems
+
 TOKEN = "0123456789ab"  # a run's handoff token, as a compile draws one
 
 

@@ -40,7 +40,7 @@ def test_zero_on_two_pods_equals_one_node(root, zero):
     one = one_node(root, f"zero{zero}-one", num_processes=2, config_file=ZERO[zero])
     two, logs = two_pods(root, f"zero{zero}-two", config_file=ZERO[zero])
     _same_training(root, one, two)
-    assert all(f"world size 2 over 2 nodes" in text for text in logs)
+    assert all("world size 2 over 2 nodes" in text for text in logs)
 
 
 def test_a_killed_pod_resumes_exactly(root):

@@ -42,15 +42,17 @@ def base_env(threads: int = 1) -> dict[str, str]:
 
 
 def start_pods(args: list[str], count: int, cwd: Path, logs: Path, port: int | None = None,
-               only: list[int] | None = None) -> dict[int, subprocess.Popen]:
-    """`ecomcap <args>` as pods 0..count-1 (or just `only`), each its own process group (a pod's
-    process tree, killed together); output to logs/pod-<i>.log."""
+               only: list[int] | None = None, extra_env: dict[str, str] | None = None,
+               raw: bool = False) -> dict[int, subprocess.Popen]:
+    """`ecomcap <args>` (`raw`: `args` is the whole command) as pods 0..count-1 (or just `only`),
+    each in a session of its own; output to logs/pod-<i>.log."""
     port = port or free_port()
     logs.mkdir(parents=True, exist_ok=True)
     pods = {}
     for i in only if only is not None else range(count):
         out = open(logs / f"pod-{i}.log", "a", encoding="utf-8")
-        pods[i] = subprocess.Popen([ECOMCAP, *args], cwd=cwd, env={**base_env(), **pod_env(i, count, port)},
+        env = {**base_env(), **(extra_env or {}), **pod_env(i, count, port)}
+        pods[i] = subprocess.Popen(list(args) if raw else [ECOMCAP, *args], cwd=cwd, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return pods
 

@@ -49,11 +49,25 @@ def _done_path(cfg: RunConfig, stage: str, key: str) -> Path:
     return Path(cfg.data.work_dir).parent / HANDOFF_DIR / "done" / f"{stage}-{key}.json"
 
 
+def _content(value: Any) -> Any:
+    """An input by what it holds: a dataset by its fingerprint, a model directory by its
+    configs and weights (each run's model artifact is a copy at a new path), else as it is."""
+    from ecomcap.data.shards import read_report
+    from ecomcap.training.identity import model_fingerprint
+
+    if not isinstance(value, str) or not Path(value).is_dir():
+        return value
+    if (Path(value) / "report.json").is_file():
+        return read_report(value)["fingerprint"]
+    return model_fingerprint(value)
+
+
 def inputs_key(stage: str, cfg: RunConfig, inputs: dict[str, Any]) -> str:
-    """What decides a training stage's result: its config and input paths (artifact paths are
-    unique per artifact version), not the run name."""
+    """What decides a training stage's result: its config and its inputs' contents, not the run
+    name or where the artifacts lie."""
     blob = json.dumps({"stage": stage, "config": cfg.model_dump(mode="json"),
-                       "inputs": {k: v for k, v in inputs.items() if k != "run_name"}}, sort_keys=True, default=str)
+                       "inputs": {k: _content(v) for k, v in inputs.items() if k != "run_name"}},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -1,6 +1,6 @@
 """A ZenML step operator for tests (not a test): it runs a command step the way ZenML's Kubernetes
-step operator does — the step's command on `pod_count` pods (from the step's
-`step_operator.kubernetes` settings), each given ZenML's multi-pod environment and its completion
+step operator does — the step's command on `pod_count` pods (the count `on_nodes` puts in the
+step's `step_operator.kubernetes` settings), each given ZenML's multi-pod environment and its completion
 index — as local process trees (tests/local_pods.py) instead of an Indexed Job. What stands in for
 Kubernetes: the API server and its pods; everything from the pipeline's compilation to the
 command, environment and pod count is ZenML's own.
@@ -17,12 +17,15 @@ from typing import Any, Dict, List, Type
 from zenml.step_operators import BaseStepOperator, BaseStepOperatorConfig, BaseStepOperatorFlavor
 
 
-def _pod_count(info: Any) -> int:
-    settings = info.config.settings.get("step_operator.kubernetes")
-    if settings is None:
+def _pod_count(command: List[str]) -> int:
+    """The pod count `steps/nodes.py::on_nodes` gives the step's Kubernetes settings, read from the
+    run config in the command (ZenML drops settings of a flavor the stack does not have)."""
+    from ecomcap.config import RunConfig
+
+    if "--config-json" not in command:
         return 1
-    return int(settings.get("pod_count", 1) if isinstance(settings, dict) else
-               settings.model_dump().get("pod_count", 1))
+    cfg = RunConfig.model_validate_json(command[command.index("--config-json") + 1])
+    return cfg.generate.chunks.pods if command[1] == "generate" else cfg.launch.nodes
 
 
 class LocalPodsStepOperatorConfig(BaseStepOperatorConfig):
@@ -36,7 +39,7 @@ class LocalPodsStepOperator(BaseStepOperator):
         """Run the step on its pods, stream nothing, wait for all; a failed pod fails the step."""
         from tests.local_pods import base_env, start_pods, wait
 
-        count = _pod_count(info)
+        count = _pod_count(entrypoint_command)
         logs = Path(tempfile.mkdtemp(prefix=f"{info.pipeline_step_name}-pods-"))
         env = {**base_env(), **environment}
         if count == 1:

@@ -119,3 +119,15 @@ def test_more_pods_than_chunks(root, catalogue):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (root / "three" / "caption_gen.jsonl").read_text().splitlines()
     assert len({json.loads(line)["image_id"] for line in lines}) == len(lines) == 2000
+
+
+def test_the_benchmark_runs_and_its_checks_hold(tmp_path):
+    """benchmarks/nodes.py --smoke: both comparisons run; outputs identical, weights the same."""
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nodes.py"), "--smoke", "--work", str(tmp_path)],
+                          env=base_env(2), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["captioning"]["identical"] and out["training"]["same_weights"]
+    assert out["captioning"]["two_pods"]["images_per_s"] > 0 and out["training"]["two_nodes_x1"]["images_per_s"] > 0

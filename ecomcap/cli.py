@@ -95,17 +95,19 @@ def _run_config(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ecomcap.command_steps import read_inputs, train_on_this_node
-    from ecomcap.training.stages import (
-        launch_stage,  # launch.num_processes processes, as in the pipeline
-    )
+    from ecomcap.nodes import current_node
+    from ecomcap.training.stages import launch_stage, prepared_inputs
 
     cfg = _run_config(args)
     if cfg is None:
         raise EcomcapError("ecomcap train needs --config FILE (or --config-json)")
+    if cfg.launch.nodes == 1 and (node := current_node()) is not None:  # each pod would train the whole stage
+        raise EcomcapError(f"this pod is {node.describe()} but launch.nodes is 1: set launch.nodes: {node.count} "
+                           "(or run the stage as one pod)")
     if args.inputs:  # a pod of a command step: the regular step before it wrote the inputs
         inputs = read_inputs(args.inputs, args.stage)
     else:
-        inputs = _train_inputs(args, cfg)
+        inputs = prepared_inputs(args.stage, cfg, args.start, args.grounding)
     if cfg.launch.nodes > 1:
         res = train_on_this_node(args.stage, cfg, inputs, args.inputs)
     else:
@@ -116,42 +118,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({"stage": args.stage, **{k: res[k] for k in ("model_dir", "steps", "resumed_from", "nodes", "ranks")}},
                      ensure_ascii=False))
     return 0
-
-
-def _train_inputs(args: argparse.Namespace, cfg) -> dict:
-    """The stage's data (prepared here on one node; on several, prepared once beforehand: the pods
-    would race to rewrite the shared shards) and the model it starts from."""
-    from ecomcap.data.prepare import prepare_data
-
-    if "valid" not in cfg.data.splits:
-        cfg.data.splits.append("valid")
-    work = Path(cfg.data.work_dir)
-    if cfg.launch.nodes == 1:
-        prepare_data(cfg.data)
-    elif not all((work / s / "report.json").is_file() for s in ("train", "valid")):
-        raise EcomcapError(f"launch.nodes is {cfg.launch.nodes}: the pods do not ingest (they would race on the shared "
-                           f"volume); run `ecomcap prepare --config ...` once first (no ingested train/valid in {work})")
-    inputs = {"train": work / "train", "valid": work / "valid", "run_name": ""}
-    if args.stage == "sft":
-        return inputs
-    from ecomcap.training.sft import sft_output
-
-    start = args.start or sft_output(work / "train", cfg.model, cfg.finetune, cfg.sft, cfg.data.dev_images)
-    if start is None:
-        raise EcomcapError(f"no finished SFT run of this config (model, finetune, sft, data) under "
-                           f"{cfg.sft.output_dir}: run --stage sft first or pass --from")
-    inputs["sft_model" if args.stage == "scst" else "start_model"] = str(start)
-    inputs["scorer_dir"] = _grounding_scorer(args.grounding) if args.grounding else None
-    return inputs
-
-
-def _grounding_scorer(grounding: Path) -> str:
-    """The scorer of a grounding step's output (its `scorer/` folder), for reward terms that need it."""
-    scorer = Path(grounding) / "scorer"
-    if not (scorer / "grounding.json").is_file():
-        raise EcomcapError(f"--grounding {grounding}: no scorer/grounding.json there (give the grounding step's "
-                           "output folder, which holds scorer/ and evaluator/)")
-    return str(scorer)
 
 
 def _overlay(base: dict, flags: dict) -> dict:
@@ -202,6 +168,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     flags = {"num_beams": args.beams, "chunks": {"workers": args.workers, "chunk_size": args.chunk_size}}
     gen = GenerateConfig.model_validate(_overlay(gen.model_dump(), flags))  # validated, like a YAML value
     data = Path(args.data)
+    if node is not None and not (data / "report.json").is_file():
+        raise EcomcapError(f"--data {data}: on a pod of several, give an ingested dataset (`ecomcap ingest` once, "
+                           "first): every pod would ingest the whole catalogue")
     with tempfile.TemporaryDirectory() as tmp:
         if not (data / "report.json").is_file():  # raw MUGE files: ingest (checks, quarantine) first
             data = ingest_split(data, args.split, Path(tmp) / args.split,

@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -63,9 +65,11 @@ def _content(value: Any) -> Any:
 
 
 def inputs_key(stage: str, cfg: RunConfig, inputs: dict[str, Any]) -> str:
-    """What decides a training stage's result: its config and its inputs' contents, not the run
-    name or where the artifacts lie."""
-    blob = json.dumps({"stage": stage, "config": cfg.model_dump(mode="json"),
+    """What decides a training stage's result: the library's code, the config and the inputs'
+    contents; not the run name or where the artifacts lie."""
+    from ecomcap.workflow import library_fingerprint
+
+    blob = json.dumps({"stage": stage, "code": library_fingerprint(), "config": cfg.model_dump(mode="json"),
                        "inputs": {k: _content(v) for k, v in inputs.items() if k != "run_name"}},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -88,31 +92,61 @@ def pod_command(stage: str, cfg: RunConfig, token: str) -> list[str]:
 
 def _atomic_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, default=str), encoding="utf-8")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # pods share PIDs
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data, ensure_ascii=False, default=str))
+    os.replace(tmp, path)
 
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def write_handoff(cfg: RunConfig, stage: str, token: str, inputs: dict[str, Any]) -> Path:
-    """The regular step before the command step: its inputs for the pods (and, for a training
-    stage whose inputs an earlier run trained, that run's result to reuse)."""
+def shared_root(cfg: RunConfig) -> Path:
+    """The folder every pod mounts: next to the data (on Kubernetes, the /data volume)."""
+    return Path(cfg.data.work_dir).parent
+
+
+def _share(cfg: RunConfig, token: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Input folders onto the shared volume: with a remote artifact store a step loads each
+    artifact into a temporary folder of its own pod, which the stage's pods cannot see."""
+    root, out = shared_root(cfg).resolve(), {}
+    for key, value in inputs.items():
+        if isinstance(value, str) and Path(value).is_dir() and not Path(value).resolve().is_relative_to(root):
+            dest = root / HANDOFF_DIR / token / key
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(value, dest)
+            value = str(dest)
+        out[key] = value
+    return out
+
+
+def write_handoff(cfg: RunConfig, stage: str, token: str, inputs: dict[str, Any], *, share: bool = False,
+                  reuse: bool = True) -> Path:
+    """The regular step before the command step: its inputs for the pods (`share`: copied onto the
+    shared volume first) and, for a training stage whose inputs an earlier run trained with this
+    code, that run's result to reuse (`reuse` off: `--no-cache`, train again)."""
     path = handoff_path(cfg, stage, token)
     result_path(path).unlink(missing_ok=True)
     inputs = {k: str(v) if isinstance(v, Path) else v for k, v in inputs.items()}
-    data: dict[str, Any] = {"stage": stage, "inputs": inputs}
+    data: dict[str, Any] = {"stage": stage, "inputs": _share(cfg, token, inputs) if share else inputs}
     if stage != "generate":
         data["key"] = inputs_key(stage, cfg, inputs)
         done = _done_path(cfg, stage, data["key"])
-        if done.is_file():
+        if reuse and done.is_file():
             earlier = json.loads(done.read_text(encoding="utf-8"))
             if Path(earlier["model_dir"]).is_dir():
                 data["reuse"] = earlier
     _atomic_json(path, data)
     return path
+
+
+def record_done(cfg: RunConfig, stage: str, token: str) -> None:
+    """After the stage's result was checked and handed on: later runs of the same inputs may
+    reuse it (a result whose ranks disagree never gets here)."""
+    handoff = read_handoff(handoff_path(cfg, stage, token), stage)
+    if "key" in handoff and "reuse" not in handoff:
+        _atomic_json(_done_path(cfg, stage, handoff["key"]), read_result(cfg, stage, token))
 
 
 def read_handoff(handoff: str | Path, stage: str) -> dict[str, Any]:
@@ -135,9 +169,16 @@ def write_result(handoff: str | Path, result: dict[str, Any]) -> None:
     _atomic_json(result_path(Path(handoff)), {"handoff": _digest(Path(handoff)), "result": result})
 
 
-def read_result(cfg: RunConfig, stage: str, token: str) -> dict[str, Any]:
-    """The regular step after the command step: pod 0's result of this run's handoff."""
+def read_result(cfg: RunConfig, stage: str, token: str, run_name: str | None = None) -> dict[str, Any]:
+    """The regular step after the command step: pod 0's result of this run's handoff (`run_name`:
+    refused when the handoff is another run's: runs of one compiled snapshot, e.g. a schedule,
+    share its token)."""
     handoff = handoff_path(cfg, stage, token)
+    if run_name is not None and handoff.is_file():
+        theirs = read_handoff(handoff, stage)["inputs"].get("run_name")
+        if theirs not in (None, run_name):
+            raise EcomcapError(f"{handoff} holds the inputs of run {theirs}, not of this run ({run_name}): two runs of "
+                               "one compiled pipeline overlapped; rerun this one")
     path = result_path(handoff)
     if not path.is_file():
         raise EcomcapError(f"{stage}: the {cfg.launch.nodes} pods of {stage}_nodes left no result at {path}: "
@@ -156,8 +197,12 @@ def train_on_this_node(stage: str, cfg: RunConfig, inputs: dict[str, Any],
     from ecomcap.nodes import require_nodes
     from ecomcap.training.stages import launch_stage
 
-    node = require_nodes(cfg.launch.nodes, processes=cfg.launch.num_processes)
+    node = require_nodes(cfg.launch.nodes, processes=cfg.launch.num_processes, port=cfg.launch.main_process_port)
     data = read_handoff(handoff, stage) if handoff is not None else {}
+    done = _finished(handoff) if handoff is not None else None
+    if done is not None:  # the Job restarted after pod 0 had finished: nothing left to train
+        print(f"{stage}: this run's pods already finished the stage: {done['model_dir']}", flush=True)
+        return done if node.rank == 0 else None
     if "reuse" in data:
         print(f"{stage}: these inputs were trained by an earlier run: reusing {data['reuse']['model_dir']}", flush=True)
         res = data["reuse"] if node.rank == 0 else None
@@ -166,9 +211,16 @@ def train_on_this_node(stage: str, cfg: RunConfig, inputs: dict[str, Any],
         res = launch_stage(stage, cfg, node=node, **inputs)
     if res is not None and handoff is not None:
         write_result(handoff, res)
-        if "key" in data:
-            _atomic_json(_done_path(cfg, stage, data["key"]), res)
     return res
+
+
+def _finished(handoff: str | Path) -> dict[str, Any] | None:
+    """Pod 0's result of exactly this handoff, if it wrote one."""
+    path = result_path(Path(handoff))
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data["result"] if data["handoff"] == _digest(Path(handoff)) else None
 
 
 def replay_curve(stage: str, model_dir: str | Path) -> int:

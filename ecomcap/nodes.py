@@ -48,8 +48,9 @@ def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
         raise EcomcapError(f"{key}={env[key]!r} is not an integer{hint}") from None
 
 
-def current_node(env: Mapping[str, str] | None = None) -> Node | None:
-    """The node this process runs as, or None outside a multi-pod job (one pod, no variables)."""
+def current_node(env: Mapping[str, str] | None = None, port: int | None = None) -> Node | None:
+    """The node this process runs as, or None outside a multi-pod job (one pod, no variables);
+    `port`: the main pod's port where the environment names none (else 29500)."""
     env = os.environ if env is None else env
     if _int(env, ZENML[0], 1) > 1:
         keys, source = ZENML, "ZenML Kubernetes step operator"
@@ -63,17 +64,18 @@ def current_node(env: Mapping[str, str] | None = None) -> Node | None:
         raise EcomcapError(f"{count_key}={env[count_key]} but {', '.join(missing)} is not set: this pod cannot "
                            "tell its index or the main pod's address (run it as an Indexed Job, see docs/kubernetes.md)")
     node = Node(rank=_int(env, rank_key), count=_int(env, count_key), main_address=env[addr_key],
-                main_port=_int(env, port_key) if env.get(port_key) else DEFAULT_PORT, source=source)
+                main_port=_int(env, port_key, port or DEFAULT_PORT), source=source)
     if not 0 <= node.rank < node.count:
         raise EcomcapError(f"{rank_key}={node.rank} is outside 0..{node.count - 1} ({count_key}={node.count})")
     return node
 
 
-def require_nodes(expected: int, env: Mapping[str, str] | None = None, processes: int | None = None) -> Node:
+def require_nodes(expected: int, env: Mapping[str, str] | None = None, processes: int | None = None,
+                  port: int | None = None) -> Node:
     """The node of a `launch.nodes: expected` run, refusing a pod count (or, under Kubeflow, a
     processes-per-node count) that disagrees with the config."""
     env = os.environ if env is None else env
-    node = current_node(env)
+    node = current_node(env, port)
     if node is None:
         raise EcomcapError(f"launch.nodes is {expected} but this process is not one of {expected} pods: set "
                            f"{ZENML[0]}/{ZENML[1]}/{ZENML[2]} (ZenML's step operator sets them) or {KUBEFLOW[0]}/"

@@ -16,7 +16,7 @@ from ecomcap.config_check import pipeline_input
 from ecomcap.errors import EcomcapError
 from ecomcap.workflow import library_fingerprint, source_fingerprint
 from steps import dpo, evaluate, generate, grounding, ingest, promote, scst, sft, validate
-from steps.nodes import on_nodes, sft_from_nodes, stage_inputs, tuned_from_nodes
+from steps.nodes import dpo_from_nodes, on_nodes, scst_from_nodes, sft_from_nodes, stage_inputs
 
 # `zenml pipeline run -c`: the YAML's parameters.config checked with one-line errors
 CheckedConfig = pipeline_input(RunConfig)
@@ -42,9 +42,9 @@ def _on_nodes(config: RunConfig, train, valid, scorers):
         if enabled:
             stage_inputs(config=config, stage=stage, token=token, train=train, valid=valid, model=model,
                          grounding=scorers, id=f"{stage}_inputs")
-            model = tuned_from_nodes(config=config, stage=stage, token=token, train=train, valid=valid,
-                                     grounding=scorers, id=stage,
-                                     after=on_nodes(stage, config, config.launch.nodes, f"{stage}_inputs", token))
+            adopt = scst_from_nodes if stage == "scst" else dpo_from_nodes
+            model = adopt(config=config, token=token, train=train, valid=valid, grounding=scorers, id=stage,
+                          after=on_nodes(stage, config, config.launch.nodes, f"{stage}_inputs", token))
             scst_model = model if stage == "scst" else scst_model
     return sft_model, scst_model, model
 

@@ -1,23 +1,45 @@
 """Multi-pod command steps and the regular steps around them (ecomcap/command_steps.py).
 
-`<stage>_inputs` writes the paths of its artifacts for the pods; `<stage>_nodes` is ZenML's
-command step on `launch.nodes` pods (`generate_pods`: `generate.chunks.pods`); the step after it
-(`sft`, `scst`, `dpo`, or `merge_generated`) hands the result on as a typed artifact.
+`<stage>_inputs` writes its artifacts for the pods (copied onto the shared volume when the
+artifact store is remote); `<stage>_nodes` is ZenML's command step on `launch.nodes` pods
+(`generate_pods`: `generate.chunks.pods`); the step after it (`sft`, `scst`, `dpo`, or
+`merge_generated`) hands the result on as a typed artifact.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any
 
-from zenml import CommandStep, step
+from zenml import CommandStep, get_step_context, step
 
-from ecomcap.command_steps import pod_command, read_result, replay_curve, write_handoff
-from ecomcap.config import RunConfig
+from ecomcap.command_steps import pod_command, read_result, record_done, replay_curve, write_handoff
+from ecomcap.config import ModelConfig, RunConfig
 from ecomcap.registry import tracking
 from materializers import DatasetDir, ModelDir
 from steps._tracker import TRACKER, run_name
 
 START = {"scst": "sft_model", "dpo": "start_model"}  # the argument each tuning stage starts from
+
+
+def _remote_store() -> bool:
+    """Whether this step's artifacts were loaded into temporary folders of its own pod."""
+    from zenml.client import Client
+
+    return not Client().active_stack.artifact_store.config.is_local
+
+
+def _run_caches() -> bool:
+    """False under `--no-cache` / `enable_cache: false`: train again, reuse nothing."""
+    return get_step_context().pipeline_run.config.enable_cache is not False
+
+
+def _prefetch(model: ModelConfig) -> None:
+    """A hub model downloaded once into the shared cache (HF_HOME on the volume), before N pods'
+    ranks start at once."""
+    if model.tiny is None and not Path(model.name_or_path).exists():
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(model.name_or_path)
 
 
 @step(enable_cache=False)
@@ -31,15 +53,17 @@ def stage_inputs(config: RunConfig, stage: str, token: str, train: DatasetDir, v
     inputs: dict[str, Any] = {"train": train.path, "valid": valid.path, "run_name": run_name()}
     if stage == "sft":
         ensure_model(config.model, train.path)  # the tiny model, built once before the pods start
+        _prefetch(config.model)
     else:
         scorer = reward_scorer(stage, config, Path(grounding.path) if grounding else None)
         inputs.update({START[stage]: model.path, "scorer_dir": str(scorer) if scorer else None})
-    return str(write_handoff(config, stage, token, inputs))
+    return str(write_handoff(config, stage, token, inputs, share=_remote_store(), reuse=_run_caches()))
 
 
 @step(enable_cache=False)
 def generate_inputs(config: RunConfig, token: str, model: ModelDir, data: DatasetDir) -> Annotated[str, "handoff"]:
-    return str(write_handoff(config, "generate", token, {"model": model.path, "data": data.path}))
+    return str(write_handoff(config, "generate", token, {"model": model.path, "data": data.path},
+                             share=_remote_store()))
 
 
 def on_nodes(stage: str, config: RunConfig, pods: int, after: str, token: str) -> str:
@@ -56,7 +80,7 @@ def _adopt(stage: str, config: RunConfig, token: str) -> dict[str, Any]:
     the pods could not log (they had no step run)."""
     tracking.log_config(stage, getattr(config, stage))
     tracking.log_config("launch", config.launch)
-    res = read_result(config, stage, token)
+    res = read_result(config, stage, token, run_name())
     replay_curve(stage, res["model_dir"])
     return res
 
@@ -67,13 +91,28 @@ def sft_from_nodes(config: RunConfig, token: str, train: DatasetDir, valid: Data
 
     tracking.log_config("model", config.model)
     tracking.log_config("finetune", config.finetune)
-    return ModelDir(str(finish_sft(_adopt("sft", config, token))))
+    out = finish_sft(_adopt("sft", config, token))
+    record_done(config, "sft", token)
+    return ModelDir(str(out))
+
+
+def _tuned(stage: str, config: RunConfig, token: str, grounding: ModelDir | None) -> ModelDir:
+    from ecomcap.training.stages import finish_tuning, reward_scorer
+
+    scores = Path(grounding.path) if grounding else None
+    reward_scorer(stage, config, scores)  # tags the scorer on this run, as the one-pod step does
+    out = finish_tuning(stage, config, _adopt(stage, config, token), scores)
+    record_done(config, stage, token)
+    return ModelDir(str(out))
 
 
 @step(experiment_tracker=TRACKER)
-def tuned_from_nodes(config: RunConfig, stage: str, token: str, train: DatasetDir, valid: DatasetDir,
-                     grounding: ModelDir | None = None) -> Annotated[ModelDir, "model"]:
-    from ecomcap.training.stages import finish_tuning
+def scst_from_nodes(config: RunConfig, token: str, train: DatasetDir, valid: DatasetDir,
+                    grounding: ModelDir | None = None) -> Annotated[ModelDir, "model"]:
+    return _tuned("scst", config, token, grounding)
 
-    res = _adopt(stage, config, token)
-    return ModelDir(str(finish_tuning(stage, config, res, Path(grounding.path) if grounding else None)))
+
+@step(experiment_tracker=TRACKER)
+def dpo_from_nodes(config: RunConfig, token: str, train: DatasetDir, valid: DatasetDir,
+                   grounding: ModelDir | None = None) -> Annotated[ModelDir, "dpo_model"]:
+    return _tuned("dpo", config, token, grounding)

@@ -34,6 +34,12 @@ def pod_env(index: int, count: int, port: int) -> dict[str, str]:
     return env
 
 
+def pet_env(index: int, count: int, port: int) -> dict[str, str]:
+    """The Kubeflow Trainer's (torchrun's) convention for the same pod: a TrainJob, or by hand."""
+    return {"PET_NNODES": str(count), "PET_NODE_RANK": str(index), "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": str(port)}
+
+
 def base_env(threads: int = 1) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ZENML_KUBERNETES_", "PET_"))}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -43,15 +49,16 @@ def base_env(threads: int = 1) -> dict[str, str]:
 
 def start_pods(args: list[str], count: int, cwd: Path, logs: Path, port: int | None = None,
                only: list[int] | None = None, extra_env: dict[str, str] | None = None,
-               raw: bool = False) -> dict[int, subprocess.Popen]:
+               raw: bool = False, pet: bool = False) -> dict[int, subprocess.Popen]:
     """`ecomcap <args>` (`raw`: `args` is the whole command) as pods 0..count-1 (or just `only`),
-    each in a session of its own; output to logs/pod-<i>.log."""
+    each in a session of its own, with ZenML's pod environment (`pet`: Kubeflow's); output to
+    logs/pod-<i>.log."""
     port = port or free_port()
     logs.mkdir(parents=True, exist_ok=True)
     pods = {}
     for i in only if only is not None else range(count):
         out = open(logs / f"pod-{i}.log", "a", encoding="utf-8")
-        env = {**base_env(), **(extra_env or {}), **pod_env(i, count, port)}
+        env = {**base_env(), **(extra_env or {}), **(pet_env if pet else pod_env)(i, count, port)}
         pods[i] = subprocess.Popen(list(args) if raw else [ECOMCAP, *args], cwd=cwd, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return pods

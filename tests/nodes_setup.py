@@ -49,12 +49,13 @@ def one_node(root: Path, name: str, **launch) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def two_pods(root: Path, name: str, kill_after_step: int | None = None, **launch) -> tuple[dict, list[str]]:
+def two_pods(root: Path, name: str, kill_after_step: int | None = None, pet: bool = False,
+             **launch) -> tuple[dict, list[str]]:
     """The same command as two local pods (one rank each): pod 0's JSON line and both pods' logs.
     `kill_after_step`: pod 1 is killed once step k's checkpoint exists, then both restart."""
     cfg = write_config(root, name, nodes=2, num_processes=1, **launch)
     args, logs = ["train", "--stage", "sft", "--config", str(cfg)], root / "logs" / name
-    pods = start_pods(args, 2, root, logs)
+    pods = start_pods(args, 2, root, logs, pet=pet)
     if kill_after_step is not None:
         ckpt = f"step-{kill_after_step:07d}"
         wait_for(lambda: any((root / "runs" / name).glob(f"run-*/checkpoints/{ckpt}")) or
@@ -62,7 +63,7 @@ def two_pods(root: Path, name: str, kill_after_step: int | None = None, **launch
         kill_pod(pods[1])
         codes = wait(pods)
         assert codes[1] != 0 and codes[0] != 0, codes  # pod 0 fails too: its peer is gone
-        pods = start_pods(args, 2, root, logs)  # the Job (the step's retry) starts both again
+        pods = start_pods(args, 2, root, logs, pet=pet)  # the Job (the step's retry) starts both again
     codes = wait(pods)
     texts = [(logs / f"pod-{i}.log").read_text(encoding="utf-8") for i in range(2)]
     assert codes == {0: 0, 1: 0}, texts[0][-3000:] + texts[1][-3000:]

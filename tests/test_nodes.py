@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from ecomcap.command_steps import pod_command, read_inputs, read_result, write_handoff, write_result
+from ecomcap.command_steps import (
+    handoff_path,
+    pod_command,
+    read_inputs,
+    read_result,
+    write_handoff,
+    write_result,
+)
 from ecomcap.config import LaunchConfig, RunConfig
 from ecomcap.errors import EcomcapError
 from ecomcap.launch import command
@@ -83,8 +90,10 @@ def test_the_handoff_and_a_stale_result(tmp_path):
 
 
 def test_inputs_an_earlier_run_trained_are_not_trained_again(tmp_path, monkeypatch):
-    """Pod 0 of the second run (other token and run name, same config and input paths) hands on
-    the first run's result without launching anything; other inputs are trained."""
+    """Pod 0 of a second run (other token and run name, same config and inputs) hands on the first
+    run's result without launching anything, once the first run's result was adopted (a result
+    never adopted, e.g. ranks that disagreed, is never reused); the same Job restarted after pod 0
+    finished hands on its own result; other inputs, or `reuse` off (--no-cache), are trained."""
     from ecomcap import command_steps
     from ecomcap.training import stages
 
@@ -95,15 +104,54 @@ def test_inputs_an_earlier_run_trained_are_not_trained_again(tmp_path, monkeypat
     monkeypatch.setattr(stages, "launch_stage", lambda *a, **kw: launched.append(kw) or {"model_dir": str(model)})
     for key, value in pod_env(0, 2, 29511).items():  # pod 0 of 2
         monkeypatch.setenv(key, value)
-    inputs = {"train": "a/train", "valid": "a/valid"}
-    first = write_handoff(cfg, "sft", "run1", {**inputs, "run_name": "r1"})
-    assert command_steps.train_on_this_node("sft", cfg, read_inputs(first, "sft"), first) == {"model_dir": str(model)}
-    second = write_handoff(cfg, "sft", "run2", {**inputs, "run_name": "r2"})
-    assert command_steps.train_on_this_node("sft", cfg, read_inputs(second, "sft"), second) == {"model_dir": str(model)}
-    assert len(launched) == 1 and read_result(cfg, "sft", "run2") == {"model_dir": str(model)}
-    third = write_handoff(cfg, "sft", "run3", {"train": "b/train", "valid": "a/valid", "run_name": "r3"})
-    command_steps.train_on_this_node("sft", cfg, read_inputs(third, "sft"), third)
-    assert len(launched) == 2
+
+    def run(token, reuse=True, **inputs):
+        handoff = write_handoff(cfg, "sft", token, {"train": "a/train", "valid": "a/valid", **inputs}, reuse=reuse)
+        return command_steps.train_on_this_node("sft", cfg, read_inputs(handoff, "sft"), handoff)
+
+    assert run("run1", run_name="r1") == {"model_dir": str(model)} and len(launched) == 1
+    run("run2", run_name="r2")
+    assert len(launched) == 2  # run1's result was never adopted: not reused
+    command_steps.record_done(cfg, "sft", "run2")
+    assert run("run3", run_name="r3") == {"model_dir": str(model)} and len(launched) == 2  # reused
+    assert read_result(cfg, "sft", "run3", "r3") == {"model_dir": str(model)}
+    again = handoff_path(cfg, "sft", "run3")
+    assert command_steps.train_on_this_node("sft", cfg, read_inputs(again, "sft"), again) == {"model_dir": str(model)}
+    assert len(launched) == 2  # the Job restarted after pod 0 finished: nothing trained
+    run("run4", run_name="r4", train="b/train")
+    run("run5", reuse=False, run_name="r5")
+    assert len(launched) == 4
+    with pytest.raises(EcomcapError, match="holds the inputs of run r5, not of this run"):
+        read_result(cfg, "sft", "run5", "r6")  # a schedule's second run on the same compiled token
+
+
+def test_inputs_outside_the_shared_volume_are_copied_onto_it(tmp_path):
+    """With a remote artifact store a step loads artifacts into temporary folders of its own pod:
+    the handoff must name copies on the volume the stage's pods mount."""
+    cfg = RunConfig.model_validate({"data": {"work_dir": str(tmp_path / "volume" / "data")}})
+    pod_tmp = tmp_path / "pod-tmp" / "ecomcap-artifact-x"
+    pod_tmp.mkdir(parents=True)
+    (pod_tmp / "report.json").write_text("{}")
+    on_volume = tmp_path / "volume" / "data" / "train"
+    on_volume.mkdir(parents=True)
+    handoff = write_handoff(cfg, "generate", "tok", {"model": str(pod_tmp), "data": str(on_volume)}, share=True)
+    inputs = read_inputs(handoff, "generate")
+    assert inputs["data"] == str(on_volume)  # already shared: as it is
+    copied = Path(inputs["model"])
+    assert copied.is_relative_to(tmp_path / "volume") and (copied / "report.json").read_text() == "{}"
+
+
+def test_a_checkpoint_waits_for_every_ranks_generators_and_refuses_without_them(tmp_path):
+    from ecomcap.training.checkpoint import _restore_rng, collect_rng, save_rng
+
+    dest = tmp_path / "ckpt"
+    dest.mkdir()
+    save_rng(tmp_path, 4, 0)
+    with pytest.raises(EcomcapError, match="1 of 2 ranks' generator states"):
+        collect_rng(tmp_path, 4, dest, world=2, wait_s=1)
+    collect_rng(tmp_path, 4, dest, world=1)
+    with pytest.raises(EcomcapError, match="not rank 1's"):
+        _restore_rng(dest, 1, {})
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +186,16 @@ def test_ddp_on_two_pods_equals_one_node_with_two_processes(root):
         assert f"node {i}: world size 2 over 2 nodes" in text, text[-2000:]
     assert json.loads(logs[1].strip().splitlines()[-1]) == {"stage": "sft", "node_done": True}
     assert Path(root / two["model_dir"]).is_dir()
+
+
+def test_a_pod_of_several_refuses_work_it_would_repeat(root):
+    """launch.nodes 1 on a pod of 2 (each pod would train the whole stage into one output_dir), and
+    captioning raw files on a pod (each would ingest the whole catalogue): one line each."""
+    env = {**base_env(), **pod_env(1, 2, 29511)}
+    cfg = write_config(root, "one-node-on-pods")
+    proc = subprocess.run([ECOMCAP, "train", "--stage", "sft", "--config", str(cfg)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "but launch.nodes is 1: set launch.nodes: 2" in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run([ECOMCAP, "generate", "--model", "tiny", "--data", "data/raw", "--out", "o.jsonl"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "give an ingested dataset" in proc.stderr, proc.stderr[-2000:]

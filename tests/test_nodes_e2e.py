@@ -6,6 +6,7 @@ Local "pods": tests/local_pods.py (process trees given ZenML's multi-pod environ
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -43,10 +44,22 @@ def test_zero_on_two_pods_equals_one_node(root, zero):
     assert all("world size 2 over 2 nodes" in text for text in logs)
 
 
-def test_a_killed_pod_resumes_exactly(root):
+@pytest.fixture(scope="module")
+def ddp_one(root):
+    return one_node(root, "ddp-one", num_processes=2)
+
+
+def test_kubeflow_pet_environment_runs_the_same(root, ddp_one):
+    """The same command under the Kubeflow Trainer's torchrun variables (a TrainJob, or by hand)."""
+    two, logs = two_pods(root, "pet-two", pet=True)
+    _same_training(root, ddp_one, two)
+    assert "from PET_* (Kubeflow TrainJob / torchrun)" in logs[1]
+
+
+def test_a_killed_pod_resumes_exactly(root, ddp_one):
     """Pod 1's process tree is killed once step 2's checkpoint exists; pod 0 then fails on the
     broken collective; both start again and every rank resumes from the last complete checkpoint."""
-    whole = one_node(root, "kill-whole", num_processes=2)
+    whole = ddp_one
     resumed, logs = two_pods(root, "kill-cut", kill_after_step=2)
     assert resumed["resumed_from"] >= 2 and resumed["steps"] == SMALL["sft"]["max_steps"]
     _same_training(root, whole, resumed)
@@ -98,13 +111,15 @@ def test_captioning_on_two_pods_is_byte_identical_also_with_a_pod_killed(root, c
     odd = lambda: [p for p in parts.glob("*/part-*.jsonl") if int(p.stem.split("-")[1]) % 2]  # noqa: E731
     wait_for(lambda: len(odd()) >= 3 or pods[1].poll() is not None)
     kill_pod(pods[1])
+    kill_pod(pods[0])  # backoffLimit 0: the Job fails and Kubernetes stops its other pod too
     done_before = {p.name for p in odd()}
     assert 3 <= len(done_before) < 10  # killed mid-run
-    pods[1] = start_pods(args, 2, root, logs, only=[1])[1]  # the Job restarts the lost pod
-    assert wait(pods) == {0: 0, 1: 0}
-    again = json.loads((logs / "pod-1.log").read_text().strip().splitlines()[-1])
-    assert again["images"] == 1000
-    assert "already done" in (logs / "pod-1.log").read_text()  # its finished chunks were skipped
+    assert wait(start_pods(args, 2, root, logs)) == {0: 0, 1: 0}  # the step's retry: a new Job of both
+    for i in range(2):  # each pod's second attempt skipped the chunks it had finished
+        text = (logs / f"pod-{i}.log").read_text()
+        assert json.loads(text.strip().splitlines()[-1])["images"] == 1000
+        skipped = int(re.findall(r"to caption, (\d+) already done", text)[-1])
+        assert skipped >= (len(done_before) if i == 1 else 1), (i, skipped)
     assert _one_pod(root, catalogue, "killed/caption_gen.jsonl") == reference
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ecomcap.errors import EcomcapError
 from ecomcap.modeling.load import write_output_marker
 from ecomcap.modeling.processor import save_processor
 
@@ -52,8 +54,11 @@ def _restore_rng(path: Path, rank: int, legacy: dict) -> None:
     import numpy as np
 
     own = path / f"rng-rank{rank}.pt"
-    if not own.is_file():  # written before per-rank states: rank 0's torch state only
-        torch.set_rng_state(legacy["rng"])
+    if not own.is_file():
+        if any(path.glob("rng-rank*.pt")):
+            raise EcomcapError(f"{path} holds other ranks' generator states but not rank {rank}'s: resume with the "
+                               "processes (nodes x num_processes) that wrote it")
+        torch.set_rng_state(legacy["rng"])  # written before per-rank states: rank 0's torch state only
         return
     blob = torch.load(own, map_location="cpu", weights_only=True)
     torch.set_rng_state(blob["torch"])
@@ -64,7 +69,26 @@ def _restore_rng(path: Path, rank: int, legacy: dict) -> None:
     np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def collect_rng(ckpt_root: Path, step: int, dest: Path, world: int | None, wait_s: float = 30.0) -> None:
+    """Move every rank's generator states into the checkpoint being written. On a shared (NFS)
+    volume another pod's files can show in a listing seconds late: wait for all `world` of them,
+    as a checkpoint without a rank's states would resume that rank on rank 0's generators.
+    `world` None: whatever is there."""
+    rng = _rng_dir(ckpt_root, step)
+    world = world or 0
+    deadline = time.monotonic() + wait_s
+    while len(found := sorted(rng.glob("rng-rank*.pt"))) < world and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if len(found) < world:
+        raise EcomcapError(f"checkpoint of step {step}: {len(found)} of {world} ranks' generator states in {rng} "
+                           f"after {wait_s:.0f} s (is the output directory on a volume every pod shares?)")
+    for f in found:
+        shutil.move(str(f), dest / f.name)
+    shutil.rmtree(rng, ignore_errors=True)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
+                    world: int | None = None) -> Path:
     """Write ``step-NNNNNNN/`` atomically (tmp dir + rename) and prune old ones."""
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
@@ -76,10 +100,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, sta
          "rng": torch.get_rng_state()},
         tmp / "optim.pt",
     )
-    rng = _rng_dir(ckpt_root, step)
-    for f in rng.glob("rng-rank*.pt"):
-        shutil.move(str(f), tmp / f.name)
-    shutil.rmtree(rng, ignore_errors=True)
+    collect_rng(ckpt_root, step, tmp, world)
     (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

@@ -227,7 +227,7 @@ class TrainLoop:
                         zero.save_engine_checkpoint(acc, ckpts, step, self.sched, state, cfg.keep_checkpoints)
                     elif acc.is_main_process:
                         save_checkpoint(ckpts, step, acc.unwrap_model(self.model), self.opt, self.sched, state,
-                                        cfg.keep_checkpoints)
+                                        cfg.keep_checkpoints, acc.num_processes)
                     acc.wait_for_everyone()  # (no barrier on other steps: the gradient all-reduce keeps ranks in step)
                 if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step < cfg.max_steps:
                     bar.close()

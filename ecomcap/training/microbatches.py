@@ -51,7 +51,10 @@ def micro_batches(dataset: MicroBatches, first: int, workers: int, pin: bool, pr
 
 def data_workers(cfg, acc) -> int:
     """The loop config's `data_workers`, or the default for this process's device."""
-    return cfg.data_workers if cfg.data_workers is not None else default_workers(acc.device, acc.num_processes)
+    import os
+
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))  # this machine's ranks, not all nodes'
+    return cfg.data_workers if cfg.data_workers is not None else default_workers(acc.device, here)
 
 
 def default_workers(device: torch.device, processes: int) -> int:

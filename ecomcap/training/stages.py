@@ -204,3 +204,41 @@ def training_attributes(cfg: RunConfig) -> dict[str, dict] | None:
     from ecomcap.metrics.attributes import synthetic_attributes
 
     return synthetic_attributes(cfg.data.work_dir, cfg.data.source, "train")
+
+
+def prepared_inputs(stage: str, cfg: RunConfig, start: Path | None = None,
+                    grounding: Path | None = None) -> dict[str, Any]:
+    """`ecomcap train` by hand: the stage's data (prepared here on one node; on several, prepared
+    once beforehand: the pods would race to rewrite the shared shards), the model it starts from
+    (default: the finished SFT run of this config) and the grounding scorer its reward may use."""
+    from ecomcap.data.prepare import prepare_data
+
+    if "valid" not in cfg.data.splits:
+        cfg.data.splits.append("valid")
+    work = Path(cfg.data.work_dir)
+    if cfg.launch.nodes == 1:
+        prepare_data(cfg.data)
+    elif not all((work / s / "report.json").is_file() for s in ("train", "valid")):
+        raise EcomcapError(f"launch.nodes is {cfg.launch.nodes}: the pods do not ingest (they would race on the shared "
+                           f"volume); run `ecomcap prepare --config ...` once first (no ingested train/valid in {work})")
+    inputs: dict[str, Any] = {"train": work / "train", "valid": work / "valid", "run_name": ""}
+    if stage == "sft":
+        return inputs
+    from ecomcap.training.sft import sft_output
+
+    start = start or sft_output(work / "train", cfg.model, cfg.finetune, cfg.sft, cfg.data.dev_images)
+    if start is None:
+        raise EcomcapError(f"no finished SFT run of this config (model, finetune, sft, data) under "
+                           f"{cfg.sft.output_dir}: run --stage sft first or pass --from")
+    inputs["sft_model" if stage == "scst" else "start_model"] = str(start)
+    inputs["scorer_dir"] = _grounding_scorer(grounding) if grounding else None
+    return inputs
+
+
+def _grounding_scorer(grounding: Path) -> str:
+    """The scorer of a grounding step's output (its `scorer/` folder), for reward terms that need it."""
+    scorer = Path(grounding) / "scorer"
+    if not (scorer / "grounding.json").is_file():
+        raise EcomcapError(f"--grounding {grounding}: no scorer/grounding.json there (give the grounding step's "
+                           "output folder, which holds scorer/ and evaluator/)")
+    return str(scorer)

@@ -168,7 +168,7 @@ def save_engine_checkpoint(acc, ckpt_root: Path, step: int, scheduler, state: di
     """All ranks: engine state (sharded optimizer and weights) via accelerate `save_state` into a
     temporary folder; rank 0 then adds the scheduler and trainer state and renames it into place.
     The per-rank RNG files (`save_rng`) must already be written."""
-    from ecomcap.training.checkpoint import STATE, _rng_dir
+    from ecomcap.training.checkpoint import STATE, collect_rng
 
     final, tmp = ckpt_root / f"step-{step:07d}", ckpt_root / f".tmp-step-{step:07d}"
     if acc.is_main_process:
@@ -180,10 +180,7 @@ def save_engine_checkpoint(acc, ckpt_root: Path, step: int, scheduler, state: di
     acc.wait_for_everyone()
     if acc.is_main_process:
         torch.save(scheduler.state_dict(), tmp / SCHEDULER)
-        rng = _rng_dir(ckpt_root, step)
-        for f in rng.glob("rng-rank*.pt"):
-            shutil.move(str(f), tmp / f.name)
-        shutil.rmtree(rng, ignore_errors=True)
+        collect_rng(ckpt_root, step, tmp, acc.num_processes)
         payload = {**state, "step": step, "format": checkpoint_format(acc)}
         (tmp / STATE).write_text(json.dumps(payload, indent=2), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import yaml
 
-from tests.local_pods import ECOMCAP, base_env, kill_pod, start_pods, wait, wait_for
+from tests.local_pods import ECOMCAP, base_env, free_port, kill_pod, start_pods, wait, wait_for
 
 SMALL = {
     "data": {"work_dir": "data", "splits": ["train", "valid"], "synth": {"train": 48, "valid": 8, "test": 0, "seed": 3}},
@@ -50,12 +51,18 @@ def one_node(root: Path, name: str, **launch) -> dict:
 
 
 def two_pods(root: Path, name: str, kill_after_step: int | None = None, pet: bool = False,
-             **launch) -> tuple[dict, list[str]]:
+             main_late_s: float = 0, **launch) -> tuple[dict, list[str]]:
     """The same command as two local pods (one rank each): pod 0's JSON line and both pods' logs.
     `kill_after_step`: pod 1 is killed once step k's checkpoint exists, then both restart."""
     cfg = write_config(root, name, nodes=2, num_processes=1, **launch)
     args, logs = ["train", "--stage", "sft", "--config", str(cfg)], root / "logs" / name
-    pods = start_pods(args, 2, root, logs, pet=pet)
+    if main_late_s:  # pod 1 first, pod 0 (the rendezvous host) later: a slow pod start
+        port = free_port()
+        pods = start_pods(args, 2, root, logs, port=port, pet=pet, only=[1])
+        time.sleep(main_late_s)
+        pods = {**start_pods(args, 2, root, logs, port=port, pet=pet, only=[0]), **pods}
+    else:
+        pods = start_pods(args, 2, root, logs, pet=pet)
     if kill_after_step is not None:
         ckpt = f"step-{kill_after_step:07d}"
         wait_for(lambda: any((root / "runs" / name).glob(f"run-*/checkpoints/{ckpt}")) or

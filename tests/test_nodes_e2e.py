@@ -49,9 +49,10 @@ def ddp_one(root):
     return one_node(root, "ddp-one", num_processes=2)
 
 
-def test_kubeflow_pet_environment_runs_the_same(root, ddp_one):
-    """The same command under the Kubeflow Trainer's torchrun variables (a TrainJob, or by hand)."""
-    two, logs = two_pods(root, "pet-two", pet=True)
+def test_kubeflow_pet_environment_runs_the_same_and_waits_for_a_late_main_pod(root, ddp_one):
+    """The same command under the Kubeflow Trainer's torchrun variables (a TrainJob, or by hand),
+    with pod 0, which hosts the rendezvous, started 20 s after pod 1 (launch.rendezvous_timeout_s)."""
+    two, logs = two_pods(root, "pet-two", pet=True, main_late_s=20)
     _same_training(root, ddp_one, two)
     assert "from PET_* (Kubeflow TrainJob / torchrun)" in logs[1]
 

@@ -69,7 +69,10 @@ def inputs_key(stage: str, cfg: RunConfig, inputs: dict[str, Any]) -> str:
     contents; not the run name or where the artifacts lie."""
     from ecomcap.workflow import library_fingerprint
 
+    launch_file = cfg.launch.config_file and Path(cfg.launch.config_file)  # the DeepSpeed settings, by content
     blob = json.dumps({"stage": stage, "code": library_fingerprint(), "config": cfg.model_dump(mode="json"),
+                       "launch_file": launch_file.read_text(encoding="utf-8") if launch_file and launch_file.is_file()
+                       else None,
                        "inputs": {k: _content(v) for k, v in inputs.items() if k != "run_name"}},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -125,28 +128,52 @@ def write_handoff(cfg: RunConfig, stage: str, token: str, inputs: dict[str, Any]
                   reuse: bool = True) -> Path:
     """The regular step before the command step: its inputs for the pods (`share`: copied onto the
     shared volume first) and, for a training stage whose inputs an earlier run trained with this
-    code, that run's result to reuse (`reuse` off: `--no-cache`, train again)."""
+    code, that run's result to reuse (`reuse` off: the run's `enable_cache: false`, train again)."""
     path = handoff_path(cfg, stage, token)
     result_path(path).unlink(missing_ok=True)
     inputs = {k: str(v) if isinstance(v, Path) else v for k, v in inputs.items()}
-    data: dict[str, Any] = {"stage": stage, "inputs": _share(cfg, token, inputs) if share else inputs}
+    data: dict[str, Any] = {"stage": stage, "inputs": inputs}
     if stage != "generate":
         data["key"] = inputs_key(stage, cfg, inputs)
-        done = _done_path(cfg, stage, data["key"])
-        if reuse and done.is_file():
-            earlier = json.loads(done.read_text(encoding="utf-8"))
-            if Path(earlier["model_dir"]).is_dir():
-                data["reuse"] = earlier
+        earlier = _earlier(cfg, stage, data["key"]) if reuse else None
+        if earlier is not None:
+            data["reuse"] = earlier
+    if share and "reuse" not in data:  # nothing to copy for pods that will not train
+        data["inputs"] = _share(cfg, token, inputs)
     _atomic_json(path, data)
     return path
+
+
+def _earlier(cfg: RunConfig, stage: str, key: str) -> dict[str, Any] | None:
+    """An earlier run's adopted result of these inputs, if its model is still what it recorded
+    (a later run of other code may have retrained into the same folder)."""
+    from ecomcap.training.identity import model_fingerprint
+
+    done = _done_path(cfg, stage, key)
+    if not done.is_file():
+        return None
+    record = json.loads(done.read_text(encoding="utf-8"))
+    model = Path(record["result"]["model_dir"])
+    if not model.is_dir() or model_fingerprint(model) != record["model_fingerprint"]:
+        return None
+    return record["result"]
+
+
+def clear_shared(cfg: RunConfig, token: str) -> None:
+    """The run's copies of its inputs on the shared volume, once the stage handed its model on."""
+    shutil.rmtree(shared_root(cfg) / HANDOFF_DIR / token, ignore_errors=True)
 
 
 def record_done(cfg: RunConfig, stage: str, token: str) -> None:
     """After the stage's result was checked and handed on: later runs of the same inputs may
     reuse it (a result whose ranks disagree never gets here)."""
+    from ecomcap.training.identity import model_fingerprint
+
     handoff = read_handoff(handoff_path(cfg, stage, token), stage)
     if "key" in handoff and "reuse" not in handoff:
-        _atomic_json(_done_path(cfg, stage, handoff["key"]), read_result(cfg, stage, token))
+        result = read_result(cfg, stage, token)
+        _atomic_json(_done_path(cfg, stage, handoff["key"]),
+                     {"result": result, "model_fingerprint": model_fingerprint(result["model_dir"])})
 
 
 def read_handoff(handoff: str | Path, stage: str) -> dict[str, Any]:
@@ -164,9 +191,9 @@ def read_inputs(handoff: str | Path, stage: str) -> dict[str, Any]:
     return read_handoff(handoff, stage)["inputs"]
 
 
-def write_result(handoff: str | Path, result: dict[str, Any]) -> None:
-    """Pod 0, after the stage: its result, tied to the handoff it ran on."""
-    _atomic_json(result_path(Path(handoff)), {"handoff": _digest(Path(handoff)), "result": result})
+def write_result(handoff: str | Path, result: dict[str, Any], digest: str | None = None) -> None:
+    """Pod 0, after the stage: its result, tied to the handoff it ran on (`digest`: as it read it)."""
+    _atomic_json(result_path(Path(handoff)), {"handoff": digest or _digest(Path(handoff)), "result": result})
 
 
 def read_result(cfg: RunConfig, stage: str, token: str, run_name: str | None = None) -> dict[str, Any]:
@@ -199,7 +226,10 @@ def train_on_this_node(stage: str, cfg: RunConfig, inputs: dict[str, Any],
 
     node = require_nodes(cfg.launch.nodes, processes=cfg.launch.num_processes, port=cfg.launch.main_process_port)
     data = read_handoff(handoff, stage) if handoff is not None else {}
-    done = _finished(handoff) if handoff is not None else None
+    # the handoff as this pod read it: a result is tied to these inputs, even if another run
+    # rewrites the file meanwhile
+    digest = _digest(Path(handoff)) if handoff is not None else None
+    done = _finished(handoff, digest) if handoff is not None else None
     if done is not None:  # the Job restarted after pod 0 had finished: nothing left to train
         print(f"{stage}: this run's pods already finished the stage: {done['model_dir']}", flush=True)
         return done if node.rank == 0 else None
@@ -210,17 +240,17 @@ def train_on_this_node(stage: str, cfg: RunConfig, inputs: dict[str, Any],
         print(f"{stage}: {node.describe()}, {cfg.launch.num_processes} process(es) here", flush=True)
         res = launch_stage(stage, cfg, node=node, **inputs)
     if res is not None and handoff is not None:
-        write_result(handoff, res)
+        write_result(handoff, res, digest)
     return res
 
 
-def _finished(handoff: str | Path) -> dict[str, Any] | None:
-    """Pod 0's result of exactly this handoff, if it wrote one."""
+def _finished(handoff: str | Path, digest: str) -> dict[str, Any] | None:
+    """Pod 0's result of exactly these inputs, if it wrote one."""
     path = result_path(Path(handoff))
     if not path.is_file():
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
-    return data["result"] if data["handoff"] == _digest(Path(handoff)) else None
+    return data["result"] if data["handoff"] == digest else None
 
 
 def replay_curve(stage: str, model_dir: str | Path) -> int:

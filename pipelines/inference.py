@@ -42,7 +42,7 @@ def batch_inference_pipeline(config: CheckedConfig = RunConfig(), output: str = 
     if pods > 1:  # one command step on `pods` pods, pod i captioning chunks i, i+pods, ...
         token = new_token()  # this run's handoff file (drawn at compile time: one per run)
         generate_inputs(config=config, token=token, model=model, data=test, id="generate_inputs")
-        predictions = merge_generated(config=config, model=model, data=test,
+        predictions = merge_generated(config=config, model=model, data=test, token=token,
                                       after=on_nodes("generate", config, pods, "generate_inputs", token))
     elif fan_out <= 1:
         predictions = generate(config=config, model=model, data=test, registered=True)  # as it is served

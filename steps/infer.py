@@ -27,8 +27,15 @@ def generate_share(config: RunConfig, model: ModelDir, data: DatasetDir, index: 
 
 
 @step(experiment_tracker=TRACKER)
-def merge_generated(config: RunConfig, model: ModelDir, data: DatasetDir) -> Annotated[dict, "caption_gen"]:
-    return merge_generated_stage(Path(model.path), Path(data.path), config)
+def merge_generated(config: RunConfig, model: ModelDir, data: DatasetDir,
+                    token: str | None = None) -> Annotated[dict, "caption_gen"]:
+    """`token`: after `generate_pods`, whose inputs' copies on the shared volume go once merged."""
+    preds = merge_generated_stage(Path(model.path), Path(data.path), config)
+    if token is not None:
+        from ecomcap.command_steps import clear_shared
+
+        clear_shared(config, token)
+    return preds
 
 
 @step(enable_cache=False)

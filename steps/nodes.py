@@ -12,7 +12,14 @@ from typing import Annotated, Any
 
 from zenml import CommandStep, get_step_context, step
 
-from ecomcap.command_steps import pod_command, read_result, record_done, replay_curve, write_handoff
+from ecomcap.command_steps import (
+    clear_shared,
+    pod_command,
+    read_result,
+    record_done,
+    replay_curve,
+    write_handoff,
+)
 from ecomcap.config import ModelConfig, RunConfig
 from ecomcap.registry import tracking
 from materializers import DatasetDir, ModelDir
@@ -29,17 +36,24 @@ def _remote_store() -> bool:
 
 
 def _run_caches() -> bool:
-    """False under `--no-cache` / `enable_cache: false`: train again, reuse nothing."""
+    """False under the run's `enable_cache: false`: train again, reuse nothing."""
     return get_step_context().pipeline_run.config.enable_cache is not False
 
 
 def _prefetch(model: ModelConfig) -> None:
     """A hub model downloaded once into the shared cache (HF_HOME on the volume), before N pods'
     ranks start at once."""
-    if model.tiny is None and not Path(model.name_or_path).exists():
-        from huggingface_hub import snapshot_download
+    if model.tiny is not None or Path(model.name_or_path).exists():
+        return
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-        snapshot_download(model.name_or_path)
+    try:
+        validate_repo_id(model.name_or_path)
+    except HFValidationError:  # a local path that is not there: the loader says so
+        return
+    snapshot_download(model.name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                          "*.jinja", "*.tiktoken"])
 
 
 @step(enable_cache=False)
@@ -93,6 +107,7 @@ def sft_from_nodes(config: RunConfig, token: str, train: DatasetDir, valid: Data
     tracking.log_config("finetune", config.finetune)
     out = finish_sft(_adopt("sft", config, token))
     record_done(config, "sft", token)
+    clear_shared(config, token)
     return ModelDir(str(out))
 
 
@@ -103,6 +118,7 @@ def _tuned(stage: str, config: RunConfig, token: str, grounding: ModelDir | None
     reward_scorer(stage, config, scores)  # tags the scorer on this run, as the one-pod step does
     out = finish_tuning(stage, config, _adopt(stage, config, token), scores)
     record_done(config, stage, token)
+    clear_shared(config, token)
     return ModelDir(str(out))
 
 

@@ -366,10 +366,16 @@ def test_run_file_entries_are_steps_of_the_pipeline_and_merge_with_the_code(grap
     assert steps["sft"]["step_operator"] is False and steps["scst"]["step_operator"] is True
 
 
-def test_each_run_has_its_own_handoff_so_no_command_step_is_taken_from_the_cache(graphs):
-    """A command step's cache key is its command: the token drawn at compile time makes it new
-    for every run (the same config compiled twice), so the run-level `enable_cache: true` can
-    never hand a run another run's pods; both runs' handoffs differ too."""
+def test_each_run_has_its_own_handoff_and_no_command_step_is_cached(graphs):
+    """The token drawn at compile time gives every run its own handoff (the same config compiled
+    twice); under the shipped run file the command steps and their inputs steps stay uncached (a
+    run-level `enable_cache: true` would override their own False: a schedule's second run, same
+    token, would get the first run's pods from the cache), and neither k8s run file sets one."""
+    for stage in NODE_STEPS:
+        for name in (f"{stage}_nodes", f"{stage}_inputs"):
+            assert graphs["training_run"][name]["enable_cache"] is False, name
+    for name in ("k8s.yaml", "k8s_multinode.yaml"):
+        assert "enable_cache" not in read_yaml(ROOT / "configs" / name), name
     first, second = graphs["training"], graphs["training_again"]
     for stage in NODE_STEPS:
         a, b = first[f"{stage}_nodes"]["command"], second[f"{stage}_nodes"]["command"]

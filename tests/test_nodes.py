@@ -93,7 +93,7 @@ def test_inputs_an_earlier_run_trained_are_not_trained_again(tmp_path, monkeypat
     """Pod 0 of a second run (other token and run name, same config and inputs) hands on the first
     run's result without launching anything, once the first run's result was adopted (a result
     never adopted, e.g. ranks that disagreed, is never reused); the same Job restarted after pod 0
-    finished hands on its own result; other inputs, or `reuse` off (--no-cache), are trained."""
+    finished hands on its own result; other inputs, or `reuse` off (the run's enable_cache: false), are trained."""
     from ecomcap import command_steps
     from ecomcap.training import stages
 

@@ -69,22 +69,30 @@ def _restore_rng(path: Path, rank: int, legacy: dict) -> None:
     np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
 
 
-def collect_rng(ckpt_root: Path, step: int, dest: Path, world: int | None, wait_s: float = 30.0) -> None:
+def collect_rng(ckpt_root: Path, step: int, dest: Path, world: int | None, wait_s: float = 90.0) -> None:
     """Move every rank's generator states into the checkpoint being written. On a shared (NFS)
-    volume another pod's files can show in a listing seconds late: wait for all `world` of them,
-    as a checkpoint without a rank's states would resume that rank on rank 0's generators.
-    `world` None: whatever is there."""
+    volume another pod's files can show in a listing late (attribute caches hold directories up to
+    60 s): wait for every rank's own file, as a checkpoint without a rank's states would resume
+    that rank on rank 0's generators. `world` None: whatever is there."""
     rng = _rng_dir(ckpt_root, step)
-    world = world or 0
+    wanted = {f"rng-rank{r}.pt" for r in range(world or 0)}
     deadline = time.monotonic() + wait_s
-    while len(found := sorted(rng.glob("rng-rank*.pt"))) < world and time.monotonic() < deadline:
+    while not wanted <= {f.name for f in rng.glob("rng-rank*.pt")} and time.monotonic() < deadline:
         time.sleep(0.5)
-    if len(found) < world:
-        raise EcomcapError(f"checkpoint of step {step}: {len(found)} of {world} ranks' generator states in {rng} "
-                           f"after {wait_s:.0f} s (is the output directory on a volume every pod shares?)")
-    for f in found:
+    missing = sorted(wanted - {f.name for f in rng.glob("rng-rank*.pt")})
+    if missing:
+        raise EcomcapError(f"checkpoint of step {step}: {', '.join(missing)} missing in {rng} after {wait_s:.0f} s "
+                           "(is the output directory on a volume every pod shares?)")
+    for f in rng.glob("rng-rank*.pt"):
         shutil.move(str(f), dest / f.name)
     shutil.rmtree(rng, ignore_errors=True)
+
+
+def complete_rng(path: Path, world: int) -> bool:
+    """Whether a checkpoint holds every rank's generator states (or none: written before per-rank
+    states, resumed from rank 0's)."""
+    have = {f.name for f in Path(path).glob("rng-rank*.pt")}
+    return not have or {f"rng-rank{r}.pt" for r in range(world)} <= have
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,

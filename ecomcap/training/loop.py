@@ -31,6 +31,7 @@ from ecomcap.training import zero
 from ecomcap.training.accelerator import make_accelerator, resolve_precision  # noqa: F401 (re-exported)
 from ecomcap.training.checkpoint import (
     STATE,
+    complete_rng,
     export_model,
     latest_checkpoint,
     load_checkpoint,
@@ -276,6 +277,9 @@ class TrainLoop:
         if fmt != zero.checkpoint_format(self.acc):
             log.warning("%s: %s holds a %s checkpoint, this launch writes %s: not resumed, starting at step 0",
                         self.stage, last, fmt, zero.checkpoint_format(self.acc))
+            return None
+        if not complete_rng(last, saved_world):  # e.g. a rank's file that a shared volume showed too late
+            log.warning("%s: %s lacks some ranks' generator states: not resumed, starting at step 0", self.stage, last)
             return None
         return last
 

@@ -118,9 +118,12 @@ def test_inputs_an_earlier_run_trained_are_not_trained_again(tmp_path, monkeypat
     again = handoff_path(cfg, "sft", "run3")
     assert command_steps.train_on_this_node("sft", cfg, read_inputs(again, "sft"), again) == {"model_dir": str(model)}
     assert len(launched) == 2  # the Job restarted after pod 0 finished: nothing trained
+    (model / "model.safetensors").write_bytes(b"retrained by other code")  # the recorded model changed
+    run("run6", run_name="r6")
+    assert len(launched) == 3  # not reused
     run("run4", run_name="r4", train="b/train")
     run("run5", reuse=False, run_name="r5")
-    assert len(launched) == 4
+    assert len(launched) == 5
     with pytest.raises(EcomcapError, match="holds the inputs of run r5, not of this run"):
         read_result(cfg, "sft", "run5", "r6")  # a schedule's second run on the same compiled token
 
@@ -142,16 +145,23 @@ def test_inputs_outside_the_shared_volume_are_copied_onto_it(tmp_path):
 
 
 def test_a_checkpoint_waits_for_every_ranks_generators_and_refuses_without_them(tmp_path):
-    from ecomcap.training.checkpoint import _restore_rng, collect_rng, save_rng
+    from ecomcap.training.checkpoint import _restore_rng, collect_rng, complete_rng, save_rng
 
     dest = tmp_path / "ckpt"
     dest.mkdir()
     save_rng(tmp_path, 4, 0)
-    with pytest.raises(EcomcapError, match="1 of 2 ranks' generator states"):
+    with pytest.raises(EcomcapError, match="rng-rank1.pt missing"):
         collect_rng(tmp_path, 4, dest, world=2, wait_s=1)
+    assert not complete_rng(dest, 2) and complete_rng(tmp_path / "none", 2)  # none at all: older format
     collect_rng(tmp_path, 4, dest, world=1)
     with pytest.raises(EcomcapError, match="not rank 1's"):
         _restore_rng(dest, 1, {})
+    save_rng(tmp_path, 6, 0)
+    save_rng(tmp_path, 6, 1)
+    later = tmp_path / "later"
+    later.mkdir()
+    collect_rng(tmp_path, 6, later, world=2)
+    assert complete_rng(later, 2) and sorted(f.name for f in later.iterdir()) == ["rng-rank0.pt", "rng-rank1.pt"]
 
 
 @pytest.fixture(scope="module")

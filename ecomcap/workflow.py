@@ -219,7 +219,7 @@ def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
 
     refs = read_references(valid)
     attrs = _synthetic_attributes(cfg.data)
-    metrics = caption_report(preds, refs, attrs)
+    metrics = caption_report(preds, refs, attrs, _train_brand_counts(cfg.data) if attrs else None)
     evaluator = grounding_evaluator(cfg, grounding)
     if evaluator is not None:
         from ecomcap.grounding.evaluate import grounded_metrics
@@ -238,6 +238,10 @@ def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
         record_grounding(Path(grounding))
     if "attributes" in metrics:
         tracking.log_metrics(metrics["attributes"], prefix="val.attr.")
+        brands = metrics["brands"]
+        tracking.log_metrics({k: v for k, v in brands.items() if k != "per_brand" and v is not None},
+                             prefix="val.brand.")
+        tracking.log_text(json.dumps(brands, ensure_ascii=False, indent=2), "brand_accuracy.json")
     tracking.log_text(html, "samples.html")
     if curves:
         png = loss_curves_png(curves, _scratch(cfg, "curves") / "loss_curves.png")
@@ -257,6 +261,15 @@ def grounding_evaluator(cfg: RunConfig, grounding: Path | None):
 
     return GroundingScorer(Path(grounding) / "evaluator", device=cfg.grounding.encoder.torch_device(),
                            w=cfg.grounding.clip_w)
+
+
+def _train_brand_counts(data: DataConfig) -> dict[str, int] | None:
+    """Training images per brand (what makes a brand frequent or rare), where the data says."""
+    from ecomcap.metrics.attributes import synthetic_attributes
+    from ecomcap.metrics.brands import brand_counts
+
+    train = synthetic_attributes(data.work_dir, data.source, "train")
+    return dict(brand_counts(train)) if train else None
 
 
 def _synthetic_attributes(data: DataConfig) -> dict | None:

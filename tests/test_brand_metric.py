@@ -36,3 +36,14 @@ def test_no_branded_images():
     r = brand_accuracy({"7": "纯色衬衫"}, {"7": {"brand": ""}})
     assert r["micro"] is None and r["macro"] is None and r["n"] == 0 and r["wrong_brand"] == 0.0
     assert brand_counts(ATTRS) == {"NOVA": 4, "Kiro": 2}
+
+
+def test_the_caption_report_carries_brand_recognition():
+    from ecomcap.metrics.report import caption_report
+
+    refs = {k: ["红色T恤"] for k in ATTRS}
+    attrs = {k: {"category": "T恤", "colour": "红色", "pattern": "纯色", **v} for k, v in ATTRS.items()}
+    r = caption_report({k: v for k, v in PREDS.items() if k in ATTRS}, refs, attrs, {"NOVA": 500, "Kiro": 3})
+    assert r["brands"]["macro"] == pytest.approx(0.75) and r["brands"]["rare"] == pytest.approx(1.0)
+    assert r["attributes"]["brand"] == pytest.approx(4 / 6)  # the attribute figure is the micro one
+    assert "brands" not in caption_report({"1": "x"}, {"1": ["y"]})

@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 from ecomcap.data.clean import repeated_ngram_share
 from ecomcap.metrics.attributes import attribute_accuracy
+from ecomcap.metrics.brands import brand_accuracy
 from ecomcap.metrics.evaluate import evaluate
 from ecomcap.text import tokenize_many
 
@@ -19,8 +20,11 @@ def caption_report(
     preds: Mapping[str, str],
     refs: Mapping[str, Sequence[str]],
     attrs: Mapping[str, dict] | None = None,
+    brand_train_counts: Mapping[str, int] | None = None,
 ) -> dict:
-    """Metrics on pycocoevalcap's raw scale plus diversity/degeneration figures."""
+    """Metrics on pycocoevalcap's raw scale plus diversity/degeneration figures; with attribute
+    ground truth, attribute accuracy and brand recognition (frequent/rare by `brand_train_counts`,
+    the training images per brand)."""
     scored = {k: preds.get(k, "") for k in refs}
     out = evaluate(scored, refs, per_image=True)
     out["per_image"] = {k: {m: v[m] for m in ("CIDEr-D", "ROUGE-L")} for k, v in out["per_image"].items()}
@@ -32,6 +36,7 @@ def caption_report(
     if attrs is not None:
         out["attributes"] = attribute_accuracy(scored, attrs)
         out["attr_mean"] = out["attributes"]["mean"]  # a top-level figure the gate can guard
+        out["brands"] = brand_accuracy(scored, attrs, brand_train_counts)
     return out
 
 

@@ -32,6 +32,17 @@ class CleanConfig(_Strict):
     max_caption_tokens: int = Field(200, ge=1, description="references longer than this are dropped")
 
 
+class BrandBalanceConfig(_Strict):
+    """A class-balance filter on brands (train split only: the evaluation set stays whole). An
+    image's brand is the lexicon brand most of its references name; images of brands with fewer
+    than `min_images` are quarantined as `rare_brand` (a brand seen 3 times teaches the model to
+    name it on the wrong products more than to recognise it), counted in the ingest report."""
+
+    min_images: int = Field(0, ge=0, description="quarantine train images of brands with fewer images (0: off)")
+    brands: list[str] = Field(default_factory=list, description="the brand lexicon (default for the synthetic "
+                              "set: its brands); other data must list its brands")
+
+
 class IngestConfig(_Strict):
     """Streaming ingest of one split: per-row checks, quarantine, Parquet shards."""
 
@@ -42,6 +53,7 @@ class IngestConfig(_Strict):
     rows_per_shard: int = Field(20_000, ge=1)
     rows_per_group: int = Field(1_000, ge=1, description="Parquet row group size (memory bound)")
     clean: CleanConfig = Field(default_factory=CleanConfig)
+    brand_balance: BrandBalanceConfig = Field(default_factory=BrandBalanceConfig)
 
 
 class SynthConfig(_Strict):

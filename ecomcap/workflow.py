@@ -67,10 +67,10 @@ def _scratch(cfg: RunConfig, what: str) -> Path:
 def ingest_stage(data: DataConfig, split: str) -> Path:
     """Synthesize when configured, then stream one split into shards + quarantine."""
     from ecomcap.data.ingest import ingest_split
-    from ecomcap.data.prepare import source_dir
+    from ecomcap.data.prepare import ingest_config, source_dir
 
     out = scratch_dir(data.work_dir, f"ingest-{split}")
-    return ingest_split(source_dir(data), split, out, data.ingest).out_dir
+    return ingest_split(source_dir(data), split, out, ingest_config(data)).out_dir
 
 
 def validate_stage(splits: dict[str, Path], cfg: RunConfig) -> dict[str, Any]:

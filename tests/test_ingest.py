@@ -179,3 +179,57 @@ def test_report_json_matches_return(dirty_source, tmp_path):
     assert on_disk == res.report
     assert on_disk["caption_rules"] == {"cut_truncated": 1, "dropped_caption_empty": 1,
                                         "dropped_caption_looping": 3, "normalized": 1}
+
+
+def _branded_source(tmp_path, per_brand):
+    """A train split whose references name brands `per_brand` times each (plus unbranded rows)."""
+    rows, caps = [], []
+    for brand, n in per_brand.items():
+        for i in range(n):
+            image_id = f"{brand}{i}"
+            rows.append(f"{image_id}\t{encode_base64(make_image((10 * i % 250, 0, 0)))}")
+            caps.append({"image_id": image_id, "text": [f"{brand}红色T恤", f"{brand.lower()}的上衣", "红色T恤"]})
+    for i in range(4):
+        rows.append(f"plain{i}\t{encode_base64(make_image((0, 10 * i, 0)))}")
+        caps.append({"image_id": f"plain{i}", "text": ["蓝色连衣裙"]})
+    _write_tsv(tmp_path / "IC_train.tsv", rows)
+    write_jsonl(tmp_path / "IC_train.jsonl", caps)
+    _write_tsv(tmp_path / "IC_valid.tsv", rows)
+    write_jsonl(tmp_path / "IC_valid.jsonl", caps)
+    return tmp_path
+
+
+def test_brand_balance_drops_rare_brands_from_train_and_counts_them(tmp_path):
+    from ecomcap.config import BrandBalanceConfig
+
+    src = _branded_source(tmp_path, {"NOVA": 6, "KIKO": 2, "ZEN": 1})
+    cfg = IngestConfig(max_bad_rate=0.5, brand_balance=BrandBalanceConfig(min_images=3, brands=["NOVA", "KIKO", "ZEN"]))
+    rep = ingest_split(src, "train", tmp_path / "train", cfg).report
+    assert rep["rows_in"] == 13 == rep["rows_ok"] + rep["rows_quarantined"]
+    assert rep["reasons"] == {"rare_brand": 3} and rep["rows_ok"] == 10
+    assert rep["brand_balance"] == {"min_images": 3, "images_per_brand": {"NOVA": 6, "KIKO": 2, "ZEN": 1},
+                                    "brands_dropped": ["KIKO", "ZEN"], "images_dropped": 3}
+    q = pq.read_table(tmp_path / "train" / "quarantine.parquet").to_pylist()
+    assert {r["image_id"] for r in q} == {"KIKO0", "KIKO1", "ZEN0"} and "2 images < brand_balance" in q[0]["detail"]
+    valid = ingest_split(src, "valid", tmp_path / "valid", cfg).report  # the evaluation set stays whole
+    assert valid["rows_ok"] == 13 and "brand_balance" not in valid
+    off = ingest_split(src, "train", tmp_path / "off", IngestConfig()).report
+    assert off["rows_ok"] == 13 and "brand_balance" not in off
+
+
+def test_brand_balance_needs_a_brand_list(tmp_path):
+    from ecomcap.config import BrandBalanceConfig
+
+    src = _branded_source(tmp_path, {"NOVA": 2})
+    with pytest.raises(EcomcapError, match="brand_balance.brands is empty"):
+        ingest_split(src, "train", tmp_path / "t", IngestConfig(brand_balance=BrandBalanceConfig(min_images=3)))
+
+
+def test_the_synthetic_set_fills_in_its_brands():
+    from ecomcap.config import DataConfig
+    from ecomcap.data.prepare import ingest_config
+    from ecomcap.data.synth_draw import BRANDS
+
+    on = DataConfig.model_validate({"ingest": {"brand_balance": {"min_images": 5}}})
+    assert ingest_config(on).brand_balance.brands == list(BRANDS)
+    assert ingest_config(DataConfig()).brand_balance.brands == []  # off: nothing to fill

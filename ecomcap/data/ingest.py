@@ -18,6 +18,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from ecomcap.config import IngestConfig
+from ecomcap.data.brand_balance import BrandBalance
 from ecomcap.data.clean import clean_references
 from ecomcap.data.formats import (
     SourceLayout,
@@ -29,6 +30,7 @@ from ecomcap.data.formats import (
 )
 from ecomcap.data.images import check_image
 from ecomcap.data.shards import DATASET_SCHEMA, QUARANTINE_SCHEMA, RowWriter
+from ecomcap.errors import EcomcapError
 from ecomcap.text import printable, tokenize
 
 SPLITS = ("train", "valid", "test")
@@ -79,6 +81,9 @@ class _CaptionIndex:
         self.db.execute("UPDATE refs SET used = 1 WHERE image_id = ?", (image_id,))
         return True, json.loads(row[0])
 
+    def all_texts(self):
+        return (json.loads(row[0]) for row in self.db.execute("SELECT texts FROM refs"))
+
     def orphans(self):
         return self.db.execute("SELECT image_id, line_no FROM refs WHERE used = 0 ORDER BY line_no")
 
@@ -107,6 +112,7 @@ class _Ingester:
         self.refs_in = self.refs_kept = self.rows_in = 0
         self.fingerprint = hashlib.sha256()
         self.index = _CaptionIndex(out_dir / ".captions.sqlite")
+        self.balance = BrandBalance(cfg.brand_balance, split if needs_text is None else "")
 
     def reject(self, source: str, line_no: int, image_id: str, reason: str, detail: str = "") -> None:
         self.reasons[reason] += 1
@@ -176,6 +182,11 @@ class _Ingester:
                 self.reject(source, line_no, image_id, cleaned.reason, f"all {len(texts)} references dropped")
                 return False
             kept = cleaned.kept
+            brand = self.balance.rare(kept)
+            if brand is not None:
+                self.reject(source, line_no, image_id, "rare_brand",
+                            f"{brand}: {self.balance.counts[brand]} images < brand_balance.min_images")
+                return False
             self.refs_kept += len(kept)
         elif texts:  # optional texts (retrieval item titles/captions): kept when they survive cleaning
             self.refs_in += len(texts)
@@ -227,6 +238,7 @@ class _Ingester:
             "elapsed_s": round(elapsed, 3),
             "rows_per_s": round(self.rows_in / elapsed, 1) if elapsed > 0 else None,
             "config": self.cfg.model_dump(mode="json"),
+            **({"brand_balance": b} if (b := self.balance.report()) else {}),
         }
 
 
@@ -248,6 +260,10 @@ def ingest_split(src: str | Path, split: str, out_dir: str | Path, cfg: IngestCo
     run = _Ingester(out, split, layout, cfg)
     if layout.captions is not None:
         run.index_captions(layout.captions)
+        run.balance.count(run.index.all_texts())
+    elif run.balance.active:
+        raise EcomcapError("ingest.brand_balance needs a separate captions file (MUGE IC format) to count brands "
+                           "before the images stream")
     run.ingest_images(layout.images)
     if layout.captions is not None:
         run.quarantine_orphans(layout.captions.name)

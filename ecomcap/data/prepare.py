@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ecomcap.config import DataConfig
+from ecomcap.config import DataConfig, IngestConfig
 from ecomcap.errors import EcomcapError
 
 
@@ -30,6 +30,17 @@ def source_dir(cfg: DataConfig) -> Path:
     return raw
 
 
+def ingest_config(cfg: DataConfig) -> IngestConfig:
+    """The ingest settings of this data: the synthetic set's brand list fills an empty
+    `brand_balance.brands` (other data names its own)."""
+    bal = cfg.ingest.brand_balance
+    if cfg.source != "synthetic" or bal.brands or not bal.min_images:
+        return cfg.ingest
+    from ecomcap.data.synth_draw import BRANDS
+
+    return cfg.ingest.model_copy(update={"brand_balance": bal.model_copy(update={"brands": list(BRANDS)})})
+
+
 def prepare_data(cfg: DataConfig) -> dict[str, dict[str, Any]]:
     """Ingest + validate each split into ``work_dir/<split>``; returns the reports by split.
 
@@ -41,7 +52,7 @@ def prepare_data(cfg: DataConfig) -> dict[str, dict[str, Any]]:
     src = source_dir(cfg)
     reports = {}
     for split in cfg.splits:
-        result = ingest_split(src, split, Path(cfg.work_dir) / split, cfg.ingest)
+        result = ingest_split(src, split, Path(cfg.work_dir) / split, ingest_config(cfg))
         reports[split] = validate_dataset(result.out_dir, cfg.ingest)
     for report in reports.values():
         enforce(report)

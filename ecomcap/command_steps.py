@@ -124,6 +124,28 @@ def _share(cfg: RunConfig, token: str, inputs: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+START = {"scst": "sft_model", "dpo": "start_model"}  # the argument each tuning stage starts from
+
+
+def stage_handoff(cfg: RunConfig, stage: str, token: str, train: Path, valid: Path, run_name: str,
+                  model: Path | None = None, grounding: Path | None = None, *, share: bool = False,
+                  reuse: bool = True) -> Path:
+    """The `<stage>_inputs` step's work: refuse what cannot run before N pods start, build the tiny
+    model and download a hub model once, then write the handoff (datasets, start model, scorer)."""
+    from ecomcap.modeling.prepare import ensure_model, prefetch_model
+    from ecomcap.training.stages import check_strategy_fits_launch, reward_scorer
+
+    check_strategy_fits_launch(cfg, stage)
+    inputs: dict[str, Any] = {"train": str(train), "valid": str(valid), "run_name": run_name}
+    if stage == "sft":
+        ensure_model(cfg.model, train)
+        prefetch_model(cfg.model)
+    else:
+        scorer = reward_scorer(stage, cfg, grounding)
+        inputs.update({START[stage]: str(model), "scorer_dir": str(scorer) if scorer else None})
+    return write_handoff(cfg, stage, token, inputs, share=share, reuse=reuse)
+
+
 def write_handoff(cfg: RunConfig, stage: str, token: str, inputs: dict[str, Any], *, share: bool = False,
                   reuse: bool = True) -> Path:
     """The regular step before the command step: its inputs for the pods (`share`: copied onto the

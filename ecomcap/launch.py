@@ -26,7 +26,7 @@ from typing import Any
 
 from ecomcap.config import LaunchConfig
 from ecomcap.errors import EcomcapError
-from ecomcap.nodes import Node
+from ecomcap.nodes import Node, world_nodes
 from ecomcap.processes import parent_death_signal, worker_threads
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def command(spec: Path, cfg: LaunchConfig, node: Node | None = None) -> list[str
         raise EcomcapError("launch.num_processes > 1 needs the `accelerate` command (pip install accelerate)")
     if node is None:
         cmd = [accelerate, "launch", "--num_processes", str(cfg.num_processes), "--num_machines", "1",
-               "--main_process_port", str(cfg.main_process_port or _free_port())]
+               "--main_process_port", str(cfg.main_process_port or free_port())]
     else:
         cmd = [accelerate, "launch", "--num_processes", str(cfg.num_processes * node.count),
                "--num_machines", str(node.count), "--machine_rank", str(node.rank),
@@ -102,7 +102,7 @@ def command(spec: Path, cfg: LaunchConfig, node: Node | None = None) -> list[str
     return cmd + ["-m", ENTRY, str(spec)]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """Two launches on one machine (two pipelines, tests) must not share a rendezvous port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -208,7 +208,7 @@ def _say_world() -> None:
     """Each pod's first rank says in one line what torchrun's rendezvous made of the job."""
     world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if world > 1 and os.environ.get("LOCAL_RANK", "0") == "0":
-        nodes = max(1, world // max(1, local))
+        nodes = world_nodes()
         print(f"node {os.environ.get('GROUP_RANK', '0')}: world size {world} over {nodes} "
               f"node{'s' if nodes > 1 else ''} ({local} process(es) here)", flush=True)
 

@@ -88,3 +88,9 @@ def require_nodes(expected: int, env: Mapping[str, str] | None = None, processes
         raise EcomcapError(f"PET_NPROC_PER_NODE={per_node} but launch.num_processes is {processes}: the ranks per "
                            "node come from launch.num_processes; make them equal")
     return node
+
+
+def world_nodes(env: Mapping[str, str] | None = None) -> int:
+    """Machines (pods) the running torchrun job spans: its world over the ranks on this one."""
+    env = os.environ if env is None else env
+    return max(1, int(env.get("WORLD_SIZE", "1")) // max(1, int(env.get("LOCAL_WORLD_SIZE", "1"))))

@@ -18,14 +18,13 @@ from ecomcap.command_steps import (
     read_result,
     record_done,
     replay_curve,
+    stage_handoff,
     write_handoff,
 )
-from ecomcap.config import ModelConfig, RunConfig
+from ecomcap.config import RunConfig
 from ecomcap.registry import tracking
 from materializers import DatasetDir, ModelDir
 from steps._tracker import TRACKER, run_name
-
-START = {"scst": "sft_model", "dpo": "start_model"}  # the argument each tuning stage starts from
 
 
 def _remote_store() -> bool:
@@ -40,38 +39,13 @@ def _run_caches() -> bool:
     return get_step_context().pipeline_run.config.enable_cache is not False
 
 
-def _prefetch(model: ModelConfig) -> None:
-    """A hub model downloaded once into the shared cache (HF_HOME on the volume), before N pods'
-    ranks start at once."""
-    if model.tiny is not None or Path(model.name_or_path).exists():
-        return
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(model.name_or_path)
-    except HFValidationError:  # a local path that is not there: the loader says so
-        return
-    snapshot_download(model.name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                          "*.jinja", "*.tiktoken"])
-
-
 @step(enable_cache=False)
 def stage_inputs(config: RunConfig, stage: str, token: str, train: DatasetDir, valid: DatasetDir,
                  model: ModelDir | None = None, grounding: ModelDir | None = None) -> Annotated[str, "handoff"]:
     """The inputs of a stage's pods: this run's datasets, the model to start from, the run name."""
-    from ecomcap.modeling.prepare import ensure_model
-    from ecomcap.training.stages import check_strategy_fits_launch, reward_scorer
-
-    check_strategy_fits_launch(config, stage)  # refused here, before N pods start
-    inputs: dict[str, Any] = {"train": train.path, "valid": valid.path, "run_name": run_name()}
-    if stage == "sft":
-        ensure_model(config.model, train.path)  # the tiny model, built once before the pods start
-        _prefetch(config.model)
-    else:
-        scorer = reward_scorer(stage, config, Path(grounding.path) if grounding else None)
-        inputs.update({START[stage]: model.path, "scorer_dir": str(scorer) if scorer else None})
-    return str(write_handoff(config, stage, token, inputs, share=_remote_store(), reuse=_run_caches()))
+    return str(stage_handoff(config, stage, token, Path(train.path), Path(valid.path), run_name(),
+                             Path(model.path) if model else None, Path(grounding.path) if grounding else None,
+                             share=_remote_store(), reuse=_run_caches()))
 
 
 @step(enable_cache=False)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,10 @@ from pathlib import Path
 
 from zenml.integrations.kubernetes import kube_utils
 
+from ecomcap.launch import free_port  # noqa: F401  (re-exported for the tests)
+
 ROOT = Path(__file__).resolve().parents[1]
 ECOMCAP = str(Path(sys.executable).parent / "ecomcap")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pod_env(index: int, count: int, port: int) -> dict[str, str]:

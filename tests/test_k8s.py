@@ -269,6 +269,18 @@ def job(pod_settings, *, service_account, backoff_limit, ttl=None, deadline=None
     return {"apiVersion": "batch/v1", "kind": "Job", **doc}
 
 
+def check_pipeline_pod(manifest: dict, role: str) -> dict:
+    """A Job ZenML submits: strictly valid, restricted, labelled for the NetworkPolicy, referring
+    only to objects the manifests create; its pod spec."""
+    validate_strict(manifest)
+    template = manifest["spec"]["template"]
+    spec = template["spec"]
+    assert restricted_problems(spec) == [], role
+    assert PIPELINE_LABEL.items() <= template["metadata"]["labels"].items(), role
+    assert not references(spec) - created_objects(), role
+    return spec
+
+
 @pytest.fixture(scope="module")
 def jobs():
     """{role: Job} as the orchestrator and step operator build them from configs/k8s.yaml."""
@@ -305,12 +317,7 @@ def jobs():
 def test_zenml_pods_validate_and_are_restricted(jobs):
     assert set(jobs) == {"orchestrator", *STEPS, *(f"{s}/gpu" for s in GPU_STEPS)}
     for role, manifest in jobs.items():
-        validate_strict(manifest)
-        template = manifest["spec"]["template"]
-        spec = template["spec"]
-        assert restricted_problems(spec) == [], role
-        assert PIPELINE_LABEL.items() <= template["metadata"]["labels"].items(), role
-        assert not references(spec) - created_objects(), role
+        spec = check_pipeline_pod(manifest, role)
         res = spec["containers"][0]["resources"]
         assert {"cpu", "memory"} <= set(res["requests"]) & set(res["limits"]), role
 

@@ -14,7 +14,7 @@ from typing import Any
 from ecomcap.config import RunConfig
 from ecomcap.errors import EcomcapError
 from ecomcap.launch import all_ranks, launch
-from ecomcap.nodes import Node
+from ecomcap.nodes import Node, world_nodes
 from ecomcap.paths import require_durable_paths
 from ecomcap.registry import tracking
 
@@ -139,15 +139,8 @@ def _summary(res, output_dir: Path) -> dict[str, Any]:
     """Rank 0's account of the stage, with every rank's weights and data-order digests."""
     return {"model_dir": str(res.model_dir), "output_dir": str(output_dir), "steps": res.steps,
             "wall_s": res.wall_s, "trainable_params": res.params.trainable, "total_params": res.params.total,
-            "resumed_from": res.resumed_from, "nodes": _nodes(),
+            "resumed_from": res.resumed_from, "nodes": world_nodes(),
             "ranks": all_ranks({"weights": res.param_digest, "data_order": res.order_digest})}
-
-
-def _nodes() -> int:
-    """Machines (pods) this launch spans: torchrun's world over the ranks on each."""
-    import os
-
-    return max(1, int(os.environ.get("WORLD_SIZE", "1")) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def _check_ranks(stage: str, res: dict[str, Any]) -> None:

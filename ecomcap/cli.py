@@ -20,7 +20,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     summary = generate_synthetic(
         args.out, train=args.train, valid=args.valid, test=args.test, seed=args.seed,
-        image_size=args.image_size, corrupt_rate=args.corrupt_rate,
+        image_size=args.image_size, corrupt_rate=args.corrupt_rate, difficulty=args.difficulty,
     )
     print(json.dumps(summary, ensure_ascii=False))
     return 0
@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=112)
     s.add_argument("--corrupt-rate", type=float, default=0.0)
+    s.add_argument("--difficulty", choices=("easy", "hard"), default="easy")
     s.set_defaults(func=_cmd_synth)
 
     i = sub.add_parser("ingest", help="stream one split into Parquet shards, quarantine bad rows")

@@ -66,6 +66,9 @@ class SynthConfig(_Strict):
     image_size: int = Field(112, ge=16)
     corrupt_rate: float = Field(0.0, ge=0, le=1)
     brand_rate: float = Field(0.35, ge=0, le=1)
+    difficulty: Literal["easy", "hard"] = Field(
+        "easy", description="easy: one centred silhouette on a plain ground, template references (make run's "
+        "default: learns on CPU in minutes); hard: photo-like scenes, 30 long-tailed brands, a reference grammar")
 
 
 class DataConfig(_Strict):

@@ -10,10 +10,11 @@ from ecomcap.data.shards import read_references
 from ecomcap.data.synth import generate_synthetic
 
 
-@pytest.fixture(scope="module")
-def corrupted(tmp_path_factory):
+@pytest.fixture(scope="module", params=["easy", "hard"])
+def corrupted(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("synth")
-    summary = generate_synthetic(root, train=240, valid=40, test=8, seed=3, corrupt_rate=0.12)
+    summary = generate_synthetic(root, train=240, valid=40, test=8, seed=3, corrupt_rate=0.12,
+                                 difficulty=request.param)
     return root, summary, json.loads((root / "corruptions.json").read_text(encoding="utf-8"))
 
 

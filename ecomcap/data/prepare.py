@@ -36,9 +36,17 @@ def ingest_config(cfg: DataConfig) -> IngestConfig:
     bal = cfg.ingest.brand_balance
     if cfg.source != "synthetic" or bal.brands or not bal.min_images:
         return cfg.ingest
-    from ecomcap.data.synth_draw import BRANDS
+    return cfg.ingest.model_copy(update={"brand_balance": bal.model_copy(
+        update={"brands": synthetic_brands(cfg.synth.difficulty)})})
 
-    return cfg.ingest.model_copy(update={"brand_balance": bal.model_copy(update={"brands": list(BRANDS)})})
+
+def synthetic_brands(difficulty: str) -> list[str]:
+    """The brand list of the synthetic set of this difficulty."""
+    if difficulty == "hard":
+        from ecomcap.data.synth_hard import HARD_BRANDS as brands
+    else:
+        from ecomcap.data.synth_draw import BRANDS as brands
+    return list(brands)
 
 
 def prepare_data(cfg: DataConfig) -> dict[str, dict[str, Any]]:

@@ -29,6 +29,7 @@ from typing import Any
 from PIL import Image
 
 from ecomcap.data.formats import encode_base64, open_tsv_writer
+from ecomcap.data.synth_captions import SELLING, captions_for  # noqa: F401  (re-exported)
 from ecomcap.data.synth_draw import (  # noqa: F401  (re-exported: the public constants)
     BRANDS,
     CATEGORIES,
@@ -49,53 +50,6 @@ REASONS = (
 _IMAGE_FAULTS = ("bad_base64", "empty_image", "bad_image", "too_many_pixels", "image_too_small")
 _CAPTION_FAULTS = ("caption_looping", "caption_garbled", "caption_empty", "caption_too_long")
 _FIXABLE = ("truncated_after_stop", "fullwidth_and_spaces", "special_tokens")
-
-# ----------------------------------------------------------------------------- captions
-SELLING = {
-    "T恤": ("透气舒适", "版型宽松", "简约百搭", "柔软亲肤", "休闲时尚"),
-    "连衣裙": ("优雅显瘦", "温柔气质", "飘逸灵动", "收腰显身材", "清新甜美"),
-    "裤子": ("修身显瘦", "宽松舒适", "垂感十足", "百搭休闲", "显腿长"),
-    "帽子": ("遮阳防晒", "百搭时尚", "轻便透气", "显脸小", "出游必备"),
-    "鞋子": ("轻便舒适", "防滑耐磨", "透气不闷脚", "百搭潮流", "软底好走"),
-    "背包": ("大容量", "轻便耐用", "多隔层收纳", "通勤百搭", "减负护脊"),
-    "杯子": ("保温保冷", "简约大方", "容量适中", "耐高温", "办公家用"),
-    "台灯": ("护眼柔光", "小巧精致", "亮度可调", "节能省电", "学习办公"),
-}
-# category -> (measure word, verb): "一盏台灯", "适合日常背"
-_GRAMMAR = {"T恤": ("件", "穿"), "连衣裙": ("条", "穿"), "裤子": ("条", "穿"), "帽子": ("顶", "戴"),
-            "鞋子": ("双", "穿"), "背包": ("个", "背"), "杯子": ("个", "用"), "台灯": ("盏", "用")}
-_PLAIN = (
-    "这款{c}{p}{k}{s}", "{c}的{p}{k}，{s}", "一{m}{pk}{c}{k}，{s}", "{c}{p}{k}，{s}，{s2}",
-    "{s}的{c}{p}{k}", "{c}{p}{k}，{s}，适合日常{v}", "新款{c}{p}{k}，{s}，{s2}",
-    "{k}选{c}{p}款，{s}",
-)
-_BRANDED = (
-    "{b}品牌{c}{p}{k}，{s}", "{b}这款{c}{p}{k}{s}", "{b}{c}{p}{k}，{s}，{s2}",
-    "来自{b}的{c}{p}{k}，{s}", "{s}的{b}{c}{p}{k}",
-)
-
-
-def _ref(template: str, attrs: dict[str, Any], rng: random.Random) -> str:
-    """Fill one template; a solid pattern is named "纯色" only half the time."""
-    k, pattern = attrs["category"], attrs["pattern"]
-    p = "" if pattern == "纯色" and rng.random() < 0.5 else pattern
-    s, s2, s3 = rng.sample(SELLING[k], 3)
-    m, v = _GRAMMAR[k]
-    text = template.format(c=attrs["colour"], p=p, pk=p + "款" if p else "", k=k, s=s, s2=s2,
-                           m=m, v=v, b=attrs["brand"])
-    if len(text) < 10:
-        text += "，" + s3
-    return text + "。" if rng.random() < 0.25 else text
-
-
-def captions_for(attrs: dict[str, Any], rng: random.Random) -> list[str]:
-    """3-5 distinct-template references; when a brand is drawn, at least two name it."""
-    n = rng.randint(3, 5)
-    n_brand = rng.randint(2, n) if attrs["brand"] else 0
-    templates = rng.sample(_BRANDED, n_brand) + rng.sample(_PLAIN, n - n_brand)
-    rng.shuffle(templates)
-    return [_ref(t, attrs, rng) for t in templates]
-
 
 # ----------------------------------------------------------------------------- faults
 _LOOP_UNITS = ("好看", "质量很好", "推荐", "喜欢", "不错哦")
@@ -180,13 +134,24 @@ class _Row:
     b64: str
 
 
-def _make_row(split: str, index: int, seed: int, size: int, brand_rate: float) -> _Row:
-    """Draw, caption and encode one image from its own seed-derived rng."""
-    rng = random.Random(f"{seed}:{split}:{index}")
-    attrs = random_attributes(rng, brand_rate)
-    refs = captions_for(attrs, rng)
-    img = image_for(attrs, size, rng)
-    data = _encode(img, png=rng.random() < 0.1, quality=rng.randint(88, 92))
+def _make_row(split: str, index: int, seed: int, size: int, brand_rate: float, hard: bool = False) -> _Row:
+    """Draw, caption and encode one image from its own seed-derived rng (the hard set: photo-like
+    scenes, a grammar of references, JPEG quality 40-95)."""
+    if hard:
+        from ecomcap.data.synth_captions import hard_captions_for
+        from ecomcap.data.synth_hard import hard_attributes, hard_image_for
+
+        rng = random.Random(f"hard:{seed}:{split}:{index}")
+        attrs = hard_attributes(rng, brand_rate)
+        refs = hard_captions_for(attrs, rng)
+        img = hard_image_for(attrs, size, rng)
+        data = _encode(img, png=rng.random() < 0.05, quality=rng.randint(40, 95))
+    else:
+        rng = random.Random(f"{seed}:{split}:{index}")
+        attrs = random_attributes(rng, brand_rate)
+        refs = captions_for(attrs, rng)
+        img = image_for(attrs, size, rng)
+        data = _encode(img, png=rng.random() < 0.1, quality=rng.randint(88, 92))
     b64 = encode_base64(data, urlsafe=rng.random() < 0.1, padding=rng.random() >= 0.05)
     return _Row(f"syn_{split}_{index:06d}", attrs, refs, img, b64)
 
@@ -301,14 +266,14 @@ class _Injector:
 
 
 def _write_split(out: Path, split: str, n: int, seed: int, size: int, brand_rate: float,
-                 rate: float, log: list[dict[str, Any]]) -> dict[str, Any]:
+                 rate: float, log: list[dict[str, Any]], hard: bool = False) -> dict[str, Any]:
     """Generate, encode and write one split row by row; return its counts."""
     inj = _Injector(random.Random(f"{seed}:{split}:corrupt"), rate, log) if rate > 0 else None
     f = _Files(out, split)
     clean = 0
     try:
         for index in range(1, n + 1):
-            row = _make_row(split, index, seed, size, brand_rate)
+            row = _make_row(split, index, seed, size, brand_rate, hard)
             f.record("attr", {"image_id": row.image_id, **row.attrs})
             if inj is not None:
                 clean += inj.write(f, row)
@@ -327,12 +292,16 @@ def _write_split(out: Path, split: str, n: int, seed: int, size: int, brand_rate
 def generate_synthetic(
     out_dir: str | Path, train: int = 2000, valid: int = 200, test: int = 100, seed: int = 0,
     image_size: int = 112, corrupt_rate: float = 0.0, brand_rate: float = 0.35,
+    difficulty: str = "easy",
 ) -> dict[str, Any]:
     """Write the synthetic MUGE-format dataset into out_dir; return per-split counts.
 
     Files: IC_{split}.tsv / .jsonl, attributes_{split}.jsonl, synth.json and, when
     corrupt_rate > 0, corruptions.json (train and valid only; test stays clean).
+    difficulty: "easy" (centred silhouettes, templates) or "hard" (`synth_hard`: photo-like scenes).
     """
+    if difficulty not in ("easy", "hard"):
+        raise EcomcapError(f"synthetic difficulty must be 'easy' or 'hard', not {difficulty!r}")
     if min(train, valid, test) < 0 or image_size < 32:
         raise EcomcapError("synthetic data needs split sizes >= 0 and image_size >= 32")
     if not (0.0 <= corrupt_rate <= 1.0 and 0.0 <= brand_rate <= 1.0):
@@ -340,11 +309,12 @@ def generate_synthetic(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     args = {"train": train, "valid": valid, "test": test, "seed": seed,
-            "image_size": image_size, "corrupt_rate": corrupt_rate, "brand_rate": brand_rate}
+            "image_size": image_size, "corrupt_rate": corrupt_rate, "brand_rate": brand_rate,
+            "difficulty": difficulty}
     log: list[dict[str, Any]] = []
     counts = {
         split: _write_split(out, split, n, seed, image_size, brand_rate,
-                            corrupt_rate if split != "test" else 0.0, log)
+                            corrupt_rate if split != "test" else 0.0, log, difficulty == "hard")
         for split, n in zip(SPLITS, (train, valid, test))
     }
     corrupt_file = out / "corruptions.json"

@@ -83,11 +83,12 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amp: int) -> tuple[in
     return tuple(max(0, min(255, v + rng.randint(-amp, amp))) for v in rgb)  # type: ignore
 
 
-def _draw_silhouette(mask: Image.Image, category: str, box: tuple[float, float, float]) -> None:
-    """Fill the category's silhouette into an L mask; box is (left, top, side) in pixels."""
+def _draw_silhouette(mask: Image.Image, category: str, box: tuple[float, float, float],
+                     shapes: tuple[_Shape, ...] | None = None) -> None:
+    """Fill the category's silhouette (or `shapes`) into an L mask; box is (left, top, side) in pixels."""
     ox, oy, side = box
     d = ImageDraw.Draw(mask)
-    for op, c, fill in SHAPES[category]:
+    for op, c, fill in shapes or SHAPES[category]:
         if op == "poly":
             d.polygon([(ox + c[i] * side, oy + c[i + 1] * side) for i in range(0, len(c), 2)],
                       fill=fill)

@@ -24,9 +24,12 @@ os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
 import torch  # noqa: E402
 
 from ecomcap.config import (  # noqa: E402
+    AugmentConfig,
+    BrandBalanceConfig,
     DataConfig,
     FinetuneConfig,
     GenerateConfig,
+    IngestConfig,
     ModelConfig,
     SCSTConfig,
     SFTConfig,
@@ -37,6 +40,7 @@ from ecomcap.data.prepare import prepare_data  # noqa: E402
 from ecomcap.data.shards import read_references  # noqa: E402
 from ecomcap.inference.batch import generate_for_dataset  # noqa: E402
 from ecomcap.metrics.attributes import read_attributes  # noqa: E402
+from ecomcap.metrics.brands import brand_counts  # noqa: E402
 from ecomcap.metrics.report import caption_report  # noqa: E402
 from ecomcap.modeling.load import load_trained  # noqa: E402
 from ecomcap.modeling.prepare import ensure_model  # noqa: E402
@@ -49,8 +53,9 @@ def evaluate_model(model_dir: Path, work: Path, model_cfg: ModelConfig, gen: Gen
     t0 = time.perf_counter()
     preds = generate_for_dataset(model, processor, model_cfg.prompt, work / "data" / "valid",
                                  work / f"caption_gen_{tag}.jsonl", gen)
+    train_brands = brand_counts(read_attributes(work / "data" / "raw" / "attributes_train.jsonl"))
     rep = caption_report(preds, read_references(work / "data" / "valid"),
-                         read_attributes(work / "data" / "raw" / "attributes_valid.jsonl"))
+                         read_attributes(work / "data" / "raw" / "attributes_valid.jsonl"), train_brands)
     rep["generate_s"] = round(time.perf_counter() - t0, 1)
     samples = list(preds.items())[:5]
     print(f"[{tag}] " + "  ".join(f"{k} {rep[k]:.4f}" for k in KEYS)
@@ -72,6 +77,8 @@ def summary(stage: str, before: dict, after: dict, wall: float, extra: dict) -> 
         "repeat_ngram_before": round(before["repeat_ngram"], 4),
         "repeat_ngram_after": round(after["repeat_ngram"], 4),
         "mean_len_before": round(before["mean_len"], 2), "mean_len_after": round(after["mean_len"], 2),
+        "brands_after": {k: (round(v, 4) if isinstance(v, float) else v)
+                         for k, v in after["brands"].items() if k != "per_brand"},
         **extra,
     }
 
@@ -81,7 +88,8 @@ def stage_sft(args, work: Path, model_cfg: ModelConfig, gen: GenerateConfig) -> 
 
     before = evaluate_model(work / "tiny", work, model_cfg, gen, f"{args.tag}before")
     sft_cfg = SFTConfig(output_dir=work / args.tag, max_steps=args.steps, lr=1e-3, batch_size=32,
-                        eval_every=150, eval_images=args.valid, save_every=300, resume=False)
+                        eval_every=150, eval_images=args.valid, save_every=300, resume=False, seed=args.seed,
+                        augment=AugmentConfig(enabled=args.augment, seed=args.seed))
     t0 = time.perf_counter()
     res = run_sft(work / "data" / "train", work / "data" / "valid", model_cfg,
                   FinetuneConfig(strategy="full"), sft_cfg, gen)
@@ -135,18 +143,29 @@ def main() -> None:
                     "vocabulary is built from the default prompt and the captions")
     ap.add_argument("--tag", default="sft", help="SFT output directory name under --work (runs side by side)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--difficulty", choices=("easy", "hard"), default="easy", help="data.synth.difficulty")
+    ap.add_argument("--shift", action="store_true", help="hard set only: training images centred on a plain "
+                    "ground at one scale, validation with the full variation (robustness, e.g. to augmentation)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (SFT order and init of the tiny model)")
+    ap.add_argument("--augment", action="store_true", help="sft.augment.enabled (its default strengths)")
+    ap.add_argument("--brand-min-images", type=int, default=0, help="ingest.brand_balance.min_images (0: off)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     work = args.work
-    prepare_data(DataConfig(work_dir=work / "data", synth=SynthConfig(train=args.train, valid=args.valid, test=0)))
-    model_cfg = ModelConfig(name_or_path=str(work / "tiny"), tiny=TinyModelConfig())
+    synth = SynthConfig(train=args.train, valid=args.valid, test=0, difficulty=args.difficulty, shift=args.shift)
+    ingest = IngestConfig(brand_balance=BrandBalanceConfig(min_images=args.brand_min_images))
+    prepare_data(DataConfig(work_dir=work / "data", synth=synth, ingest=ingest))
+    model_cfg = ModelConfig(name_or_path=str(work / "tiny"), tiny=TinyModelConfig(seed=args.seed))
     ensure_model(model_cfg, work / "data" / "train")
     if args.prompt:
         model_cfg = model_cfg.model_copy(update={"prompt": args.prompt})
     gen = GenerateConfig()  # production decoding: beam 5
     stage = stage_sft if args.stage == "sft" else stage_scst
-    print(json.dumps(stage(args, work, model_cfg, gen), ensure_ascii=False))
+    out = stage(args, work, model_cfg, gen)
+    out.update(difficulty=args.difficulty, shift=args.shift, seed=args.seed, augment=args.augment,
+               brand_min_images=args.brand_min_images)
+    print(json.dumps(out, ensure_ascii=False))
 
 
 if __name__ == "__main__":

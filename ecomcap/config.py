@@ -69,6 +69,8 @@ class SynthConfig(_Strict):
     difficulty: Literal["easy", "hard"] = Field(
         "easy", description="easy: one centred silhouette on a plain ground, template references (make run's "
         "default: learns on CPU in minutes); hard: photo-like scenes, 30 long-tailed brands, a reference grammar")
+    shift: bool = Field(False, description="hard only: train images centred at one scale on a plain ground, "
+                        "valid/test with the full variation (measures robustness, e.g. what augmentation buys)")
 
 
 class DataConfig(_Strict):
@@ -143,6 +145,23 @@ class FinetuneConfig(_Strict):
     train_vision: bool = Field(False, description="freeze_llm: also train the vision tower")
 
 
+class AugmentConfig(_Strict):
+    """SFT image augmentation (`sft.augment`): off unless `enabled`; each op has its strength."""
+
+    enabled: bool = False
+    seed: int = 0
+    rotate_deg: float = Field(10.0, ge=0, le=45, description="max |rotation| in degrees (0: off)")
+    translate: float = Field(0.1, ge=0, le=0.4, description="max shift as a share of each side (0: off)")
+    scale: float = Field(0.15, ge=0, le=0.5, description="max zoom in or out, share (0: off)")
+    crop_min_area: float = Field(0.7, gt=0, le=1, description="random resized crop: least area kept (1: off)")
+    brightness: float = Field(0.3, ge=0, le=1, description="colour jitter: factor in 1 +- this (0: off)")
+    contrast: float = Field(0.3, ge=0, le=1)
+    saturation: float = Field(0.3, ge=0, le=1)
+    hue: float = Field(0.0, ge=0, le=0.5, description="off by default: a hue shift changes the colour the "
+                       "reference names (红色 -> 橙色); the caption would then be taught a wrong colour")
+    hflip: bool = Field(False, description="off by default: mirrors text on real products (brand names)")
+
+
 class SFTConfig(LoopConfig):
     """Supervised fine-tuning on the references."""
 
@@ -165,6 +184,9 @@ class SFTConfig(LoopConfig):
     prompt_cache_max_row_mb: float = Field(
         1.0, ge=0, description="rows (one image's processed prompt) larger than this are not cached: a real-size "
         "photo's fp32 patches are 5-10 MB, so a 1 GB cache would hold ~150 of a catalogue; speed only")
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="image augmentation on the fly (deterministic per draw, so "
+        "resume is exact); on: the prompt cache keeps decoded images and the processor runs after augmenting")
 
 
 # Settings that change how fast a stage runs, never what it trains: left out of run identities

@@ -59,3 +59,52 @@ def test_every_op_switches_off(image):
     none = AugmentConfig(enabled=True, rotate_deg=0, translate=0, scale=0, crop_min_area=1, brightness=0,
                          contrast=0, saturation=0)
     assert augment(image, none, 4, 0).tobytes() == image.tobytes()
+
+
+def test_sft_augments_per_draw_and_resumes_exactly_with_workers(tiny_model_cfg, small_data, tmp_path, caplog):
+    """Augmenting SFT: workers give the inline run's weights, an interrupted run resumes to them, and
+    the draws differ from the run without augmentation (the decoded images are cached)."""
+    import json
+    import logging
+
+    import torch
+
+    from ecomcap.config import FinetuneConfig
+    from ecomcap.training.sft import run_sft
+    from tests.test_sft import GEN, _cfg, _final_weights
+
+    ft = FinetuneConfig(strategy="full")
+    aug = AugmentConfig(enabled=True, seed=3)
+    kw = dict(eval_every=0, max_steps=6, save_every=2, augment=aug)
+    with caplog.at_level(logging.INFO, logger="ecomcap.training.sft"):
+        inline = run_sft(small_data["train"], None, tiny_model_cfg, ft, _cfg(tmp_path / "a", data_workers=0, **kw), GEN)
+    assert "decoded-image cache (augmenting)" in caplog.text
+    with pytest.raises(InterruptedError):
+        run_sft(small_data["train"], None, tiny_model_cfg, ft,
+                _cfg(tmp_path / "b", data_workers=2, stop_after_steps=3, **kw), GEN)
+    resumed = run_sft(small_data["train"], None, tiny_model_cfg, ft, _cfg(tmp_path / "b", data_workers=2, **kw), GEN)
+    assert resumed.resumed_from == 2
+    a, b = _final_weights(inline.final_dir), _final_weights(resumed.final_dir)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    plain = run_sft(small_data["train"], None, tiny_model_cfg, ft,
+                    _cfg(tmp_path / "c", data_workers=0, **{**kw, "augment": AugmentConfig()}), GEN)
+
+    def losses(res):
+        return [json.loads(line)["loss"] for line in (res.final_dir.parent / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(plain)[0] == pytest.approx(losses(inline)[0], abs=1.0)  # same data, same scale
+    assert losses(plain) != losses(inline)
+    assert plain.param_digest != inline.param_digest
+
+
+def test_the_decoded_image_cache_serves_repeats_within_its_budget(image):
+    from ecomcap.training.prompt_cache import ImageCache
+
+    cache, loads = ImageCache(max_bytes=96 * 64 * 3), []
+    load = lambda: loads.append(1) or image.copy()  # noqa: E731
+    first = cache.get(0, load)
+    assert cache.get(0, load) is first and len(loads) == 1 and cache.hits == 1
+    cache.get(1, load)
+    cache.get(1, load)  # over the budget: decoded again, not held
+    assert len(loads) == 3 and "2 images from memory" not in cache.summary()

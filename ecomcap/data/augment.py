@@ -19,26 +19,8 @@ import hashlib
 import random
 
 from PIL import Image, ImageEnhance
-from pydantic import BaseModel, ConfigDict, Field
 
-
-class AugmentConfig(BaseModel):
-    """SFT image augmentation (`sft.augment`): off unless `enabled`; each op has its strength."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = False
-    seed: int = 0
-    rotate_deg: float = Field(10.0, ge=0, le=45, description="max |rotation| in degrees (0: off)")
-    translate: float = Field(0.1, ge=0, le=0.4, description="max shift as a share of each side (0: off)")
-    scale: float = Field(0.15, ge=0, le=0.5, description="max zoom in or out, share (0: off)")
-    crop_min_area: float = Field(0.7, gt=0, le=1, description="random resized crop: least area kept (1: off)")
-    brightness: float = Field(0.3, ge=0, le=1, description="colour jitter: factor in 1 +- this (0: off)")
-    contrast: float = Field(0.3, ge=0, le=1)
-    saturation: float = Field(0.3, ge=0, le=1)
-    hue: float = Field(0.0, ge=0, le=0.5, description="off by default: a hue shift changes the colour the "
-                       "reference names (红色 -> 橙色); the caption would then be taught a wrong colour")
-    hflip: bool = Field(False, description="off by default: mirrors text on real products (brand names)")
+from ecomcap.config import AugmentConfig  # noqa: F401  (the config lives with the others)
 
 
 def _rng(cfg: AugmentConfig, step: int, index: int) -> random.Random:

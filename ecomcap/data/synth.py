@@ -134,17 +134,20 @@ class _Row:
     b64: str
 
 
-def _make_row(split: str, index: int, seed: int, size: int, brand_rate: float, hard: bool = False) -> _Row:
+def _make_row(split: str, index: int, seed: int, size: int, brand_rate: float, hard: bool = False,
+              narrow: bool = False) -> _Row:
     """Draw, caption and encode one image from its own seed-derived rng (the hard set: photo-like
-    scenes, a grammar of references, JPEG quality 40-95)."""
+    scenes, a grammar of references, JPEG quality 40-95; `narrow`: see `hard_image_for`)."""
     if hard:
         from ecomcap.data.synth_captions import hard_captions_for
         from ecomcap.data.synth_hard import hard_attributes, hard_image_for
 
         rng = random.Random(f"hard:{seed}:{split}:{index}")
         attrs = hard_attributes(rng, brand_rate)
+        if narrow:
+            attrs["background"] = "plain"
         refs = hard_captions_for(attrs, rng)
-        img = hard_image_for(attrs, size, rng)
+        img = hard_image_for(attrs, size, rng, narrow)
         data = _encode(img, png=rng.random() < 0.05, quality=rng.randint(40, 95))
     else:
         rng = random.Random(f"{seed}:{split}:{index}")
@@ -266,14 +269,14 @@ class _Injector:
 
 
 def _write_split(out: Path, split: str, n: int, seed: int, size: int, brand_rate: float,
-                 rate: float, log: list[dict[str, Any]], hard: bool = False) -> dict[str, Any]:
+                 rate: float, log: list[dict[str, Any]], hard: bool = False, narrow: bool = False) -> dict[str, Any]:
     """Generate, encode and write one split row by row; return its counts."""
     inj = _Injector(random.Random(f"{seed}:{split}:corrupt"), rate, log) if rate > 0 else None
     f = _Files(out, split)
     clean = 0
     try:
         for index in range(1, n + 1):
-            row = _make_row(split, index, seed, size, brand_rate, hard)
+            row = _make_row(split, index, seed, size, brand_rate, hard, narrow)
             f.record("attr", {"image_id": row.image_id, **row.attrs})
             if inj is not None:
                 clean += inj.write(f, row)
@@ -292,16 +295,21 @@ def _write_split(out: Path, split: str, n: int, seed: int, size: int, brand_rate
 def generate_synthetic(
     out_dir: str | Path, train: int = 2000, valid: int = 200, test: int = 100, seed: int = 0,
     image_size: int = 112, corrupt_rate: float = 0.0, brand_rate: float = 0.35,
-    difficulty: str = "easy",
+    difficulty: str = "easy", shift: bool = False,
 ) -> dict[str, Any]:
     """Write the synthetic MUGE-format dataset into out_dir; return per-split counts.
 
     Files: IC_{split}.tsv / .jsonl, attributes_{split}.jsonl, synth.json and, when
     corrupt_rate > 0, corruptions.json (train and valid only; test stays clean).
     difficulty: "easy" (centred silhouettes, templates) or "hard" (`synth_hard`: photo-like scenes).
+    shift (hard only): train images centred, upright, at one scale on a plain ground; valid and
+    test keep the full variation - a validation set that differs from training in scale, position
+    and background.
     """
     if difficulty not in ("easy", "hard"):
         raise EcomcapError(f"synthetic difficulty must be 'easy' or 'hard', not {difficulty!r}")
+    if shift and difficulty != "hard":
+        raise EcomcapError("synthetic shift needs difficulty 'hard' (the easy set has one layout)")
     if min(train, valid, test) < 0 or image_size < 32:
         raise EcomcapError("synthetic data needs split sizes >= 0 and image_size >= 32")
     if not (0.0 <= corrupt_rate <= 1.0 and 0.0 <= brand_rate <= 1.0):
@@ -310,11 +318,12 @@ def generate_synthetic(
     out.mkdir(parents=True, exist_ok=True)
     args = {"train": train, "valid": valid, "test": test, "seed": seed,
             "image_size": image_size, "corrupt_rate": corrupt_rate, "brand_rate": brand_rate,
-            "difficulty": difficulty}
+            "difficulty": difficulty, "shift": shift}
     log: list[dict[str, Any]] = []
     counts = {
         split: _write_split(out, split, n, seed, image_size, brand_rate,
-                            corrupt_rate if split != "test" else 0.0, log, difficulty == "hard")
+                            corrupt_rate if split != "test" else 0.0, log, difficulty == "hard",
+                            shift and split == "train")
         for split, n in zip(SPLITS, (train, valid, test))
     }
     corrupt_file = out / "corruptions.json"

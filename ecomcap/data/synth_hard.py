@@ -127,10 +127,10 @@ def _item_layers(a: dict[str, Any], side: int, rng: random.Random) -> tuple[Imag
 
 
 def _paste_item(img: Image.Image, a: dict[str, Any], side: int, centre: tuple[float, float],
-                rng: random.Random) -> tuple[int, int, int, int]:
+                rng: random.Random, angle: float | None = None) -> tuple[int, int, int, int]:
     """Rotate the item a little, drop a soft shadow, paste it; returns its pixel box."""
     rgb, mask = _item_layers(a, side, rng)
-    angle = rng.uniform(-20, 20)
+    angle = rng.uniform(-20, 20) if angle is None else angle
     rgb = rgb.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
     mask = mask.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
     left = int(min(max(centre[0] - mask.width / 2, 0), max(img.width - mask.width, 0)))
@@ -181,9 +181,21 @@ def _brand(img: Image.Image, a: dict[str, Any], box: tuple[int, int, int, int], 
     d.text((x - x0, y - y0), word, font=font, fill=ink)
 
 
-def hard_image_for(a: dict[str, Any], size: int = 112, rng: random.Random | None = None) -> Image.Image:
-    """One photo-like RGB image of attrs `a` (see `hard_attributes`), about size x size pixels."""
+def hard_image_for(a: dict[str, Any], size: int = 112, rng: random.Random | None = None,
+                   narrow: bool = False) -> Image.Image:
+    """One photo-like RGB image of attrs `a` (see `hard_attributes`), about size x size pixels.
+
+    `narrow`: the product centred at one scale, upright, unoccluded, on a square canvas (the
+    background as `a` says: the caller sets it plain) - training images for a distribution-shift
+    benchmark whose validation images keep the full variation."""
     rng = rng or random.Random(0)
+    if narrow:
+        w = h = size
+        img = Image.fromarray(np.clip(_background(w, h, a.get("background", "plain"), rng), 0, 255).astype(np.uint8))
+        box = _paste_item(img, a, int(size * 0.62), (w / 2, h / 2), rng, angle=0.0)
+        if a.get("brand"):
+            _brand(img, a, box, rng)
+        return _noisy(img, rng)
     aspect = rng.choice(_ASPECTS)
     scale = rng.uniform(0.85, 1.4)
     w = max(32, round(size * scale * aspect ** 0.5))
@@ -207,6 +219,11 @@ def hard_image_for(a: dict[str, Any], size: int = 112, rng: random.Random | None
         _occlude(img, box, rng)
     if a.get("brand"):
         _brand(img, a, box, rng)
+    return _noisy(img, rng)
+
+
+def _noisy(img: Image.Image, rng: random.Random) -> Image.Image:
+    """Sensor-like noise, drawn from the image's own rng."""
     arr = np.asarray(img, dtype=np.int16) + np.asarray(
-        np.random.default_rng(rng.getrandbits(32)).integers(-5, 6, size=(h, w, 3)), dtype=np.int16)
+        np.random.default_rng(rng.getrandbits(32)).integers(-5, 6, size=(img.height, img.width, 3)), dtype=np.int16)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")

@@ -36,6 +36,7 @@ class Example:
     answer: str
     references: list[str]
     load: Callable[[], Image.Image] = field(repr=False, compare=False)
+    draw: int = field(default=-1, compare=False)  # position in the run's stream of items: keys augmentation
 
     @cached_property
     def image(self) -> Image.Image:

@@ -15,7 +15,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -109,7 +109,9 @@ class TrainLoop:
         first = step * per_step + (micro * world + rank) * cfg.batch_size
         if self._epoch_len is None:
             self._epoch_len = self.epoch_size(data)
-        return [self.item(data, *divmod(k, self._epoch_len)) for k in range(first, first + cfg.batch_size)]
+        items = [self.item(data, *divmod(k, self._epoch_len)) for k in range(first, first + cfg.batch_size)]
+        # each Example learns its draw number: what keys its augmentation (the same on resume, any world size)
+        return [replace(e, draw=k) if isinstance(e, Example) else e for k, e in zip(range(first, first + cfg.batch_size), items)]
 
     def epoch_size(self, data) -> int:
         """Items in one pass over `data` (a stage with other items overrides it and `item`)."""

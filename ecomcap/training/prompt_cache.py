@@ -91,6 +91,34 @@ class PromptCache:
         self._bytes = 0
 
 
+class ImageCache:
+    """Decoded training images kept across epochs, for runs that augment: a processed prompt changes
+    every step then, the JPEG decode does not. Admitted until `max_bytes` are held (no eviction, as
+    above)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self._bytes = max_bytes, 0
+        self._images: dict[Hashable, Image.Image] = {}
+        self.hits = self.misses = 0
+
+    def get(self, key: Hashable, load: Callable[[], Image.Image]) -> Image.Image:
+        img = self._images.get(key)
+        if img is not None:
+            self.hits += 1
+            return img
+        self.misses += 1
+        img = load()
+        size = img.width * img.height * len(img.getbands())
+        if self._bytes + size <= self.max_bytes:
+            img.load()
+            self._images[key], self._bytes = img, self._bytes + size
+        return img
+
+    def summary(self) -> str:
+        return (f"decoded-image cache (augmenting): {self.hits} images from memory, {self.misses} decoded, "
+                f"{len(self._images)} held ({self._bytes / 2**20:.0f} MB)")
+
+
 def _nbytes(row: Row) -> int:
     return sum(t.numel() * t.element_size() for t in row.values())
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ecomcap.config import SPEED_ONLY, FinetuneConfig, GenerateConfig, ModelConfig, SFTConfig
+from ecomcap.data.augment import augment
 from ecomcap.data.shards import read_report
 from ecomcap.modeling.load import expected_dtype, load_base
 from ecomcap.modeling.strategies import apply_strategy, quantization_config
@@ -17,7 +18,7 @@ from ecomcap.training.data import Example, train_and_dev
 from ecomcap.training.identity import model_fingerprint, run_identity
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop, make_accelerator
 from ecomcap.training.microbatches import data_workers
-from ecomcap.training.prompt_cache import PromptCache
+from ecomcap.training.prompt_cache import ImageCache, PromptCache
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,18 @@ def run_sft(
     )
     builder = loop.builder
     # each DataLoader worker would fill its own copy and rarely see an image again: off with workers
-    cache = PromptCache(builder, 0 if data_workers(cfg, loop.acc) else cfg.prompt_cache_mb * 2**20,
-                        int(cfg.prompt_cache_max_row_mb * 2**20))
+    budget = 0 if data_workers(cfg, loop.acc) else cfg.prompt_cache_mb * 2**20
+    aug = cfg.augment
+    # augmenting: pixels change every step, so keep decoded images and run the processor after augmenting
+    cache = ImageCache(budget) if aug.enabled else PromptCache(builder, budget, int(cfg.prompt_cache_max_row_mb * 2**20))
 
     def prepare(examples: list[Example]):
         """CPU side of a step (run ahead in DataLoader workers): the processed batch and its token count."""
-        by_row = {e.index: e for e in examples}
-        prompts = cache.prompts([e.index for e in examples], lambda rows: [by_row[r].image for r in rows])
+        if aug.enabled:
+            prompts = builder.prompts([augment(cache.get(e.index, e.load), aug, e.draw, e.index) for e in examples])
+        else:
+            by_row = {e.index: e for e in examples}
+            prompts = cache.prompts([e.index for e in examples], lambda rows: [by_row[r].image for r in rows])
         answers = builder.answer_ids([e.answer for e in examples], cfg.max_answer_tokens)
         batch = with_answers(prompts, answers, builder.pad_id)
         return batch, float((batch.labels != IGNORE).sum())

@@ -198,6 +198,10 @@ SPEED_ONLY = {"sft": {"prompt_cache_mb", "prompt_cache_max_row_mb", "loss_chunk_
               "generate": {"rerank": {"scorer_dir"}}}
 
 
+_DATA_LENGTH = ("None: from the data - the 99th percentile reference length in the model's tokens + EOS + 10% "
+                "(SFT records it in the model it exports; 40 where nothing is recorded)")
+
+
 class SCSTConfig(LoopConfig):
     """Self-critical sequence training with a CIDEr-D reward, on top of the SFT output."""
 
@@ -216,7 +220,7 @@ class SCSTConfig(LoopConfig):
     length_normalize: bool = False
     xe_weight: float = Field(0.0, ge=0, description="cross-entropy on references mixed in")
     kl_weight: float = Field(0.0, ge=0, description="KL penalty to the frozen SFT policy (LoRA)")
-    max_new_tokens: int = Field(40, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, description=_DATA_LENGTH)
     max_answer_tokens: int = Field(64, ge=1, description="reference length cap for xe mixing")
     logprob_chunk: int = Field(
         0, ge=0, description="sequences per log-prob forward/backward (0: all batch_size x samples at "
@@ -306,7 +310,7 @@ class GenerateConfig(_Strict):
     penalty_scope: Literal["generated", "prompt"] = Field(
         "generated", description="which tokens the repetition penalty and n-gram blocking read: generated (the "
         "caption's own; the prompt's attribute words stay free) or prompt (HF generate's rule: prompt + caption)")
-    max_new_tokens: int = Field(40, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, description=_DATA_LENGTH)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = None

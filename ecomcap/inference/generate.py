@@ -15,6 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ecomcap.config import GenerateConfig
+from ecomcap.data.lengths import FALLBACK_NEW_TOKENS
 from ecomcap.inference.decode import generate
 from ecomcap.inference.postprocess import postprocess
 from ecomcap.modeling.processor import suppressed_token_ids
@@ -25,11 +26,19 @@ from ecomcap.training.collate import PromptBuilder, split_samples
 QWEN_GENERATION_FIELDS = ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty")
 
 
+def with_decode_length(cfg: GenerateConfig, model) -> GenerateConfig:
+    """`cfg` with max_new_tokens set: its own, else the length the model's training data asked for
+    (recorded at export, see `ecomcap.data.lengths`), else 40."""
+    if cfg.max_new_tokens is not None:
+        return cfg
+    return cfg.model_copy(update={"max_new_tokens": getattr(model, "ecomcap_decode_length", None) or FALLBACK_NEW_TOKENS})
+
+
 def generate_kwargs(cfg: GenerateConfig, builder: PromptBuilder) -> dict:
     """`generate` arguments that fully define decoding (nothing left to the checkpoint's
     generation_config: beam search and greedy evaluation get neutral sampling fields)."""
     kw = dict(
-        max_new_tokens=cfg.max_new_tokens,
+        max_new_tokens=cfg.max_new_tokens if cfg.max_new_tokens is not None else FALLBACK_NEW_TOKENS,
         num_beams=cfg.num_beams,
         do_sample=cfg.do_sample,
         eos_token_id=builder.eos_id,
@@ -55,6 +64,7 @@ def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
 @torch.no_grad()
 def caption_batch(model, builder: PromptBuilder, images: Sequence[Image.Image], cfg: GenerateConfig) -> list[str]:
     """Captions for one batch of images (post-processed)."""
+    cfg = with_decode_length(cfg, model)
     device, dtype = model_device_dtype(model)
     enc = builder.prompts(images)
     enc = {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in enc.items()}

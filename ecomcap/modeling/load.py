@@ -176,6 +176,12 @@ def load_trained(path: str | Path, cfg: ModelConfig | None = None, quantized: bo
     info = read_output_marker(path) if path.is_dir() else None
     if info is None:
         return load_base(cfg.model_copy(update={"name_or_path": str(path)}), _qlora_config() if quantized else None)
+    model, processor = _load_output(path, info, cfg, quantized)
+    model.ecomcap_decode_length = info.get("max_new_tokens")  # what its training data asked for (generate)
+    return model, processor
+
+
+def _load_output(path: Path, info: dict, cfg: ModelConfig, quantized: bool):
     if info["kind"] == "full":  # 4-bit when a QLoRA stage trains over it (SCST after full SFT)
         return load_base(cfg.model_copy(update={"name_or_path": str(path)}), _qlora_config() if quantized else None)
     if info["kind"] != "adapter":

@@ -174,9 +174,11 @@ def _save_weights(model, out: Path, is_adapter: bool, weights: dict[str, torch.T
 
 
 def export_model(model, processor, out_dir: Path, *, base: str, strategy: str, configs: dict,
-                 metrics_log: Path | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                 metrics_log: Path | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+                 marker: dict | None = None) -> Path:
     """A loadable directory: adapter (LoRA/QLoRA) or full weights, processor, configs used
-    (`state_dict`: gathered weights to write, see `_save_weights`)."""
+    (`state_dict`: gathered weights to write, see `_save_weights`; `marker`: more fields for the
+    output marker, e.g. the decoding length the data asked for)."""
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -188,7 +190,7 @@ def export_model(model, processor, out_dir: Path, *, base: str, strategy: str, c
     # quantized_base: the base this adapter trained over was 4-bit (QLoRA, or LoRA over a merged
     # QLoRA model); evaluation and export must load it the same way
     write_output_marker(tmp, kind="adapter" if is_adapter else "full", base=base if is_adapter else None,
-                        extra={"strategy": strategy, "quantized_base": is_4bit(model)})
+                        extra={"strategy": strategy, "quantized_base": is_4bit(model), **(marker or {})})
     (tmp / "training_config.json").write_text(
         json.dumps(configs, ensure_ascii=False, indent=2, default=str), encoding="utf-8"
     )

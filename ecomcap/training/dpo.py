@@ -307,8 +307,8 @@ def run_dpo(
     gen_cfg, grounding = gen_cfg or GenerateConfig(), grounding or GroundingConfig()
     vocab = grounding.attribute_vocab or _default_vocab(attributes)
     extra = {"vocab": vocab, "pairs_file": _file_digest(cfg.pairs_file), "attributes": _digest(attributes)}
-    loop, train, scorer = start_tuning("dpo", DPOLoop, start_model_dir, train_dir, valid_dir, model_cfg, cfg, gen_cfg,
-                                       on_metrics, dev_images, scorer_dir, grounding, extra=extra)
+    loop, train, scorer, cfg, gen_cfg = start_tuning("dpo", DPOLoop, start_model_dir, train_dir, valid_dir, model_cfg, cfg, gen_cfg,
+                                                     on_metrics, dev_images, scorer_dir, grounding, extra=extra)
     check_token_budget(train, loop.builder, max(cfg.max_new_tokens, cfg.max_answer_tokens),
                        model_token_limit(loop.acc.unwrap_model(loop.model), model_cfg.max_seq_len))
     acc = loop.acc

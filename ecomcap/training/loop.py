@@ -100,6 +100,7 @@ class TrainLoop:
         self._valid_cache: tuple[list[str], list, dict[str, list[str]]] | None = None
         self._orders: dict[int, list[tuple[int, int]]] = {}
         self._epoch_len: int | None = None
+        self.marker: dict[str, Any] = {}  # more fields for the exported model's marker (a stage sets them)
 
     # ------------------------------------------------------------------ data by step
     def examples_for(self, data: ShardImages, step: int, micro: int) -> list[Example]:
@@ -319,7 +320,8 @@ class TrainLoop:
             weights = zero.gathered_state_dict(self.acc, self.model, trainable_only=hasattr(inner, "peft_config"))
         if self.acc.is_main_process:
             export_model(inner, self.processor, path, base=self.base_name, strategy=self.strategy,
-                         configs=self.configs, metrics_log=self.out / "metrics.jsonl", state_dict=weights)
+                         configs=self.configs, metrics_log=self.out / "metrics.jsonl", state_dict=weights,
+                         marker=self.marker)
         return path
 
     def _flush_metrics(self, failing: bool = False, final: bool = False) -> None:

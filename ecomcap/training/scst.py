@@ -104,7 +104,7 @@ def run_scst(
     if cfg.kl_weight > 0 and cfg.finetune.strategy not in ("lora", "qlora"):
         raise EcomcapError("scst.kl_weight needs a LoRA strategy (the reference is the model with the adapter off)")
     gen_cfg = gen_cfg or GenerateConfig()
-    loop, train, scorer = start_tuning(
+    loop, train, scorer, cfg, gen_cfg = start_tuning(
         "scst", TrainLoop, sft_model_dir, train_dir, valid_dir, model_cfg, cfg, gen_cfg, on_metrics, dev_images,
         scorer_dir, grounding or GroundingConfig(), start_key="sft_model")
     reward = CombinedReward(read_references(train_dir), cfg.reward, scorer)

@@ -8,6 +8,7 @@ import torch
 
 from ecomcap.config import SPEED_ONLY, FinetuneConfig, GenerateConfig, ModelConfig, SFTConfig
 from ecomcap.data.augment import augment
+from ecomcap.data.lengths import decode_length
 from ecomcap.data.shards import read_report
 from ecomcap.modeling.load import expected_dtype, load_base
 from ecomcap.modeling.strategies import apply_strategy, quantization_config
@@ -61,7 +62,10 @@ def run_sft(
     acc = make_accelerator(cfg, dtype=expected_dtype(model_cfg))  # first: ZeRO-3 then loads sharded
     model, processor = load_base(model_cfg, quantization_config(ft_cfg), packed=cfg.packing)
     model, _ = apply_strategy(model, ft_cfg)
+    length = decode_length(train_dir, processor.tokenizer)  # recorded in the model; validation decodes with it
     gen_cfg = gen_cfg or GenerateConfig()
+    if gen_cfg.max_new_tokens is None:
+        gen_cfg = gen_cfg.model_copy(update={"max_new_tokens": length})
     train, select_on = train_and_dev(train_dir, valid_dir, dev_images)
     configs, identity = sft_identity(train_dir, model_cfg, ft_cfg, cfg, dev_images)
     loop = TrainLoop(
@@ -70,6 +74,7 @@ def run_sft(
         valid=select_on, configs=configs, on_metrics=on_metrics, expand_references=cfg.references == "expand",
         identity=identity, accelerator=acc,
     )
+    loop.marker["max_new_tokens"] = length
     builder = loop.builder
     # each DataLoader worker would fill its own copy and rarely see an image again: off with workers
     budget = 0 if data_workers(cfg, loop.acc) else cfg.prompt_cache_mb * 2**20

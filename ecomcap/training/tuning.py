@@ -38,10 +38,16 @@ def start_tuning(stage: str, loop_cls: type[TrainLoop], start_dir: str | Path, t
                  valid_dir: str | Path | None, model_cfg: ModelConfig, cfg, gen_cfg: GenerateConfig,
                  on_metrics: MetricsCallback | None, dev_images: int, scorer_dir: str | Path | None,
                  grounding: GroundingConfig, start_key: str = "start_model",
-                 extra: dict[str, Any] | None = None) -> tuple[TrainLoop, ShardImages, Any]:
-    """(loop, training images, reward scorer or None) of a tuning stage; `extra`: more settings
-    that change what is trained (hashed into the run identity with the stage's config)."""
+                 extra: dict[str, Any] | None = None) -> tuple[TrainLoop, ShardImages, Any, Any, GenerateConfig]:
+    """(loop, training images, reward scorer or None, the stage's config and the generate config with
+    max_new_tokens resolved) of a tuning stage; `extra`: more settings that change what is trained
+    (hashed into the run identity with the stage's config)."""
     torch.manual_seed(cfg.seed)  # adapter init and sampling follow the seed, not the process history
+    length = start_decode_length(start_dir, train_dir)
+    if getattr(cfg, "max_new_tokens", 0) is None:  # SCST samples as long as the data asks
+        cfg = cfg.model_copy(update={"max_new_tokens": length})
+    if gen_cfg.max_new_tokens is None:
+        gen_cfg = gen_cfg.model_copy(update={"max_new_tokens": length})
     acc = make_accelerator(cfg, dtype=expected_dtype(model_cfg))  # first: ZeRO-3 then loads sharded
     # 4-bit base for QLoRA (whatever SFT used), as evaluation and export will load it
     model, processor = load_trained(start_dir, model_cfg, quantized=cfg.finetune.strategy == "qlora")
@@ -61,7 +67,20 @@ def start_tuning(stage: str, loop_cls: type[TrainLoop], start_dir: str | Path, t
         configs={**configs, start_key: str(start_dir)}, on_metrics=on_metrics,
         identity=run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(start_dir)),
         accelerator=acc)
-    return loop, train, scorer
+    loop.marker["max_new_tokens"] = length  # handed on: generation after this stage decodes as long
+    return loop, train, scorer, cfg, gen_cfg
+
+
+def start_decode_length(start_dir: str | Path, train_dir: str | Path) -> int:
+    """The decoding length the start model recorded (SFT counted it on its data), else the data's."""
+    from ecomcap.data.lengths import decode_length
+    from ecomcap.modeling.load import read_output_marker
+    from ecomcap.modeling.processor import load_processor
+
+    info = read_output_marker(start_dir) if Path(start_dir).is_dir() else None
+    if info and info.get("max_new_tokens"):
+        return int(info["max_new_tokens"])
+    return decode_length(train_dir, load_processor(start_dir).tokenizer)
 
 
 def load_reward_scorer(scorer_dir: str | Path | None, stage: str, cfg, grounding: GroundingConfig, device: str):

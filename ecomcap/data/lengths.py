@@ -1,0 +1,60 @@
+"""How long a caption may be: the data's reference length in the model's tokens (seed 001).
+
+A fixed `max_new_tokens` is either too short for long ad captions (cut mid-phrase) or far too long
+for short product titles (every beam that never ends costs decode steps). The 99th percentile of
+the training references' length in the model's own tokens, plus the EOS and a margin, fits
+what the data asks for. It is counted once per (dataset, tokenizer) and kept next to the dataset
+(`reference_lengths.json`); SFT records it in the exported model, so generation on a catalogue
+without references uses the length its model was trained for.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+from ecomcap.data.shards import read_references
+
+log = logging.getLogger(__name__)
+FALLBACK_NEW_TOKENS = 40  # where nothing is recorded (a base checkpoint, no references)
+CACHE = "reference_lengths.json"
+
+
+def tokenizer_key(tokenizer) -> str:
+    """Identifies a vocabulary (class, size, a hash of the token -> id map)."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+    return f"{type(tokenizer).__name__}:{len(tokenizer)}:{digest}"
+
+
+def reference_lengths(data_dir: str | Path, tokenizer, q: float = 0.99) -> dict:
+    """{"p99", "max", "mean", "n", "tokenizer"}: reference lengths in `tokenizer`'s tokens (cached)."""
+    path, key = Path(data_dir) / CACHE, tokenizer_key(tokenizer)
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("tokenizer") == key and cached.get("q") == q:
+            return cached
+    except (OSError, ValueError):
+        pass
+    texts = [t for refs in read_references(data_dir).values() for t in refs]
+    lengths = sorted(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else [0]
+    stats = {"p99": lengths[min(len(lengths) - 1, math.ceil(q * len(lengths)) - 1)], "max": lengths[-1],
+             "mean": round(sum(lengths) / len(lengths), 2), "n": len(texts), "q": q, "tokenizer": key}
+    try:
+        path.write_text(json.dumps(stats) + "\n", encoding="utf-8")
+    except OSError:  # a read-only artifact: counted again next time
+        log.info("reference lengths not cached: %s is read-only", path.parent)
+    return stats
+
+
+def decode_length(data_dir: str | Path, tokenizer) -> int:
+    """max_new_tokens from the data: the 99th percentile reference length + EOS + 10% (at least 4)."""
+    stats = reference_lengths(data_dir, tokenizer)
+    if not stats["n"]:
+        return FALLBACK_NEW_TOKENS
+    n = stats["p99"] + 1 + max(4, math.ceil(0.1 * stats["p99"]))
+    log.info("max_new_tokens from the data: %d (99th percentile of %d references: %d tokens, longest %d)",
+             n, stats["n"], stats["p99"], stats["max"])
+    return n

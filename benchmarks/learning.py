@@ -2,6 +2,8 @@
 
     python benchmarks/learning.py --stage sft [--steps 900]
     python benchmarks/learning.py --stage scst [--scst-steps 150]   # starts from the SFT run above
+    python benchmarks/learning.py --stage brand [--brand-epochs 20]  # freeze_llm brand recipe on top of it
+    (--difficulty hard, --shift, --augment, --brand-min-images N, --seed S: the issue-22 comparisons)
 
 Prints the validation figures before and after (production beam decoding), with wall time and
 attribute accuracy; the last line is one JSON object:
@@ -36,7 +38,7 @@ from ecomcap.config import (  # noqa: E402
     SynthConfig,
     TinyModelConfig,
 )
-from ecomcap.data.prepare import prepare_data  # noqa: E402
+from ecomcap.data.prepare import brand_lexicon, prepare_data  # noqa: E402
 from ecomcap.data.shards import read_references  # noqa: E402
 from ecomcap.inference.batch import generate_for_dataset  # noqa: E402
 from ecomcap.metrics.attributes import read_attributes  # noqa: E402
@@ -92,7 +94,7 @@ def stage_sft(args, work: Path, model_cfg: ModelConfig, gen: GenerateConfig) -> 
                         augment=AugmentConfig(enabled=args.augment, seed=args.seed))
     t0 = time.perf_counter()
     res = run_sft(work / "data" / "train", work / "data" / "valid", model_cfg,
-                  FinetuneConfig(strategy="full"), sft_cfg, gen)
+                  FinetuneConfig(strategy="full"), sft_cfg, gen, brands=args.brands)
     wall = time.perf_counter() - t0
     curve = [(e["step"], round(e["CIDEr-D"], 3)) for e in res.evals]
     print("validation during training (greedy):", curve)
@@ -129,9 +131,41 @@ def stage_scst(args, work: Path, model_cfg: ModelConfig, gen: GenerateConfig) ->
     })
 
 
+def stage_brand(args, work: Path, model_cfg: ModelConfig, gen: GenerateConfig) -> dict:
+    """The freeze_llm brand recipe (configs/brand_freeze_llm.yaml) on top of the SFT run `--tag`: the
+    LLM frozen (a pretrained LLM, as a real Qwen2.5-VL has), vision tower + merger trained, brand
+    accuracy on validation after every epoch."""
+    from ecomcap.training.identity import finished_output
+    from ecomcap.training.sft import run_sft
+
+    sft_dir = finished_output(work / args.tag)
+    if sft_dir is None:
+        raise SystemExit("run `benchmarks/learning.py --stage sft` first: the brand recipe starts from its model")
+    start = model_cfg.model_copy(update={"name_or_path": str(sft_dir), "tiny": None})
+    before = evaluate_model(sft_dir, work, model_cfg, gen, "brand_before")
+    epoch = max(1, args.train // 32)
+    cfg = SFTConfig(output_dir=work / "brand", max_steps=epoch * args.brand_epochs, lr=args.brand_lr, batch_size=32,
+                    eval_every=epoch, eval_images=args.valid, save_every=0, resume=False, seed=args.seed,
+                    warmup_ratio=0.0)
+    t0 = time.perf_counter()
+    res = run_sft(work / "data" / "train", work / "data" / "valid", start,
+                  FinetuneConfig(strategy="freeze_llm", train_vision=True), cfg, gen, brands=args.brands)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (res.final_dir.parent / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"] // epoch, round(r.get("val_brand_micro", 0), 3), round(r.get("val_brand_macro", 0), 3),
+              round(r["val_CIDEr-D"], 3)) for r in rows if "val_CIDEr-D" in r]
+    print("per epoch (epoch, brand micro, brand macro, CIDEr-D; greedy, validation):", curve)
+    after = evaluate_model(res.model_dir, work, model_cfg, gen, "brand_after")
+    return summary("brand", before, after, wall, {"steps": res.steps, "best_step": res.best_metrics["step"],
+                                                  "epoch_steps": epoch, "brand_curve": curve,
+                                                  "brands_before": before["brands"]})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=["sft", "scst"], default="sft")
+    ap.add_argument("--stage", choices=["sft", "scst", "brand"], default="sft")
+    ap.add_argument("--brand-epochs", type=int, default=20)
+    ap.add_argument("--brand-lr", type=float, default=3e-4)
     ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--scst-steps", type=int, default=150)
     ap.add_argument("--scst-batch", type=int, default=16)
@@ -155,13 +189,15 @@ def main() -> None:
     work = args.work
     synth = SynthConfig(train=args.train, valid=args.valid, test=0, difficulty=args.difficulty, shift=args.shift)
     ingest = IngestConfig(brand_balance=BrandBalanceConfig(min_images=args.brand_min_images))
-    prepare_data(DataConfig(work_dir=work / "data", synth=synth, ingest=ingest))
+    data_cfg = DataConfig(work_dir=work / "data", synth=synth, ingest=ingest)
+    prepare_data(data_cfg)
     model_cfg = ModelConfig(name_or_path=str(work / "tiny"), tiny=TinyModelConfig(seed=args.seed))
     ensure_model(model_cfg, work / "data" / "train")
     if args.prompt:
         model_cfg = model_cfg.model_copy(update={"prompt": args.prompt})
     gen = GenerateConfig()  # production decoding: beam 5
-    stage = stage_sft if args.stage == "sft" else stage_scst
+    args.brands = brand_lexicon(data_cfg)
+    stage = {"sft": stage_sft, "scst": stage_scst, "brand": stage_brand}[args.stage]
     out = stage(args, work, model_cfg, gen)
     out.update(difficulty=args.difficulty, shift=args.shift, seed=args.seed, augment=args.augment,
                brand_min_images=args.brand_min_images)

@@ -47,3 +47,21 @@ def test_the_caption_report_carries_brand_recognition():
     assert r["brands"]["macro"] == pytest.approx(0.75) and r["brands"]["rare"] == pytest.approx(1.0)
     assert r["attributes"]["brand"] == pytest.approx(4 / 6)  # the attribute figure is the micro one
     assert "brands" not in caption_report({"1": "x"}, {"1": ["y"]})
+
+
+def test_sft_validation_logs_brand_accuracy_from_the_references(tiny_model_cfg, small_data, tmp_path):
+    """With a brand lexicon, every validation also scores brand recognition (the brand the image's
+    references name), so a brand recipe shows its curve per epoch."""
+    import json
+
+    from ecomcap.config import FinetuneConfig, GenerateConfig
+    from ecomcap.data.synth_draw import BRANDS
+    from ecomcap.training.sft import run_sft
+    from tests.test_sft import _cfg
+
+    res = run_sft(small_data["train"], small_data["valid"], tiny_model_cfg, FinetuneConfig(strategy="lora"),
+                  _cfg(tmp_path / "s", max_steps=2, eval_every=2, eval_images=8, save_every=0),
+                  GenerateConfig(num_beams=1, max_new_tokens=6), brands=list(BRANDS))
+    rows = [json.loads(line) for line in (res.final_dir.parent / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_CIDEr-D" in r]
+    assert evals and all(0.0 <= r["val_brand_micro"] <= 1.0 and "val_brand_macro" in r for r in evals)

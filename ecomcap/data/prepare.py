@@ -36,13 +36,15 @@ def ingest_config(cfg: DataConfig) -> IngestConfig:
     bal = cfg.ingest.brand_balance
     if cfg.source != "synthetic" or bal.brands or not bal.min_images:
         return cfg.ingest
-    return cfg.ingest.model_copy(update={"brand_balance": bal.model_copy(
-        update={"brands": synthetic_brands(cfg.synth.difficulty)})})
+    return cfg.ingest.model_copy(update={"brand_balance": bal.model_copy(update={"brands": brand_lexicon(cfg)})})
 
 
-def synthetic_brands(difficulty: str) -> list[str]:
-    """The brand list of the synthetic set of this difficulty."""
-    if difficulty == "hard":
+def brand_lexicon(cfg: DataConfig) -> list[str]:
+    """The brands of this data: `ingest.brand_balance.brands`, else the synthetic set's own, else none
+    (the filter, and brand accuracy while training, need a list)."""
+    if cfg.ingest.brand_balance.brands or cfg.source != "synthetic":
+        return list(cfg.ingest.brand_balance.brands)
+    if cfg.synth.difficulty == "hard":
         from ecomcap.data.synth_hard import HARD_BRANDS as brands
     else:
         from ecomcap.data.synth_draw import BRANDS as brands

@@ -24,8 +24,10 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ecomcap.config import GenerateConfig, LoopConfig
+from ecomcap.data.brand_balance import named_brand
 from ecomcap.inference.generate import caption_images
 from ecomcap.metrics import evaluate
+from ecomcap.metrics.brands import brand_accuracy
 from ecomcap.modeling.strategies import ParamCount, count_parameters
 from ecomcap.training import zero
 from ecomcap.training.accelerator import make_accelerator, resolve_precision  # noqa: F401 (re-exported)
@@ -101,6 +103,7 @@ class TrainLoop:
         self._orders: dict[int, list[tuple[int, int]]] = {}
         self._epoch_len: int | None = None
         self.marker: dict[str, Any] = {}  # more fields for the exported model's marker (a stage sets them)
+        self.brands: list[str] = []  # a brand lexicon: validation also scores brand recognition
 
     # ------------------------------------------------------------------ data by step
     def examples_for(self, data: ShardImages, step: int, micro: int) -> list[Example]:
@@ -145,6 +148,10 @@ class TrainLoop:
         ids, images, refs = self._valid_cache
         caps = self.validation_captions(images)
         scores = evaluate(dict(zip(ids, caps)), refs)
+        if self.brands:  # each image's brand: the one its references name (no ground truth needed)
+            truth = {i: {"brand": named_brand(refs[i], self.brands)} for i in ids}
+            b = brand_accuracy(dict(zip(ids, caps)), truth)
+            scores.update({f"brand_{k}": b[k] for k in ("micro", "macro") if b[k] is not None})
         return {**scores, "distinct": len(set(caps))}
 
     def validation_captions(self, images: list) -> list[str]:

@@ -49,11 +49,13 @@ def run_sft(
     gen_cfg: GenerateConfig | None = None,
     on_metrics: MetricsCallback | None = None,
     dev_images: int = 0,
+    brands: list[str] | None = None,
 ) -> StageResult:
     """Fine-tune `model_cfg`'s model on an ingested train split; returns the exported model.
 
     `dev_images` > 0: the best checkpoint is picked on that many training images held out
-    (by id), not on `valid_dir`, which then stays unseen for the promotion gate.
+    (by id), not on `valid_dir`, which then stays unseen for the promotion gate. `brands`: the
+    brand lexicon; each validation then also logs brand accuracy (val_brand_micro / _macro).
     """
     from ecomcap.modeling.prepare import ensure_model
 
@@ -75,6 +77,7 @@ def run_sft(
         identity=identity, accelerator=acc,
     )
     loop.marker["max_new_tokens"] = length
+    loop.brands = list(brands or [])
     builder = loop.builder
     # each DataLoader worker would fill its own copy and rarely see an image again: off with workers
     budget = 0 if data_workers(cfg, loop.acc) else cfg.prompt_cache_mb * 2**20

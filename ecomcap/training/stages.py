@@ -162,8 +162,10 @@ def sft_process(train: str, valid: str, config: dict, run_name: str) -> dict[str
 
     cfg = RunConfig.model_validate(config)
     sft = cfg.sft.model_copy(update={"output_dir": Path(cfg.sft.output_dir) / run_name})
+    from ecomcap.data.prepare import brand_lexicon
+
     res = run_sft(train, valid, cfg.model, cfg.finetune, sft, cfg.generate, tracking.metrics_callback(),
-                  dev_images=cfg.data.dev_images)
+                  dev_images=cfg.data.dev_images, brands=brand_lexicon(cfg.data))
     return _summary(res, Path(sft.output_dir))
 
 

@@ -98,3 +98,25 @@ def test_brands_are_long_tailed_and_fine_print_is_marked():
     assert all(a["brand_legible"] == (a["brand"] not in FINE_PRINT) for a in drawn)
     assert {a["brand_view"] for a in drawn} == {"logo", "tag", "corner"}
     assert 0.1 < sum("second" in a for a in drawn) / len(drawn) < 0.2
+
+
+def test_cli_and_config_switch_and_shift(tmp_path, capsys):
+    from ecomcap.cli import main
+    from ecomcap.config import DataConfig, SynthConfig
+    from ecomcap.data.prepare import brand_lexicon
+    from ecomcap.errors import EcomcapError
+
+    assert main(["synth", "--out", str(tmp_path / "c"), "--train", "4", "--valid", "2", "--test", "0",
+                 "--difficulty", "hard"]) == 0
+    assert json.loads((tmp_path / "c" / "synth.json").read_text())["args"]["difficulty"] == "hard"
+    assert brand_lexicon(DataConfig(synth=SynthConfig(difficulty="hard"))) == list(HARD_BRANDS)
+    with pytest.raises(EcomcapError, match="shift needs difficulty 'hard'"):
+        generate_synthetic(tmp_path / "e", train=2, valid=1, test=0, shift=True)
+    generate_synthetic(tmp_path / "s", train=20, valid=20, test=0, seed=1, difficulty="hard", shift=True)
+    _, train_attrs = _rows(tmp_path / "s", "train")
+    _, valid_attrs = _rows(tmp_path / "s", "valid")
+    assert {a["background"] for a in train_attrs.values()} == {"plain"}  # narrow training images ...
+    assert len({a["background"] for a in valid_attrs.values()}) > 1  # ... full variation on valid
+    sizes = {Image.open(__import__("io").BytesIO(decode_base64(line.split("\t")[1]))).size
+             for line in (tmp_path / "s" / "IC_train.tsv").read_text("utf-8").splitlines()}
+    assert sizes == {(112, 112)}

@@ -65,7 +65,10 @@ def evaluate_model(model_dir: Path, work: Path, model_cfg: ModelConfig, gen: Gen
     return rep
 
 
-def summary(stage: str, before: dict, after: dict, wall: float, extra: dict) -> dict:
+def summary(stage: str, before: dict | None, after: dict, wall: float, extra: dict) -> dict:
+    if before is None:
+        out = summary(stage, after, after, wall, extra)
+        return {k: v for k, v in out.items() if "before" not in k}
     return {
         "stage": stage,
         "before": {k: round(before[k], 4) for k in KEYS},
@@ -88,7 +91,8 @@ def summary(stage: str, before: dict, after: dict, wall: float, extra: dict) -> 
 def stage_sft(args, work: Path, model_cfg: ModelConfig, gen: GenerateConfig) -> dict:
     from ecomcap.training.sft import run_sft
 
-    before = evaluate_model(work / "tiny", work, model_cfg, gen, f"{args.tag}before")
+    # --no-before: the untrained model's figures (near zero; 40 never-ending tokens per beam) are skipped
+    before = None if args.no_before else evaluate_model(work / "tiny", work, model_cfg, gen, f"{args.tag}before")
     sft_cfg = SFTConfig(output_dir=work / args.tag, max_steps=args.steps, lr=1e-3, batch_size=32,
                         eval_every=150, eval_images=args.valid, save_every=300, resume=False, seed=args.seed,
                         augment=AugmentConfig(enabled=args.augment, seed=args.seed))
@@ -177,6 +181,7 @@ def main() -> None:
                     "vocabulary is built from the default prompt and the captions")
     ap.add_argument("--tag", default="sft", help="SFT output directory name under --work (runs side by side)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--no-before", action="store_true", help="sft: skip evaluating the untrained model")
     ap.add_argument("--difficulty", choices=("easy", "hard"), default="easy", help="data.synth.difficulty")
     ap.add_argument("--shift", action="store_true", help="hard set only: training images centred on a plain "
                     "ground at one scale, validation with the full variation (robustness, e.g. to augmentation)")

@@ -45,3 +45,9 @@ def test_sft_records_the_length_and_generate_uses_it_unless_set(tiny_model_cfg, 
 
     assert start_decode_length(res.model_dir, small_data["train"]) == want  # SCST / DPO: the start model's
     assert start_decode_length(tiny_model_cfg.name_or_path, small_data["train"]) == want  # else the data's
+
+    from ecomcap.registry.pyfunc import INFERENCE_FILE, export_merged
+
+    served = export_merged(res.model_dir, tmp_path / "served", tiny_model_cfg, GenerateConfig())
+    assert json.loads((served / INFERENCE_FILE).read_text())["generate"]["max_new_tokens"] == want
+    assert read_output_marker(served)["max_new_tokens"] == want  # the registered model decodes as evaluated

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelConfig,
                   gen_cfg: GenerateConfig) -> Path:
     """Merge adapters into their base and write one standalone model directory."""
+    from ecomcap.inference.generate import with_decode_length
     from ecomcap.modeling.load import load_trained, write_output_marker
     from ecomcap.modeling.processor import save_processor
 
@@ -29,11 +30,13 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelCo
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     model, processor = load_trained(model_dir, model_cfg)
+    gen_cfg = with_decode_length(gen_cfg, model)  # served with the decoding length it was evaluated with
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
     save_processor(processor, out)
-    write_output_marker(out, kind="full", base=None, extra={"merged_from": str(model_dir)})
+    write_output_marker(out, kind="full", base=None,
+                        extra={"merged_from": str(model_dir), "max_new_tokens": gen_cfg.max_new_tokens})
     from ecomcap.modeling.strategies import is_4bit
 
     settings = inference_settings(with_model_prompt(model_dir, model_cfg), gen_cfg)  # the prompt it learnt

@@ -7,9 +7,9 @@ Two models on the validation images of a `benchmarks/learning.py` work directory
 - untrained: the tiny model it started from (it never stops: the limit is every caption's length;
   the data's length counted on the training references with its tokenizer).
 Each is timed with max_new_tokens 40 (the old fixed default) and with the data's length,
-alternating A B A B in one process on one thread set. Captions are compared where the fixed-length
-caption fits the data's limit (its token count < the limit: it ended before the limit would cut
-it) and over all images. Last line: one JSON object.
+alternating A B A B in one process on one thread set. Captions (raw, no clean-up) are compared
+where the fixed-length caption fits (it ended before either limit: fewer tokens than both, EOS
+included) and over all images. Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from ecomcap.config import GenerateConfig, ModelConfig  # noqa: E402
+from ecomcap.config import GenerateConfig, ModelConfig, PostprocessConfig  # noqa: E402
 from ecomcap.data.lengths import decode_length, reference_lengths  # noqa: E402
 from ecomcap.inference.generate import caption_images  # noqa: E402
 from ecomcap.modeling.load import load_trained, read_output_marker  # noqa: E402
@@ -37,7 +37,9 @@ FIXED = 40
 
 
 def timed(model, builder, images, new_tokens: int, repeats: int) -> tuple[list[str], float]:
-    cfg = GenerateConfig(num_beams=5, batch_size=16, max_new_tokens=new_tokens)
+    # raw captions (no clean-up): their token count says whether a caption ended or was cut
+    cfg = GenerateConfig(num_beams=5, batch_size=16, max_new_tokens=new_tokens,
+                         postprocess=PostprocessConfig(strip=False, collapse_repeats=False, normalize_width=False))
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -58,7 +60,7 @@ def compare(name: str, model_dir: Path, data_len: int, images, args) -> dict:
         data, t = timed(model, builder, images, data_len, 1)
         t_data = min(t_data, t)
     lens = [len(tok(c, add_special_tokens=False)["input_ids"]) for c in fixed]
-    fits = [i for i, n in enumerate(lens) if n < data_len]
+    fits = [i for i, n in enumerate(lens) if n < min(FIXED, data_len) - 1]  # ended (EOS) under both limits
     row = {"model": name, "max_new_tokens_data": data_len, "images": len(images),
            "images_per_s_fixed40": round(len(images) / t_fixed, 2), "images_per_s_data": round(len(images) / t_data, 2),
            "speedup": round(t_fixed / t_data, 3), "fits": len(fits),

@@ -279,7 +279,8 @@ def extrapolate(path: str, fits: dict[str, dict[str, float]], gc_measured: bool 
                                                    else cfg.scst.finetune.strategy})
     scst_static = sum(static_bytes(arch, scst_ft).values())
     n = cfg.scst.batch_size * cfg.scst.samples
-    seq = prompt + image + cfg.scst.max_new_tokens
+    # unset: the data's length, unknown before ingest - sized at the 64 tokens the GPU configs use
+    seq = prompt + image + (cfg.scst.max_new_tokens or 64)
     ratio = seq / measured
     head_dim = arch.hidden_size // arch.num_attention_heads
     sampling = (n * seq * arch.num_hidden_layers * 2 * arch.num_key_value_heads * head_dim * 2

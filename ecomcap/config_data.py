@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ecomcap.config_base import _Strict
 
@@ -68,6 +68,12 @@ class SynthConfig(_Strict):
     shift: bool = Field(False, description="hard only: train images centred at one scale on a plain ground, "
                         "valid/test with the full variation (measures robustness, e.g. what augmentation buys)")
 
+    @model_validator(mode="after")
+    def _shift_needs_hard(self):
+        if self.shift and self.difficulty != "hard":
+            raise ValueError("synth.shift needs synth.difficulty: hard (the easy set has one layout)")
+        return self
+
 
 class DataConfig(_Strict):
     """Where the data comes from: the synthetic generator or a directory of MUGE/ad files."""
@@ -100,4 +106,4 @@ class AugmentConfig(_Strict):
     saturation: float = Field(0.3, ge=0, le=1)
     hue: float = Field(0.0, ge=0, le=0.5, description="off by default: a hue shift changes the colour the "
                        "reference names (红色 -> 橙色); the caption would then be taught a wrong colour")
-    hflip: bool = Field(False, description="off by default: mirrors text on real products (brand names)")
+    hflip: bool = Field(False, description="off by default: mirrors brand words (synthetic and real) and logos")

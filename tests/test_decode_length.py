@@ -3,6 +3,7 @@ and a margin), counted once per dataset and tokenizer, recorded by SFT in the ex
 used by generate and SCST when their config leaves max_new_tokens unset; an explicit value wins."""
 import json
 import math
+import shutil
 
 import pytest
 
@@ -17,7 +18,8 @@ from ecomcap.training.sft import run_sft
 from tests.test_sft import _cfg
 
 
-def test_the_length_is_the_99th_percentile_in_model_tokens_and_cached(tiny_model_cfg, small_data, monkeypatch):
+def test_the_length_is_the_99th_percentile_in_model_tokens_and_cached(tiny_model_cfg, small_data, monkeypatch,
+                                                                      tmp_path):
     tok = load_processor(tiny_model_cfg.name_or_path).tokenizer
     (small_data["train"] / CACHE).unlink(missing_ok=True)
     texts = [t for refs in read_references(small_data["train"]).values() for t in refs]
@@ -26,11 +28,19 @@ def test_the_length_is_the_99th_percentile_in_model_tokens_and_cached(tiny_model
     assert decode_length(small_data["train"], tok) == p99 + 1 + max(4, math.ceil(0.1 * p99))
     cached = json.loads((small_data["train"] / CACHE).read_text())
     assert cached["p99"] == p99 and cached["n"] == len(texts) and cached["max"] == counts[-1]
+    real = lengths.read_references
     monkeypatch.setattr(lengths, "read_references", lambda d: pytest.fail("counted again"))
     assert reference_lengths(small_data["train"], tok)["p99"] == p99  # from the cache
+    copy = tmp_path / "reingested"  # the same folder ingested again from other data: counted again
+    shutil.copytree(small_data["train"], copy)
+    report = json.loads((copy / "report.json").read_text())
+    (copy / "report.json").write_text(json.dumps({**report, "fingerprint": "other data"}))
+    calls = []
+    monkeypatch.setattr(lengths, "read_references", lambda d: calls.append(d) or real(d))
+    assert reference_lengths(copy, tok)["p99"] == p99 and calls == [copy]
 
 
-def test_sft_records_the_length_and_generate_uses_it_unless_set(tiny_model_cfg, small_data, tmp_path):
+def test_sft_records_the_length_and_generate_uses_it_unless_set(tiny_model_cfg, small_data, tmp_path, caplog):
     res = run_sft(small_data["train"], None, tiny_model_cfg, FinetuneConfig(strategy="lora"),
                   _cfg(tmp_path / "sft", eval_every=0, max_steps=2, save_every=0), GenerateConfig(num_beams=1))
     tok = load_processor(tiny_model_cfg.name_or_path).tokenizer
@@ -51,3 +61,16 @@ def test_sft_records_the_length_and_generate_uses_it_unless_set(tiny_model_cfg, 
     served = export_merged(res.model_dir, tmp_path / "served", tiny_model_cfg, GenerateConfig())
     assert json.loads((served / INFERENCE_FILE).read_text())["generate"]["max_new_tokens"] == want
     assert read_output_marker(served)["max_new_tokens"] == want  # the registered model decodes as evaluated
+
+    import logging
+
+    from ecomcap.config import RunConfig
+    from ecomcap.registry.pyfunc import as_recorded
+
+    cfg = RunConfig().model_copy(update={"model": tiny_model_cfg})
+    with caplog.at_level(logging.WARNING, logger="ecomcap.registry.pyfunc"):
+        assert as_recorded(cfg, served).generate.max_new_tokens == want  # unset: no "other settings" warning
+    assert "records its own decoding" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="ecomcap.registry.pyfunc"):
+        as_recorded(cfg.model_copy(update={"generate": GenerateConfig(max_new_tokens=7)}), served)
+    assert "records its own decoding" in caplog.text

@@ -115,7 +115,10 @@ def test_cli_and_config_switch_and_shift(tmp_path, capsys):
     generate_synthetic(tmp_path / "s", train=20, valid=20, test=0, seed=1, difficulty="hard", shift=True)
     _, train_attrs = _rows(tmp_path / "s", "train")
     _, valid_attrs = _rows(tmp_path / "s", "valid")
+    train_refs, _ = _rows(tmp_path / "s", "train")
     assert {a["background"] for a in train_attrs.values()} == {"plain"}  # narrow training images ...
+    assert not any("second" in a for a in train_attrs.values())  # one product drawn, one named
+    assert not any("风格" in t for ts in train_refs.values() for t in ts)
     assert len({a["background"] for a in valid_attrs.values()}) > 1  # ... full variation on valid
     sizes = {Image.open(__import__("io").BytesIO(decode_base64(line.split("\t")[1]))).size
              for line in (tmp_path / "s" / "IC_train.tsv").read_text("utf-8").splitlines()}

@@ -10,8 +10,8 @@ uninterrupted run did.
 Left off by default, and why:
 - hue: a hue shift turns 红色 into 橙色 or 紫色 while the reference still says 红色, so the model
   learns to name the wrong colour;
-- horizontal flip: safe for the synthetic silhouettes, but it mirrors the text on real products
-  (brand names, logos) and teaches mirrored brands.
+- horizontal flip: the silhouettes are symmetric enough, but a flip mirrors every brand word (on
+  ~35% of the synthetic images, and on real products and logos) and teaches mirrored brands.
 """
 from __future__ import annotations
 

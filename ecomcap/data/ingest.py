@@ -215,7 +215,9 @@ class _Ingester:
         self.quarantine.close()
         self.index.close()
         rows_q = sum(self.reasons.values())
-        rate = rows_q / self.rows_in if self.rows_in else 0.0
+        # images the brand filter took out are a choice, not a defect: not in the bad rate
+        filtered = self.reasons.get("rare_brand", 0)
+        rate = (rows_q - filtered) / self.rows_in if self.rows_in else 0.0
         elapsed = time.perf_counter() - started
         return {
             "split": self.split,
@@ -226,6 +228,7 @@ class _Ingester:
             "rows_in": self.rows_in,
             "rows_ok": self.shards.rows,
             "rows_quarantined": rows_q,
+            "rows_filtered": filtered,
             "reasons": dict(self.reasons.most_common()),
             "bad_rate": round(rate, 6),
             "max_bad_rate": self.cfg.max_bad_rate,

@@ -4,8 +4,9 @@ A fixed `max_new_tokens` is either too short for long ad captions (cut mid-phras
 for short product titles (every beam that never ends costs decode steps). The 99th percentile of
 the training references' length in the model's own tokens, plus the EOS and a margin, fits
 what the data asks for. It is counted once per (dataset, tokenizer) and kept next to the dataset
-(`reference_lengths.json`); SFT records it in the exported model, so generation on a catalogue
-without references uses the length its model was trained for.
+(`reference_lengths.json`, keyed by the ingest fingerprint: re-ingested data is counted again);
+SFT records it in the exported model, so generation on a catalogue without references uses the
+length its model was trained for.
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
-from ecomcap.data.shards import read_references
+from ecomcap.data.shards import read_references, read_report
 
 log = logging.getLogger(__name__)
 FALLBACK_NEW_TOKENS = 40  # where nothing is recorded (a base checkpoint, no references)
@@ -29,21 +31,29 @@ def tokenizer_key(tokenizer) -> str:
     return f"{type(tokenizer).__name__}:{len(tokenizer)}:{digest}"
 
 
-def reference_lengths(data_dir: str | Path, tokenizer, q: float = 0.99) -> dict:
-    """{"p99", "max", "mean", "n", "tokenizer"}: reference lengths in `tokenizer`'s tokens (cached)."""
-    path, key = Path(data_dir) / CACHE, tokenizer_key(tokenizer)
+def reference_lengths(data_dir: str | Path, tokenizer, q: float = 0.99, chunk: int = 8192) -> dict:
+    """{"p99", "max", "mean", "n", ...}: reference lengths in `tokenizer`'s tokens, cached for this
+    dataset (its ingest fingerprint) and tokenizer; counted in chunks (only lengths are kept)."""
+    path = Path(data_dir) / CACHE
+    key = {"tokenizer": tokenizer_key(tokenizer), "data": read_report(data_dir).get("fingerprint"), "q": q}
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
-        if cached.get("tokenizer") == key and cached.get("q") == q:
+        if all(cached.get(k) == v for k, v in key.items()):
             return cached
     except (OSError, ValueError):
         pass
     texts = [t for refs in read_references(data_dir).values() for t in refs]
-    lengths = sorted(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else [0]
+    lengths: list[int] = []
+    for i in range(0, len(texts), chunk):
+        ids = tokenizer(texts[i:i + chunk], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        lengths.extend(map(len, ids))
+    lengths = sorted(lengths) or [0]
     stats = {"p99": lengths[min(len(lengths) - 1, math.ceil(q * len(lengths)) - 1)], "max": lengths[-1],
-             "mean": round(sum(lengths) / len(lengths), 2), "n": len(texts), "q": q, "tokenizer": key}
-    try:
-        path.write_text(json.dumps(stats) + "\n", encoding="utf-8")
+             "mean": round(sum(lengths) / len(lengths), 2), "n": len(texts), **key}
+    tmp = path.with_name(f".{CACHE}.{os.getpid()}")
+    try:  # atomic: ranks that count at once each write whole files
+        tmp.write_text(json.dumps(stats) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
     except OSError:  # a read-only artifact: counted again next time
         log.info("reference lengths not cached: %s is read-only", path.parent)
     return stats

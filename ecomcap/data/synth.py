@@ -144,8 +144,9 @@ def _make_row(split: str, index: int, seed: int, size: int, brand_rate: float, h
 
         rng = random.Random(f"hard:{seed}:{split}:{index}")
         attrs = hard_attributes(rng, brand_rate)
-        if narrow:
+        if narrow:  # one product on a plain ground: the references must not name a second one
             attrs["background"] = "plain"
+            attrs.pop("second", None)
         refs = hard_captions_for(attrs, rng)
         img = hard_image_for(attrs, size, rng, narrow)
         data = _encode(img, png=rng.random() < 0.05, quality=rng.randint(40, 95))

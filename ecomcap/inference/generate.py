@@ -26,12 +26,17 @@ from ecomcap.training.collate import PromptBuilder, split_samples
 QWEN_GENERATION_FIELDS = ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty")
 
 
+def with_length(cfg, length: int | None):
+    """`cfg` (any config with `max_new_tokens`) with its own max_new_tokens, else `length`, else 40."""
+    if cfg.max_new_tokens is not None:
+        return cfg
+    return cfg.model_copy(update={"max_new_tokens": length or FALLBACK_NEW_TOKENS})
+
+
 def with_decode_length(cfg: GenerateConfig, model) -> GenerateConfig:
     """`cfg` with max_new_tokens set: its own, else the length the model's training data asked for
     (recorded at export, see `ecomcap.data.lengths`), else 40."""
-    if cfg.max_new_tokens is not None:
-        return cfg
-    return cfg.model_copy(update={"max_new_tokens": getattr(model, "ecomcap_decode_length", None) or FALLBACK_NEW_TOKENS})
+    return with_length(cfg, getattr(model, "ecomcap_decode_length", None))
 
 
 def generate_kwargs(cfg: GenerateConfig, builder: PromptBuilder) -> dict:

@@ -31,12 +31,14 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, model_cfg: ModelCo
     out.mkdir(parents=True)
     model, processor = load_trained(model_dir, model_cfg)
     gen_cfg = with_decode_length(gen_cfg, model)  # served with the decoding length it was evaluated with
+    data_length = getattr(model, "ecomcap_decode_length", None)  # (before merging: a new object)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
     save_processor(processor, out)
     write_output_marker(out, kind="full", base=None,
-                        extra={"merged_from": str(model_dir), "max_new_tokens": gen_cfg.max_new_tokens})
+                        extra={"merged_from": str(model_dir),
+                               "max_new_tokens": data_length})  # the data's, as the source recorded it
     from ecomcap.modeling.strategies import is_4bit
 
     settings = inference_settings(with_model_prompt(model_dir, model_cfg), gen_cfg)  # the prompt it learnt
@@ -73,7 +75,9 @@ def as_recorded(cfg: RunConfig, model_dir: str | Path, device: str | None = None
     gen = generate_settings(info, Path(model_dir), batch_size=cfg.generate.batch_size,
                             chunks=cfg.generate.chunks.model_dump())
     model = recorded_model_config(info, cfg.model).model_copy(update={"device": device or cfg.model.device})
-    ignore = {"batch_size": True, "chunks": True, "rerank": {"scorer_dir"}}
+    ignore = {"batch_size": True, "chunks": True, "rerank": {"scorer_dir"},
+              # unset in the config: the model's own length from its data is what the config asks for
+              **({"max_new_tokens": True} if cfg.generate.max_new_tokens is None else {})}
     inputs = ("min_pixels", "max_pixels", "dtype")
     if warn and (gen.model_dump(mode="json", exclude=ignore) != cfg.generate.model_dump(mode="json", exclude=ignore)
                  or any(getattr(model, k) != getattr(cfg.model, k) for k in inputs)):

@@ -10,6 +10,7 @@ from ecomcap.config import SPEED_ONLY, FinetuneConfig, GenerateConfig, ModelConf
 from ecomcap.data.augment import augment
 from ecomcap.data.lengths import decode_length
 from ecomcap.data.shards import read_report
+from ecomcap.inference.generate import with_length
 from ecomcap.modeling.load import expected_dtype, load_base
 from ecomcap.modeling.strategies import apply_strategy, quantization_config
 from ecomcap.training.answer_loss import answer_loss
@@ -29,7 +30,10 @@ def sft_identity(train_dir: str | Path, model_cfg: ModelConfig, ft_cfg: Finetune
     """(the configs an SFT run records, its run identity): what `run_sft` trains under, and what
     the SCST stage looks up to start from the SFT run of *this* config."""
     configs = {"model": model_cfg.model_dump(mode="json"), "finetune": ft_cfg.model_dump(mode="json"),
-               "sft": cfg.model_dump(mode="json", exclude=SPEED_ONLY["sft"]), "dev_images": dev_images}
+               # augmentation off leaves the identity as it was before augmentation existed (runs resume)
+               "sft": cfg.model_dump(mode="json", exclude=SPEED_ONLY["sft"] | ({"augment"} if not cfg.augment.enabled
+                                                                               else set())),
+               "dev_images": dev_images}
     return configs, run_identity(configs, read_report(train_dir)["fingerprint"], model_fingerprint(model_cfg.name_or_path))
 
 
@@ -65,9 +69,7 @@ def run_sft(
     model, processor = load_base(model_cfg, quantization_config(ft_cfg), packed=cfg.packing)
     model, _ = apply_strategy(model, ft_cfg)
     length = decode_length(train_dir, processor.tokenizer)  # recorded in the model; validation decodes with it
-    gen_cfg = gen_cfg or GenerateConfig()
-    if gen_cfg.max_new_tokens is None:
-        gen_cfg = gen_cfg.model_copy(update={"max_new_tokens": length})
+    gen_cfg = with_length(gen_cfg or GenerateConfig(), length)
     train, select_on = train_and_dev(train_dir, valid_dir, dev_images)
     configs, identity = sft_identity(train_dir, model_cfg, ft_cfg, cfg, dev_images)
     loop = TrainLoop(

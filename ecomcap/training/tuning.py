@@ -13,6 +13,7 @@ import torch
 from ecomcap.config import SPEED_ONLY, GenerateConfig, GroundingConfig, ModelConfig
 from ecomcap.data.shards import read_report
 from ecomcap.errors import EcomcapError
+from ecomcap.inference.generate import with_length
 from ecomcap.modeling.load import expected_dtype, load_trained
 from ecomcap.modeling.partitions import merge_adapter
 from ecomcap.modeling.strategies import apply_strategy
@@ -44,10 +45,7 @@ def start_tuning(stage: str, loop_cls: type[TrainLoop], start_dir: str | Path, t
     (hashed into the run identity with the stage's config)."""
     torch.manual_seed(cfg.seed)  # adapter init and sampling follow the seed, not the process history
     length = start_decode_length(start_dir, train_dir)
-    if getattr(cfg, "max_new_tokens", 0) is None:  # SCST samples as long as the data asks
-        cfg = cfg.model_copy(update={"max_new_tokens": length})
-    if gen_cfg.max_new_tokens is None:
-        gen_cfg = gen_cfg.model_copy(update={"max_new_tokens": length})
+    cfg, gen_cfg = with_length(cfg, length), with_length(gen_cfg, length)  # SCST samples as long as the data asks
     acc = make_accelerator(cfg, dtype=expected_dtype(model_cfg))  # first: ZeRO-3 then loads sharded
     # 4-bit base for QLoRA (whatever SFT used), as evaluation and export will load it
     model, processor = load_trained(start_dir, model_cfg, quantized=cfg.finetune.strategy == "qlora")

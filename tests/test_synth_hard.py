@@ -123,3 +123,19 @@ def test_cli_and_config_switch_and_shift(tmp_path, capsys):
     sizes = {Image.open(__import__("io").BytesIO(decode_base64(line.split("\t")[1]))).size
              for line in (tmp_path / "s" / "IC_train.tsv").read_text("utf-8").splitlines()}
     assert sizes == {(112, 112)}
+
+
+def test_a_tiny_model_built_on_other_captions_says_which_characters_it_lacks(tmp_path, caplog):
+    import logging
+
+    from ecomcap.config import TinyModelConfig
+    from ecomcap.modeling.tiny import ensure_tiny_model
+
+    cfg = TinyModelConfig(text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=32,
+                          vision_depth=1, vision_hidden=32, vision_heads=2, image_size=56)
+    ensure_tiny_model(tmp_path / "tiny", ["红色条纹T恤"], cfg)
+    with caplog.at_level(logging.WARNING, logger="ecomcap.modeling.tiny"):
+        ensure_tiny_model(tmp_path / "tiny", ["红色条纹T恤"], cfg)
+        assert "not in its vocabulary" not in caplog.text
+        ensure_tiny_model(tmp_path / "tiny", ["红色V领长袖T恤"], cfg)
+    assert "4 characters of these (V袖长领)" in caplog.text  # V 长 领 袖: sorted by code point

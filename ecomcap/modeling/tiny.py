@@ -8,6 +8,7 @@ Qwen-style chat template. `save_pretrained` writes a directory that loads throug
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Iterable
 
@@ -22,6 +23,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from ecomcap.config import TinyModelConfig
 from ecomcap.modeling.processor import ImageOnlyQwenProcessor, save_processor
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -90,7 +93,7 @@ def build_config(cfg: TinyModelConfig, tok) -> Qwen2_5_VLConfig:
 
 def build_tiny_model(out_dir: str | Path, texts: Iterable[str], cfg: TinyModelConfig | None = None) -> Path:
     """Write a loadable tiny model directory (safetensors + processor + chat template)."""
-    cfg = cfg or TinyModelConfig()
+    cfg, texts = cfg or TinyModelConfig(), list(texts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(texts)
@@ -105,14 +108,29 @@ def build_tiny_model(out_dir: str | Path, texts: Iterable[str], cfg: TinyModelCo
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     save_processor(processor, out)
-    (out / MARKER).write_text(json.dumps(cfg.model_dump(), indent=2), encoding="utf-8")
+    (out / MARKER).write_text(json.dumps(_marker(cfg, texts), indent=2), encoding="utf-8")
     return out
 
 
+def _marker(cfg: TinyModelConfig, texts: list[str]) -> dict:
+    return {**cfg.model_dump(), "characters": "".join(sorted(set("".join(texts))))}
+
+
 def ensure_tiny_model(out_dir: str | Path, texts: Iterable[str], cfg: TinyModelConfig) -> Path:
-    """Build the tiny model once per settings; reuse an existing directory built the same way."""
-    out = Path(out_dir)
+    """Build the tiny model once per settings; reuse an existing directory built the same way. Its
+    vocabulary is the characters of the captions it was first built from: captions with characters
+    it lacks (the hard set's 袖, 领 after the easy set) are said in one warning - those characters
+    can never be generated. It is not rebuilt: trained adapters name it as their base."""
+    out, texts = Path(out_dir), list(texts)
     marker = out / MARKER
-    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == cfg.model_dump():
-        return out
-    return build_tiny_model(out, texts, cfg)
+    if not marker.is_file():
+        return build_tiny_model(out, texts, cfg)
+    built = json.loads(marker.read_text(encoding="utf-8"))
+    if {k: v for k, v in built.items() if k != "characters"} != cfg.model_dump():
+        return build_tiny_model(out, texts, cfg)
+    missing = sorted(set("".join(texts)) - set(built.get("characters", "")))
+    if "characters" in built and missing:
+        log.warning("the tiny model at %s was built from other captions: %d characters of these (%s) are not in "
+                    "its vocabulary and can never be generated; point model.name_or_path at a new directory",
+                    out, len(missing), "".join(missing[:12]))
+    return out

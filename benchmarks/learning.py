@@ -42,7 +42,7 @@ from ecomcap.data.prepare import brand_lexicon, prepare_data  # noqa: E402
 from ecomcap.data.shards import read_references  # noqa: E402
 from ecomcap.inference.batch import generate_for_dataset  # noqa: E402
 from ecomcap.metrics.attributes import read_attributes  # noqa: E402
-from ecomcap.metrics.brands import brand_counts  # noqa: E402
+from ecomcap.metrics.brands import brand_counts, brands_from_references  # noqa: E402
 from ecomcap.metrics.report import caption_report  # noqa: E402
 from ecomcap.modeling.load import load_trained  # noqa: E402
 from ecomcap.modeling.prepare import ensure_model  # noqa: E402
@@ -55,7 +55,9 @@ def evaluate_model(model_dir: Path, work: Path, model_cfg: ModelConfig, gen: Gen
     t0 = time.perf_counter()
     preds = generate_for_dataset(model, processor, model_cfg.prompt, work / "data" / "valid",
                                  work / f"caption_gen_{tag}.jsonl", gen)
-    train_brands = brand_counts(read_attributes(work / "data" / "raw" / "attributes_train.jsonl"))
+    train_attrs = read_attributes(work / "data" / "raw" / "attributes_train.jsonl")
+    # training images per brand after ingest (and the brand filter): what training saw
+    train_brands = brand_counts(brands_from_references(read_references(work / "data" / "train"), (), train_attrs))
     rep = caption_report(preds, read_references(work / "data" / "valid"),
                          read_attributes(work / "data" / "raw" / "attributes_valid.jsonl"), train_brands)
     rep["generate_s"] = round(time.perf_counter() - t0, 1)

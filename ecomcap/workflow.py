@@ -213,13 +213,15 @@ def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
     """(metrics, eval fingerprint, samples HTML); logs metrics, samples.html, loss curves
     (`log` off: scoring another model, e.g. re-evaluating the champion, must not overwrite them).
     `grounding`: the grounding stage's output, whose evaluator adds caption->image R@1/R@5 and CLIP-S."""
+    from ecomcap.data.prepare import brand_lexicon
     from ecomcap.data.shards import read_references, read_report
     from ecomcap.metrics.report import caption_report
     from ecomcap.reports import loss_curves_png, samples_html
 
     refs = read_references(valid)
     attrs = _synthetic_attributes(cfg.data)
-    metrics = caption_report(preds, refs, attrs, _train_brand_counts(cfg.data) if attrs else None)
+    lexicon = brand_lexicon(cfg.data)
+    metrics = caption_report(preds, refs, attrs, _train_brand_counts(cfg.data, lexicon), lexicon)
     evaluator = grounding_evaluator(cfg, grounding)
     if evaluator is not None:
         from ecomcap.grounding.evaluate import grounded_metrics
@@ -238,6 +240,7 @@ def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
         record_grounding(Path(grounding))
     if "attributes" in metrics:
         tracking.log_metrics(metrics["attributes"], prefix="val.attr.")
+    if "brands" in metrics:
         brands = metrics["brands"]
         tracking.log_metrics({k: v for k, v in brands.items() if k != "per_brand" and v is not None},
                              prefix="val.brand.")
@@ -263,13 +266,18 @@ def grounding_evaluator(cfg: RunConfig, grounding: Path | None):
                            w=cfg.grounding.clip_w)
 
 
-def _train_brand_counts(data: DataConfig) -> dict[str, int] | None:
-    """Training images per brand (what makes a brand frequent or rare), where the data says."""
+def _train_brand_counts(data: DataConfig, lexicon: list[str]) -> dict[str, int] | None:
+    """Images per brand in the ingested train split - after the brand filter, what training saw
+    (what makes a brand frequent or rare); None without a train split."""
+    from ecomcap.data.shards import read_references
     from ecomcap.metrics.attributes import synthetic_attributes
-    from ecomcap.metrics.brands import brand_counts
+    from ecomcap.metrics.brands import brand_counts, brands_from_references
 
-    train = synthetic_attributes(data.work_dir, data.source, "train")
-    return dict(brand_counts(train)) if train else None
+    train = Path(data.work_dir) / "train"
+    if not (train / "report.json").is_file():
+        return None
+    attrs = synthetic_attributes(data.work_dir, data.source, "train")
+    return dict(brand_counts(brands_from_references(read_references(train), lexicon, attrs)))
 
 
 def _synthetic_attributes(data: DataConfig) -> dict | None:

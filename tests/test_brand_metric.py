@@ -65,3 +65,22 @@ def test_sft_validation_logs_brand_accuracy_from_the_references(tiny_model_cfg, 
     rows = [json.loads(line) for line in (res.final_dir.parent / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_CIDEr-D" in r]
     assert evals and all(0.0 <= r["val_brand_micro"] <= 1.0 and "val_brand_macro" in r for r in evals)
+
+
+def test_without_ground_truth_the_brand_is_the_one_the_references_name():
+    """Real data has no attribute labels: with a brand lexicon, brand recognition is scored against
+    the brand most of each image's references name (and images naming none are unbranded)."""
+    from ecomcap.metrics.brands import brand_counts, brands_from_references
+    from ecomcap.metrics.report import caption_report
+
+    refs = {"a": ["NOVA红色T恤", "NOVA的T恤", "红色T恤"], "b": ["ZEN帽子", "帽子"], "c": ["蓝色杯子"]}
+    lexicon = ["NOVA", "ZEN"]
+    assert brands_from_references(refs, lexicon) == {"a": {"brand": "NOVA"}, "b": {"brand": "ZEN"}, "c": {"brand": None}}
+    preds = {"a": "NOVA红色T恤", "b": "NOVA帽子", "c": "蓝色杯子"}
+    rep = caption_report(preds, refs, None, {"NOVA": 30, "ZEN": 2}, lexicon)
+    assert "attributes" not in rep
+    b = rep["brands"]
+    assert (b["micro"], b["macro"], b["frequent"], b["rare"]) == (0.5, 0.5, 1.0, 0.0)
+    assert b["wrong_brand"] == pytest.approx(1 / 3)  # "b" names NOVA, not ZEN
+    assert "brands" not in caption_report(preds, refs)  # no lexicon, no ground truth: not scored
+    assert brand_counts(brands_from_references(refs, lexicon)) == {"NOVA": 1, "ZEN": 1}

@@ -8,12 +8,23 @@ another known brand than the image's is counted apart: a wrong brand is worse th
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 
 def brand_counts(attrs: Mapping[str, Mapping]) -> Counter:
     """Images per brand (branded images only): the frequency that splits frequent from rare."""
     return Counter(a["brand"] for a in attrs.values() if a.get("brand"))
+
+
+def brands_from_references(refs: Mapping[str, Sequence[str]], lexicon: Sequence[str],
+                           attrs: Mapping[str, Mapping] | None = None) -> dict[str, dict]:
+    """image id -> {"brand": ...}: the ground truth where there is one (synthetic), else the lexicon
+    brand most of the image's references name (data without attribute labels)."""
+    from ecomcap.data.brand_balance import named_brand
+
+    if attrs is not None:
+        return {i: {"brand": attrs[i].get("brand")} for i in refs if i in attrs}
+    return {i: {"brand": named_brand(texts, list(lexicon))} for i, texts in refs.items()}
 
 
 def _named(caption: str, brands: Iterable[str]) -> set[str]:

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 from ecomcap.data.clean import repeated_ngram_share
 from ecomcap.metrics.attributes import attribute_accuracy
-from ecomcap.metrics.brands import brand_accuracy
+from ecomcap.metrics.brands import brand_accuracy, brands_from_references
 from ecomcap.metrics.evaluate import evaluate
 from ecomcap.text import tokenize_many
 
@@ -21,10 +21,12 @@ def caption_report(
     refs: Mapping[str, Sequence[str]],
     attrs: Mapping[str, dict] | None = None,
     brand_train_counts: Mapping[str, int] | None = None,
+    brands: Sequence[str] = (),
 ) -> dict:
     """Metrics on pycocoevalcap's raw scale plus diversity/degeneration figures; with attribute
-    ground truth, attribute accuracy and brand recognition (frequent/rare by `brand_train_counts`,
-    the training images per brand)."""
+    ground truth, attribute accuracy; brand recognition (frequent/rare by `brand_train_counts`, the
+    training images per brand) against the ground truth, else - given a brand lexicon `brands` -
+    against the brand each image's references name."""
     scored = {k: preds.get(k, "") for k in refs}
     out = evaluate(scored, refs, per_image=True)
     out["per_image"] = {k: {m: v[m] for m in ("CIDEr-D", "ROUGE-L")} for k, v in out["per_image"].items()}
@@ -36,7 +38,8 @@ def caption_report(
     if attrs is not None:
         out["attributes"] = attribute_accuracy(scored, attrs)
         out["attr_mean"] = out["attributes"]["mean"]  # a top-level figure the gate can guard
-        out["brands"] = brand_accuracy(scored, attrs, brand_train_counts)
+    if attrs is not None or brands:
+        out["brands"] = brand_accuracy(scored, brands_from_references(refs, brands, attrs), brand_train_counts)
     return out
 
 

@@ -74,3 +74,20 @@ def test_sft_records_the_length_and_generate_uses_it_unless_set(tiny_model_cfg, 
     with caplog.at_level(logging.WARNING, logger="ecomcap.registry.pyfunc"):
         as_recorded(cfg.model_copy(update={"generate": GenerateConfig(max_new_tokens=7)}), served)
     assert "records its own decoding" in caplog.text
+
+
+def test_scst_samples_as_long_as_its_start_model_recorded(tiny_model_cfg, small_data, tmp_path):
+    from ecomcap.training.scst import run_scst
+    from tests.test_scst import _scst_cfg
+
+    sft = run_sft(small_data["train"], None, tiny_model_cfg, FinetuneConfig(strategy="lora"),
+                  _cfg(tmp_path / "sft", eval_every=0, max_steps=1, save_every=0), GenerateConfig(num_beams=1))
+    want = read_output_marker(sft.model_dir)["max_new_tokens"]
+    res = run_scst(sft.model_dir, small_data["train"], None, tiny_model_cfg,
+                   _scst_cfg(tmp_path / "scst", max_steps=1, save_every=0, max_new_tokens=None))
+    trained = json.loads((res.model_dir / "training_config.json").read_text())
+    assert trained["scst"]["max_new_tokens"] == want == trained["generate"]["max_new_tokens"]
+    assert read_output_marker(res.model_dir)["max_new_tokens"] == want  # handed on to generate
+    explicit = run_scst(sft.model_dir, small_data["train"], None, tiny_model_cfg,
+                        _scst_cfg(tmp_path / "scst6", max_steps=1, save_every=0, max_new_tokens=6))
+    assert json.loads((explicit.model_dir / "training_config.json").read_text())["scst"]["max_new_tokens"] == 6

@@ -8,6 +8,7 @@ over the image file.
 """
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from typing import Iterable
 
@@ -19,7 +20,7 @@ def named_brand(texts: Iterable[str], brands: list[str]) -> str | None:
     """The lexicon brand most of the references name (ties: lexicon order), or None."""
     votes: Counter = Counter()
     for text in texts:
-        low = text.lower()
+        low = unicodedata.normalize("NFKC", text).lower()  # ＮＯＶＡ (full width, before cleaning) is NOVA
         votes.update(b for b in brands if b.lower() in low)
     if not votes:
         return None

@@ -8,7 +8,6 @@ import copy
 import functools
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,6 @@ try:
 except ImportError as exc:  # a clear failure, not a skip: these are dev dependencies
     raise ImportError(f"{exc}: tests/test_k8s.py needs pip install -e '.[dev]'") from exc
 
-from zenml.cli.utils import parse_name_and_extra_arguments
 from zenml.config import DockerSettings, ResourceSettings
 from zenml.config.build_configuration import BuildConfiguration
 from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
@@ -384,47 +382,3 @@ def test_image_user_matches_the_pods_and_build_context_is_clean():
         assert all(s in context for s in sources.split() if s != "."), sources
     leaked = [p for p in context if re.match(r"(\.venv|\.git|\.run|\.zen\w*|mlruns)/|.*\.env$", p)]
     assert not leaked, leaked
-
-
-def test_register_stack_components_are_valid_zenml_configs():
-    """Each `component TYPE NAME FLAVOR --k=v ...` call, with the script's defaults, is a valid
-    config of that ZenML flavor, and each secret it names is one the script creates."""
-    from zenml.stack.flavor_registry import FlavorRegistry
-    from zenml.utils import secret_utils
-
-    text = (K8S / "register_stack.sh").read_text(encoding="utf-8")
-    env = {k: re.sub(rf"^\$\{{{k}:-(.*)\}}$", r"\1", v)
-           for k, v in re.findall(r'^(\w+)="(.*)"', text, re.M)}
-    env.update(REGISTRY_URI="registry.example.com/ecomcap", KUBE_CONTEXT="ctx", SECRETS_DIR="/s")
-
-    def calls(function):
-        found = re.findall(rf"^{function} ((?:.*\\\n)*.*)$", text, re.M)
-        expanded = []
-        for call in found:
-            for _ in range(3):  # defaults refer to other settings
-                call = re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m[1], m[0]), call)
-            expanded.append(shlex.split(call.replace("\\\n", " ")))
-        return expanded
-
-    secrets = {(name, pair.split("=")[1])
-               for name, _, *pairs in calls("zenml_secret") for pair in pairs}
-    registry = FlavorRegistry()
-    flavors = {(f().type.value, f().name): f
-               for f in registry.builtin_flavors + registry.integration_flavors}
-    seen = set()
-    for ctype, name, flavor, *args in calls("component"):
-        key = (ctype.replace("-", "_"), flavor)
-        _, config = parse_name_and_extra_arguments(args + [name], expand_args=False)
-        config_class = flavors[key]().config_class
-        assert set(config) <= set(config_class.model_fields), (key, config)
-        for field, value in config.items():
-            if secret_utils.is_secret_reference(value):  # resolving needs a store: check, stub
-                ref = secret_utils.parse_secret_reference(value)
-                assert (ref.name, ref.key) in secrets, value
-                config[field] = "stub"
-        if "authentication_secret" in config:  # an AWS-schema ZenML secret
-            assert (config["authentication_secret"], "aws_secret_access_key") in secrets
-        config_class(**config)
-        seen.add(key[0])
-    assert seen == {"artifact_store", "container_registry", "image_builder", "orchestrator",
-                    "step_operator", "experiment_tracker", "model_registry"}

@@ -52,7 +52,8 @@ def _summary(report: dict) -> str:
     lines = [
         f"split {report['split']} ({report['format']}): rows_in {report['rows_in']} = "
         f"ok {report['rows_ok']} + quarantined {report['rows_quarantined']} "
-        f"(bad rate {report['bad_rate']:.2%}, limit {report['max_bad_rate']:.2%})",
+        f"(of them filtered by the brand filter: {report.get('rows_filtered', 0)}; "
+        f"bad rate {report['bad_rate']:.2%}, limit {report['max_bad_rate']:.2%})",
         f"  references: {report['refs_in']} in, {report['refs_kept']} kept; "
         f"rules: {json.dumps(report['caption_rules'], ensure_ascii=False)}",
     ]

@@ -42,7 +42,7 @@ class BrandBalanceConfig(_Strict):
 class IngestConfig(_Strict):
     """Streaming ingest of one split: per-row checks, quarantine, Parquet shards."""
 
-    max_bad_rate: float = Field(0.05, ge=0, le=1, description="fail when quarantined/rows_in exceeds it")
+    max_bad_rate: float = Field(0.05, ge=0, le=1, description="fail when bad rows/rows_in exceeds it (the brand filter's drops are not bad rows)")
     min_side: int = Field(16, ge=1, description="images with a side under this are quarantined")
     max_pixels: int = Field(50_000_000, ge=1, description="decompression-bomb guard (width*height)")
     max_aspect_ratio: float = Field(200.0, ge=1, description="longer/shorter side; Qwen2-VL refuses > 200")

@@ -221,7 +221,7 @@ def evaluate_stage(preds: dict[str, str], valid: Path, cfg: RunConfig,
     refs = read_references(valid)
     attrs = _synthetic_attributes(cfg.data)
     lexicon = brand_lexicon(cfg.data)
-    metrics = caption_report(preds, refs, attrs, _train_brand_counts(cfg.data, lexicon), lexicon)
+    metrics = caption_report(preds, refs, attrs, _train_brand_counts(cfg.data), lexicon)
     evaluator = grounding_evaluator(cfg, grounding)
     if evaluator is not None:
         from ecomcap.grounding.evaluate import grounded_metrics
@@ -266,18 +266,15 @@ def grounding_evaluator(cfg: RunConfig, grounding: Path | None):
                            w=cfg.grounding.clip_w)
 
 
-def _train_brand_counts(data: DataConfig, lexicon: list[str]) -> dict[str, int] | None:
-    """Images per brand in the ingested train split - after the brand filter, what training saw
-    (what makes a brand frequent or rare); None without a train split."""
-    from ecomcap.data.shards import read_references
+def _train_brand_counts(data: DataConfig) -> dict[str, int] | None:
+    """Training images per brand (what makes a brand frequent or rare) from the synthetic set's
+    labels (before ingest's brand filter); None for other data: frequent/rare then follow the
+    evaluation set's own counts."""
     from ecomcap.metrics.attributes import synthetic_attributes
-    from ecomcap.metrics.brands import brand_counts, brands_from_references
+    from ecomcap.metrics.brands import brand_counts
 
-    train = Path(data.work_dir) / "train"
-    if not (train / "report.json").is_file():
-        return None
-    attrs = synthetic_attributes(data.work_dir, data.source, "train")
-    return dict(brand_counts(brands_from_references(read_references(train), lexicon, attrs)))
+    train = synthetic_attributes(data.work_dir, data.source, "train")
+    return dict(brand_counts(train)) if train else None
 
 
 def _synthetic_attributes(data: DataConfig) -> dict | None:

@@ -21,7 +21,7 @@ def named_brand(texts: Iterable[str], brands: list[str]) -> str | None:
     votes: Counter = Counter()
     for text in texts:
         low = unicodedata.normalize("NFKC", text).lower()  # ＮＯＶＡ (full width, before cleaning) is NOVA
-        votes.update(b for b in brands if b.lower() in low)
+        votes.update(b for b in brands if unicodedata.normalize("NFKC", b).lower() in low)
     if not votes:
         return None
     best = max(votes.values())

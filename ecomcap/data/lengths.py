@@ -10,11 +10,13 @@ length its model was trained for.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 
 from ecomcap.data.shards import read_references, read_report
@@ -50,12 +52,15 @@ def reference_lengths(data_dir: str | Path, tokenizer, q: float = 0.99, chunk: i
     lengths = sorted(lengths) or [0]
     stats = {"p99": lengths[min(len(lengths) - 1, math.ceil(q * len(lengths)) - 1)], "max": lengths[-1],
              "mean": round(sum(lengths) / len(lengths), 2), "n": len(texts), **key}
-    tmp = path.with_name(f".{CACHE}.{os.getpid()}")
-    try:  # atomic: ranks that count at once each write whole files
-        tmp.write_text(json.dumps(stats) + "\n", encoding="utf-8")
+    try:  # atomic, a temp file of its own: ranks (pods on a shared volume) that count at once
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{CACHE}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(stats) + "\n")
         os.replace(tmp, path)
-    except OSError:  # a read-only artifact: counted again next time
-        log.info("reference lengths not cached: %s is read-only", path.parent)
+    except OSError as exc:  # e.g. a read-only artifact: counted again next time
+        log.info("reference lengths not cached in %s: %s", path.parent, exc)
+        with contextlib.suppress(OSError, UnboundLocalError):
+            os.unlink(tmp)
     return stats
 
 

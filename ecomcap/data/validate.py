@@ -110,8 +110,8 @@ def enforce(report: dict[str, Any]) -> None:
         )
     if rate > limit:
         raise EcomcapError(
-            f"{split}: {report['rows_quarantined']} of {report['rows_in']} rows quarantined "
-            f"({rate:.1%}) > limit {limit:.1%}; top reasons: {_top(report)}; "
+            f"{split}: {report['rows_quarantined'] - report.get('rows_filtered', 0)} of {report['rows_in']} rows "
+            f"quarantined as bad ({rate:.1%}) > limit {limit:.1%}; top reasons: {_top(report)}; "
             "see quarantine.parquet, fix the source or raise max_bad_rate"
         )
     gx = report.get("gx")

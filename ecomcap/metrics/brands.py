@@ -7,6 +7,7 @@ another known brand than the image's is counted apart: a wrong brand is worse th
 """
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from typing import Iterable, Mapping, Sequence
 
@@ -27,9 +28,14 @@ def brands_from_references(refs: Mapping[str, Sequence[str]], lexicon: Sequence[
     return {i: {"brand": named_brand(texts, list(lexicon))} for i, texts in refs.items()}
 
 
+def norm(text: str) -> str:
+    """How brand names are compared: NFKC (full-width ＮＯＶＡ is NOVA), case-insensitive."""
+    return unicodedata.normalize("NFKC", text).lower()
+
+
 def _named(caption: str, brands: Iterable[str]) -> set[str]:
-    low = caption.lower()
-    return {b for b in brands if b.lower() in low}
+    low = norm(caption)
+    return {b for b in brands if norm(b) in low}
 
 
 def brand_accuracy(preds: Mapping[str, str], attrs: Mapping[str, Mapping],
@@ -55,7 +61,7 @@ def brand_accuracy(preds: Mapping[str, str], attrs: Mapping[str, Mapping],
         wrong += bool(named - {truth})
         if truth:
             seen[truth] += 1
-            hits[truth] += truth.lower() in caption.lower()
+            hits[truth] += norm(truth) in norm(caption)
     per_brand = {b: hits[b] / seen[b] for b in sorted(seen)}
 
     def macro(brands: list[str]) -> float | None:

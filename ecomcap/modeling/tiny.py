@@ -22,7 +22,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from ecomcap.config import TinyModelConfig
-from ecomcap.modeling.processor import ImageOnlyQwenProcessor, save_processor
+from ecomcap.modeling.processor import ImageOnlyQwenProcessor, load_processor, save_processor
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def build_config(cfg: TinyModelConfig, tok) -> Qwen2_5_VLConfig:
 
 def build_tiny_model(out_dir: str | Path, texts: Iterable[str], cfg: TinyModelConfig | None = None) -> Path:
     """Write a loadable tiny model directory (safetensors + processor + chat template)."""
-    cfg, texts = cfg or TinyModelConfig(), list(texts)
+    cfg = cfg or TinyModelConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(texts)
@@ -108,28 +108,22 @@ def build_tiny_model(out_dir: str | Path, texts: Iterable[str], cfg: TinyModelCo
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     save_processor(processor, out)
-    (out / MARKER).write_text(json.dumps(_marker(cfg, texts), indent=2), encoding="utf-8")
+    (out / MARKER).write_text(json.dumps(cfg.model_dump(), indent=2), encoding="utf-8")
     return out
-
-
-def _marker(cfg: TinyModelConfig, texts: list[str]) -> dict:
-    return {**cfg.model_dump(), "characters": "".join(sorted(set("".join(texts))))}
 
 
 def ensure_tiny_model(out_dir: str | Path, texts: Iterable[str], cfg: TinyModelConfig) -> Path:
     """Build the tiny model once per settings; reuse an existing directory built the same way. Its
-    vocabulary is the characters of the captions it was first built from: captions with characters
-    it lacks (the hard set's 袖, 领 after the easy set) are said in one warning - those characters
-    can never be generated. It is not rebuilt: trained adapters name it as their base."""
+    vocabulary comes from the captions it was first built from: captions with characters it lacks
+    (the hard set's 袖, 领 after the easy set) are said in one warning - those characters can never
+    be generated. It is not rebuilt: trained adapters name it as their base."""
     out, texts = Path(out_dir), list(texts)
     marker = out / MARKER
-    if not marker.is_file():
+    if not (marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == cfg.model_dump()):
         return build_tiny_model(out, texts, cfg)
-    built = json.loads(marker.read_text(encoding="utf-8"))
-    if {k: v for k, v in built.items() if k != "characters"} != cfg.model_dump():
-        return build_tiny_model(out, texts, cfg)
-    missing = sorted(set("".join(texts)) - set(built.get("characters", "")))
-    if "characters" in built and missing:
+    vocab = load_processor(out).tokenizer.get_vocab()
+    missing = sorted(ch for ch in set("".join(texts)) if ch not in vocab)
+    if missing:
         log.warning("the tiny model at %s was built from other captions: %d characters of these (%s) are not in "
                     "its vocabulary and can never be generated; point model.name_or_path at a new directory",
                     out, len(missing), "".join(missing[:12]))

@@ -89,8 +89,9 @@ def main() -> None:
     untrained_dir = args.work / "tiny"
     from ecomcap.modeling.processor import load_processor
 
-    data_len = decode_length(args.work / "data" / "train", load_processor(untrained_dir).tokenizer)
-    stats = reference_lengths(args.work / "data" / "train", load_processor(untrained_dir).tokenizer)
+    tok = load_processor(untrained_dir).tokenizer
+    data_len = decode_length(args.work / "data" / "train", tok)
+    stats = reference_lengths(args.work / "data" / "train", tok)  # (cached by the line above)
     rows = [compare("trained", trained, recorded or data_len, images, args),
             compare("untrained", untrained_dir, data_len, images, args)]
     print(json.dumps({"reference_tokens": {k: stats[k] for k in ("p99", "max", "mean", "n")},

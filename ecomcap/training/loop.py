@@ -104,6 +104,7 @@ class TrainLoop:
         self._epoch_len: int | None = None
         self.marker: dict[str, Any] = {}  # more fields for the exported model's marker (a stage sets them)
         self.brands: list[str] = []  # a brand lexicon: validation also scores brand recognition
+        self._brand_truth: dict[str, dict] | None = None
 
     # ------------------------------------------------------------------ data by step
     def examples_for(self, data: ShardImages, step: int, micro: int) -> list[Example]:
@@ -148,9 +149,10 @@ class TrainLoop:
         ids, images, refs = self._valid_cache
         caps = self.validation_captions(images)
         scores = evaluate(dict(zip(ids, caps)), refs)
-        if self.brands:  # each image's brand: the one its references name (no ground truth needed)
-            truth = {i: {"brand": named_brand(refs[i], self.brands)} for i in ids}
-            b = brand_accuracy(dict(zip(ids, caps)), truth)
+        if self.brands:  # each image's brand: the one its references name (no ground truth needed), once
+            if self._brand_truth is None:
+                self._brand_truth = {i: {"brand": named_brand(refs[i], self.brands)} for i in ids}
+            b = brand_accuracy(dict(zip(ids, caps)), self._brand_truth)
             scores.update({f"brand_{k}": b[k] for k in ("micro", "macro") if b[k] is not None})
         return {**scores, "distinct": len(set(caps))}
 

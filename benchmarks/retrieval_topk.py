@@ -1,4 +1,4 @@
-"""Benchmark: exact full-gallery top-10 (ecomcap.retrieval.metrics.topk_search, query blocks)
+"""Benchmark: exact full-gallery top-10 (ecomcap.retrieval.evaluate.metrics.topk_search, query blocks)
 vs a plain `torch.topk` over the full query x gallery similarity matrix, MUGE-sized by default
 (30,000 items, 5,000 queries, D=512 as Chinese-CLIP ViT-B/16), seeded random unit vectors.
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from ecomcap.retrieval.metrics import topk_search
+from ecomcap.retrieval.evaluate.metrics import topk_search
 
 
 def unit(n: int, d: int, rng: np.random.Generator) -> np.ndarray:

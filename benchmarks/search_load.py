@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ecomcap.data.synth_draw import BRANDS, CATEGORIES, COLOURS, PATTERNS  # noqa: E402
-from ecomcap.retrieval.demo_gallery import HashingTextEncoder, demo_gallery  # noqa: E402
-from ecomcap.retrieval.gallery_files import open_gallery  # noqa: E402
-from ecomcap.retrieval.serve import search_page_process  # noqa: E402
-from ecomcap.retrieval.store import StoreConfig, tie_recall  # noqa: E402
+from ecomcap.retrieval.index.demo import HashingTextEncoder, demo_gallery  # noqa: E402
+from ecomcap.retrieval.index.gallery import open_gallery  # noqa: E402
+from ecomcap.retrieval.index.milvus import StoreConfig, tie_recall  # noqa: E402
+from ecomcap.retrieval.serve.page import search_page_process  # noqa: E402
 
 MAX_SECONDS = 300
 

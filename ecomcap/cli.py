@@ -331,10 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_champion)
 
     from ecomcap.retrieval.cli import add_retrieval_commands
-    from ecomcap.retrieval.search_cli import add_search_commands
 
     add_retrieval_commands(sub)
-    add_search_commands(sub)
     return p
 
 

@@ -9,7 +9,7 @@ from zenml.config import CachePolicy
 
 from ecomcap.config_check import pipeline_input
 from ecomcap.retrieval.config import RetrievalRunConfig
-from ecomcap.retrieval.prepare import retrieval_source_fingerprint
+from ecomcap.retrieval.data.prepare import retrieval_source_fingerprint
 from ecomcap.workflow import library_fingerprint
 from steps.retrieval import (
     embed_gallery,

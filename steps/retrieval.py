@@ -51,8 +51,8 @@ def retrieval_promote(config: RetrievalRunConfig, gallery: GalleryDir, evaluatio
     """Register encoder + index as one model version; `champion` moves only if the gate passes."""
     from zenml import get_step_context
 
-    from ecomcap.retrieval.prepare import retrieval_source_fingerprint
-    from ecomcap.retrieval.promote import promote_retriever
+    from ecomcap.retrieval.data.prepare import retrieval_source_fingerprint
+    from ecomcap.retrieval.evaluate.promote import promote_retriever
 
     tags = {"data_fingerprint": "|".join(r["fingerprint"][:16] for r in validation_report.values()),
             "source_fingerprint": retrieval_source_fingerprint(config.data)}

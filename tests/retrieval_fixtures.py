@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ecomcap.retrieval.gallery_files import write_gallery
+from ecomcap.retrieval.index.gallery import write_gallery
 from tests.conftest import make_image
 
 COLOURS = ["red", "blue", "green", "orange"]

@@ -99,7 +99,7 @@ def test_every_command_starts_without_loading_model_libraries():
 
 def test_search_option_help_names_the_store_config_defaults():
     from ecomcap.cli import build_parser
-    from ecomcap.retrieval.store import StoreConfig
+    from ecomcap.retrieval.index.milvus import StoreConfig
 
     sub = next(a for a in build_parser()._actions if a.dest == "cmd" or hasattr(a, "choices") and
                isinstance(a.choices, dict) and "search" in a.choices).choices["search"]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from ecomcap.config import DPOConfig, FinetuneConfig, GenerateConfig, RunConfig, SFTConfig
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.swaps import AttributeSwapper, synthetic_vocab
+from ecomcap.retrieval.data.swaps import AttributeSwapper, synthetic_vocab
 from ecomcap.training.dpo import PAIRS_FILE, run_dpo
 from ecomcap.training.dpo_pairs import (
     Candidate,

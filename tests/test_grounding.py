@@ -16,8 +16,8 @@ from ecomcap.grounding.evaluate import caption_to_image_ranks
 from ecomcap.grounding.scorer import clip_s, distinctiveness
 from ecomcap.inference.rerank import pick
 from ecomcap.metrics.report import top_opener_share
-from ecomcap.retrieval.losses import info_nce, sigmoid_loss
-from ecomcap.retrieval.swaps import AttributeSwapper, synthetic_vocab
+from ecomcap.retrieval.data.swaps import AttributeSwapper, synthetic_vocab
+from ecomcap.retrieval.train.losses import info_nce, sigmoid_loss
 from ecomcap.training.rewards import CombinedReward, mean_of_others
 
 SWAP = AttributeSwapper(synthetic_vocab())
@@ -161,7 +161,7 @@ def grounding(small_data, tmp_path_factory):
 
 def test_scorer_trains_on_train_ids_only(grounding, small_data):
     from ecomcap.grounding.train import check_unseen, ids_digest
-    from ecomcap.retrieval.batches import TrainingSet
+    from ecomcap.retrieval.data.batches import TrainingSet
     from ecomcap.training.data import ShardImages
 
     seen = TrainingSet(grounding["out"] / "pairs").items.ids  # what the encoders' loop drew from

@@ -5,7 +5,7 @@ import subprocess
 
 import yaml
 
-from ecomcap.retrieval.store import StoreConfig
+from ecomcap.retrieval.index.milvus import StoreConfig
 from tests.test_k8s import (
     K8S,
     PIPELINE_LABEL,

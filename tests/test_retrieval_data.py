@@ -9,8 +9,8 @@ import pytest
 from ecomcap.data.formats import encode_base64
 from ecomcap.data.shards import read_table
 from ecomcap.retrieval.config import RetrievalSynthConfig
-from ecomcap.retrieval.data import ingest_retrieval_split, read_groups, read_queries
-from ecomcap.retrieval.synth import generate_retrieval_synthetic
+from ecomcap.retrieval.data.ingest import ingest_retrieval_split, read_groups, read_queries
+from ecomcap.retrieval.data.synth import generate_retrieval_synthetic
 from tests.conftest import make_image
 
 
@@ -141,8 +141,8 @@ def test_retrieval_config_settings_that_did_nothing_are_gone_and_device_is_used(
     the gallery embedding (and evaluation / champion re-scoring through the same call)."""
     from ecomcap.config import load_run_config
     from ecomcap.errors import EcomcapError
-    from ecomcap.retrieval import gallery
     from ecomcap.retrieval.config import RetrievalRunConfig
+    from ecomcap.retrieval.model import encoder
     from ecomcap.retrieval.workflow import embed_stage
 
     for extra in ("    gallery_dir: .run/g\n", "    eval: {top_k: 10}\n"):
@@ -156,7 +156,7 @@ def test_retrieval_config_settings_that_did_nothing_are_gone_and_device_is_used(
         seen.append(device)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(gallery, "load_encoder", spy)
+    monkeypatch.setattr(encoder, "load_encoder", spy)  # imported where it is used
     cfg = RetrievalRunConfig.model_validate({"encoder": {"device": "cpu"}, "data": {"work_dir": str(tmp_path / "d")}})
     with pytest.raises(RuntimeError, match="stop here"):
         embed_stage(tmp_path / "model", tmp_path / "valid", cfg)
@@ -169,7 +169,7 @@ def test_retrieval_validate_stage_records_splits_like_captioning(tmp_path):
     import mlflow
 
     from ecomcap.retrieval.config import RetrievalDataConfig, RetrievalRunConfig
-    from ecomcap.retrieval.prepare import prepare_retrieval_data
+    from ecomcap.retrieval.data.prepare import prepare_retrieval_data
     from ecomcap.retrieval.workflow import validate_stage
 
     data = prepare_retrieval_data(RetrievalDataConfig(

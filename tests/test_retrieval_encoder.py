@@ -8,10 +8,10 @@ from PIL import Image
 
 from ecomcap.data.shards import DATASET_SCHEMA, RowWriter
 from ecomcap.retrieval.config import TinyEncoderConfig
-from ecomcap.retrieval.encoder import load_encoder, save_encoder
-from ecomcap.retrieval.gallery import embed_gallery, load_gallery
-from ecomcap.retrieval.model import load_dual_encoder
-from ecomcap.retrieval.tiny import build_tiny_encoder
+from ecomcap.retrieval.index.gallery import embed_gallery, load_gallery
+from ecomcap.retrieval.model.dual import load_dual_encoder
+from ecomcap.retrieval.model.encoder import load_encoder, save_encoder
+from ecomcap.retrieval.model.tiny import build_tiny_encoder
 
 TEXTS = ["红色 条纹 T恤", "MODA 连衣裙", "蓝色 波点 背包"]
 SMALL = TinyEncoderConfig(hidden=32, layers=1, heads=2, projection_dim=16, image_size=32, patch_size=8)
@@ -80,7 +80,7 @@ def test_gallery_artifact_format(tmp_path):
     np.testing.assert_allclose(gal.vectors, again.encode_items(pics, [t for *_, t in rows]), atol=1e-5)
     assert gal.images(["c"]) == {"c": rows[2][1]}
     # the synthetic-gallery writer identifies the same content the same way (one fingerprint)
-    from ecomcap.retrieval.gallery_files import open_gallery, write_gallery
+    from ecomcap.retrieval.index.gallery import open_gallery, write_gallery
 
     copy = write_gallery(tmp_path / "copy", np.asarray(gal.vectors), list(zip(gal.item_ids, gal.texts)),
                          [(i, d) for i, d, _ in rows], {"item_embedding": "fused", "fusion_weight": 0.5,
@@ -112,8 +112,8 @@ def test_hub_layout_siglip_dir_loads_its_sentencepiece_tokenizer(tmp_path):
 
 
 def test_ensure_tiny_encoder_rebuilds_when_the_vocabulary_changes(tmp_path):
-    from ecomcap.retrieval.encoder import load_preprocessor
-    from ecomcap.retrieval.tiny import ensure_tiny_encoder
+    from ecomcap.retrieval.model.encoder import load_preprocessor
+    from ecomcap.retrieval.model.tiny import ensure_tiny_encoder
 
     path = ensure_tiny_encoder(tmp_path / "t", "chinese_clip", ["红色 T恤"], SMALL)
     stamp = (path / "model.safetensors").stat().st_mtime_ns

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from ecomcap.retrieval.config import TinyEncoderConfig
-from ecomcap.retrieval.gradcache import grad_cache_backward
-from ecomcap.retrieval.losses import info_nce, sigmoid_loss
-from ecomcap.retrieval.mining import mine_hard_negatives
-from ecomcap.retrieval.model import load_dual_encoder
-from ecomcap.retrieval.tiny import build_tiny_encoder
+from ecomcap.retrieval.model.dual import load_dual_encoder
+from ecomcap.retrieval.model.tiny import build_tiny_encoder
+from ecomcap.retrieval.train.gradcache import grad_cache_backward
+from ecomcap.retrieval.train.losses import info_nce, sigmoid_loss
+from ecomcap.retrieval.train.mining import mine_hard_negatives
 
 SMALL = TinyEncoderConfig(hidden=32, layers=1, heads=2, projection_dim=16, image_size=32, patch_size=16)
 

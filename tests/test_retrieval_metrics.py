@@ -8,7 +8,7 @@ import torch
 
 from ecomcap.cli import main
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.metrics import (
+from ecomcap.retrieval.evaluate.metrics import (
     chance_recall,
     check_submission,
     match_f1,

@@ -76,7 +76,7 @@ def test_retrieval_pipeline_runs_then_caches(repo):  # noqa: F811
     assert searched.returncode == 0, searched.stderr[-3000:]
     assert len(json.loads(searched.stdout.strip().splitlines()[-1])["results"]) == 5
 
-    from ecomcap.retrieval.gallery import load_gallery
+    from ecomcap.retrieval.index.gallery import load_gallery
 
     gallery = next((repo / ".run/retrieval/scratch").glob("gallery-*/gallery"))
     gal = load_gallery(gallery)

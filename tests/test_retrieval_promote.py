@@ -11,10 +11,10 @@ from ecomcap.retrieval.config import (
     RetrievalRunConfig,
     RetrievalSynthConfig,
 )
-from ecomcap.retrieval.gallery import embed_gallery
-from ecomcap.retrieval.prepare import prepare_retrieval_data
-from ecomcap.retrieval.promote import promote_retriever
-from ecomcap.retrieval.tiny import ensure_tiny_encoder
+from ecomcap.retrieval.data.prepare import prepare_retrieval_data
+from ecomcap.retrieval.evaluate.promote import promote_retriever
+from ecomcap.retrieval.index.gallery import embed_gallery
+from ecomcap.retrieval.model.tiny import ensure_tiny_encoder
 from ecomcap.retrieval.workflow import evaluate_stage
 from tests.test_retrieval_train import TINY
 

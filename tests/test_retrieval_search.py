@@ -9,11 +9,11 @@ from fastapi.testclient import TestClient
 
 from ecomcap.cli import main
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.demo_gallery import demo_gallery
-from ecomcap.retrieval.gallery_files import ImageLookup
-from ecomcap.retrieval.search import RETRIEVER, champion_gallery, open_searcher
-from ecomcap.retrieval.serve import create_app
-from ecomcap.retrieval.store import StoreConfig
+from ecomcap.retrieval.index.demo import demo_gallery
+from ecomcap.retrieval.index.gallery import ImageLookup
+from ecomcap.retrieval.index.milvus import StoreConfig
+from ecomcap.retrieval.serve.page import create_app
+from ecomcap.retrieval.serve.search import RETRIEVER, champion_gallery, open_searcher
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +105,10 @@ def test_search_a_gallery_embedded_by_the_trained_encoder(tmp_path):
     """The contract with training: a gallery from `embed_gallery` (tiny Chinese-CLIP encoder
     shipped inside it) is searched with that encoder's text tower; the store's answer is the
     exact top-k of the encoder's query vector."""
-    from ecomcap.retrieval.encoder import load_encoder, save_encoder
-    from ecomcap.retrieval.gallery import embed_gallery
-    from ecomcap.retrieval.metrics import topk_search
-    from ecomcap.retrieval.tiny import build_tiny_encoder
+    from ecomcap.retrieval.evaluate.metrics import topk_search
+    from ecomcap.retrieval.index.gallery import embed_gallery
+    from ecomcap.retrieval.model.encoder import load_encoder, save_encoder
+    from ecomcap.retrieval.model.tiny import build_tiny_encoder
     from tests.test_retrieval_encoder import SMALL, TEXTS, _items_dataset, _jpeg
 
     enc = load_encoder(build_tiny_encoder(tmp_path / "tiny", "chinese_clip", TEXTS, SMALL), device="cpu")

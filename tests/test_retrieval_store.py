@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.gallery_files import ImageLookup, open_gallery
-from ecomcap.retrieval.store import StoreConfig, VectorStore, ann_recall
+from ecomcap.retrieval.index.gallery import ImageLookup, open_gallery
+from ecomcap.retrieval.index.milvus import StoreConfig, VectorStore, ann_recall
 from tests.conftest import make_image
 from tests.retrieval_fixtures import random_gallery
 
@@ -87,8 +87,8 @@ def test_reopened_store_serves_the_existing_collection(tmp_path):
     """Another process (the CLI after the pipeline) finds the collection released: it must load
     it, not rebuild it, and search. (Within one process Milvus Lite keeps it loaded.)"""
     root = random_gallery(tmp_path / "g", n=300)
-    build = ("import sys; from ecomcap.retrieval.gallery_files import open_gallery; "
-             "from ecomcap.retrieval.store import StoreConfig, VectorStore; "
+    build = ("import sys; from ecomcap.retrieval.index.gallery import open_gallery; "
+             "from ecomcap.retrieval.index.milvus import StoreConfig, VectorStore; "
              "s = VectorStore(StoreConfig(uri=sys.argv[2])); print(s.ensure(open_gallery(sys.argv[1]))); s.close()")
     out = subprocess.run([sys.executable, "-c", build, str(root), str(tmp_path / "m.db")], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
@@ -104,7 +104,7 @@ def test_reopened_store_serves_the_existing_collection(tmp_path):
 
 
 def test_tie_recall_counts_exact_and_tied_answers_only():
-    from ecomcap.retrieval.store import tie_recall
+    from ecomcap.retrieval.index.milvus import tie_recall
 
     v = np.eye(4, dtype=np.float32)[[0, 0, 1, 2, 3]]  # rows 0 and 1 are the same vector
     q = v[:1]

@@ -15,9 +15,9 @@ from ecomcap.retrieval.config import (
     RetrievalTrainConfig,
     TinyEncoderConfig,
 )
-from ecomcap.retrieval.encoder import load_encoder
-from ecomcap.retrieval.prepare import prepare_retrieval_data
-from ecomcap.retrieval.train import train_retriever
+from ecomcap.retrieval.data.prepare import prepare_retrieval_data
+from ecomcap.retrieval.model.encoder import load_encoder
+from ecomcap.retrieval.train.loop import train_retriever
 
 TINY = TinyEncoderConfig(hidden=32, layers=1, heads=2, projection_dim=16, image_size=32, patch_size=16)
 
@@ -72,7 +72,7 @@ def test_lora_sigmoid_run_exports_merged_weights(data, tmp_path):
 
 
 def test_lora_leaves_logit_scale_and_bias_trainable(tmp_path):
-    from ecomcap.retrieval.train import apply_strategy, prepare_encoder
+    from ecomcap.retrieval.train.loop import apply_strategy, prepare_encoder
 
     for arch in ("chinese_clip", "siglip"):
         cfg = RetrievalRunConfig(
@@ -85,7 +85,7 @@ def test_lora_leaves_logit_scale_and_bias_trainable(tmp_path):
 
 
 def test_a_short_run_beats_its_random_init(data, tmp_path):
-    from ecomcap.retrieval.evaluate import embed_split, recall_of
+    from ecomcap.retrieval.evaluate.embed import embed_split, recall_of
 
     cfg = _cfg(tmp_path, "learn", max_steps=40, eval_every=0, save_every=0, lr=3e-3,
                hard_negatives=HardNegativeConfig(enabled=False))
@@ -100,7 +100,7 @@ def test_mixed_precision_runs_the_towers_under_autocast(data, tmp_path, monkeypa
     """bf16 configs must train in bf16: the towers bypass accelerate's forward wrapper."""
     import torch
 
-    from ecomcap.retrieval.model import DualEncoder
+    from ecomcap.retrieval.model.dual import DualEncoder
 
     seen = []
     real = DualEncoder.embed_text
@@ -119,8 +119,8 @@ def test_mixed_precision_runs_the_towers_under_autocast(data, tmp_path, monkeypa
 
 def test_hard_negative_mining_streams_the_gallery(data, tmp_path, monkeypatch):
     """Mining embeds the train items batch by batch, never the whole gallery decoded at once."""
-    from ecomcap.retrieval import train
-    from ecomcap.retrieval.encoder import Encoder
+    from ecomcap.retrieval.model.encoder import Encoder
+    from ecomcap.retrieval.train import loop as train
 
     sizes = []
     real = Encoder.encode_items

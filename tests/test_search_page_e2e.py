@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ecomcap.retrieval.demo_gallery import demo_gallery
-from ecomcap.retrieval.serve import search_page_process
+from ecomcap.retrieval.index.demo import demo_gallery
+from ecomcap.retrieval.serve.page import search_page_process
 from tests.browser import chromium_page
 from tests.mlflow_ui import ensure_chromium
 

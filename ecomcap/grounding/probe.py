@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from ecomcap.grounding.scorer import GroundingScorer
-from ecomcap.retrieval.swaps import AttributeSwapper
+from ecomcap.retrieval.data.swaps import AttributeSwapper
 from ecomcap.training.data import ShardImages
 
 

@@ -5,7 +5,7 @@
   images given with it (at the encoder's own logit scale): a generic caption that fits every
   product scores low even when its CLIP-S is high.
 
-Embeddings come from `ecomcap.retrieval.encoder` (float32, L2-normalised), so these are plain
+Embeddings come from `ecomcap.retrieval.model.encoder` (float32, L2-normalised), so these are plain
 numpy on top; images are embedded once per batch and reused for every caption of that image.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ class GroundingScorer:
     """One encoder directory as a caption scorer (the SCST reward, reranking, the evaluator)."""
 
     def __init__(self, model_dir: str | Path, device: str | None = None, w: float | None = None):
-        from ecomcap.retrieval.encoder import load_encoder
+        from ecomcap.retrieval.model.encoder import load_encoder
 
         self.dir = Path(model_dir)
         self.encoder = load_encoder(self.dir, device=device)
@@ -67,10 +67,10 @@ class GroundingScorer:
     def blind_to(self, fields: Sequence[str], vocab) -> None:
         """Score captions with the words of `fields` removed, so a scorer at chance on an attribute
         neither rewards nor penalises what a caption says about it."""
-        from ecomcap.retrieval.swaps import AttributeSwapper
+        from ecomcap.retrieval.data.swaps import AttributeSwapper
 
         if not vocab:
-            from ecomcap.retrieval.swaps import synthetic_vocab
+            from ecomcap.retrieval.data.swaps import synthetic_vocab
 
             vocab = synthetic_vocab()
         self.blind, self.swapper = list(fields), AttributeSwapper(vocab) if fields else None

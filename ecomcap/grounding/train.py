@@ -21,9 +21,9 @@ from ecomcap.config_encoders import GroundingConfig
 from ecomcap.errors import EcomcapError
 from ecomcap.grounding.probe import probe
 from ecomcap.grounding.scorer import QUALITY_FILE, GroundingScorer, weights_fingerprint
-from ecomcap.retrieval.batches import TrainingSet
-from ecomcap.retrieval.data import QUERY_SCHEMA
-from ecomcap.retrieval.swaps import AttributeSwapper, synthetic_vocab
+from ecomcap.retrieval.data.batches import TrainingSet
+from ecomcap.retrieval.data.ingest import QUERY_SCHEMA
+from ecomcap.retrieval.data.swaps import AttributeSwapper, synthetic_vocab
 from ecomcap.training.data import ShardImages
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class RoleMetrics:
 
 
 def train_role(pairs_dir: Path, cfg: GroundingConfig, role: str, out_root: Path, on_metrics=None) -> Path:
-    from ecomcap.retrieval.train import train_retriever
+    from ecomcap.retrieval.train.loop import train_retriever
 
     metrics = RoleMetrics(on_metrics, role) if on_metrics is not None else None
     res = train_retriever(pairs_dir, None, role_config(cfg, role, out_root), metrics)

@@ -183,15 +183,17 @@ def request_rows(model_input) -> list[dict]:
     return rows
 
 
-def log_pyfunc(merged_dir: str | Path, name: str = "model"):
-    """Log the merged directory as a pyfunc model of the active run; returns ModelInfo."""
+def log_code_model(entry: str | Path, artifacts: dict[str, str], requirements: list[str], name: str = "model"):
+    """Log a models-from-code pyfunc (`entry` calls mlflow.models.set_model) with the ecomcap
+    package as code: nothing is pickled. Both jobs package their models through this; returns ModelInfo."""
     import ecomcap
 
-    package = Path(ecomcap.__file__).parent
-    return mlflow.pyfunc.log_model(  # models-from-code: nothing is pickled
-        name=name, python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
-        artifacts={"model_dir": str(merged_dir)},
-        code_paths=[str(package)],
-        pip_requirements=["torch", "transformers>=5,<6", "peft", "pillow", "pandas", "pydantic>=2",
-                          "pyarrow", "numpy", "safetensors", "tqdm"],
-    )
+    return mlflow.pyfunc.log_model(name=name, python_model=str(entry), artifacts=artifacts,
+                                   code_paths=[str(Path(ecomcap.__file__).parent)], pip_requirements=requirements)
+
+
+def log_pyfunc(merged_dir: str | Path, name: str = "model"):
+    """Log the merged directory as a pyfunc model of the active run; returns ModelInfo."""
+    return log_code_model(Path(__file__).with_name("pyfunc_entry.py"), {"model_dir": str(merged_dir)},
+                          ["torch", "transformers>=5,<6", "peft", "pillow", "pandas", "pydantic>=2",
+                           "pyarrow", "numpy", "safetensors", "tqdm"], name)

@@ -100,7 +100,7 @@ class RetrievalRunConfig(_Strict):
         if self.data.source == "shopee":
             raise ValueError("data.source 'shopee' has no search queries, which the retrieval pipeline trains "
                              "and evaluates on; use source muge, seed002 or synthetic (Shopee ingest serves "
-                             "product matching through ecomcap.retrieval.data.ingest_retrieval_split)")
+                             "product matching through ecomcap.retrieval.data.ingest.ingest_retrieval_split)")
         return self
 
     @model_validator(mode="after")

@@ -19,7 +19,7 @@ def _scratch(cfg: RetrievalRunConfig, what: str) -> Path:
 
 
 def ingest_stage(cfg: RetrievalRunConfig, split: str) -> Path:
-    from ecomcap.retrieval.prepare import ingest_retrieval
+    from ecomcap.retrieval.data.prepare import ingest_retrieval
 
     out = _scratch(cfg, f"ingest-{split}")
     ingest_retrieval(cfg.data, split, out)
@@ -30,7 +30,7 @@ def validate_stage(splits: dict[str, Path], cfg: RetrievalRunConfig) -> dict[str
     """GX suite on each split's items + the bad-row gate on items and queries; logs reports and
     records each split as an MLflow input data set (digest = its fingerprint)."""
     from ecomcap.data.validate import enforce, validate_dataset
-    from ecomcap.retrieval.prepare import enforce_retrieval
+    from ecomcap.retrieval.data.prepare import enforce_retrieval
     from ecomcap.workflow import record_datasets
 
     tracking.log_config("data", cfg.data)
@@ -72,7 +72,7 @@ def train_stage(train: Path, valid: Path, cfg: RetrievalRunConfig, run_name: str
 
 def train_process(train: str, valid: str, config: dict, run_name: str) -> dict[str, Any]:
     """One training process (rank 0's return is kept)."""
-    from ecomcap.retrieval.train import train_retriever
+    from ecomcap.retrieval.train.loop import train_retriever
 
     cfg = RetrievalRunConfig.model_validate(config)
     tc = cfg.train.model_copy(update={"output_dir": Path(cfg.train.output_dir) / run_name})
@@ -83,7 +83,7 @@ def train_process(train: str, valid: str, config: dict, run_name: str) -> dict[s
 
 def embed_stage(model_dir: Path, valid: Path, cfg: RetrievalRunConfig) -> Path:
     """The versioned gallery artifact: the valid split's items embedded by the candidate."""
-    from ecomcap.retrieval.gallery import embed_gallery
+    from ecomcap.retrieval.index.gallery import embed_gallery
 
     return embed_gallery(model_dir, valid / "items", _scratch(cfg, "gallery") / "gallery",
                          device=cfg.encoder.torch_device())
@@ -91,9 +91,9 @@ def embed_stage(model_dir: Path, valid: Path, cfg: RetrievalRunConfig) -> Path:
 
 def score_gallery(gallery_dir: Path, valid: Path, cfg: RetrievalRunConfig) -> dict[str, Any]:
     """MUGE scores of the gallery's encoder on the valid queries, searched over its vectors."""
-    from ecomcap.retrieval.data import read_queries
-    from ecomcap.retrieval.gallery import load_gallery
-    from ecomcap.retrieval.metrics import chance_recall, ranked_ids, recall_scores
+    from ecomcap.retrieval.data.ingest import read_queries
+    from ecomcap.retrieval.evaluate.metrics import chance_recall, ranked_ids, recall_scores
+    from ecomcap.retrieval.index.gallery import load_gallery
 
     gal = load_gallery(gallery_dir)
     queries = read_queries(valid)
@@ -111,11 +111,11 @@ def evaluate_stage(gallery_dir: Path, valid: Path, train: Path, cfg: RetrievalRu
                    log: bool = True) -> tuple[dict[str, Any], str, str]:
     """(metrics, eval fingerprint, query-results HTML); logs Recall@K, the zero-shot vs
     fine-tuned (image / text / fused items) table, matching F1 and the top-5 picture."""
-    from ecomcap.retrieval.encoder import load_encoder
-    from ecomcap.retrieval.evaluate import embed_split, matching_of, recall_of
-    from ecomcap.retrieval.figures import query_grid, query_html
-    from ecomcap.retrieval.gallery import load_gallery
-    from ecomcap.retrieval.metrics import tracking_names
+    from ecomcap.retrieval.evaluate.embed import embed_split, matching_of, recall_of
+    from ecomcap.retrieval.evaluate.figures import query_grid, query_html
+    from ecomcap.retrieval.evaluate.metrics import tracking_names
+    from ecomcap.retrieval.index.gallery import load_gallery
+    from ecomcap.retrieval.model.encoder import load_encoder
 
     scores = score_gallery(gallery_dir, valid, cfg)
     metrics: dict[str, Any] = tracking_names(scores)

@@ -29,7 +29,7 @@ from ecomcap.config import DPOConfig, GenerateConfig, GroundingConfig, ModelConf
 from ecomcap.data.clean import repeated_ngram_share
 from ecomcap.data.shards import read_references
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.swaps import AttributeSwapper
+from ecomcap.retrieval.data.swaps import AttributeSwapper
 from ecomcap.text import tokenize_many
 from ecomcap.training.budget import check_token_budget, model_token_limit
 from ecomcap.training.data import ShardImages
@@ -330,6 +330,6 @@ def _default_vocab(attributes: dict | None) -> dict[str, list[str]]:
         log.warning("dpo: no attribute vocabulary (grounding.attribute_vocab) and no ground truth: pairs are "
                     "built from loops and generic captions only")
         return {}
-    from ecomcap.retrieval.swaps import synthetic_vocab
+    from ecomcap.retrieval.data.swaps import synthetic_vocab
 
     return synthetic_vocab()

@@ -26,7 +26,7 @@ from typing import Iterable, Mapping, Sequence
 
 from ecomcap.errors import EcomcapError
 from ecomcap.metrics.attributes import FIELDS, attribute_checks
-from ecomcap.retrieval.swaps import AttributeSwapper
+from ecomcap.retrieval.data.swaps import AttributeSwapper
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 ChineseCLIPModel, CLIPModel and SiglipModel each get a few-layer config, the project's
 character tokenizer (with [CLS] ... [SEP] around every text, so CLIP's EOS pooling and
 Chinese-CLIP's [CLS] pooling both find their token) and the class's own PIL image processor.
-`save_pretrained` writes a directory that loads through the same `ecomcap.retrieval.encoder`
+`save_pretrained` writes a directory that loads through the same `ecomcap.retrieval.model.encoder`
 path as `OFA-Sys/chinese-clip-vit-base-patch16` or `google/siglip-base-patch16-224`.
 """
 from __future__ import annotations

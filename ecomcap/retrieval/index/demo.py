@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ecomcap.data.synth_draw import image_for, random_attributes
-from ecomcap.retrieval.gallery_files import write_gallery
+from ecomcap.retrieval.index.gallery import write_gallery
 from ecomcap.text import tokenize
 
 HASHING_PREFIX = "hashing:"

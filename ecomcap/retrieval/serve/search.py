@@ -1,6 +1,6 @@
 """Text -> product search over a gallery artifact: query encoder + vector store + item texts.
 
-What `ecomcap search` and the search page (`ecomcap.retrieval.serve`) share. The gallery comes
+What `ecomcap search` and the search page (`ecomcap.retrieval.serve.page`) share. The gallery comes
 from a directory or from the registry's champion (`ecomcap-retriever@champion`, whose version
 holds the encoder and its gallery index, promoted together).
 """
@@ -15,9 +15,8 @@ from typing import Callable
 import numpy as np
 
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.gallery import Gallery
-from ecomcap.retrieval.gallery_files import open_gallery
-from ecomcap.retrieval.store import StoreConfig, VectorStore
+from ecomcap.retrieval.index.gallery import Gallery, open_gallery
+from ecomcap.retrieval.index.milvus import StoreConfig, VectorStore
 
 RETRIEVER = "ecomcap-retriever"
 MAX_TOP = 100
@@ -28,7 +27,7 @@ Encode = Callable[[list[str]], np.ndarray]
 
 def query_encoder(gallery: Gallery) -> Encode:
     """The text tower that made the gallery (index.json `encoder_dir`, relative to the gallery)."""
-    from ecomcap.retrieval.demo_gallery import HASHING_PREFIX, HashingTextEncoder
+    from ecomcap.retrieval.index.demo import HASHING_PREFIX, HashingTextEncoder
 
     name = str(gallery.index["encoder_dir"])
     if name.startswith(HASHING_PREFIX):
@@ -37,7 +36,7 @@ def query_encoder(gallery: Gallery) -> Encode:
     if not path.is_dir():
         raise EcomcapError(f"the gallery's encoder {path} is missing (index.json encoder_dir={name!r})")
     try:
-        from ecomcap.retrieval.encoder import load_encoder
+        from ecomcap.retrieval.model.encoder import load_encoder
     except ImportError as exc:
         raise EcomcapError(f"this install cannot load retrieval encoders ({exc})") from None
     return load_encoder(path).encode_texts

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from ecomcap.retrieval.model import SETTINGS, DualEncoder, load_dual_encoder
+from ecomcap.retrieval.model.dual import SETTINGS, DualEncoder, load_dual_encoder
 
 
 class Preprocessor:

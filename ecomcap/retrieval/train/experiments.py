@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ecomcap.retrieval.config import HardNegativeConfig, RetrievalRunConfig
-from ecomcap.retrieval.data import read_queries
-from ecomcap.retrieval.encoder import load_encoder, save_encoder
-from ecomcap.retrieval.evaluate import embed_split, matching_of, recall_of
-from ecomcap.retrieval.prepare import prepare_retrieval_data
-from ecomcap.retrieval.train import prepare_encoder, train_retriever
+from ecomcap.retrieval.data.ingest import read_queries
+from ecomcap.retrieval.data.prepare import prepare_retrieval_data
+from ecomcap.retrieval.evaluate.embed import embed_split, matching_of, recall_of
+from ecomcap.retrieval.model.encoder import load_encoder, save_encoder
+from ecomcap.retrieval.train.loop import prepare_encoder, train_retriever
 
 KEYS = ("R@1", "R@5", "R@10", "MeanRecall")
 
@@ -78,7 +78,7 @@ def comparison_table(cfg: RetrievalRunConfig, out_dir: Path) -> dict[str, Any]:
 
 
 def _vocab(train_dir: Path) -> list[str]:
-    from ecomcap.retrieval.batches import TrainingSet
+    from ecomcap.retrieval.data.batches import TrainingSet
 
     return TrainingSet(train_dir).texts_for_vocab()
 

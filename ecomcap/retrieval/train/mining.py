@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ecomcap.retrieval.metrics import topk_search
+from ecomcap.retrieval.evaluate.metrics import topk_search
 
 
 def mine_hard_negatives(query_emb: np.ndarray, item_emb: np.ndarray, positives: Sequence[Sequence[int]],

@@ -12,16 +12,16 @@ import torch
 
 from ecomcap.config import GenerateConfig
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.batches import Batch, TrainingSet
 from ecomcap.retrieval.config import RetrievalRunConfig
-from ecomcap.retrieval.encoder import Encoder, fuse, load_preprocessor, save_encoder
-from ecomcap.retrieval.evaluate import embed_items, embed_split, recall_of
-from ecomcap.retrieval.gradcache import grad_cache_backward
-from ecomcap.retrieval.losses import info_nce, sigmoid_loss
-from ecomcap.retrieval.metrics import tracking_names
-from ecomcap.retrieval.mining import mine_hard_negatives
-from ecomcap.retrieval.model import DualEncoder, load_dual_encoder
-from ecomcap.retrieval.tiny import ensure_tiny_encoder
+from ecomcap.retrieval.data.batches import Batch, TrainingSet
+from ecomcap.retrieval.evaluate.embed import embed_items, embed_split, recall_of
+from ecomcap.retrieval.evaluate.metrics import tracking_names
+from ecomcap.retrieval.model.dual import DualEncoder, load_dual_encoder
+from ecomcap.retrieval.model.encoder import Encoder, fuse, load_preprocessor, save_encoder
+from ecomcap.retrieval.model.tiny import ensure_tiny_encoder
+from ecomcap.retrieval.train.gradcache import grad_cache_backward
+from ecomcap.retrieval.train.losses import info_nce, sigmoid_loss
+from ecomcap.retrieval.train.mining import mine_hard_negatives
 from ecomcap.training.loop import MetricsCallback, StageResult, TrainLoop
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def train_retriever(train_dir: str | Path, valid_dir: str | Path | None, cfg: Re
     """Fine-tune the configured encoder; returns the stage result (best model by MeanRecall)."""
     data = TrainingSet(train_dir, seed=cfg.train.seed)
     if cfg.train.text_negatives:
-        from ecomcap.retrieval.swaps import AttributeSwapper, synthetic_vocab
+        from ecomcap.retrieval.data.swaps import AttributeSwapper, synthetic_vocab
 
         data.swapper = AttributeSwapper(cfg.train.attribute_vocab or synthetic_vocab())
     dual, pre, from_scratch = prepare_encoder(cfg, data.texts_for_vocab())

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ecomcap.retrieval.config import RetrievalRunConfig
-from ecomcap.retrieval.model import SETTINGS, detect_arch
+from ecomcap.retrieval.model.dual import SETTINGS, detect_arch
 
 SCORE_KEYS = ("R1", "R5", "R10", "MeanRecall")
 
@@ -28,8 +28,8 @@ def promote_retriever(gallery_dir: Path, valid: Path, metrics: dict[str, Any], e
                       cfg: RetrievalRunConfig, tags: dict[str, str] | None = None):
     """Register (or reuse) the candidate and gate it against the champion; returns the Decision."""
     from ecomcap.registry.register import download_version, register_and_gate
-    from ecomcap.retrieval.gallery import embed_gallery
-    from ecomcap.retrieval.pyfunc import log_retriever
+    from ecomcap.retrieval.index.gallery import embed_gallery
+    from ecomcap.retrieval.serve.pyfunc import log_retriever
     from ecomcap.retrieval.workflow import score_gallery
 
     index = json.loads((gallery_dir / "index.json").read_text(encoding="utf-8"))

@@ -11,9 +11,9 @@ import numpy as np
 from PIL import Image
 
 from ecomcap.data.shards import iter_batches
-from ecomcap.retrieval.data import read_groups, read_queries
-from ecomcap.retrieval.encoder import Encoder
-from ecomcap.retrieval.metrics import chance_recall, match_f1, ranked_ids, recall_scores
+from ecomcap.retrieval.data.ingest import read_groups, read_queries
+from ecomcap.retrieval.evaluate.metrics import chance_recall, match_f1, ranked_ids, recall_scores
+from ecomcap.retrieval.model.encoder import Encoder
 
 
 @dataclass

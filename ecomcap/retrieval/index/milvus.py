@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ecomcap.errors import EcomcapError
 
 if TYPE_CHECKING:  # annotations only: importing the gallery pulls in the encoder and transformers
-    from ecomcap.retrieval.gallery import Gallery
+    from ecomcap.retrieval.index.gallery import Gallery
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def tie_recall(vectors: np.ndarray, queries: np.ndarray, answers: list[list[int]
     the exact top-k (1.0 = exact). An answer scoring as high as the exact k-th counts too: items
     with equal scores (duplicate texts) are interchangeable, and which of them a tie keeps is
     arbitrary. Used by `ann_recall` and the page load benchmark."""
-    from ecomcap.retrieval.metrics import topk_search
+    from ecomcap.retrieval.evaluate.metrics import topk_search
 
     queries = np.asarray(queries, dtype=np.float32)
     exact_scores, exact = topk_search(queries, vectors, k)

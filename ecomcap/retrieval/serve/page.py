@@ -24,8 +24,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.gallery_files import ImageLookup
-from ecomcap.retrieval.search import MAX_TOP, Searcher
+from ecomcap.retrieval.index.gallery import ImageLookup
+from ecomcap.retrieval.serve.search import MAX_TOP, Searcher
 
 _STYLE = """body{font-family:"Noto Sans CJK SC","WenQuanYi Zen Hei",sans-serif;margin:24px;color:#222}
 form{margin-bottom:18px} input[name=q]{font-size:18px;width:420px;padding:6px}

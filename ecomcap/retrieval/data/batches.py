@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from ecomcap.retrieval.data import read_queries
+from ecomcap.retrieval.data.ingest import read_queries
 from ecomcap.training.data import ShardImages
 
 

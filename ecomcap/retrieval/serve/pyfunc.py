@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import mlflow.pyfunc
 
 
@@ -15,7 +16,7 @@ class RetrieverModel(mlflow.pyfunc.PythonModel):
     """pyfunc: query texts in, top-10 (item_ids, scores) out."""
 
     def load_context(self, context) -> None:
-        from ecomcap.retrieval.gallery import load_gallery
+        from ecomcap.retrieval.index.gallery import load_gallery
 
         self.gallery = load_gallery(context.artifacts["gallery"])
         self.encoder = self.gallery.encoder()
@@ -23,7 +24,7 @@ class RetrieverModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # untyped: MLflow infers no schema from hints
         import pandas as pd
 
-        from ecomcap.retrieval.metrics import topk_search
+        from ecomcap.retrieval.evaluate.metrics import topk_search
 
         if isinstance(model_input, pd.DataFrame):  # a "query_text" column, else the first one
             col = "query_text" if "query_text" in model_input else model_input.columns[0]
@@ -38,13 +39,14 @@ class RetrieverModel(mlflow.pyfunc.PythonModel):
 
 
 def log_retriever(gallery_dir: str | Path, name: str = "model") -> str:
-    """Log gallery (with its encoder) as a pyfunc model of the active run; returns the model URI."""
-    import ecomcap
+    """Log gallery (with its encoder) as a pyfunc model of the active run, through the shared
+    packaging helper (this file is the models-from-code entry); returns the model URI."""
+    from ecomcap.registry.pyfunc import log_code_model
 
-    info = mlflow.pyfunc.log_model(  # models-from-code: nothing is pickled
-        name=name, python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
-        artifacts={"gallery": str(gallery_dir)}, code_paths=[str(Path(ecomcap.__file__).parent)],
-        pip_requirements=["torch", "transformers>=5,<6", "pillow", "pandas", "pydantic>=2", "pyarrow", "numpy",
-                          "safetensors", "tqdm"],
-    )
-    return info.model_uri
+    return log_code_model(__file__, {"gallery": str(gallery_dir)}, REQUIREMENTS, name).model_uri
+
+
+REQUIREMENTS = ["torch", "transformers>=5,<6", "pillow", "pandas", "pydantic>=2", "pyarrow", "numpy",
+                "safetensors", "tqdm", "faiss-cpu"]
+
+mlflow.models.set_model(RetrieverModel())  # what MLflow loads when it runs this file as the model

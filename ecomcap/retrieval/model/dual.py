@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from ecomcap.errors import EcomcapError
-from ecomcap.retrieval.tiny import MODEL_CLASSES
+from ecomcap.retrieval.model.tiny import MODEL_CLASSES
 
 SETTINGS = "retrieval.json"
 _MODEL_TYPES = {"chinese_clip": "chinese_clip", "clip": "clip", "siglip": "siglip"}

@@ -16,7 +16,7 @@ def retrieval_source(cfg: RetrievalDataConfig) -> tuple[Path, str]:
         if cfg.src_dir is None:
             raise EcomcapError(f"data.source is '{cfg.source}' but data.src_dir is not set")
         return Path(cfg.src_dir), cfg.source
-    from ecomcap.retrieval.synth import generate_retrieval_synthetic
+    from ecomcap.retrieval.data.synth import generate_retrieval_synthetic
 
     raw = Path(cfg.work_dir) / "raw"
     marker = raw / "synth.json"
@@ -27,7 +27,7 @@ def retrieval_source(cfg: RetrievalDataConfig) -> tuple[Path, str]:
 
 
 def ingest_retrieval(cfg: RetrievalDataConfig, split: str, out: Path) -> dict[str, Any]:
-    from ecomcap.retrieval.data import ingest_retrieval_split
+    from ecomcap.retrieval.data.ingest import ingest_retrieval_split
 
     src, fmt = retrieval_source(cfg)
     return ingest_retrieval_split(src, split, out, fmt, cfg.ingest)

@@ -260,6 +260,9 @@ class RegistryConfig(_Strict):
     tolerances: dict[str, float] = Field(
         default_factory=dict, description="per-guard-metric tolerance overriding `tolerance`, e.g. {attr_mean: 0.02}")
     floor: float = Field(0.5, ge=0, description="absolute floor of the primary metric (its own scale)")
+    minimums: dict[str, float] = Field(
+        default_factory=dict, description="absolute minimums of other metrics the candidate reports, e.g. "
+        "{index_recall10: 0.98} (the served index against exact search); a missing metric fails")
     samples_in_report: int = Field(24, ge=0, description="images shown in samples.html")
 
 

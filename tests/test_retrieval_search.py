@@ -23,9 +23,9 @@ def gallery(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def searcher(gallery, tmp_path_factory):
-    s = open_searcher(gallery, StoreConfig(uri=str(tmp_path_factory.mktemp("store") / "m.db")))
+    s = open_searcher(gallery)  # the gallery's recorded index (exact: demo galleries record none)
     yield s
-    s.store.close()
+    s.close()
 
 
 def test_search_ranks_items_naming_the_query_words(searcher):
@@ -43,14 +43,15 @@ def test_search_rejects_bad_queries_and_a_mismatched_encoder(searcher, gallery, 
     for query, top, msg in (("  ", 5, "empty query"), ("红色", 0, "between 1 and"), ("x" * 201, 5, "longer")):
         with pytest.raises(EcomcapError, match=msg):
             searcher.search(query, top)
-    wrong = open_searcher(gallery, searcher.store.cfg, encode=lambda texts: np.ones((len(texts), 8), np.float32))
+    wrong = open_searcher(gallery, encode=lambda texts: np.ones((len(texts), 8), np.float32))
     with pytest.raises(EcomcapError, match="different versions"):
         wrong.search("红色", 3)
 
 
 def test_cli_search_json_and_a_clear_error(gallery, tmp_path, capsys):
     store = str(tmp_path / "cli.db")
-    assert main(["search", "蓝色 帽子", "--top", "3", "--gallery", str(gallery), "--store-uri", store, "--json"]) == 0
+    assert main(["search", "蓝色 帽子", "--top", "3", "--gallery", str(gallery), "--index", "milvus", "--store-uri",
+                 store, "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(out["results"]) == 3 and all("帽子" in r["text"] for r in out["results"])
     assert main(["search", "蓝色", "--gallery", str(tmp_path / "none"), "--store-uri", store]) == 2
@@ -68,7 +69,7 @@ def test_cli_search_uses_the_registered_champion(gallery, tmp_path, capsys):
         client.create_registered_model(RETRIEVER)
         version = client.create_model_version(RETRIEVER, f"{run.info.artifact_uri}/retriever", run.info.run_id)
         assert main(["search", "x", "--tracking-uri", uri]) == 2  # registered, no champion yet
-        assert "no 'champion' version of registered model 'ecomcap-retriever'" in capsys.readouterr().err
+        assert "no 'serving' or 'champion' version of registered model 'ecomcap-retriever'" in capsys.readouterr().err
         client.set_registered_model_alias(RETRIEVER, "champion", version.version)
     finally:
         mlflow.set_tracking_uri(None)
@@ -115,14 +116,14 @@ def test_search_a_gallery_embedded_by_the_trained_encoder(tmp_path):
     enc_dir = save_encoder(enc.dual, enc.pre, tmp_path / "enc", item_embedding="fused", fusion_weight=0.5)
     rows = [(f"p{i}", _jpeg((40 * i % 256, 90, 200 - 30 * i % 200)), TEXTS[i % 3]) for i in range(12)]
     gallery = embed_gallery(enc_dir, _items_dataset(tmp_path / "items", rows), tmp_path / "gallery", batch_size=4)
-    searcher = open_searcher(gallery, StoreConfig(uri=str(tmp_path / "m.db"), index_type="FLAT"))
+    searcher = open_searcher(gallery, store=StoreConfig(uri=str(tmp_path / "m.db"), index_type="FLAT"))
     try:
         out = searcher.search("红色 条纹 T恤", 5)
         q = load_encoder(gallery / "encoder", device="cpu").encode_texts(["红色 条纹 T恤"])
         expected = [searcher.gallery.item_ids[i] for i in topk_search(q, searcher.gallery.vectors, 5)[1][0]]
         assert [r["item_id"] for r in out["results"]] == expected
     finally:
-        searcher.store.close()
+        searcher.close()
 
 
 def test_page_errors_for_a_bad_top_and_images_of_ids_with_slashes(searcher, gallery, tmp_path):

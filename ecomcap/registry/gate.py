@@ -82,6 +82,11 @@ def decide(candidate: Scores, champion: Scores | None,
     reasons: list[str] = []
     ok = candidate.metrics[p] >= cfg.floor
     reasons.append(f"{p} {candidate.metrics[p]:.4f} {'>=' if ok else '<'} floor {cfg.floor:.4f}")
+    for name, low in cfg.minimums.items():
+        got = candidate.metrics.get(name)
+        fine = got is not None and got >= low
+        reasons.append(f"{name} {'missing' if got is None else f'{got:.4f}'} {'>=' if fine else '<'} minimum {low:.4f}")
+        ok = ok and fine
     if champion is None:
         reasons.append("no champion yet: the floor decides")
         return ok, reasons, None

@@ -106,6 +106,7 @@ def add_retrieval_commands(sub) -> None:
 
 
 def _searcher(args: argparse.Namespace):
+    from ecomcap.retrieval.index.base import IndexConfig
     from ecomcap.retrieval.index.milvus import StoreConfig
     from ecomcap.retrieval.serve.search import champion_gallery, open_searcher
 
@@ -114,8 +115,10 @@ def _searcher(args: argparse.Namespace):
     else:
         from ecomcap.stores import tracking_uri
 
-        gallery = champion_gallery(tracking_uri(args.tracking_uri))
-    return open_searcher(gallery, StoreConfig(uri=args.store_uri, ef=args.ef))
+        gallery = champion_gallery(tracking_uri(args.tracking_uri), alias=args.alias)
+    index = None if args.index == "recorded" else IndexConfig(kind=args.index, **({"ef": args.ef} if args.ef else {}))
+    store = StoreConfig(uri=args.store_uri, **({"ef": args.ef} if args.ef else {})) if args.index == "milvus" else None
+    return open_searcher(gallery, index, store)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -123,7 +126,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     try:
         result = searcher.search(args.query, args.top)
     finally:
-        searcher.store.close()
+        searcher.close()
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0
@@ -137,25 +140,26 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ecomcap.retrieval.serve.page import serve
 
-    serve(_searcher(args), args.host, args.port)
+    serve(_searcher(args), args.host, args.port, args.max_pending)
     return 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    # light: store.py imports the gallery (and so transformers) for annotations only
     from ecomcap.retrieval.index.milvus import StoreConfig
 
-    store = StoreConfig()
     p.add_argument("--gallery", type=Path, default=None,
-                   help="a gallery index directory; default: the registry's ecomcap-retriever@champion")
+                   help="a gallery index directory; default: the registry's ecomcap-retriever@<alias>")
+    p.add_argument("--alias", default="serving",
+                   help="registry alias to serve (default: serving, the index job's catalogue; champion when unset)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else this checkout's "
                    ".mlflow/mlflow.db as `make retrieval` writes it)")
-    p.add_argument("--store-uri", default=store.uri,
-                   help=f"vector store: a *.db file (embedded Milvus Lite) or http://host:19530 (server); "
-                        f"default: {store.uri}")
-    p.add_argument("--ef", type=int, default=store.ef,
-                   help=f"HNSW search breadth: higher = better recall, slower (default {store.ef})")
+    p.add_argument("--index", default="recorded", choices=["recorded", "auto", "exact", "hnsw", "ivf", "milvus"],
+                   help="how to search: recorded = the index the gallery was evaluated and gated with (default); "
+                        "another kind serves what the gate did not score")
+    p.add_argument("--store-uri", default=StoreConfig().uri,
+                   help="with --index milvus: a *.db file (Milvus Lite) or http://host:19530 (server)")
+    p.add_argument("--ef", type=int, default=None, help="HNSW search breadth: higher = better recall, slower")
 
 
 def add_search_commands(sub: argparse._SubParsersAction) -> None:
@@ -169,5 +173,7 @@ def add_search_commands(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("serve-search", help="the search page (images and texts of the top items)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8300)
+    v.add_argument("--max-pending", type=int, default=256,
+                   help="searches allowed to wait; beyond them a request is answered 503 at once")
     _common(v)
     v.set_defaults(func=_cmd_serve)

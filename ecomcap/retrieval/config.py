@@ -14,6 +14,7 @@ from ecomcap.config_encoders import (  # noqa: F401  (re-exported)
     ItemEmbedding,
     TinyEncoderConfig,
 )
+from ecomcap.retrieval.index.base import IndexConfig
 
 
 class RetrievalSynthConfig(_Strict):
@@ -34,6 +35,9 @@ class RetrievalDataConfig(_Strict):
 
     source: Literal["synthetic", "muge", "seed002", "shopee"] = "synthetic"
     src_dir: Path | None = Field(None, description="directory of the raw files (not synthetic)")
+    manifest: Path | None = Field(
+        None, description="committed file describing remote data (its hash is the data fingerprint)"
+    )
     work_dir: Path = Path(".run/retrieval/data")
     splits: list[Literal["train", "valid", "test"]] = ["train", "valid"]
     synth: RetrievalSynthConfig = Field(default_factory=RetrievalSynthConfig)
@@ -86,12 +90,20 @@ class RetrievalRunConfig(_Strict):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     train: RetrievalTrainConfig = Field(default_factory=RetrievalTrainConfig)
     eval: RetrievalEvalConfig = Field(default_factory=RetrievalEvalConfig)
-    launch: LaunchConfig = Field(default_factory=LaunchConfig)  # the same launcher; one process for now
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)  # the same launcher: N processes are DDP
+    index: IndexConfig = Field(default_factory=IndexConfig, description="how the gallery is searched: by the "
+                               "evaluation, the gate, the registered model, `ecomcap search` and the page alike")
     registry: RegistryConfig = Field(
         default_factory=lambda: RegistryConfig(model_name="ecomcap-retriever", experiment="retrieval_pipeline",
                                                primary_metric="MeanRecall", guard_metrics=["R1"], tolerance=1.0,
-                                               floor=5.0)
+                                               floor=5.0, minimums={"index_recall10": 0.98})
     )
+
+    @model_validator(mode="after")
+    def _recall_minimum(self) -> "RetrievalRunConfig":
+        """index.min_recall is the gate's minimum of the served index's recall (one setting, not two)."""
+        self.registry.minimums = {**self.registry.minimums, "index_recall10": self.index.min_recall}
+        return self
 
     @model_validator(mode="after")
     def _needs_queries(self) -> "RetrievalRunConfig":
@@ -104,11 +116,18 @@ class RetrievalRunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _one_process(self) -> "RetrievalRunConfig":
-        """Refused here, not after N ranks have loaded their towers."""
-        if self.launch.num_processes > 1 or self.launch.config_file:
-            raise ValueError("retrieval training runs in one process (one GPU) for now: launch.num_processes must "
-                             "be 1 and launch.config_file unset; large contrastive batches come from gradient "
-                             "caching (train.grad_cache_chunk)")
+    def _ddp_only(self) -> "RetrievalRunConfig":
+        """Several processes train under DDP with gathered embeddings (ecomcap/retrieval/train/
+        distributed.py); DeepSpeed/FSDP engines would be bypassed by the towers. Refused here, not
+        after N ranks have loaded their towers (a missing file is the launcher's to report)."""
+        path = Path(self.launch.config_file) if self.launch.config_file else None
+        if path is not None and path.is_file():
+            import yaml
+
+            found = yaml.safe_load(path.read_text(encoding="utf-8"))
+            kind = str(found.get("distributed_type", "")) if isinstance(found, dict) else ""
+            if kind.upper() in ("DEEPSPEED", "FSDP"):
+                raise ValueError(f"launch.config_file {path} selects {kind}; retrieval training runs on one process "
+                                 "or DDP: unset launch.config_file (launch.num_processes alone gives DDP)")
         return self
 

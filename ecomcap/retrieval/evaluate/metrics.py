@@ -20,7 +20,8 @@ KS = (1, 5, 10)
 
 def tracking_names(scores: dict[str, Any]) -> dict[str, float]:
     """R@K -> RK: MLflow metric names may not contain '@' (the printed/JSON reports keep R@K)."""
-    return {k.replace("@", ""): float(v) for k, v in scores.items() if k in ("R@1", "R@5", "R@10", "MeanRecall")}
+    keep = ("R@1", "R@5", "R@10", "MeanRecall", "index_recall@10")
+    return {k.replace("@", ""): float(v) for k, v in scores.items() if k in keep}
 
 
 def _tensor(x) -> torch.Tensor:

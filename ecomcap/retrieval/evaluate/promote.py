@@ -14,13 +14,13 @@ from typing import Any
 from ecomcap.retrieval.config import RetrievalRunConfig
 from ecomcap.retrieval.model.dual import SETTINGS, detect_arch
 
-SCORE_KEYS = ("R1", "R5", "R10", "MeanRecall")
+SCORE_KEYS = ("R1", "R5", "R10", "MeanRecall", "index_recall10")
 
 
 def _scores(metrics: dict[str, Any], eval_fp: str):
     from ecomcap.registry.gate import Scores
 
-    return Scores(metrics={k: float(metrics[k]) for k in SCORE_KEYS}, eval_fingerprint=eval_fp,
+    return Scores(metrics={k: float(metrics[k]) for k in SCORE_KEYS if k in metrics}, eval_fingerprint=eval_fp,
                   per_item={str(q): float(v) for q, v in metrics["per_query"].items()})
 
 
@@ -40,13 +40,15 @@ def promote_retriever(gallery_dir: Path, valid: Path, metrics: dict[str, Any], e
     # the gallery index is part of the version: the same encoder over new items is a new version
     inference = {"item_embedding": index["item_embedding"], "fusion_weight": index["fusion_weight"],
                  "arch": settings.get("arch"), "max_text_len": settings.get("max_text_len"),
-                 "gallery": index["fingerprint"]}
+                 "gallery": index["fingerprint"], "search": index.get("search")}
 
     def reevaluate(version: str):
         with tempfile.TemporaryDirectory(prefix="ecomcap-champion-") as tmp:
             champion = download_version(cfg.registry, version, "vectors.npy", Path(tmp) / "model")
-            fresh = embed_gallery(champion / json.loads((champion / "index.json").read_text("utf-8"))["encoder_dir"],
-                                  valid / "items", Path(tmp) / "gallery", device=cfg.encoder.torch_device())
+            meta = json.loads((champion / "index.json").read_text("utf-8"))
+            fresh = embed_gallery(champion / meta["encoder_dir"], valid / "items", Path(tmp) / "gallery",
+                                  device=cfg.encoder.torch_device(),  # searched the way it is served
+                                  search=meta.get("search") or cfg.index.model_dump(mode="json"))
             scores = score_gallery(fresh, valid, cfg)
             return _scores({k.replace("@", ""): v for k, v in scores.items()} | {"per_query": scores["per_query"]},
                            eval_fp)

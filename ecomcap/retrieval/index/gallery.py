@@ -5,7 +5,8 @@ A directory holding
 - ``items.jsonl``     one ``{"item_id", "text"}`` per row, same order
 - ``images.parquet``  (item_id, image bytes as stored: JPEG/PNG)
 - ``encoder/``        the encoder that made the vectors (``load_encoder`` reads it)
-- ``index.json``      {"count", "dim", "item_embedding", "fusion_weight", "encoder_dir", "fingerprint"}
+- ``index.json``      {"count", "dim", "item_embedding", "fusion_weight", "encoder_dir", "fingerprint",
+                      "search" (the IndexConfig every reader opens it with)}
 
 Written streaming (memory-mapped vectors, row-group Parquet), so a 1M-item catalogue fits.
 """
@@ -86,8 +87,10 @@ class Gallery:
 
 
 def embed_gallery(encoder_dir: str | Path, items_dir: str | Path, out_dir: str | Path,
-                  batch_size: int = 128, mode: str | None = None, device: str | None = None) -> Path:
-    """Embed every item of an ingested item dataset into a gallery artifact at `out_dir`."""
+                  batch_size: int = 128, mode: str | None = None, device: str | None = None,
+                  search: dict | None = None) -> Path:
+    """Embed every item of an ingested item dataset into a gallery artifact at `out_dir`;
+    `search` (IndexConfig as a dict) is recorded so every reader searches it the same way."""
     from ecomcap.retrieval.model.encoder import load_encoder
 
     encoder = load_encoder(encoder_dir, device=device)
@@ -124,7 +127,7 @@ def embed_gallery(encoder_dir: str | Path, items_dir: str | Path, out_dir: str |
     del vectors
     images.close()
     index = {"count": count, "dim": dim, "item_embedding": mode, "fusion_weight": encoder.fusion_weight,
-             "encoder_dir": "encoder", "fingerprint": digest.hexdigest()}
+             "encoder_dir": "encoder", "fingerprint": digest.hexdigest(), **({"search": search} if search else {})}
     (tmp / INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -1,15 +1,18 @@
 """The search page: type a query, see the top items' images and texts (FastAPI + uvicorn).
 
-    ecomcap serve-search --gallery DIR          # or the registry's champion (no --gallery)
+    ecomcap serve-search --gallery DIR          # or the registry's serving/champion version
 
 Routes: ``/`` (the page, ``?q=...&top=10``), ``/api/search`` (the same results as JSON),
-``/images/{item_id}`` (an item's image from the gallery's images.parquet), ``/healthz``.
-Handlers are plain functions (FastAPI runs them in its thread pool): the vector store client and
-the image lookup are thread-safe.
+``/images/{item_id}`` (an item's image, ETag + Cache-Control: a browser fetches it once),
+``/static/page.css``, ``/healthz`` (liveness: the process answers) and ``/readyz`` (readiness:
+the index is loaded and built; 503 otherwise). Handlers are async: queries from concurrent
+requests are batched into one encoder forward and one index call (`batcher.py`); when more
+than `max_pending` wait, a request is answered 503 with Retry-After at once, never queued forever.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import html
 import os
 import signal
@@ -23,15 +26,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+from starlette.requests import Request  # module level: FastAPI resolves handler annotations here
+
 from ecomcap.errors import EcomcapError
 from ecomcap.retrieval.index.gallery import ImageLookup
+from ecomcap.retrieval.serve.batcher import Overloaded, QueryBatcher
 from ecomcap.retrieval.serve.search import MAX_TOP, Searcher
 
-_STYLE = """body{font-family:"Noto Sans CJK SC","WenQuanYi Zen Hei",sans-serif;margin:24px;color:#222}
+STYLE = """body{font-family:"Noto Sans CJK SC","WenQuanYi Zen Hei",sans-serif;margin:24px;color:#222}
 form{margin-bottom:18px} input[name=q]{font-size:18px;width:420px;padding:6px}
 .grid{display:flex;flex-wrap:wrap;gap:14px} .item{width:170px;border:1px solid #ddd;border-radius:6px;padding:8px}
 .item img{width:150px;height:150px;object-fit:contain;display:block;margin:auto;background:#f6f6f6}
 .text{margin-top:6px;font-size:15px} .meta{color:#777;font-size:12px} .error{color:#b00020}"""
+BUSY = "the search page is busy: try again in a second"
 
 
 def _magic_type(data: bytes) -> str:
@@ -47,7 +54,7 @@ def _magic_type(data: bytes) -> str:
 def render_page(q: str, top: int, result: dict | None, error: str | None, items: int) -> str:
     e = html.escape
     head = (f"<!doctype html><html lang=zh><head><meta charset=utf-8><title>ecomcap search</title>"
-            f"<style>{_STYLE}</style></head><body><h2>ecomcap product search</h2>"
+            f"<link rel=stylesheet href='/static/page.css'></head><body><h2>ecomcap product search</h2>"
             f"<form method=get action='/'><input name=q value='{e(q, quote=True)}' placeholder='红色连衣裙' autofocus>"
             f" top <input name=top type=number min=1 max={MAX_TOP} value={top}> <button>search</button></form>")
     if error:
@@ -71,69 +78,129 @@ def parse_top(raw: str) -> int:
         raise EcomcapError(f"top must be a whole number between 1 and {MAX_TOP}, got {raw!r}") from None
 
 
-def create_app(searcher: Searcher, images: ImageLookup):
-    from fastapi import FastAPI, HTTPException
+def create_app(searcher: Searcher, images: ImageLookup, max_batch: int = 32, max_pending: int = 256,
+               timeout_s: float = 10.0):
+    from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
 
-    app = FastAPI(title="ecomcap search", docs_url=None, redoc_url=None)
+    batcher = QueryBatcher(searcher.search_many, max_batch=max_batch, max_pending=max_pending, timeout_s=timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="ecomcap search", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.batcher = batcher
     n_items = len(searcher.gallery.item_ids)
+    version = str(searcher.gallery.index.get("fingerprint", ""))[:16]
+    busy = {"Retry-After": "1"}
+
+    async def run(q: str, top: str) -> dict:
+        """The result; EcomcapError (400) for bad input, Overloaded/TimeoutError (503)."""
+        k = parse_top(top)
+        return await batcher.submit(Searcher.check(q, k), k)
 
     @app.get("/", response_class=HTMLResponse)
-    def page(q: str = "", top: str = "10"):
+    async def page(q: str = "", top: str = "10"):
         if not q.strip():
             return HTMLResponse(render_page(q, 10, None, None, n_items))
+        shown = int(top) if top.strip().lstrip("-").isdigit() and len(top) < 6 else 10
         try:
-            k = parse_top(top)
-            return HTMLResponse(render_page(q, k, searcher.search(q, k), None, n_items))
+            result = await run(q, top)
         except EcomcapError as exc:  # the page's own error, never FastAPI's 422 JSON
-            shown = int(top) if top.strip().lstrip("-").isdigit() else 10
             return HTMLResponse(render_page(q, shown, None, str(exc), n_items), status_code=400)
+        except (Overloaded, TimeoutError):
+            return HTMLResponse(render_page(q, shown, None, BUSY, n_items), status_code=503, headers=busy)
+        except Exception as exc:  # the index backend failed (e.g. a Milvus server timed out)
+            return HTMLResponse(render_page(q, shown, None, f"search unavailable: {_short(exc)}", n_items),
+                                status_code=503, headers=busy)
+        return HTMLResponse(render_page(q, result["top"], result, None, n_items))
 
     @app.get("/api/search")
-    def api(q: str, top: str = "10"):
+    async def api(q: str = "", top: str = "10"):
         try:
-            return searcher.search(q, parse_top(top))
+            return await run(q, top)
         except EcomcapError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        except (Overloaded, TimeoutError):
+            return JSONResponse({"error": BUSY}, status_code=503, headers=busy)
+        except Exception as exc:
+            return JSONResponse({"error": f"search unavailable: {_short(exc)}"}, status_code=503, headers=busy)
 
     @app.get("/images/{item_id:path}")  # item ids may hold "/"
-    def image(item_id: str):
-        data = images.get(item_id)
+    async def image(item_id: str, request: Request):
+        etag = '"' + hashlib.sha256(f"{version}/{item_id}".encode()).hexdigest()[:24] + '"'
+        cache = {"ETag": etag, "Cache-Control": "public, max-age=86400"}
+        if item_id in images and request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=cache)
+        data = await run_in_threadpool(images.get, item_id)
         if data is None:
-            raise HTTPException(404, f"no image for item {item_id!r}")
-        return Response(data, media_type=_magic_type(data), headers={"Cache-Control": "max-age=3600"})
+            return JSONResponse({"error": f"no image for item {item_id!r}"}, status_code=404)
+        return Response(data, media_type=_magic_type(data), headers=cache)
+
+    @app.get("/static/page.css")
+    async def css():
+        return Response(STYLE, media_type="text/css", headers={"Cache-Control": "public, max-age=86400"})
 
     @app.get("/healthz")
-    def healthz():
-        return {"items": n_items, "collection": searcher.collection, "store": searcher.store.cfg.uri}
+    async def healthz():
+        return {"ok": True, "items": n_items, "batches": batcher.stats()}
+
+    @app.get("/readyz")
+    async def readyz():
+        try:
+            ok, reason = await run_in_threadpool(searcher.index.ready)
+        except Exception as exc:  # ready() should not raise; a broken backend is "not ready"
+            ok, reason = False, _short(exc)
+        body = {"ready": ok, "reason": reason, "index": searcher.index.describe(), "items": n_items}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     return app
 
 
-def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8300) -> None:
-    """Run the page on one uvicorn process until interrupted."""
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8300, max_pending: int = 256) -> None:
+    """Run the page on one uvicorn process (uvloop + httptools when installed) until interrupted."""
     import uvicorn
 
-    app = create_app(searcher, ImageLookup(searcher.gallery.path / "images.parquet"))
+    app = create_app(searcher, ImageLookup(searcher.gallery.path / "images.parquet"), max_pending=max_pending)
     print(f"search page: http://{host}:{port}/?q=红色连衣裙  ({len(searcher.gallery.item_ids)} items, "
-          f"store {searcher.store.cfg.uri})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+          f"index {searcher.index.describe()})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+class PageURL(str):
+    """The page's base URL, with the pid of the process serving it."""
+
+    def __new__(cls, url: str, pid: int):
+        obj = super().__new__(cls, url)
+        obj.pid = pid
+        return obj
 
 
 @contextlib.contextmanager
-def search_page_process(gallery: str | Path, store_uri: str, port: int | None = None,
+def search_page_process(gallery: str | Path, store_uri: str | None = None, port: int | None = None,
                         timeout_s: float = 300.0, log_path: str | Path | None = None,
                         extra_args: tuple[str, ...] = ()) -> Iterator[str]:
-    """`ecomcap serve-search` in its own process group on 127.0.0.1; yields the base URL once
-    /healthz answers (the gallery is in the store by then); the group is killed on exit."""
+    """`ecomcap serve-search` in its own process group on 127.0.0.1 (its recorded index, or the
+    Milvus store at `store_uri`); yields the base URL once /readyz answers 200 (the index is
+    built by then); the group is killed on exit. The URL's `.pid` is the page process (the
+    load benchmark reads its CPU time)."""
     if port is None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
     log_path = Path(log_path or tempfile.mkstemp(prefix="search_page_", suffix=".log")[1])
-    cmd = [sys.executable, "-m", "ecomcap.cli", "serve-search", "--gallery", str(gallery), "--store-uri",
-           str(store_uri), "--host", "127.0.0.1", "--port", str(port), *extra_args]
+    store = ["--index", "milvus", "--store-uri", str(store_uri)] if store_uri else []
+    cmd = [sys.executable, "-m", "ecomcap.cli", "serve-search", "--gallery", str(gallery), *store,
+           "--host", "127.0.0.1", "--port", str(port), *extra_args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=Path(__file__).resolve().parents[2])
@@ -144,7 +211,7 @@ def search_page_process(gallery: str | Path, store_uri: str, port: int | None = 
                 raise EcomcapError(f"the search page exited (rc={proc.returncode}): "
                                    f"{log_path.read_text(errors='replace')[-2000:]}")
             try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=3) as r:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=3) as r:
                     if r.status == 200:
                         break
             except OSError:
@@ -152,7 +219,7 @@ def search_page_process(gallery: str | Path, store_uri: str, port: int | None = 
             if time.monotonic() > deadline:
                 raise EcomcapError(f"the search page did not answer within {timeout_s:.0f}s (log: {log_path})")
             time.sleep(0.5)
-        yield base
+        yield PageURL(base, proc.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

@@ -17,14 +17,14 @@ class RetrieverModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from ecomcap.retrieval.index.gallery import load_gallery
+        from ecomcap.retrieval.index.open import open_index
 
         self.gallery = load_gallery(context.artifacts["gallery"])
         self.encoder = self.gallery.encoder()
+        self.index = open_index(self.gallery)  # the index the gate scored, built once
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow infers no schema from hints
         import pandas as pd
-
-        from ecomcap.retrieval.evaluate.metrics import topk_search
 
         if isinstance(model_input, pd.DataFrame):  # a "query_text" column, else the first one
             col = "query_text" if "query_text" in model_input else model_input.columns[0]
@@ -32,10 +32,11 @@ class RetrieverModel(mlflow.pyfunc.PythonModel):
         else:
             texts = [str(t) for t in model_input]
         k = int((params or {}).get("top_k", 10))
-        scores, idx = topk_search(self.encoder.encode_texts(texts), self.gallery.vectors, k)
+        scores, idx = self.index.search(self.encoder.encode_texts(texts), k)
         return pd.DataFrame({"query_text": texts,
-                             "item_ids": [[self.gallery.item_ids[j] for j in row] for row in idx],
-                             "scores": [[round(float(s), 6) for s in row] for row in scores]})
+                             "item_ids": [[self.gallery.item_ids[j] for j in row if j >= 0] for row in idx],
+                             "scores": [[round(float(s), 6) for s, j in zip(srow, row) if j >= 0]
+                                        for srow, row in zip(scores, idx)]})
 
 
 def log_retriever(gallery_dir: str | Path, name: str = "model") -> str:

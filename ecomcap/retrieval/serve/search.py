@@ -1,4 +1,4 @@
-"""Text -> product search over a gallery artifact: query encoder + vector store + item texts.
+"""Text -> product search over a gallery artifact: query encoder + search index + item texts.
 
 What `ecomcap search` and the search page (`ecomcap.retrieval.serve.page`) share. The gallery comes
 from a directory or from the registry's champion (`ecomcap-retriever@champion`, whose version
@@ -15,10 +15,12 @@ from typing import Callable
 import numpy as np
 
 from ecomcap.errors import EcomcapError
+from ecomcap.retrieval.index.base import IndexConfig
 from ecomcap.retrieval.index.gallery import Gallery, open_gallery
-from ecomcap.retrieval.index.milvus import StoreConfig, VectorStore
+from ecomcap.retrieval.index.milvus import StoreConfig
 
 RETRIEVER = "ecomcap-retriever"
+SERVING = "serving"  # the alias the catalogue index job moves; the champion serves until it exists
 MAX_TOP = 100
 MAX_QUERY_CHARS = 200
 
@@ -43,33 +45,52 @@ def query_encoder(gallery: Gallery) -> Encode:
 
 
 class Searcher:
-    """One gallery version loaded into the store, answering text queries with ranked items."""
+    """One gallery version behind its search index, answering text queries with ranked items.
+    `search_many` encodes a batch of queries in one forward pass and searches them in one call
+    (the page batches concurrent requests through it)."""
 
-    def __init__(self, gallery: Gallery, store: VectorStore, encode: Encode | None = None) -> None:
+    def __init__(self, gallery: Gallery, index=None, encode: Encode | None = None) -> None:
+        from ecomcap.retrieval.index.open import open_index
+
         self.gallery = gallery
-        self.store = store
         self.encode = encode or query_encoder(gallery)
-        self.collection = store.ensure(gallery)
+        self.index = index if index is not None else open_index(gallery)
+        self.dim = int(gallery.vectors.shape[1])
 
-    def search(self, query: str, top: int = 10) -> dict:
-        """{"query", "top", "took_ms", "results": [{"rank", "item_id", "text", "score"}]}."""
+    @staticmethod
+    def check(query: str, top: int) -> str:
+        """The stripped query; EcomcapError (the page's 400) for an empty/long query or a bad top."""
         query = (query or "").strip()
         if not query:
             raise EcomcapError("empty query: type a few words, e.g. 红色连衣裙")
         if len(query) > MAX_QUERY_CHARS:
             raise EcomcapError(f"query longer than {MAX_QUERY_CHARS} characters")
         if not 1 <= top <= MAX_TOP:
-            raise EcomcapError(f"--top must be between 1 and {MAX_TOP}, got {top}")
+            raise EcomcapError(f"top must be between 1 and {MAX_TOP}, got {top}")
+        return query
+
+    def search(self, query: str, top: int = 10) -> dict:
+        """{"query", "top", "took_ms", "results": [{"rank", "item_id", "text", "score"}]}."""
+        return self.search_many([self.check(query, top)], [top])[0]
+
+    def search_many(self, queries: list[str], tops: list[int]) -> list[dict]:
+        """Checked queries -> one result dict each; one encoder forward, one index call."""
         t0 = time.perf_counter()
-        vec = np.asarray(self.encode([query]), dtype=np.float32)
-        if vec.shape != (1, self.gallery.vectors.shape[1]):
-            raise EcomcapError(f"query encoder gives {vec.shape}, the gallery holds dim {self.gallery.vectors.shape[1]}: "
+        vec = np.asarray(self.encode(list(queries)), dtype=np.float32)
+        if vec.shape != (len(queries), self.dim):
+            raise EcomcapError(f"query encoder gives {vec.shape[1:]}, the gallery holds dim {self.dim}: "
                                "encoder and index are from different versions")
-        hits = self.store.search(self.collection, vec, top)[0]
-        results = [{"rank": r + 1, "item_id": h.item_id, "text": self.gallery.texts[h.row], "score": round(h.score, 4)}
-                   for r, h in enumerate(hits)]
-        return {"query": query, "top": top, "took_ms": round((time.perf_counter() - t0) * 1000, 2),
-                "results": results}
+        scores, rows = self.index.search(vec, max(tops))
+        took = round((time.perf_counter() - t0) * 1000, 2)
+        out = []
+        for query, top, srow, rrow in zip(queries, tops, scores, rows):
+            results = [{"rank": r + 1, "item_id": self.gallery.item_ids[j], "text": self.gallery.texts[j],
+                        "score": round(float(s), 4)} for r, (s, j) in enumerate(zip(srow[:top], rrow[:top])) if j >= 0]
+            out.append({"query": query, "top": top, "took_ms": took, "results": results})
+        return out
+
+    def close(self) -> None:
+        self.index.close()
 
 
 CACHE_DIR = ".run/retrieval/versions"
@@ -88,12 +109,17 @@ def champion_gallery(tracking_uri: str | None = None, name: str = RETRIEVER, ali
     from ecomcap.registry.register import download_version
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        version = str(client.get_model_version_by_alias(name, alias).version)
-    except Exception as exc:  # MLflow raises RestException / MlflowException variants
-        raise EcomcapError(f"no '{alias}' version of registered model '{name}' at "
-                           f"{tracking_uri or mlflow.get_tracking_uri()}: {str(exc).splitlines()[0]} "
-                           "(run the retrieval pipeline first, or pass --gallery DIR)") from None
+    version, aliases = None, [alias] + (["champion"] if alias == SERVING else [])
+    for wanted in aliases:  # no catalogue indexed yet: the champion's
+        try:
+            version = str(client.get_model_version_by_alias(name, wanted).version)
+            break
+        except Exception as exc:  # MLflow raises RestException / MlflowException variants
+            error = str(exc).splitlines()[0]
+    if version is None:
+        raise EcomcapError(f"no {' or '.join(repr(a) for a in aliases)} version of registered model '{name}' at "
+                           f"{tracking_uri or mlflow.get_tracking_uri()}: {error} "
+                           "(run the retrieval pipeline first, or pass --gallery DIR)")
     registry = tracking_uri or mlflow.get_tracking_uri()
     key = hashlib.sha256(registry.encode()).hexdigest()[:12]
     dst = Path(cache_dir).expanduser().resolve() / key / name / version
@@ -109,5 +135,13 @@ def champion_gallery(tracking_uri: str | None = None, name: str = RETRIEVER, ali
     return found
 
 
-def open_searcher(gallery_dir: str | Path, store: StoreConfig | None = None, encode: Encode | None = None) -> Searcher:
-    return Searcher(open_gallery(gallery_dir), VectorStore(store or StoreConfig()), encode)
+def open_searcher(gallery_dir: str | Path, index: IndexConfig | None = None, store: StoreConfig | None = None,
+                  encode: Encode | None = None) -> Searcher:
+    """A Searcher over a gallery directory: its recorded index unless `index` overrides it
+    (`store` alone means the Milvus store at that URI)."""
+    from ecomcap.retrieval.index.open import open_index
+
+    gallery = open_gallery(gallery_dir)
+    if store is not None and index is None:
+        index = IndexConfig(kind="milvus")
+    return Searcher(gallery, open_index(gallery, index, store), encode)

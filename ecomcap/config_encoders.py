@@ -12,6 +12,7 @@ from ecomcap.config_base import LoopConfig, _Strict
 
 Arch = Literal["chinese_clip", "clip", "siglip"]
 ItemEmbedding = Literal["image", "text", "fused"]
+MAX_UNKNOWN_SHARE = 0.3  # an English-only vocabulary maps ~95% of the sample queries' characters to unknown
 
 
 class TinyEncoderConfig(_Strict):
@@ -34,6 +35,9 @@ class EncoderConfig(_Strict):
     tiny: TinyEncoderConfig | None = Field(None, description="build a tiny model at name_or_path when missing")
     trust_remote_code: bool = False
     max_text_len: int = Field(52, ge=4, description="Chinese-CLIP uses 52, SigLIP 64")
+    max_unknown_share: float = Field(
+        MAX_UNKNOWN_SHARE, ge=0, le=1, description="refuse a pretrained tokenizer that maps more than this share "
+        "of the characters of sample Chinese product queries to its unknown id (an English-only vocabulary); 1: off")
     item_embedding: ItemEmbedding = "image"
     fusion_weight: float = Field(0.5, ge=0, le=1, description="image share of a fused item embedding")
     device: Literal["auto", "cpu", "cuda"] = Field(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ecomcap.config import DataConfig, GroundingConfig, RunConfig
+from ecomcap.data.fingerprint import source_fingerprint  # noqa: F401  (re-exported: one function for both jobs)
 from ecomcap.registry import tracking
 
 log = logging.getLogger(__name__)
@@ -27,29 +28,6 @@ def library_fingerprint() -> str:
     for p in sorted(root.rglob("*.py")):
         h.update(p.relative_to(root).as_posix().encode())
         h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def source_fingerprint(data: DataConfig) -> str:
-    """Cheap identity of the raw input: the synthetic settings, or file names, sizes, mtimes.
-
-    The pipeline passes it to the ingest step, so ZenML's cache reruns ingest when files change.
-    """
-    h = hashlib.sha256()
-    if data.source == "synthetic":
-        h.update(json.dumps(data.synth.model_dump(mode="json"), sort_keys=True).encode())
-    elif data.manifest is not None:  # remote data: a committed manifest stands for its content
-        h.update(Path(data.manifest).read_bytes())
-    elif data.src_dir is not None and Path(data.src_dir).exists():
-        for p in sorted(Path(data.src_dir).rglob("*")):
-            if p.is_file():
-                st = p.stat()
-                h.update(f"{p.relative_to(data.src_dir)}\t{st.st_size}\t{int(st.st_mtime)}\n".encode())
-    else:
-        log.warning("data.src_dir %s is not visible here and no data.manifest is set: the cache key "
-                    "and retrain check cannot see data changes", data.src_dir)
-        h.update(f"unseen:{data.src_dir}".encode())
-    h.update(json.dumps(data.ingest.model_dump(mode="json"), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 

@@ -1,11 +1,11 @@
 """Synthesize (when configured) and ingest every retrieval split: the data half of a run."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from ecomcap.data.fingerprint import source_fingerprint
 from ecomcap.errors import EcomcapError
 from ecomcap.retrieval.config import RetrievalDataConfig
 
@@ -53,13 +53,5 @@ def prepare_retrieval_data(cfg: RetrievalDataConfig) -> dict[str, Path]:
     return dirs
 
 
-def retrieval_source_fingerprint(data: RetrievalDataConfig) -> str:
-    """The synthetic settings, or the raw files' names, sizes and mtimes (plus ingest settings)."""
-    h = hashlib.sha256(json.dumps([data.source, data.synth.model_dump(mode="json"),
-                                   data.ingest.model_dump(mode="json")], sort_keys=True).encode())
-    if data.source != "synthetic" and data.src_dir is not None and Path(data.src_dir).exists():
-        for p in sorted(Path(data.src_dir).rglob("*")):
-            if p.is_file():
-                st = p.stat()
-                h.update(f"{p.relative_to(data.src_dir)}\t{st.st_size}\t{int(st.st_mtime)}\n".encode())
-    return h.hexdigest()[:16]
+# the captioning job's function, not a second one (kept under this name for steps/retrieval.py)
+retrieval_source_fingerprint = source_fingerprint

@@ -153,10 +153,10 @@ def encoder_weights(tmp_path_factory):
 def auto_precision(model: torch.nn.Module, cuda_available: bool, bf16_supported: bool) -> str:
     """What the one resolver (the captioning job's, under the shared loop) picks for `auto` on a
     device with these facts. No GPU here and CUDA is not mocked: make_accelerator passes
-    bf16_ok = cuda_available and bf16_supported."""
+    bf16_ok = cuda_available and bf16_supported, cuda_ok = cuda_available."""
     from ecomcap.training.loop import resolve_precision
 
-    return resolve_precision("auto", model, bf16_ok=cuda_available and bf16_supported)
+    return resolve_precision("auto", model, bf16_ok=cuda_available and bf16_supported, cuda_ok=cuda_available)
 
 
 @pytest.mark.parametrize(("cuda_available", "bf16_supported", "expected"), [
@@ -167,8 +167,6 @@ def test_auto_precision_follows_the_device(encoder_weights, cuda_available, bf16
     assert auto_precision(encoder_weights, cuda_available, bf16_supported) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="the shared resolver only sees bf16_ok: fp32 weights on a CUDA GPU without "
-                   "bf16 (T4, V100) run in fp32, not fp16 autocast (ecomcap/training/accelerator.py)")
 def test_auto_precision_is_fp16_on_a_gpu_without_bf16(encoder_weights):
     assert auto_precision(encoder_weights, cuda_available=True, bf16_supported=False) == "fp16"
 

@@ -140,7 +140,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ecomcap.retrieval.serve.page import serve
 
-    serve(_searcher(args), args.host, args.port, args.max_pending)
+    serve(_searcher(args), args.host, args.port, args.max_pending, args.max_batch)
     return 0
 
 
@@ -175,5 +175,6 @@ def add_search_commands(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--port", type=int, default=8300)
     v.add_argument("--max-pending", type=int, default=256,
                    help="searches allowed to wait; beyond them a request is answered 503 at once")
+    v.add_argument("--max-batch", type=int, default=32, help="queries encoded and searched together (1: no batching)")
     _common(v)
     v.set_defaults(func=_cmd_serve)

@@ -143,7 +143,7 @@ def evaluate_stage(gallery_dir: Path, valid: Path, train: Path, cfg: RetrievalRu
         return {**metrics, "per_query": per_query}, eval_fp, page
     table = []
     for name, path in (("zero-shot", cfg.encoder.name_or_path), ("fine-tuned", gal.encoder_dir)):
-        enc = load_encoder(path, device=cfg.encoder.torch_device())
+        enc = load_encoder(path, device=cfg.encoder.torch_device(), max_unknown_share=cfg.encoder.max_unknown_share)
         for mode in ("image", "text", "fused"):
             s = recall_of(embed_split(enc, valid, mode))
             table.append({"model": name, "item": mode, **{k: round(s[k], 2) for k in KEYS}})

@@ -24,11 +24,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_precision(requested: str, model: torch.nn.Module | None, bf16_ok: bool,
-                      dtypes: set[torch.dtype] | None = None) -> str:
+                      dtypes: set[torch.dtype] | None = None, cuda_ok: bool = False) -> str:
     """accelerate's mixed precision for these weights (`model`'s, or the `dtypes` the model will be
     loaded in). Trainables are fp32 (see `upcast_trainable`); autocast joins them with 16-bit frozen
     weights: bf16 weights need "bf16", fp16 weights (GPUs without bf16: T4, V100, or
-    `dtype: float16`) "fp16" (with a GradScaler)."""
+    `dtype: float16`) "fp16" (with a GradScaler); fp32 weights: bf16 where the GPU has it, fp16 on
+    a GPU without (`cuda_ok`), fp32 on the CPU."""
     if dtypes is None:
         dtypes = {p.dtype for p in model.parameters()} if model is not None else set()
     mp = requested
@@ -38,7 +39,7 @@ def resolve_precision(requested: str, model: torch.nn.Module | None, bf16_ok: bo
         elif torch.float16 in dtypes:
             mp = "fp16"
         else:
-            mp = "bf16" if bf16_ok else "no"
+            mp = "bf16" if bf16_ok else "fp16" if cuda_ok else "no"
     if mp == "no" and dtypes & {torch.bfloat16, torch.float16}:
         want = "bf16" if torch.bfloat16 in dtypes else "fp16"
         raise EcomcapError(f"mixed_precision 'no' with 16-bit weights: set mixed_precision to {want} or auto "
@@ -79,7 +80,8 @@ def make_accelerator(cfg: LoopConfig, model: torch.nn.Module | None = None, *,
     """The stage's Accelerator; `dtype`: the dtype the model is about to be loaded in (make it
     before loading, so a ZeRO-3 launch loads sharded), else the precision follows `model`."""
     bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    mp = resolve_precision(cfg.mixed_precision, model, bf16_ok, {dtype} if dtype is not None else None)
+    mp = resolve_precision(cfg.mixed_precision, model, bf16_ok, {dtype} if dtype is not None else None,
+                           cuda_ok=torch.cuda.is_available())
     _forget_other_precision(mp)
     pg = process_group_kwargs(cfg)
     # cpu=True would turn a DeepSpeed launch into plain CPU DDP: DeepSpeed picks its CPU accelerator itself

@@ -126,8 +126,9 @@ def _iter_query_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None
 
 
 def ingest_retrieval_split(src: str | Path, split: str, out_dir: str | Path, fmt: str = "muge",
-                           cfg: IngestConfig | None = None) -> dict[str, Any]:
-    """Ingest one split (items, then queries against the surviving items); returns the report."""
+                           cfg: IngestConfig | None = None, with_queries: bool = True) -> dict[str, Any]:
+    """Ingest one split (items, then queries against the surviving items); returns the report.
+    `with_queries=False`: items only (a catalogue to index: MR_{split}_imgs.tsv + optional texts)."""
     cfg = cfg or IngestConfig()
     if fmt not in FORMATS:
         raise EcomcapError(f"retrieval source format must be one of {FORMATS}, not '{fmt}'")
@@ -144,14 +145,15 @@ def ingest_retrieval_split(src: str | Path, split: str, out_dir: str | Path, fmt
         items = _shopee_items(src, split, out / "items", cfg, groups, started)
     else:
         images = _find(src, [f"MR_{split}_imgs.tsv", f"{split}_imgs.tsv"], f"{split} image file")
-        qfile = _find(src, [f"MR_{split}_queries.jsonl", f"MR_{split}_queries*.json*"], f"{split} queries file")
+        qfile = _find(src, [f"MR_{split}_queries.jsonl", f"MR_{split}_queries*.json*"], f"{split} queries file") \
+            if with_queries else None
         texts_file = _find(src, [f"MR_{split}_item_texts.jsonl", f"{split}_item_texts.jsonl"], "", required=False)
         run = Ingester(out / "items", split, SourceLayout(fmt, images, texts_file), cfg, needs_text=False,
                        id_key="item_id")
         if texts_file is not None:
             run.index_captions(texts_file)
-        queries = _Queries(qfile.name)
-        for line_no, obj, error in _iter_query_records(qfile):
+        queries = _Queries(qfile.name) if qfile is not None else None
+        for line_no, obj, error in _iter_query_records(qfile) if qfile is not None else ():
             if obj is None:
                 queries.rows_in += 1
                 queries.reject(line_no, "", "bad_json", error)

@@ -86,15 +86,55 @@ class Gallery:
         return dict(zip(table.column("item_id").to_pylist(), table.column("image").to_pylist()))
 
 
+def encoder_fingerprint(encoder_dir: str | Path) -> str:
+    """Content hash of an encoder directory (weights, tokenizer, settings): vectors made by the
+    same encoder are reusable, by any other are not."""
+    h = hashlib.sha256()
+    root = Path(encoder_dir)
+    for p in sorted(x for x in root.rglob("*") if x.is_file()):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:32]
+
+
+def content_hash(image: bytes, text: str) -> str:
+    """What an item's vector depends on besides the encoder: its image bytes and its text."""
+    return hashlib.sha256(image + b"\0" + text.encode()).hexdigest()[:32]
+
+
+def _reusable(previous: str | Path | None, encoder_fp: str, mode: str, weight: float):
+    """(item_id -> (content hash, row), vectors) of a previous gallery made by the same encoder
+    the same way; ({}, None) when there is none or nothing of it can be reused."""
+    if previous is None or not (Path(previous) / INDEX).is_file():
+        return {}, None
+    prev = load_gallery(previous)
+    same = (prev.index.get("encoder_fingerprint") == encoder_fp and prev.index.get("item_embedding") == mode
+            and prev.index.get("fusion_weight") == weight)
+    if not same:
+        return {}, None
+    rows = [json.loads(line) for line in (Path(previous) / "items.jsonl").read_text(encoding="utf-8").splitlines()
+            if line]
+    return {r["item_id"]: (r.get("content_hash"), i) for i, r in enumerate(rows)}, prev.vectors
+
+
 def embed_gallery(encoder_dir: str | Path, items_dir: str | Path, out_dir: str | Path,
                   batch_size: int = 128, mode: str | None = None, device: str | None = None,
-                  search: dict | None = None) -> Path:
+                  search: dict | None = None, previous: str | Path | None = None) -> Path:
     """Embed every item of an ingested item dataset into a gallery artifact at `out_dir`;
-    `search` (IndexConfig as a dict) is recorded so every reader searches it the same way."""
+    `search` (IndexConfig as a dict) is recorded so every reader searches it the same way.
+
+    With `previous` (an earlier gallery of the same encoder and item embedding), an item whose
+    id and content hash (image bytes + text) are unchanged keeps its vector: re-indexing a
+    catalogue re-embeds only what changed. index.json "embedding" counts embedded and reused items.
+    """
     from ecomcap.retrieval.model.encoder import load_encoder
 
     encoder = load_encoder(encoder_dir, device=device)
     mode = mode or encoder.item_embedding
+    encoder_fp = encoder_fingerprint(encoder_dir)
+    known, old_vectors = _reusable(previous, encoder_fp, mode, encoder.fusion_weight)
     count = int(read_report(items_dir)["rows_ok"])
     out = Path(out_dir)
     tmp = out.with_name(f".tmp-{out.name}")
@@ -105,19 +145,30 @@ def embed_gallery(encoder_dir: str | Path, items_dir: str | Path, out_dir: str |
     vectors = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(count, dim))
     images = RowWriter(tmp, IMAGES_SCHEMA, rows_per_group=1000, single_name="images.parquet")
     digest = GalleryDigest(mode, encoder.fusion_weight)
-    row = 0
+    row = embedded = 0
     with open(tmp / "items.jsonl", "w", encoding="utf-8") as items, \
             tqdm(total=count, desc="embed gallery", unit="item", disable=None) as bar:
         for batch in iter_batches(items_dir, ["image_id", "image", "texts"], batch_size):
             ids = batch.column("image_id").to_pylist()
             blobs = batch.column("image").to_pylist()
             texts = [t[0] if t else "" for t in batch.column("texts").to_pylist()]
-            pics = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
-            vec = encoder.encode_items(pics, texts, mode=mode)
+            hashes = [content_hash(b, t) for b, t in zip(blobs, texts)]
+            vec = np.empty((len(ids), dim), dtype=np.float32)
+            fresh = []
+            for j, (item_id, h) in enumerate(zip(ids, hashes)):
+                seen = known.get(item_id)
+                if seen is not None and seen[0] == h:
+                    vec[j] = old_vectors[seen[1]]
+                else:
+                    fresh.append(j)
+            if fresh:
+                pics = [Image.open(io.BytesIO(blobs[j])).convert("RGB") for j in fresh]
+                vec[fresh] = encoder.encode_items(pics, [texts[j] for j in fresh], mode=mode)
+                embedded += len(fresh)
             vectors[row:row + len(ids)] = vec
             row += len(ids)
-            for item_id, text, blob in zip(ids, texts, blobs):
-                items.write(json.dumps({"item_id": item_id, "text": text}, ensure_ascii=False) + "\n")
+            for item_id, text, blob, h in zip(ids, texts, blobs, hashes):
+                items.write(json.dumps({"item_id": item_id, "text": text, "content_hash": h}, ensure_ascii=False) + "\n")
                 images.add({"item_id": item_id, "image": blob})
             digest.update(ids, texts, vec)
             bar.update(len(ids))
@@ -127,7 +178,10 @@ def embed_gallery(encoder_dir: str | Path, items_dir: str | Path, out_dir: str |
     del vectors
     images.close()
     index = {"count": count, "dim": dim, "item_embedding": mode, "fusion_weight": encoder.fusion_weight,
-             "encoder_dir": "encoder", "fingerprint": digest.hexdigest(), **({"search": search} if search else {})}
+             "encoder_dir": "encoder", "encoder_fingerprint": encoder_fp, "fingerprint": digest.hexdigest(),
+             "embedding": {"embedded": embedded, "reused": count - embedded,
+                           "previous": str(previous) if old_vectors is not None else None},
+             **({"search": search} if search else {})}
     (tmp / INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

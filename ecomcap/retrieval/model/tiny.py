@@ -53,12 +53,13 @@ def build_char_tokenizer(texts: Iterable[str], max_len: int) -> PreTrainedTokeni
     )
 
 
-def _config(arch: Arch, cfg: TinyEncoderConfig, tok: PreTrainedTokenizerFast, max_len: int):
+def _config(arch: Arch, cfg: TinyEncoderConfig, tok: PreTrainedTokenizerFast, max_len: int,
+            text_sizes: dict | None = None):
     width = dict(hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden,
                  num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads)
     vision = dict(width, image_size=cfg.image_size, patch_size=cfg.patch_size)
     text = dict(width, vocab_size=len(tok), max_position_embeddings=max(max_len, 16),
-                pad_token_id=tok.pad_token_id)
+                pad_token_id=tok.pad_token_id, **(text_sizes or {}))
     if arch == "chinese_clip":
         return ChineseCLIPConfig(text_config=dict(text, type_vocab_size=2), vision_config=vision,
                                  projection_dim=cfg.projection_dim)
@@ -77,14 +78,15 @@ def _image_processor(arch: Arch, size: int):
 
 
 def build_tiny_encoder(out_dir: str | Path, arch: Arch, texts: Iterable[str],
-                       cfg: TinyEncoderConfig | None = None, max_len: int = 52) -> Path:
-    """Write a loadable tiny dual encoder (safetensors, tokenizer, image processor)."""
+                       cfg: TinyEncoderConfig | None = None, max_len: int = 52, text_sizes: dict | None = None) -> Path:
+    """Write a loadable tiny dual encoder (safetensors, tokenizer, image processor); `text_sizes`
+    overrides the text tower's config (the load benchmark's real-width text tower)."""
     cfg, texts = cfg or TinyEncoderConfig(), list(texts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_char_tokenizer(texts, max_len)
     torch.manual_seed(cfg.seed)
-    model = MODEL_CLASSES[arch](_config(arch, cfg, tok, max_len))
+    model = MODEL_CLASSES[arch](_config(arch, cfg, tok, max_len, text_sizes))
     if arch == "siglip":  # transformers' _init_weights zeroes both; SigLIP trains from log 10, -10
         with torch.no_grad():
             model.logit_scale.fill_(math.log(10.0))

@@ -165,11 +165,13 @@ def _short(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
-def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8300, max_pending: int = 256) -> None:
+def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8300, max_pending: int = 256,
+          max_batch: int = 32) -> None:
     """Run the page on one uvicorn process (uvloop + httptools when installed) until interrupted."""
     import uvicorn
 
-    app = create_app(searcher, ImageLookup(searcher.gallery.path / "images.parquet"), max_pending=max_pending)
+    app = create_app(searcher, ImageLookup(searcher.gallery.path / "images.parquet"), max_batch=max_batch,
+                     max_pending=max_pending)
     print(f"search page: http://{host}:{port}/?q=红色连衣裙  ({len(searcher.gallery.item_ids)} items, "
           f"index {searcher.index.describe()})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

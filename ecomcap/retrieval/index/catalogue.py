@@ -1,0 +1,195 @@
+"""The catalogue index job: the serving encoder x a catalogue -> a gallery version of its own,
+registered beside the gated model and aliased `serving`, without touching the gate's eval set.
+
+    ecomcap index-catalogue --config configs/retrieval_local.yaml [--synthetic 100000]
+    zenml pipeline run pipelines.index.index_pipeline -c configs/retrieval_index.yaml
+
+The catalogue is any item set: MUGE-format ``MR_<split>_imgs.tsv`` (+ ``MR_<split>_item_texts.jsonl``)
+in `src_dir`, or a synthetic one. Items go through the same ingest as training data (image checks,
+quarantine, counts). Re-indexing reuses the previous `serving` gallery's vectors for items whose
+id and content hash are unchanged (`embed_gallery(previous=...)`): only changed items are embedded.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from ecomcap.config import IngestConfig
+from ecomcap.config_base import _Strict
+
+log = logging.getLogger(__name__)
+SERVING = "serving"
+
+
+class CatalogueConfig(_Strict):
+    """Which items to index and where the job works."""
+
+    source: Literal["synthetic", "muge"] = "synthetic"
+    src_dir: Path | None = Field(None, description="muge: the directory holding MR_<split>_imgs.tsv (+ item texts)")
+    split: str = Field("catalogue", description="the file prefix: MR_<split>_imgs.tsv")
+    synthetic_items: int = Field(2000, ge=1, description="synthetic: catalogue size")
+    changed_share: float = Field(0.0, ge=0, le=1, description="synthetic: share of items redrawn (a catalogue update)")
+    seed: int = 0
+    image_size: int = Field(64, ge=16)
+    work_dir: Path = Path(".run/retrieval/catalogue")
+    batch_size: int = Field(256, ge=1)
+    encoder: Literal["champion", "serving"] = Field(
+        "champion", description="whose encoder embeds the catalogue: the gate's champion (a new champion "
+        "re-embeds everything) or the current serving version's")
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    recall_queries: int = Field(200, ge=1, description="item texts used as queries for the index recall check")
+
+
+def synth_catalogue(out_dir: str | Path, cfg: CatalogueConfig) -> Path:
+    """MUGE-format catalogue files of `synthetic_items` drawn products (one drawing per distinct
+    text, many sellers per product); `changed_share` of them redrawn with one attribute changed."""
+    from ecomcap.data.formats import write_image_tsv, write_jsonl
+    from ecomcap.data.synth_draw import image_for, random_attributes
+    from ecomcap.retrieval.data.synth import one_attribute_variant
+    from ecomcap.retrieval.index.demo import item_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(cfg.seed)
+    attrs = [random_attributes(rng) for _ in range(cfg.synthetic_items)]
+    change = random.Random(f"{cfg.seed}-change")
+    for i in change.sample(range(len(attrs)), round(cfg.changed_share * len(attrs))):
+        attrs[i] = one_attribute_variant(attrs[i], change)
+    drawn: dict[str, bytes] = {}
+
+    def images():
+        for i, a in enumerate(attrs):
+            text = item_text(a)
+            if text not in drawn:
+                buf = io.BytesIO()
+                image_for(a, size=cfg.image_size, rng=random.Random(f"{cfg.seed}-{text}")).save(buf, "JPEG", quality=85)
+                drawn[text] = buf.getvalue()
+            yield f"cat_{i:07d}", drawn[text]
+
+    write_image_tsv(out / f"MR_{cfg.split}_imgs.tsv", images())
+    write_jsonl(out / f"MR_{cfg.split}_item_texts.jsonl",
+                ({"item_id": f"cat_{i:07d}", "text": item_text(a)} for i, a in enumerate(attrs)))
+    return out
+
+
+def ingest_catalogue(cfg: CatalogueConfig) -> Path:
+    """The catalogue as an item dataset (``<work_dir>/items``), through the shared ingest."""
+    from ecomcap.errors import EcomcapError
+    from ecomcap.retrieval.data.ingest import ingest_retrieval_split
+    from ecomcap.retrieval.data.prepare import enforce_retrieval
+
+    if cfg.source == "synthetic":
+        src = synth_catalogue(Path(cfg.work_dir) / "raw", cfg)
+    elif cfg.src_dir is None:
+        raise EcomcapError("catalogue.source is 'muge' but catalogue.src_dir is not set")
+    else:
+        src = Path(cfg.src_dir)
+    out = Path(cfg.work_dir) / "ingested"
+    report = ingest_retrieval_split(src, cfg.split, out, "muge", cfg.ingest, with_queries=False)
+    enforce_retrieval(report)
+    log.info("catalogue: %d items in, %d ok, %d quarantined", report["items"]["rows_in"], report["items"]["rows_ok"],
+             report["items"]["rows_quarantined"])
+    return out / "items"
+
+
+def index_catalogue(encoder_dir: Path, items_dir: Path, out_dir: Path, previous: Path | None, search: dict,
+                    batch_size: int = 256, device: str | None = None) -> Path:
+    """Embed the catalogue (reusing `previous`'s unchanged vectors) into a gallery version."""
+    from ecomcap.retrieval.index.gallery import embed_gallery
+
+    return embed_gallery(encoder_dir, items_dir, out_dir, batch_size=batch_size, device=device, search=search,
+                         previous=previous)
+
+
+def index_recall(gallery_dir: Path, n_queries: int, seed: int = 0) -> tuple[float, dict]:
+    """Recall@10 of the gallery's recorded index against exact search, with item texts as
+    queries (a catalogue has no labelled queries); 1.0 for an exact index."""
+    import numpy as np
+
+    from ecomcap.retrieval.index.gallery import load_gallery
+    from ecomcap.retrieval.index.open import open_index
+    from ecomcap.retrieval.index.recall import recall_vs_exact
+    from ecomcap.retrieval.serve.search import query_encoder
+
+    gal = load_gallery(gallery_dir)
+    rows = random.Random(seed).sample(range(len(gal.texts)), min(n_queries, len(gal.texts)))
+    q = np.asarray(query_encoder(gal)([gal.texts[r] for r in rows]), dtype=np.float32)
+    index = open_index(gal)
+    try:
+        return recall_vs_exact(index, gal.vectors, q, 10), index.describe()
+    finally:
+        index.close()
+
+
+def register_serving(gallery_dir: Path, registry, encoder_version: str, recall: float, min_recall: float,
+                     tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Register the gallery version (encoder + index, the same pyfunc as the gated model) and move
+    the `serving` alias to it, unless its index recall is below `min_recall`. The champion alias
+    and the gate's eval set are untouched."""
+    import mlflow
+
+    from ecomcap.registry.register import registry_client
+    from ecomcap.retrieval.serve.pyfunc import log_retriever
+
+    meta = json.loads((gallery_dir / "index.json").read_text(encoding="utf-8"))
+    client = registry_client(registry)
+    mlflow.set_experiment("retrieval_index")
+    with mlflow.start_run(run_name="index_catalogue"):
+        counts = {"items": meta["count"], **{k: meta["embedding"][k] for k in ("embedded", "reused")}}
+        mlflow.log_metrics({**counts, "index_recall10": recall})
+        uri = log_retriever(gallery_dir)
+        all_tags = {"role": "catalogue index", "encoder_version": encoder_version,
+                    "gallery_fingerprint": meta["fingerprint"], **(tags or {})}
+        version = str(mlflow.register_model(uri, registry.model_name, tags=all_tags).version)
+    moved = recall >= min_recall
+    if moved:
+        client.set_registered_model_alias(registry.model_name, SERVING, version)
+    else:
+        log.warning("catalogue index recall@10 %.4f < %.2f: version %s registered, '%s' not moved",
+                    recall, min_recall, version, SERVING)
+    return {"version": version, "alias_moved": moved, "recall": recall, **counts}
+
+
+def previous_serving(registry, cache_dir: Path) -> Path | None:
+    """The current `serving` version's gallery (downloaded once), or None before the first index."""
+    from ecomcap.errors import EcomcapError
+    from ecomcap.retrieval.serve.search import champion_gallery
+
+    try:
+        return champion_gallery(registry.tracking_uri, registry.model_name, SERVING, cache_dir)
+    except EcomcapError:
+        return None
+
+
+def encoder_of(registry, alias: str, cache_dir: Path) -> tuple[Path, str]:
+    """(encoder directory, version) of the registered retriever behind `alias`."""
+    import mlflow
+
+    from ecomcap.retrieval.serve.search import champion_gallery
+
+    gallery = champion_gallery(registry.tracking_uri, registry.model_name, alias, cache_dir)
+    meta = json.loads((gallery / "index.json").read_text(encoding="utf-8"))
+    client = mlflow.MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
+    version = str(client.get_model_version_by_alias(registry.model_name, alias).version)
+    return gallery / meta["encoder_dir"], version
+
+
+def run_index_job(cfg: CatalogueConfig, registry, search: dict, min_recall: float,
+                  device: str | None = None) -> dict[str, Any]:
+    """ingest -> embed (incremental) -> recall check -> register + alias `serving`."""
+    cache = Path(cfg.work_dir) / "versions"
+    encoder_dir, encoder_version = encoder_of(registry, cfg.encoder, cache)
+    items = ingest_catalogue(cfg)
+    previous = previous_serving(registry, cache)
+    out = Path(tempfile.mkdtemp(prefix="gallery-", dir=Path(cfg.work_dir)))
+    gallery = index_catalogue(encoder_dir, items, out / "gallery", previous, search, cfg.batch_size, device)
+    recall, described = index_recall(gallery, cfg.recall_queries, cfg.seed)
+    result = register_serving(gallery, registry, encoder_version, recall, min_recall)
+    return {**result, "gallery": str(gallery), "index": described}

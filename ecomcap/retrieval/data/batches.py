@@ -8,7 +8,7 @@ negatives). Item images stream from the shard dataset (`ShardImages`, row-group 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -30,6 +30,7 @@ class Batch:
     sibling_pos: torch.Tensor | None = None  # [B, B] bool: same product group
     negative_texts: list[str] | None = None  # attribute-swapped query texts (negatives of their pair's item)
     negative_owner: torch.Tensor | None = None  # [N] long: the pair row each negative text belongs to
+    queries: list[int] = field(default_factory=list)  # the query row of each pair (positives, merging)
 
 
 class TrainingSet:
@@ -85,9 +86,10 @@ class TrainingSet:
             for qi, _ in pairs:
                 pool = self.negatives[qi]
                 items += rng.sample(pool, min(negatives_per_example, len(pool)))
-        pos = torch.tensor([[j in self.pos_sets[qi] for j in items] for qi, _ in pairs], dtype=torch.bool)
         texts = [rng.choice(self.items.texts[j]) if self.items.texts[j] else "" for j in items]
-        batch = Batch(step, [self.queries[qi]["query_text"] for qi, _ in pairs], items, texts, pos)
+        queries = [qi for qi, _ in pairs]
+        batch = Batch(step, [self.queries[qi]["query_text"] for qi in queries], items, texts,
+                      self._pos(queries, items), queries=queries)
         if text_negatives and self.swapper is not None:
             negs = [self.swapper.negatives(t, text_negatives, rng) for t in batch.query_texts]
             batch.negative_texts = [t for ts in negs for t in ts]
@@ -99,6 +101,38 @@ class TrainingSet:
                 sib.append(rng.choice(others) if others else j)
             batch.siblings = sib
             batch.sibling_texts = [rng.choice(self.items.texts[j]) if self.items.texts[j] else "" for j in sib]
-            g = [self.groups[j] if self.groups[j] is not None else f"#{j}" for _, j in pairs]
-            batch.sibling_pos = torch.tensor([[a == b for b in g] for a in g], dtype=torch.bool)
+            batch.sibling_pos = self._same_group([j for _, j in pairs])
         return batch
+
+    def _pos(self, queries: list[int], items: list[int]) -> torch.Tensor:
+        """[B, M] bool: item column j is one of query row i's ground-truth items."""
+        return torch.tensor([[j in self.pos_sets[qi] for j in items] for qi in queries], dtype=torch.bool)
+
+    def _same_group(self, items: list[int]) -> torch.Tensor:
+        """[B, B] bool: same product group (an item without one is only its own)."""
+        g = [self.groups[j] if self.groups[j] is not None else f"#{j}" for j in items]
+        return torch.tensor([[a == b for b in g] for a in g], dtype=torch.bool)
+
+    def merge(self, parts: list[Batch]) -> Batch:
+        """The one batch that the ranks' batches of one micro-step make together, laid out as
+        `batch` lays out one: every rank's pairs first (rank order), then every rank's hard
+        negatives; the masks are rebuilt over the whole (a query of rank 0 may have a positive
+        among rank 1's columns), negative-text owners shifted to their rows. A loss over gathered
+        embeddings in this order equals the one-process loss on this batch."""
+        b = [len(p.query_texts) for p in parts]
+        queries = [q for p in parts for q in p.queries]
+        items = [j for p, n in zip(parts, b) for j in p.items[:n]] + [j for p, n in zip(parts, b) for j in p.items[n:]]
+        texts = [t for p, n in zip(parts, b) for t in p.item_texts[:n]] + \
+            [t for p, n in zip(parts, b) for t in p.item_texts[n:]]
+        out = Batch(parts[0].step, [t for p in parts for t in p.query_texts], items, texts,
+                    self._pos(queries, items), queries=queries)
+        if any(p.negative_texts is not None for p in parts):
+            out.negative_texts = [t for p in parts for t in p.negative_texts or []]
+            offsets = [sum(b[:r]) for r in range(len(parts))]
+            owners = [p.negative_owner + off for p, off in zip(parts, offsets) if p.negative_owner is not None]
+            out.negative_owner = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
+        if parts[0].siblings is not None:
+            out.siblings = [j for p in parts for j in p.siblings]
+            out.sibling_texts = [t for p in parts for t in p.sibling_texts]
+            out.sibling_pos = self._same_group(items[: len(queries)])
+        return out

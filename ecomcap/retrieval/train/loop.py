@@ -1,6 +1,7 @@
 """Contrastive fine-tuning of a dual encoder on the shared training loop (accelerate,
 checkpoints, exact resume, best-model selection), with InfoNCE or the sigmoid loss, optional
-gradient caching, mined hard negatives and image / text / fused item embeddings."""
+gradient caching, mined hard negatives and image / text / fused item embeddings; on one process or
+several (DDP, embeddings gathered across ranks: `distributed.py`)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType, broadcast_object_list
 
 from ecomcap.config import GenerateConfig
 from ecomcap.errors import EcomcapError
@@ -19,6 +21,7 @@ from ecomcap.retrieval.evaluate.metrics import tracking_names
 from ecomcap.retrieval.model.dual import DualEncoder, load_dual_encoder
 from ecomcap.retrieval.model.encoder import Encoder, fuse, load_preprocessor, save_encoder
 from ecomcap.retrieval.model.tiny import ensure_tiny_encoder
+from ecomcap.retrieval.train.distributed import average_gradients, gather_batches, gather_embeddings
 from ecomcap.retrieval.train.gradcache import grad_cache_backward
 from ecomcap.retrieval.train.losses import info_nce, sigmoid_loss
 from ecomcap.retrieval.train.mining import mine_hard_negatives
@@ -39,9 +42,10 @@ class RetrievalLoop(TrainLoop):
         super().__init__(stage="retrieval", model=dual, processor=pre, prompt=None, base_name=base_name,
                          strategy=cfg.train.strategy, cfg=cfg.train, gen_cfg=GenerateConfig(), valid=None,
                          configs=cfg.model_dump(mode="json"), on_metrics=on_metrics)
-        if self.acc.num_processes > 1:  # the towers are called on the unwrapped module: no DDP sync
-            raise EcomcapError("retrieval training runs in one process (one GPU) for now; use gradient "
-                               "caching (train.grad_cache_chunk) for large contrastive batches")
+        if self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            # the towers run on the unwrapped module and `distributed.py` syncs gradients itself
+            raise EcomcapError(f"retrieval training runs on one process or DDP, not {self.acc.distributed_type.value}: "
+                               "unset launch.config_file (launch.num_processes alone gives DDP)")
 
     @property
     def dual(self) -> DualEncoder:
@@ -58,7 +62,14 @@ class RetrievalLoop(TrainLoop):
                           text_negatives=self.run_cfg.train.text_negatives)
 
     def _negatives(self, data: TrainingSet) -> list[list[int]]:
-        """Mine once with the current model; saved, so a resumed run trains on the same ones."""
+        """Mined once (rank 0, the others get its list) with the current model; saved, so a
+        resumed run trains on the same ones."""
+        negatives = self._mined(data) if self.acc.is_main_process else None
+        if self.acc.num_processes > 1:
+            negatives = broadcast_object_list([negatives])[0]
+        return negatives
+
+    def _mined(self, data: TrainingSet) -> list[list[int]]:
         path = self.out / "hard_negatives.json"
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
@@ -71,9 +82,8 @@ class RetrievalLoop(TrainLoop):
         self.model.train()
         negatives = mine_hard_negatives(queries, items, data.positives, data.groups, hn.rank_window,
                                         hn.per_query, self.cfg.seed)
-        if self.acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(negatives), encoding="utf-8")
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(negatives), encoding="utf-8")
         log.info("mined %d hard negatives for %d queries", sum(map(len, negatives)), len(negatives))
         return negatives
 
@@ -103,9 +113,13 @@ class RetrievalLoop(TrainLoop):
 
 
 def make_step_fn(loop: RetrievalLoop, data: TrainingSet, cfg: RetrievalRunConfig):
-    """Batch -> (loss, metrics): one-shot, or gradient-cached when grad_cache_chunk is set."""
+    """Batch -> (loss, metrics): one-shot, or gradient-cached when grad_cache_chunk is set. Over
+    several processes the loss runs on every rank's rows gathered (global negatives; see
+    `distributed.py`): the step back-propagates itself and averages the gradients over the ranks
+    on the micro-step that syncs."""
     mode, weight, loss_kind = cfg.encoder.item_embedding, cfg.encoder.fusion_weight, cfg.train.loss
-    dual, pre, device = loop.dual, loop.pre, loop.acc.device
+    dual, pre, device, acc = loop.dual, loop.pre, loop.acc.device, loop.acc
+    several = acc.num_processes > 1
 
     def query_fn(inp):
         return dual.embed_text(inp)
@@ -117,14 +131,15 @@ def make_step_fn(loop: RetrievalLoop, data: TrainingSet, cfg: RetrievalRunConfig
         img = dual.embed_image(inp["pixel_values"])
         return img if mode == "image" else fuse(img, dual.embed_text(text), weight)
 
-    def loss_fn(q, d, *rest):
-        s = rest[0] if sib_pos is not None else None
-        n = rest[-1] if neg_owner is not None else None
+    def losses(q, d, s, n, masks: Batch):
+        """The loss of `masks`' batch; s (siblings) and n (negative texts) may be None."""
+        pos = masks.pos.to(device)
+        owner = masks.negative_owner.to(device) if n is not None else None
         t, b = dual.scale_bias()
-        loss, extra = info_nce(q, d, pos, t, n, neg_owner) if loss_kind == "infonce" else \
-            sigmoid_loss(q, d, pos, t, b, n, neg_owner)
+        loss, extra = info_nce(q, d, pos, t, n, owner) if loss_kind == "infonce" else \
+            sigmoid_loss(q, d, pos, t, b, n, owner)
         if s is not None:  # same-product matching: a view against other views of its product
-            match, m_extra = info_nce(d[: len(s)], s, sib_pos, t)
+            match, m_extra = info_nce(d[: len(s)], s, masks.sibling_pos.to(device), t)
             loss = loss + cfg.train.match_weight * match
             extra = {**extra, "match_loss": float(match.detach()), "match_acc": m_extra["in_batch_acc"]}
         return loss, extra
@@ -142,25 +157,40 @@ def make_step_fn(loop: RetrievalLoop, data: TrainingSet, cfg: RetrievalRunConfig
         run them (both gradient-caching passes too) and the loss under its autocast, so a
         bf16/fp16 config trains in mixed precision rather than silently in fp32."""
         def run(*args):
-            with loop.acc.autocast():
+            with acc.autocast():
                 return fn(*args)
         return run
 
     def step(batch: Batch):
-        nonlocal pos, sib_pos, neg_owner
-        pos, sib_pos, neg_owner = batch.pos.to(device), None, None
+        parts = gather_batches(batch) if several else [batch]
+        masks = data.merge(parts) if several else batch  # the whole batch the loss sees
         towers = [(autocast(query_fn), {k: v.to(device) for k, v in pre.texts(batch.query_texts).items()}),
                   (autocast(item_fn), item_inputs(batch.items, batch.item_texts))]
-        if batch.siblings is not None:
-            sib_pos = batch.sibling_pos.to(device)
+        has_sib, has_neg = batch.siblings is not None, bool(batch.negative_texts)
+        if has_sib:
             towers.append((autocast(item_fn), item_inputs(batch.siblings, batch.sibling_texts)))
-        if batch.negative_texts:
-            neg_owner = batch.negative_owner.to(device)
+        if has_neg:
             towers.append((autocast(query_fn), {k: v.to(device) for k, v in pre.texts(batch.negative_texts).items()}))
+
+        def loss_fn(q, d, *rest):
+            s = rest[0] if has_sib else None
+            n = rest[-1] if has_neg else None
+            if several:
+                q, d, s, n = gather_embeddings(q, d, s, n, parts)
+            return losses(q, d, s, n, masks)
+
         if cfg.train.grad_cache_chunk:
-            return grad_cache_backward(towers, autocast(loss_fn), cfg.train.grad_cache_chunk,
-                                       backward=loop.acc.backward)
-        return autocast(loss_fn)(*(fn(inp) for fn, inp in towers))
+            loss, extra = grad_cache_backward(towers, autocast(loss_fn), cfg.train.grad_cache_chunk,
+                                              backward=acc.backward)
+        else:
+            loss, extra = autocast(loss_fn)(*(fn(inp) for fn, inp in towers))
+            if not several:
+                return loss, extra  # the loop back-propagates it
+            acc.backward(loss)
+            loss = loss.detach()
+        if several and acc.sync_gradients:
+            average_gradients(dual.parameters())
+        return loss, extra
 
     cache: dict[int, torch.Tensor] = {}
 
@@ -173,8 +203,7 @@ def make_step_fn(loop: RetrievalLoop, data: TrainingSet, cfg: RetrievalRunConfig
                 cache[j] = px
         return torch.stack([cache[j] if j in cache else fresh[j] for j in rows])
 
-    pos = sib_pos = neg_owner = None
-    step.does_backward = bool(cfg.train.grad_cache_chunk)  # type: ignore[attr-defined]
+    step.does_backward = bool(cfg.train.grad_cache_chunk) or several  # type: ignore[attr-defined]
     return step
 
 

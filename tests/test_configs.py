@@ -11,6 +11,12 @@ CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_config_loads(path):
+    if path.name == "retrieval_index.yaml":  # the catalogue index job's config
+        from ecomcap.retrieval.index.catalogue import IndexJobConfig
+
+        cfg = load_run_config(path, IndexJobConfig)
+        assert cfg.catalogue.encoder == "champion" and cfg.index.min_recall >= 0.98
+        return
     if path.name.startswith("retrieval_"):  # the second job's run model
         from ecomcap.retrieval.config import RetrievalRunConfig
 

@@ -162,6 +162,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ef", type=int, default=None, help="HNSW search breadth: higher = better recall, slower")
 
 
+def _cmd_index(args: argparse.Namespace) -> int:
+    from ecomcap.config import load_run_config
+    from ecomcap.retrieval.index.catalogue import IndexJobConfig, run_job
+    from ecomcap.stores import tracking_uri
+
+    cfg = load_run_config(args.config, IndexJobConfig)
+    cat = cfg.catalogue.model_copy(update={k: v for k, v in (("synthetic_items", args.synthetic),
+                                                             ("changed_share", args.changed_share)) if v is not None})
+    reg = cfg.registry.model_copy(update={"tracking_uri": tracking_uri(args.tracking_uri, cfg.registry.tracking_uri)})
+    result = run_job(cfg.model_copy(update={"catalogue": cat, "registry": reg}))
+    print(f"indexed {result['items']} items ({result['embedded']} embedded, {result['reused']} reused) -> version "
+          f"{result['version']}; recall@10 vs exact {result['recall']:.4f}; "
+          f"{'serving moved' if result['alias_moved'] else 'serving NOT moved (recall below the minimum)'}")
+    print(json.dumps(result, ensure_ascii=False))
+    return 0 if result["alias_moved"] else 1
+
+
 def add_search_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("search", help="text -> top products of the champion's (or a gallery's) index")
     s.add_argument("query")
@@ -178,3 +195,11 @@ def add_search_commands(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--max-batch", type=int, default=32, help="queries encoded and searched together (1: no batching)")
     _common(v)
     v.set_defaults(func=_cmd_serve)
+
+    x = sub.add_parser("index-catalogue", help="embed a catalogue with the champion encoder, register it, alias serving")
+    x.add_argument("--config", type=Path, required=True, help="index job YAML (configs/retrieval_index.yaml)")
+    x.add_argument("--synthetic", type=int, default=None, help="override catalogue.synthetic_items")
+    x.add_argument("--changed-share", type=float, default=None, help="override catalogue.changed_share")
+    x.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default: registry.tracking_uri, "
+                   "$MLFLOW_TRACKING_URI, else this checkout's .mlflow/mlflow.db)")
+    x.set_defaults(func=_cmd_index)

@@ -11,6 +11,7 @@ id and content hash are unchanged (`embed_gallery(previous=...)`): only changed 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -21,8 +22,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ecomcap.config import IngestConfig
+from ecomcap.config import IngestConfig, RegistryConfig
 from ecomcap.config_base import _Strict
+from ecomcap.retrieval.index.base import IndexConfig
 
 log = logging.getLogger(__name__)
 SERVING = "serving"
@@ -140,8 +142,8 @@ def register_serving(gallery_dir: Path, registry, encoder_version: str, recall: 
 
     meta = json.loads((gallery_dir / "index.json").read_text(encoding="utf-8"))
     client = registry_client(registry)
-    mlflow.set_experiment("retrieval_index")
-    with mlflow.start_run(run_name="index_catalogue"):
+    with _store(registry.tracking_uri), mlflow.start_run(
+            run_name="index_catalogue", experiment_id=_experiment(client, "retrieval_index")):
         counts = {"items": meta["count"], **{k: meta["embedding"][k] for k in ("embedded", "reused")}}
         mlflow.log_metrics({**counts, "index_recall10": recall})
         uri = log_retriever(gallery_dir)
@@ -157,8 +159,29 @@ def register_serving(gallery_dir: Path, registry, encoder_version: str, recall: 
     return {"version": version, "alias_moved": moved, "recall": recall, **counts}
 
 
+@contextlib.contextmanager
+def _store(uri: str | None):
+    """The registry's store as MLflow's current one for the job's run, the caller's restored after."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri() if uri else None
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if uri:
+            mlflow.set_tracking_uri(before)
+
+
+def _experiment(client, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found is not None else client.create_experiment(name)
+
+
 def previous_serving(registry, cache_dir: Path) -> Path | None:
-    """The current `serving` version's gallery (downloaded once), or None before the first index."""
+    """The current `serving` version's gallery (downloaded once; before the first index, the
+    champion's, whose vectors are as reusable), or None when neither exists."""
     from ecomcap.errors import EcomcapError
     from ecomcap.retrieval.serve.search import champion_gallery
 
@@ -193,3 +216,22 @@ def run_index_job(cfg: CatalogueConfig, registry, search: dict, min_recall: floa
     recall, described = index_recall(gallery, cfg.recall_queries, cfg.seed)
     result = register_serving(gallery, registry, encoder_version, recall, min_recall)
     return {**result, "gallery": str(gallery), "index": described}
+
+
+class IndexJobConfig(_Strict):
+    """The index job as one config (configs/retrieval_index.yaml: parameters.config has this shape)."""
+
+    catalogue: CatalogueConfig = Field(default_factory=CatalogueConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig, description="the catalogue's search index; an "
+                               "approximate one below min_recall is registered but not aliased `serving`")
+    registry: RegistryConfig = Field(default_factory=lambda: RegistryConfig(
+        model_name="ecomcap-retriever", experiment="retrieval_pipeline", primary_metric="MeanRecall"))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def torch_device(self) -> str | None:
+        return None if self.device == "auto" else self.device
+
+
+def run_job(cfg: IndexJobConfig) -> dict[str, Any]:
+    return run_index_job(cfg.catalogue, cfg.registry, cfg.index.model_dump(mode="json"), cfg.index.min_recall,
+                         cfg.torch_device())

@@ -18,9 +18,10 @@ class RetrieverModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from ecomcap.retrieval.index.gallery import load_gallery
         from ecomcap.retrieval.index.open import open_index
+        from ecomcap.retrieval.serve.search import query_encoder
 
         self.gallery = load_gallery(context.artifacts["gallery"])
-        self.encoder = self.gallery.encoder()
+        self.encode = query_encoder(self.gallery)  # the text tower that made the gallery
         self.index = open_index(self.gallery)  # the index the gate scored, built once
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow infers no schema from hints
@@ -32,7 +33,7 @@ class RetrieverModel(mlflow.pyfunc.PythonModel):
         else:
             texts = [str(t) for t in model_input]
         k = int((params or {}).get("top_k", 10))
-        scores, idx = self.index.search(self.encoder.encode_texts(texts), k)
+        scores, idx = self.index.search(self.encode(texts), k)
         return pd.DataFrame({"query_text": texts,
                              "item_ids": [[self.gallery.item_ids[j] for j in row if j >= 0] for row in idx],
                              "scores": [[round(float(s), 6) for s, j in zip(srow, row) if j >= 0]

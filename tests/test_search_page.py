@@ -1,0 +1,113 @@
+"""The page under load and failure (FastAPI in process): concurrent queries share one encoder
+forward and one index call, a full queue sheds with 503 + Retry-After at once, a failing index
+backend is a 503 page (never a 500), and /readyz reports the index."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from ecomcap.retrieval.index.demo import demo_gallery
+from ecomcap.retrieval.index.gallery import ImageLookup
+from ecomcap.retrieval.serve.batcher import Overloaded, QueryBatcher
+from ecomcap.retrieval.serve.page import create_app
+from ecomcap.retrieval.serve.search import open_searcher
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    return demo_gallery(tmp_path_factory.mktemp("gallery") / "g", 300, seed=5)
+
+
+def test_concurrent_queries_are_batched():
+    calls = []
+
+    def run(queries, tops):
+        calls.append(len(queries))
+        time.sleep(0.02)  # a model forward
+        return [{"query": q} for q in queries]
+
+    async def main():
+        b = QueryBatcher(run, max_batch=32)
+        out = await asyncio.gather(*(b.submit(f"q{i}", 10) for i in range(16)))
+        b.close()
+        return out
+
+    out = asyncio.run(main())
+    assert [o["query"] for o in out] == [f"q{i}" for i in range(16)]
+    assert sum(calls) == 16 and len(calls) <= 3, calls  # 16 requests, a few forwards
+
+
+def test_a_full_queue_sheds_at_once():
+    release = threading.Event()
+
+    def slow(queries, tops):
+        release.wait(5)
+        return [{} for _ in queries]
+
+    async def main():
+        b = QueryBatcher(slow, max_pending=2)
+        waiting = [asyncio.ensure_future(b.submit("a", 1)), asyncio.ensure_future(b.submit("b", 1))]
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        with pytest.raises(Overloaded):
+            await b.submit("c", 1)
+        shed_s = time.perf_counter() - t0
+        release.set()
+        await asyncio.gather(*waiting)
+        b.close()
+        return shed_s, b.stats()
+
+    shed_s, stats = asyncio.run(main())
+    assert shed_s < 0.05 and stats["shed"] == 1
+
+
+def test_page_answers_503_when_busy_or_the_backend_fails(gallery):
+    searcher = open_searcher(gallery)
+    images = ImageLookup(gallery / "images.parquet")
+    busy = TestClient(create_app(searcher, images, max_pending=0))
+    r = busy.get("/", params={"q": "红色"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.text
+    assert busy.get("/api/search", params={"q": "红色"}).status_code == 503
+
+    class Down:
+        kind, approximate = "milvus", True
+
+        def search(self, q, k):
+            raise ConnectionError("milvus:19530 unreachable (timed out after 1.0 s)")
+
+        def ready(self):
+            return False, "milvus:19530 unreachable"
+
+        def describe(self):
+            return {"kind": "milvus"}
+
+        def close(self):
+            pass
+
+    searcher.index = Down()  # a named stand-in for a Milvus server that is down
+    down = TestClient(create_app(searcher, images))
+    page = down.get("/", params={"q": "红色"})
+    assert page.status_code == 503 and "search unavailable" in page.text and "unreachable" in page.text
+    assert down.get("/readyz").status_code == 503 and down.get("/healthz").status_code == 200
+
+
+def test_readyz_images_cache_and_query_bounds(gallery):
+    searcher = open_searcher(gallery)
+    client = TestClient(create_app(searcher, ImageLookup(gallery / "images.parquet")))
+    ready = client.get("/readyz").json()
+    assert ready["ready"] is True and ready["index"]["kind"] == "exact"
+    item = searcher.gallery.item_ids[0]
+    first = client.get(f"/images/{item}")
+    assert first.status_code == 200 and "max-age" in first.headers["cache-control"]
+    again = client.get(f"/images/{item}", headers={"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304 and not again.content
+    assert client.get("/static/page.css").headers["content-type"].startswith("text/css")
+    for top in ("0", "101", "-5", "9" * 40, "1e3"):
+        assert client.get("/", params={"q": "红色", "top": top}).status_code == 400
+    assert client.get("/", params={"q": "x" * 5000}).status_code == 400
+    assert np.all([r["score"] <= 1.0001 for r in client.get("/api/search", params={"q": "红色"}).json()["results"]])

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export ZENML_ANALYTICS_OPT_IN := false
 
-.PHONY: setup run test e2e infer bench clean retrieval dashboard dashboard-stop
+.PHONY: setup run test e2e infer bench clean retrieval index dashboard dashboard-stop
 
 $(STAMP): pyproject.toml docker/requirements-gpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ infer: $(STAMP)
 # The second job: product retrieval (ingest -> validate -> train -> embed gallery -> evaluate -> promote)
 retrieval: $(STAMP)
 	bash -c 'source scripts/zenml_env.sh && bash scripts/setup_stack.sh && OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} zenml pipeline run pipelines.retrieval.retrieval_pipeline -c $${CONFIG:-configs/retrieval_local.yaml}'
+
+# The catalogue index job: the champion's encoder over a catalogue -> ecomcap-retriever@serving
+index: $(STAMP)
+	bash -c 'source scripts/zenml_env.sh && bash scripts/setup_stack.sh && OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} zenml pipeline run pipelines.index.index_pipeline -c $${CONFIG:-configs/retrieval_index.yaml}'
 
 # ZenML dashboard (run DAGs, the evaluation report) on http://127.0.0.1:$${ZENML_DASHBOARD_PORT:-8237},
 # offline, no login (local server, "default" user); prints each pipeline's newest run page.

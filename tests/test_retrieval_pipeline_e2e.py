@@ -50,7 +50,8 @@ def test_retrieval_pipeline_runs_then_caches(repo):  # noqa: F811
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("retrieval_pipeline")
     run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])[0]
-    assert {"R1", "R5", "R10", "MeanRecall", "chance.MeanRecall", "match_F1.fine-tuned"} <= set(run.data.metrics)
+    assert {"R1", "R5", "R10", "MeanRecall", "chance.MeanRecall", "match_F1.fine-tuned",
+            "index_recall10"} <= set(run.data.metrics)
     assert any(k.startswith("retrieval.in_batch_acc") for k in run.data.metrics)
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"comparison_table.md", "query_top5.png", "query_results.html"} <= names
@@ -75,6 +76,21 @@ def test_retrieval_pipeline_runs_then_caches(repo):  # noqa: F811
     searched = sh(repo, 'ecomcap search "红色 T恤" --top 5 --json', OMP_NUM_THREADS="1")
     assert searched.returncode == 0, searched.stderr[-3000:]
     assert len(json.loads(searched.stdout.strip().splitlines()[-1])["results"]) == 5
+
+    # the catalogue index job: the champion's encoder over a catalogue, aliased serving; the page
+    # and `ecomcap search` then serve it, the champion stays where the gate put it
+    index_cfg = yaml.safe_load((repo / "configs" / "retrieval_index.yaml").read_text(encoding="utf-8"))
+    index_cfg["parameters"]["config"]["catalogue"]["synthetic_items"] = 300
+    (repo / "configs" / "index_e2e.yaml").write_text(yaml.safe_dump(index_cfg, allow_unicode=True), "utf-8")
+    indexed = sh(repo, "zenml pipeline run pipelines.index.index_pipeline -c configs/index_e2e.yaml",
+                 OMP_NUM_THREADS="1")
+    assert indexed.returncode == 0, indexed.stderr[-3000:]
+    serving = reg.get_model_version_by_alias("ecomcap-retriever", "serving")
+    assert serving.version != champion.version and serving.tags["encoder_version"] == str(champion.version)
+    assert reg.get_model_version_by_alias("ecomcap-retriever", "champion").version == champion.version
+    served = sh(repo, 'ecomcap search "红色 T恤" --top 3 --json', OMP_NUM_THREADS="1")
+    assert served.returncode == 0 and all(r["item_id"].startswith("cat_") for r in
+                                          json.loads(served.stdout.strip().splitlines()[-1])["results"])
 
     from ecomcap.retrieval.index.gallery import load_gallery
 

@@ -44,9 +44,12 @@ def test_service_policy_and_client_uri_agree():
              docs["StatefulSet", "milvus"]["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert ports[svc["spec"]["ports"][0]["targetPort"]] == 19530
     rule = docs["NetworkPolicy", "milvus-ingress"]["spec"]["ingress"][0]
-    assert rule["from"] == [{"podSelector": {"matchLabels": PIPELINE_LABEL}}]
+    writer, reader, users = ({"podSelector": {"matchLabels": labels}} for labels in (
+        PIPELINE_LABEL, {"app.kubernetes.io/name": "search-page"}, {"app.kubernetes.io/name": "milvus-users"}))
+    assert rule["from"] == [writer, reader, users]
     assert rule["ports"] == [{"protocol": "TCP", "port": 19530}]
-    assert not StoreConfig(uri=SERVER_URI).embedded and StoreConfig().token_env == "MILVUS_TOKEN"
+    assert not StoreConfig(uri=SERVER_URI).embedded
+    assert StoreConfig().token_var == "MILVUS_READER_TOKEN" and StoreConfig(role="writer").token_var == "MILVUS_WRITER_TOKEN"
 
 
 def test_init_container_writes_a_user_yaml_with_auth_and_the_secret_password(tmp_path):

@@ -99,9 +99,11 @@ def test_every_command_starts_without_loading_model_libraries():
 
 def test_search_option_help_names_the_store_config_defaults():
     from ecomcap.cli import build_parser
+    from ecomcap.retrieval.index.base import IndexConfig
     from ecomcap.retrieval.index.milvus import StoreConfig
 
     sub = next(a for a in build_parser()._actions if a.dest == "cmd" or hasattr(a, "choices") and
                isinstance(a.choices, dict) and "search" in a.choices).choices["search"]
     helps = {a.dest: a.help for a in sub._actions}
-    assert StoreConfig().uri in helps["store_uri"] and f"default {StoreConfig().ef}" in helps["ef"]
+    assert StoreConfig().uri in helps["store_uri"] and f"default {IndexConfig().ef}" in helps["ef"]
+    assert f"{StoreConfig().ef} in Milvus" in helps["ef"] and "recorded" in helps["index"]

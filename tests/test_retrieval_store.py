@@ -10,7 +10,8 @@ import pytest
 
 from ecomcap.errors import EcomcapError
 from ecomcap.retrieval.index.gallery import ImageLookup, open_gallery
-from ecomcap.retrieval.index.milvus import StoreConfig, VectorStore, ann_recall
+from ecomcap.retrieval.index.milvus import StoreConfig, VectorStore
+from ecomcap.retrieval.index.recall import ann_recall
 from tests.conftest import make_image
 from tests.retrieval_fixtures import random_gallery
 
@@ -104,7 +105,7 @@ def test_reopened_store_serves_the_existing_collection(tmp_path):
 
 
 def test_tie_recall_counts_exact_and_tied_answers_only():
-    from ecomcap.retrieval.index.milvus import tie_recall
+    from ecomcap.retrieval.index.recall import tie_recall
 
     v = np.eye(4, dtype=np.float32)[[0, 0, 1, 2, 3]]  # rows 0 and 1 are the same vector
     q = v[:1]

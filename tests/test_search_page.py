@@ -111,3 +111,27 @@ def test_readyz_images_cache_and_query_bounds(gallery):
         assert client.get("/", params={"q": "红色", "top": top}).status_code == 400
     assert client.get("/", params={"q": "x" * 5000}).status_code == 400
     assert np.all([r["score"] <= 1.0001 for r in client.get("/api/search", params={"q": "红色"}).json()["results"]])
+
+
+def test_an_unreachable_milvus_server_is_a_503_within_a_second(gallery):
+    """The server path against a closed port (no Milvus server can run in this test): the page
+    starts, /readyz says why it is not ready, and a search is a 503 page in under a second."""
+    import socket
+
+    from ecomcap.retrieval.index.base import IndexConfig
+    from ecomcap.retrieval.index.milvus import StoreConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    store = StoreConfig(uri=f"http://127.0.0.1:{port}", timeout_s=1.0)
+    searcher = open_searcher(gallery, IndexConfig(kind="milvus", milvus=store))
+    client = TestClient(create_app(searcher, ImageLookup(gallery / "images.parquet")))
+    t0 = time.perf_counter()
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["ready"] is False
+    t1 = time.perf_counter()
+    page = client.get("/", params={"q": "红色连衣裙"})
+    t2 = time.perf_counter()
+    assert page.status_code == 503 and "search unavailable" in page.text and page.headers["retry-after"] == "1"
+    assert t1 - t0 <= 1.0 and t2 - t1 <= 1.0, (t1 - t0, t2 - t1)

@@ -145,6 +145,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from ecomcap.retrieval.index.base import IndexConfig
     from ecomcap.retrieval.index.milvus import StoreConfig
 
     p.add_argument("--gallery", type=Path, default=None,
@@ -158,8 +159,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="how to search: recorded = the index the gallery was evaluated and gated with (default); "
                         "another kind serves what the gate did not score")
     p.add_argument("--store-uri", default=StoreConfig().uri,
-                   help="with --index milvus: a *.db file (Milvus Lite) or http://host:19530 (server)")
-    p.add_argument("--ef", type=int, default=None, help="HNSW search breadth: higher = better recall, slower")
+                   help=f"with --index milvus: a *.db file (Milvus Lite) or http://host:19530 (server); "
+                        f"default {StoreConfig().uri}")
+    p.add_argument("--ef", type=int, default=None,
+                   help=f"HNSW search breadth: higher = better recall, slower (default {IndexConfig().ef} in "
+                        f"process, {StoreConfig().ef} in Milvus)")
 
 
 def _cmd_index(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from ecomcap.config_base import _Strict
+from ecomcap.retrieval.index.milvus import StoreConfig
 
 Kind = Literal["auto", "exact", "hnsw", "ivf", "milvus"]
 
@@ -38,6 +39,9 @@ class IndexConfig(_Strict):
     threads: int = Field(1, ge=1, description="FAISS threads per search call (serving: 1; batching does the rest)")
     min_recall: float = Field(0.98, ge=0, le=1, description="the gate refuses an approximate index whose "
                               "recall@10 against exact search on the valid queries is below this")
+    milvus: StoreConfig = Field(default_factory=StoreConfig, description="kind milvus: where the collection "
+                                "lives (Milvus Lite file or server) and its HNSW/IVF build; the pipeline and "
+                                "index job write it (role writer), the page reads it")
 
 
 class SearchIndex(Protocol):

@@ -14,10 +14,8 @@ start-up. Each role authenticates with its own token, read from the env var `tok
 their privileges come from `milvus_roles`. Connecting and every serving call are bounded by
 `timeout_s` (pymilvus otherwise retries an unreachable server for minutes), and `ready()` answers
 a readiness probe without raising. Milvus Lite ignores roles, tokens and timeouts: it is in-process,
-and a bound there would only turn a slow CPU into errors.
-
-Recall is measured with exact search (`metrics.topk_search`, via `tie_recall`); the store's
-approximate search is reported against it (`ann_recall`).
+and a bound there would only turn a slow CPU into errors. Its approximate search is measured
+against exact search by `recall.py`.
 """
 from __future__ import annotations
 
@@ -28,15 +26,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ecomcap.errors import EcomcapError
 
-if TYPE_CHECKING:  # annotations only: importing the gallery pulls in the encoder and transformers
-    from ecomcap.retrieval.index.gallery import Gallery
+Gallery = Any  # an ecomcap.retrieval.index.gallery.Gallery: not imported, the store sits below it
 
 log = logging.getLogger(__name__)
 INDEX_NAME = "vector"  # named explicitly: a server's default index name is not the field's
@@ -325,28 +322,3 @@ class VectorStore:
         if self._client is not None:
             self._client.close()
             self._client = None
-
-
-def tie_recall(vectors: np.ndarray, queries: np.ndarray, answers: list[list[int]], k: int = 10,
-               tie_eps: float = 1e-5) -> float:
-    """Recall of approximate top-k `answers` (gallery rows per query) against exact search
-    (`metrics.topk_search`), averaged over queries: the share of the k answers that belong to
-    the exact top-k (1.0 = exact). An answer scoring as high as the exact k-th counts too: items
-    with equal scores (duplicate texts) are interchangeable, and which of them a tie keeps is
-    arbitrary. Used by `ann_recall` and the page load benchmark."""
-    from ecomcap.retrieval.evaluate.metrics import topk_search
-
-    queries = np.asarray(queries, dtype=np.float32)
-    exact_scores, exact = topk_search(queries, vectors, k)
-    found = []
-    for q, rows, top, floor in zip(queries, answers, exact, exact_scores[:, -1]):
-        top_set, scores = set(top.tolist()), np.asarray(vectors[rows]) @ q if rows else []
-        found.append(sum(r in top_set or s >= floor - tie_eps for r, s in zip(rows, scores)) / len(top))
-    return float(np.mean(found))
-
-
-def ann_recall(store: VectorStore, name: str, gallery: Gallery, queries: np.ndarray, k: int = 10,
-               tie_eps: float = 1e-5) -> float:
-    """`tie_recall` of the store's approximate search over `gallery`."""
-    approx = store.search(name, np.asarray(queries, dtype=np.float32), k)
-    return tie_recall(gallery.vectors, queries, [[h.row for h in hits] for hits in approx], k, tie_eps)

@@ -10,14 +10,23 @@ from ecomcap.retrieval.index.milvus import StoreConfig, VectorStore
 
 
 class MilvusIndex:
+    """`build`: the pipeline / index job (a server's writer role) creates, fills and indexes the
+    gallery's collection; otherwise (the page, the server's reader role) it only names it and
+    searches, so a page starts while Milvus is down or still building and `ready()` says why.
+    Milvus Lite builds on first use either way (one process, no roles)."""
+
     kind = "milvus"
 
     def __init__(self, gallery, store: StoreConfig, build: bool = True) -> None:
-        self.store = VectorStore(store)
-        self.cfg = store
+        self.cfg = store.model_copy(update={"role": "writer"}) if build and not store.embedded else store
         self.dim, self.size = int(gallery.vectors.shape[1]), len(gallery.item_ids)
         self.approximate = store.index_type != "FLAT"
-        self.collection = self.store.ensure(gallery) if build else self.store.collection(gallery)
+        if build or store.embedded:
+            self.store = VectorStore(self.cfg)
+            self.collection = self.store.ensure(gallery)
+        else:
+            self.store = VectorStore(self.cfg, connect=False)
+            self.collection = self.store.open(gallery)
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = as_queries(queries, self.dim)
@@ -30,10 +39,7 @@ class MilvusIndex:
         return scores, rows
 
     def ready(self) -> tuple[bool, str]:
-        check = getattr(self.store, "ready", None)
-        if check is None:
-            return True, f"Milvus collection {self.collection}"
-        return check(self.collection) if _takes_name(check) else check()
+        return self.store.ready(self.collection, self.size)
 
     def describe(self) -> dict:
         return {"kind": "milvus", "uri": self.cfg.uri, "index_type": self.cfg.index_type, "items": self.size,
@@ -41,9 +47,3 @@ class MilvusIndex:
 
     def close(self) -> None:
         self.store.close()
-
-
-def _takes_name(fn) -> bool:
-    import inspect
-
-    return len(inspect.signature(fn).parameters) >= 1

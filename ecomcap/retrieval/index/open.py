@@ -18,14 +18,14 @@ def recorded_config(gallery) -> IndexConfig:
 
 
 def open_index(gallery, cfg: IndexConfig | None = None, store=None, build: bool = True):
-    """The SearchIndex for `gallery`: `cfg` (default: what the gallery records); `store` is the
-    Milvus StoreConfig for kind milvus. `auto` resolves by the number of distinct vectors."""
+    """The SearchIndex for `gallery`: `cfg` (default: what the gallery records); `store` overrides
+    its Milvus settings (kind milvus; `build`: write the collection, else only read it). `auto`
+    resolves by the number of distinct vectors."""
     cfg = cfg or recorded_config(gallery)
     if cfg.kind == "milvus":
-        from ecomcap.retrieval.index.milvus import StoreConfig
         from ecomcap.retrieval.index.milvus_index import MilvusIndex
 
-        return MilvusIndex(gallery, store or StoreConfig(), build=build)
+        return MilvusIndex(gallery, store or cfg.milvus, build=build)
     vectors = gallery.vectors if hasattr(gallery, "vectors") else np.asarray(gallery)
     groups = group_rows(vectors, cfg.dedup)
     kind = cfg.kind

@@ -32,3 +32,9 @@ def recall_vs_exact(index, vectors: np.ndarray, queries: np.ndarray, k: int = 10
         return 1.0
     _, rows = index.search(queries, k)
     return tie_recall(vectors, queries, rows, k, exact=getattr(index, "_exact", None))
+
+
+def ann_recall(store, name: str, gallery, queries: np.ndarray, k: int = 10, tie_eps: float = 1e-5) -> float:
+    """`tie_recall` of a Milvus store's search of collection `name` over `gallery`."""
+    approx = store.search(name, np.asarray(queries, dtype=np.float32), k)
+    return tie_recall(gallery.vectors, queries, [[h.row for h in hits] for hits in approx], k, tie_eps)

@@ -97,10 +97,19 @@ def create_app(searcher: Searcher, images: ImageLookup, max_batch: int = 32, max
     version = str(searcher.gallery.index.get("fingerprint", ""))[:16]
     busy = {"Retry-After": "1"}
 
+    class Unavailable(Exception):
+        """The search itself failed (index backend down, timed out, shed): a 503, not the user's fault."""
+
     async def run(q: str, top: str) -> dict:
-        """The result; EcomcapError (400) for bad input, Overloaded/TimeoutError (503)."""
+        """The result; EcomcapError (400) for bad input, Unavailable (503) for everything after."""
         k = parse_top(top)
-        return await batcher.submit(Searcher.check(q, k), k)
+        query = Searcher.check(q, k)
+        try:
+            return await batcher.submit(query, k)
+        except (Overloaded, TimeoutError):
+            raise Unavailable(BUSY) from None
+        except Exception as exc:  # e.g. a Milvus server that timed out: EcomcapError from the store
+            raise Unavailable(f"search unavailable: {_short(exc)}") from None
 
     @app.get("/", response_class=HTMLResponse)
     async def page(q: str = "", top: str = "10"):
@@ -111,11 +120,8 @@ def create_app(searcher: Searcher, images: ImageLookup, max_batch: int = 32, max
             result = await run(q, top)
         except EcomcapError as exc:  # the page's own error, never FastAPI's 422 JSON
             return HTMLResponse(render_page(q, shown, None, str(exc), n_items), status_code=400)
-        except (Overloaded, TimeoutError):
-            return HTMLResponse(render_page(q, shown, None, BUSY, n_items), status_code=503, headers=busy)
-        except Exception as exc:  # the index backend failed (e.g. a Milvus server timed out)
-            return HTMLResponse(render_page(q, shown, None, f"search unavailable: {_short(exc)}", n_items),
-                                status_code=503, headers=busy)
+        except Unavailable as exc:
+            return HTMLResponse(render_page(q, shown, None, str(exc), n_items), status_code=503, headers=busy)
         return HTMLResponse(render_page(q, result["top"], result, None, n_items))
 
     @app.get("/api/search")
@@ -124,10 +130,8 @@ def create_app(searcher: Searcher, images: ImageLookup, max_batch: int = 32, max
             return await run(q, top)
         except EcomcapError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
-        except (Overloaded, TimeoutError):
-            return JSONResponse({"error": BUSY}, status_code=503, headers=busy)
-        except Exception as exc:
-            return JSONResponse({"error": f"search unavailable: {_short(exc)}"}, status_code=503, headers=busy)
+        except Unavailable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503, headers=busy)
 
     @app.get("/images/{item_id:path}")  # item ids may hold "/"
     async def image(item_id: str, request: Request):

@@ -144,4 +144,4 @@ def open_searcher(gallery_dir: str | Path, index: IndexConfig | None = None, sto
     gallery = open_gallery(gallery_dir)
     if store is not None and index is None:
         index = IndexConfig(kind="milvus")
-    return Searcher(gallery, open_index(gallery, index, store), encode)
+    return Searcher(gallery, open_index(gallery, index, store, build=False), encode)  # serving reads

@@ -58,8 +58,8 @@ def _config(arch: Arch, cfg: TinyEncoderConfig, tok: PreTrainedTokenizerFast, ma
     width = dict(hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden,
                  num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads)
     vision = dict(width, image_size=cfg.image_size, patch_size=cfg.patch_size)
-    text = dict(width, vocab_size=len(tok), max_position_embeddings=max(max_len, 16),
-                pad_token_id=tok.pad_token_id, **(text_sizes or {}))
+    text = {**dict(width, vocab_size=len(tok), max_position_embeddings=max(max_len, 16),
+                   pad_token_id=tok.pad_token_id), **(text_sizes or {})}
     if arch == "chinese_clip":
         return ChineseCLIPConfig(text_config=dict(text, type_vocab_size=2), vision_config=vision,
                                  projection_dim=cfg.projection_dim)

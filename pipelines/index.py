@@ -19,5 +19,5 @@ CheckedConfig = pipeline_input(IndexJobConfig)
 @pipeline(enable_cache=False)
 def index_pipeline(config: CheckedConfig = IndexJobConfig()) -> None:  # noqa: B008
     items = catalogue_ingest(config=config)
-    gallery = catalogue_embed(config=config, items=items)
-    catalogue_register(config=config, gallery=gallery)
+    gallery, encoder_version = catalogue_embed(config=config, items=items)
+    catalogue_register(config=config, gallery=gallery, encoder_version=encoder_version)

@@ -15,9 +15,9 @@ from ecomcap.retrieval.index.catalogue import (
     IndexJobConfig,
     index_catalogue,
     ingest_catalogue,
-    run_job,
 )
 from ecomcap.retrieval.index.gallery import embed_gallery, load_gallery
+from ecomcap.retrieval.index_job import run_job
 from ecomcap.retrieval.model.encoder import load_encoder, save_encoder
 from ecomcap.retrieval.model.tiny import build_tiny_encoder
 from ecomcap.retrieval.serve.search import RETRIEVER

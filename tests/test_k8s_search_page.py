@@ -88,7 +88,8 @@ def test_page_args_parse_with_the_real_cli_and_point_at_the_milvus_service():
 
     c = _container("Deployment", "search-page")
     args = build_parser().parse_args(c["args"])
-    assert (args.host, args.port, args.index, args.store_uri) == ("0.0.0.0", 8300, "milvus", "http://milvus:19530")
+    # the recorded (gated) index, its Milvus collection read on the cluster's server
+    assert (args.host, args.port, args.index, args.store_uri) == ("0.0.0.0", 8300, "recorded", "http://milvus:19530")
     assert args.port == c["ports"][0]["containerPort"]
     milvus = _all()["Service", "milvus"]
     assert args.store_uri == f"http://{milvus['metadata']['name']}:{milvus['spec']['ports'][0]['port']}"

@@ -126,7 +126,7 @@ class Gate:
 
     def __init__(self, client, cfg: RegistryConfig):
         self.client, self.cfg, self.name = client, cfg, cfg.model_name
-        self.names = [cfg.primary_metric, *cfg.guard_metrics]
+        self.names = [cfg.primary_metric, *cfg.guard_metrics, *cfg.minimums]  # all decide() reads
 
     def check_reachable(self) -> None:
         try:

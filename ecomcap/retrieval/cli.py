@@ -107,18 +107,26 @@ def add_retrieval_commands(sub) -> None:
 
 def _searcher(args: argparse.Namespace):
     from ecomcap.retrieval.index.base import IndexConfig
-    from ecomcap.retrieval.index.milvus import StoreConfig
-    from ecomcap.retrieval.serve.search import champion_gallery, open_searcher
+    from ecomcap.retrieval.index.gallery import open_gallery
+    from ecomcap.retrieval.index.open import open_index, recorded_config
+    from ecomcap.retrieval.serve.search import Searcher, champion_gallery
 
     if args.gallery:
-        gallery = args.gallery
+        path = args.gallery
     else:
         from ecomcap.stores import tracking_uri
 
-        gallery = champion_gallery(tracking_uri(args.tracking_uri), alias=args.alias)
-    index = None if args.index == "recorded" else IndexConfig(kind=args.index, **({"ef": args.ef} if args.ef else {}))
-    store = StoreConfig(uri=args.store_uri, **({"ef": args.ef} if args.ef else {})) if args.index == "milvus" else None
-    return open_searcher(gallery, index, store)
+        path = champion_gallery(tracking_uri(args.tracking_uri), alias=args.alias)
+    gallery = open_gallery(path)
+    recorded = recorded_config(gallery)
+    cfg = recorded if args.index == "recorded" else recorded.model_copy(update={"kind": args.index})
+    if args.store_uri:  # where the recorded collection lives here (e.g. the cluster's server)
+        cfg = cfg.model_copy(update={"milvus": cfg.milvus.model_copy(update={"uri": args.store_uri})})
+    if args.ef:
+        cfg = cfg.model_copy(update={"ef": args.ef, "milvus": cfg.milvus.model_copy(update={"ef": args.ef})})
+    index = open_index(gallery, cfg, build=False)  # serving reads; Milvus Lite still builds on first use
+    index.recorded = cfg.model_dump() == IndexConfig.model_validate(recorded).model_dump()
+    return Searcher(gallery, index)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -158,9 +166,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default="recorded", choices=["recorded", "auto", "exact", "hnsw", "ivf", "milvus"],
                    help="how to search: recorded = the index the gallery was evaluated and gated with (default); "
                         "another kind serves what the gate did not score")
-    p.add_argument("--store-uri", default=StoreConfig().uri,
-                   help=f"with --index milvus: a *.db file (Milvus Lite) or http://host:19530 (server); "
-                        f"default {StoreConfig().uri}")
+    p.add_argument("--store-uri", default=None,
+                   help=f"an index of kind milvus: a *.db file (Milvus Lite) or http://host:19530 (server) in "
+                        f"place of the recorded one (default: recorded, else {StoreConfig().uri})")
     p.add_argument("--ef", type=int, default=None,
                    help=f"HNSW search breadth: higher = better recall, slower (default {IndexConfig().ef} in "
                         f"process, {StoreConfig().ef} in Milvus)")
@@ -168,7 +176,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from ecomcap.config import load_run_config
-    from ecomcap.retrieval.index.catalogue import IndexJobConfig, run_job
+    from ecomcap.retrieval.index.catalogue import IndexJobConfig
+    from ecomcap.retrieval.index_job import run_job
     from ecomcap.stores import tracking_uri
 
     cfg = load_run_config(args.config, IndexJobConfig)

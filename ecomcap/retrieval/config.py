@@ -102,6 +102,15 @@ class RetrievalRunConfig(_Strict):
     @model_validator(mode="after")
     def _recall_minimum(self) -> "RetrievalRunConfig":
         """index.min_recall is the gate's minimum of the served index's recall (one setting, not two)."""
+        given = self.registry.minimums.get("index_recall10")
+        by_user = "registry" in self.model_fields_set and "minimums" in self.registry.model_fields_set
+        user_min = given is not None and by_user
+        user_idx = "index" in self.model_fields_set and "min_recall" in self.index.model_fields_set
+        if user_min and user_idx and given != self.index.min_recall:
+            raise ValueError(f"registry.minimums.index_recall10 ({given}) and index.min_recall "
+                             f"({self.index.min_recall}) disagree: set index.min_recall only")
+        if user_min and not user_idx:
+            self.index = self.index.model_copy(update={"min_recall": given})
         self.registry.minimums = {**self.registry.minimums, "index_recall10": self.index.min_recall}
         return self
 

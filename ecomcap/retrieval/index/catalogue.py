@@ -1,8 +1,11 @@
-"""The catalogue index job: the serving encoder x a catalogue -> a gallery version of its own,
+"""The catalogue index job: the champion's encoder x a catalogue -> a gallery version of its own,
 registered beside the gated model and aliased `serving`, without touching the gate's eval set.
 
-    ecomcap index-catalogue --config configs/retrieval_local.yaml [--synthetic 100000]
+    ecomcap index-catalogue --config configs/retrieval_index.yaml [--synthetic 100000]
     zenml pipeline run pipelines.index.index_pipeline -c configs/retrieval_index.yaml
+
+This module holds the catalogue's config, ingest and incremental embedding; the registry side
+(recall check, registration, the `serving` alias) is `ecomcap.retrieval.index_job`.
 
 The catalogue is any item set: MUGE-format ``MR_<split>_imgs.tsv`` (+ ``MR_<split>_item_texts.jsonl``)
 in `src_dir`, or a synthetic one. Items go through the same ingest as training data (image checks,
@@ -11,14 +14,11 @@ id and content hash are unchanged (`embed_gallery(previous=...)`): only changed 
 """
 from __future__ import annotations
 
-import contextlib
 import io
-import json
 import logging
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
@@ -110,114 +110,6 @@ def index_catalogue(encoder_dir: Path, items_dir: Path, out_dir: Path, previous:
                          previous=previous)
 
 
-def index_recall(gallery_dir: Path, n_queries: int, seed: int = 0) -> tuple[float, dict]:
-    """Recall@10 of the gallery's recorded index against exact search, with item texts as
-    queries (a catalogue has no labelled queries); 1.0 for an exact index."""
-    import numpy as np
-
-    from ecomcap.retrieval.index.gallery import load_gallery
-    from ecomcap.retrieval.index.open import open_index
-    from ecomcap.retrieval.index.recall import recall_vs_exact
-    from ecomcap.retrieval.serve.search import query_encoder
-
-    gal = load_gallery(gallery_dir)
-    rows = random.Random(seed).sample(range(len(gal.texts)), min(n_queries, len(gal.texts)))
-    q = np.asarray(query_encoder(gal)([gal.texts[r] for r in rows]), dtype=np.float32)
-    index = open_index(gal)
-    try:
-        return recall_vs_exact(index, gal.vectors, q, 10), index.describe()
-    finally:
-        index.close()
-
-
-def register_serving(gallery_dir: Path, registry, encoder_version: str, recall: float, min_recall: float,
-                     tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Register the gallery version (encoder + index, the same pyfunc as the gated model) and move
-    the `serving` alias to it, unless its index recall is below `min_recall`. The champion alias
-    and the gate's eval set are untouched."""
-    import mlflow
-
-    from ecomcap.registry.register import registry_client
-    from ecomcap.retrieval.serve.pyfunc import log_retriever
-
-    meta = json.loads((gallery_dir / "index.json").read_text(encoding="utf-8"))
-    client = registry_client(registry)
-    with _store(registry.tracking_uri), mlflow.start_run(
-            run_name="index_catalogue", experiment_id=_experiment(client, "retrieval_index")):
-        counts = {"items": meta["count"], **{k: meta["embedding"][k] for k in ("embedded", "reused")}}
-        mlflow.log_metrics({**counts, "index_recall10": recall})
-        uri = log_retriever(gallery_dir)
-        all_tags = {"role": "catalogue index", "encoder_version": encoder_version,
-                    "gallery_fingerprint": meta["fingerprint"], **(tags or {})}
-        version = str(mlflow.register_model(uri, registry.model_name, tags=all_tags).version)
-    moved = recall >= min_recall
-    if moved:
-        client.set_registered_model_alias(registry.model_name, SERVING, version)
-    else:
-        log.warning("catalogue index recall@10 %.4f < %.2f: version %s registered, '%s' not moved",
-                    recall, min_recall, version, SERVING)
-    return {"version": version, "alias_moved": moved, "recall": recall, **counts}
-
-
-@contextlib.contextmanager
-def _store(uri: str | None):
-    """The registry's store as MLflow's current one for the job's run, the caller's restored after."""
-    import mlflow
-
-    before = mlflow.get_tracking_uri() if uri else None
-    if uri:
-        mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        if uri:
-            mlflow.set_tracking_uri(before)
-
-
-def _experiment(client, name: str) -> str:
-    found = client.get_experiment_by_name(name)
-    return found.experiment_id if found is not None else client.create_experiment(name)
-
-
-def previous_serving(registry, cache_dir: Path) -> Path | None:
-    """The current `serving` version's gallery (downloaded once; before the first index, the
-    champion's, whose vectors are as reusable), or None when neither exists."""
-    from ecomcap.errors import EcomcapError
-    from ecomcap.retrieval.serve.search import champion_gallery
-
-    try:
-        return champion_gallery(registry.tracking_uri, registry.model_name, SERVING, cache_dir)
-    except EcomcapError:
-        return None
-
-
-def encoder_of(registry, alias: str, cache_dir: Path) -> tuple[Path, str]:
-    """(encoder directory, version) of the registered retriever behind `alias`."""
-    import mlflow
-
-    from ecomcap.retrieval.serve.search import champion_gallery
-
-    gallery = champion_gallery(registry.tracking_uri, registry.model_name, alias, cache_dir)
-    meta = json.loads((gallery / "index.json").read_text(encoding="utf-8"))
-    client = mlflow.MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
-    version = str(client.get_model_version_by_alias(registry.model_name, alias).version)
-    return gallery / meta["encoder_dir"], version
-
-
-def run_index_job(cfg: CatalogueConfig, registry, search: dict, min_recall: float,
-                  device: str | None = None) -> dict[str, Any]:
-    """ingest -> embed (incremental) -> recall check -> register + alias `serving`."""
-    cache = Path(cfg.work_dir) / "versions"
-    encoder_dir, encoder_version = encoder_of(registry, cfg.encoder, cache)
-    items = ingest_catalogue(cfg)
-    previous = previous_serving(registry, cache)
-    out = Path(tempfile.mkdtemp(prefix="gallery-", dir=Path(cfg.work_dir)))
-    gallery = index_catalogue(encoder_dir, items, out / "gallery", previous, search, cfg.batch_size, device)
-    recall, described = index_recall(gallery, cfg.recall_queries, cfg.seed)
-    result = register_serving(gallery, registry, encoder_version, recall, min_recall)
-    return {**result, "gallery": str(gallery), "index": described}
-
-
 class IndexJobConfig(_Strict):
     """The index job as one config (configs/retrieval_index.yaml: parameters.config has this shape)."""
 
@@ -230,8 +122,3 @@ class IndexJobConfig(_Strict):
 
     def torch_device(self) -> str | None:
         return None if self.device == "auto" else self.device
-
-
-def run_job(cfg: IndexJobConfig) -> dict[str, Any]:
-    return run_index_job(cfg.catalogue, cfg.registry, cfg.index.model_dump(mode="json"), cfg.index.min_recall,
-                         cfg.torch_device())

@@ -4,6 +4,7 @@ vectors. FAISS releases the GIL while it searches, so the page's threads search 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -22,7 +23,7 @@ class FaissIndex:
         self.groups = groups or group_rows(vectors, cfg.dedup)
         self.dim, self.size = int(vectors.shape[1]), len(self.groups.rows)
         u = self.groups.unique
-        faiss.omp_set_num_threads(cfg.threads)
+        faiss.omp_set_num_threads(os.cpu_count() or 1)  # the build uses every core; search uses cfg.threads
         if kind == "hnsw":
             self.index = faiss.IndexHNSWFlat(self.dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             self.index.hnsw.efConstruction = cfg.ef_construction
@@ -37,6 +38,7 @@ class FaissIndex:
             self._quantizer = quantizer  # the IVF index does not own it from Python
         else:
             raise ValueError(f"unknown FAISS index kind {kind!r}")
+        faiss.omp_set_num_threads(cfg.threads)
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss

@@ -25,7 +25,7 @@ def open_index(gallery, cfg: IndexConfig | None = None, store=None, build: bool 
     if cfg.kind == "milvus":
         from ecomcap.retrieval.index.milvus_index import MilvusIndex
 
-        return MilvusIndex(gallery, store or cfg.milvus, build=build)
+        return MilvusIndex(gallery, store or cfg.milvus, build=build, dedup=cfg.dedup)
     vectors = gallery.vectors if hasattr(gallery, "vectors") else np.asarray(gallery)
     groups = group_rows(vectors, cfg.dedup)
     kind = cfg.kind

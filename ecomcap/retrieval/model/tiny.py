@@ -31,8 +31,8 @@ from transformers.models.chinese_clip.image_processing_pil_chinese_clip import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+from ecomcap.config_encoders import Arch, TinyEncoderConfig
 from ecomcap.modeling.tiny import char_tokenizer_model
-from ecomcap.retrieval.config import Arch, TinyEncoderConfig
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 MARKER = "ecomcap_tiny_encoder.json"

@@ -39,40 +39,43 @@ class QueryBatcher:
         if self.pending >= self.max_pending:
             self.shed += 1
             raise Overloaded(f"{self.pending} searches waiting")
-        self._start()
+        queue = self._start()
         fut = asyncio.get_running_loop().create_future()
         self.pending += 1
         try:
-            self._queue.put_nowait((query, top, fut))
-            return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
+            queue.put_nowait((query, top, fut))
+            return await asyncio.wait_for(fut, self.timeout_s)  # cancels `fut` on timeout: the batch skips it
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"search did not finish within {self.timeout_s:.0f} s") from None
         finally:
             self.pending -= 1
 
-    def _start(self) -> None:
+    def _start(self) -> asyncio.Queue:
         """The batching task on the running loop (again if the loop changed, as a test client's
-        loop per request does, or if it died)."""
+        loop per request does, or if it died); returns its queue."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._loop is not loop:
             self._loop, self._queue = loop, asyncio.Queue()
-            self._task = loop.create_task(self._serve())
+            self._task = loop.create_task(self._serve(self._queue))
+        return self._queue
 
-    async def _serve(self) -> None:
+    async def _serve(self, queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
+            batch = [await queue.get()]
             deadline = time.perf_counter() + self.max_wait
             while len(batch) < self.max_batch:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
+                if not queue.empty():
+                    batch.append(queue.get_nowait())
                     continue
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), left))
+                    batch.append(await asyncio.wait_for(queue.get(), left))
                 except asyncio.TimeoutError:
                     break
-            live = [b for b in batch if not b[2].done()]  # a caller that timed out is gone
+            live = [b for b in batch if not b[2].done()]  # a caller that timed out cancelled its future
             if not live:
                 continue
             try:

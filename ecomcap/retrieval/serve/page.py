@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import html
+import logging
 import os
 import signal
 import socket
@@ -39,6 +40,7 @@ form{margin-bottom:18px} input[name=q]{font-size:18px;width:420px;padding:6px}
 .item img{width:150px;height:150px;object-fit:contain;display:block;margin:auto;background:#f6f6f6}
 .text{margin-top:6px;font-size:15px} .meta{color:#777;font-size:12px} .error{color:#b00020}"""
 BUSY = "the search page is busy: try again in a second"
+log = logging.getLogger(__name__)
 
 
 def _magic_type(data: bytes) -> str:
@@ -109,7 +111,8 @@ def create_app(searcher: Searcher, images: ImageLookup, max_batch: int = 32, max
         except (Overloaded, TimeoutError):
             raise Unavailable(BUSY) from None
         except Exception as exc:  # e.g. a Milvus server that timed out: EcomcapError from the store
-            raise Unavailable(f"search unavailable: {_short(exc)}") from None
+            log.warning("search failed: %s", _short(exc), exc_info=not isinstance(exc, EcomcapError))
+            raise Unavailable("search unavailable: the index backend did not answer (the page's log says why)") from None
 
     @app.get("/", response_class=HTMLResponse)
     async def page(q: str = "", top: str = "10"):
@@ -158,7 +161,8 @@ def create_app(searcher: Searcher, images: ImageLookup, max_batch: int = 32, max
             ok, reason = await run_in_threadpool(searcher.index.ready)
         except Exception as exc:  # ready() should not raise; a broken backend is "not ready"
             ok, reason = False, _short(exc)
-        body = {"ready": ok, "reason": reason, "index": searcher.index.describe(), "items": n_items}
+        body = {"ready": ok, "reason": reason, "index": searcher.index.describe(), "items": n_items,
+                "gated_index": getattr(searcher.index, "recorded", True)}  # False: --index overrode it
         return JSONResponse(body, status_code=200 if ok else 503)
 
     return app
@@ -209,7 +213,7 @@ def search_page_process(gallery: str | Path, store_uri: str | None = None, port:
            "--host", "127.0.0.1", "--port", str(port), *extra_args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+                                start_new_session=True, cwd=Path(__file__).resolve().parents[3])
     try:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -22,7 +22,7 @@ class RetrieverModel(mlflow.pyfunc.PythonModel):
 
         self.gallery = load_gallery(context.artifacts["gallery"])
         self.encode = query_encoder(self.gallery)  # the text tower that made the gallery
-        self.index = open_index(self.gallery)  # the index the gate scored, built once
+        self.index = open_index(self.gallery, build=False)  # the index the gate scored; a server is only read
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow infers no schema from hints
         import pandas as pd
@@ -49,6 +49,6 @@ def log_retriever(gallery_dir: str | Path, name: str = "model") -> str:
 
 
 REQUIREMENTS = ["torch", "transformers>=5,<6", "pillow", "pandas", "pydantic>=2", "pyarrow", "numpy",
-                "safetensors", "tqdm", "faiss-cpu"]
+                "safetensors", "tqdm", "faiss-cpu", "pymilvus>=3,<4"]
 
 mlflow.models.set_model(RetrieverModel())  # what MLflow loads when it runs this file as the model

@@ -98,10 +98,18 @@ CACHE_DIR = ".run/retrieval/versions"
 
 def champion_gallery(tracking_uri: str | None = None, name: str = RETRIEVER, alias: str = "champion",
                      cache_dir: str | Path = CACHE_DIR) -> Path:
-    """The gallery index directory of the registered retriever behind `alias`.
+    """The gallery index directory of the registered retriever behind `alias` (`registered_gallery`)."""
+    return registered_gallery(tracking_uri, name, alias, cache_dir)[0]
 
-    Downloaded once per (registry, model, version) into `cache_dir` with the shared
-    `download_version` and reused by every later search; the global MLflow URIs are left alone.
+
+def registered_gallery(tracking_uri: str | None = None, name: str = RETRIEVER, alias: str = "champion",
+                       cache_dir: str | Path = CACHE_DIR) -> tuple[Path, str, str]:
+    """(gallery directory, version, alias it was found under) of the registered retriever.
+
+    `serving` falls back to `champion` only when no version carries `serving` yet (before the
+    first catalogue index); any other registry error is an error. Downloaded once per (registry,
+    model, version) into `cache_dir` with the shared `download_version`; the global MLflow URIs
+    are left alone.
     """
     import mlflow
 
@@ -109,13 +117,15 @@ def champion_gallery(tracking_uri: str | None = None, name: str = RETRIEVER, ali
     from ecomcap.registry.register import download_version
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    version, aliases = None, [alias] + (["champion"] if alias == SERVING else [])
-    for wanted in aliases:  # no catalogue indexed yet: the champion's
+    version, aliases, error = None, [alias] + (["champion"] if alias == SERVING else []), ""
+    for wanted in aliases:
         try:
-            version = str(client.get_model_version_by_alias(name, wanted).version)
+            version, alias = str(client.get_model_version_by_alias(name, wanted).version), wanted
             break
         except Exception as exc:  # MLflow raises RestException / MlflowException variants
             error = str(exc).splitlines()[0]
+            if "not found" not in error.lower() and "does not exist" not in error.lower():
+                raise EcomcapError(f"registry {tracking_uri or mlflow.get_tracking_uri()}: {error}") from None
     if version is None:
         raise EcomcapError(f"no {' or '.join(repr(a) for a in aliases)} version of registered model '{name}' at "
                            f"{tracking_uri or mlflow.get_tracking_uri()}: {error} "
@@ -125,14 +135,14 @@ def champion_gallery(tracking_uri: str | None = None, name: str = RETRIEVER, ali
     dst = Path(cache_dir).expanduser().resolve() / key / name / version
     done = dst / "gallery_dir.txt"  # written last: a half-finished download is not reused
     if done.is_file():
-        return dst / done.read_text(encoding="utf-8")
+        return dst / done.read_text(encoding="utf-8"), version, alias
     shutil.rmtree(dst, ignore_errors=True)
     found = download_version(RegistryConfig(model_name=name, tracking_uri=tracking_uri), version,
                              "vectors.npy", dst / "model")
     if not (found / "index.json").is_file():
         raise EcomcapError(f"version {version} of '{name}' holds no gallery index (index.json + vectors.npy)")
     done.write_text(found.relative_to(dst).as_posix(), encoding="utf-8")
-    return found
+    return found, version, alias
 
 
 def open_searcher(gallery_dir: str | Path, index: IndexConfig | None = None, store: StoreConfig | None = None,

@@ -214,7 +214,8 @@ def prepare_encoder(cfg: RetrievalRunConfig, vocab_texts: list[str]) -> tuple[Du
     if from_scratch:
         ensure_tiny_encoder(enc.name_or_path, enc.arch, vocab_texts, enc.tiny, enc.max_text_len)
     dual = load_dual_encoder(enc.name_or_path, enc.arch)
-    pre = load_preprocessor(enc.name_or_path, dual.arch, enc.max_text_len, enc.trust_remote_code)
+    pre = load_preprocessor(enc.name_or_path, dual.arch, enc.max_text_len, enc.trust_remote_code,
+                            max_unknown_share=enc.max_unknown_share)
     return dual, pre, from_scratch
 
 

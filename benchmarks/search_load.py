@@ -1,4 +1,5 @@
-"""Load on the search page: today's store (Milvus Lite) vs the embedded index, same gallery, same run.
+"""Load on the search page: today's page (an older checkout, --baseline-checkout), Milvus Lite and
+the embedded index, same gallery, same run.
 
 Builds a synthetic gallery (default 30,000 drawn products: 2,231 distinct texts, one product
 sold by many sellers, like MUGE's pool) with the hashing query encoder, then for each index
@@ -10,6 +11,8 @@ starts `ecomcap serve-search` on 127.0.0.1 and, only once /readyz says the index
      (tie-aware), on --recall-queries other queries;
   4. CPU-seconds per query of the page's process group and of this load generator, so a
      starved server shows (both share this box's cores).
+The embedded index is also measured as FAISS HNSW (the gallery recording `kind: hnsw`) and on a
+copy of the gallery with every vector made distinct (nothing for dedup to fold).
 With --real-width: a random-init Chinese-CLIP text tower at ViT-B/16's text size (RoBERTa-wwm
 base: 12 layers, 768 wide, 3072 FFN, 512-d projection) as the query encoder: its per-query cost
 at batch 1 vs batch 16 in process, and the page under load with query batching (--max-batch 32)
@@ -201,6 +204,22 @@ def measure(name: str, gallery: Path, work: Path, args, extra: tuple[str, ...], 
             "recall@10_vs_exact": round(recall, 4), "batching": batches}
 
 
+def variant(src: Path, out: Path, search: dict | None = None, distinct: bool = False) -> Path:
+    """A copy of the gallery recording another index (`search`), or with every vector made
+    distinct (a 1e-3 perturbation, renormalised: no duplicates left to fold, same neighbours)."""
+    shutil.copytree(src, out)
+    meta = json.loads((out / "index.json").read_text())
+    if search:
+        meta["search"] = search
+    if distinct:
+        v = np.load(out / "vectors.npy")
+        v = v + 1e-3 * np.random.default_rng(0).standard_normal(v.shape).astype(np.float32)
+        np.save(out / "vectors.npy", (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32))
+        meta["fingerprint"] += "-distinct"
+    (out / "index.json").write_text(json.dumps(meta))
+    return out
+
+
 def real_width_gallery(work: Path, hashing_gallery: Path) -> tuple[Path, dict]:
     """The hashing gallery's items, embedded by a random-init real-width Chinese-CLIP text tower
     (each distinct text once), and that tower's per-query cost at batch 1 vs 16."""
@@ -221,7 +240,7 @@ def real_width_gallery(work: Path, hashing_gallery: Path) -> tuple[Path, dict]:
                                  text_sizes=text_sizes)
     enc = load_encoder(enc_dir, device="cpu")
     params = sum(p.numel() for p in enc.dual.model.text_model.parameters())
-    torch.set_num_threads(1)  # the page's batch thread: one core, the other serves HTTP
+    torch.set_num_threads(1)  # this in-process cost figure: one core, as the page's batch thread has
     vec = {t: v for t, v in zip(distinct, np.concatenate([enc.encode_texts(distinct[i:i + 64])
                                                           for i in range(0, len(distinct), 64)]))}
     qs = queries(256, seed=2)
@@ -256,6 +275,8 @@ def main() -> None:
                     help="an older checkout (git worktree) whose page is measured first, as 'today'")
     ap.add_argument("--settle-s", type=float, default=30.0, help="the old page: wait for Milvus Lite's HNSW build")
     ap.add_argument("--real-width", action="store_true", help="also the real-width text tower runs")
+    ap.add_argument("--skip-variants", action="store_true",
+                    help="skip the embedded HNSW and no-duplicates galleries")
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
     args = ap.parse_args()
     args.seconds, args.ref_seconds = min(args.seconds, MAX_SECONDS), min(args.ref_seconds, MAX_SECONDS)
@@ -278,6 +299,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
     if not args.skip_store:
         out["store"] = measure("milvus-lite", gallery, work, args, (), store=str(work / "milvus.db"))
     out["embedded"] = measure("embedded", gallery, work, args, ())
+    if not args.skip_variants:
+        hnsw = variant(gallery, work / "gallery_hnsw", search={"kind": "hnsw"})
+        out["embedded_hnsw"] = measure("embedded hnsw", hnsw, work, args, ())
+        distinct = variant(gallery, work / "gallery_distinct", distinct=True)
+        out["embedded_no_duplicates"] = measure("embedded, no duplicates", distinct, work, args, ())
     if "baseline" in out:
         out["qps_ratio_embedded_vs_baseline"] = round(out["embedded"]["load"]["qps"] / max(out["baseline"]["load"]["qps"], 1e-9), 1)
     if "store" in out:
@@ -290,7 +316,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         b, u = out["real_width"]["batched"]["load"], out["real_width"]["unbatched"]["load"]
         out["real_width"]["qps_gain_from_batching"] = round(b["qps"] / max(u["qps"], 1e-9), 2)
     summary = {k: v for k, v in out.items() if not isinstance(v, dict)}
-    for name in ("baseline", "store", "embedded"):
+    for name in ("baseline", "store", "embedded", "embedded_hnsw", "embedded_no_duplicates"):
         if name in out:
             summary[name] = {**{k: out[name]["load"][k] for k in ("qps", "p50_ms", "p95_ms", "p99_ms", "errors",
                                                                   "server_cpu_ms_per_query", "client_cpu_ms_per_query")},

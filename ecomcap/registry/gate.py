@@ -77,7 +77,8 @@ class Decision:
 
 def decide(candidate: Scores, champion: Scores | None,
            cfg: RegistryConfig) -> tuple[bool, list[str], GainInterval | None]:
-    """Pure gate rules; returns (promote?, reasons, bootstrap interval of the gain)."""
+    """Pure gate rules (floor, `minimums`, paired-bootstrap gain, guards); returns (promote?, reasons,
+    bootstrap interval of the gain)."""
     p = cfg.primary_metric
     reasons: list[str] = []
     ok = candidate.metrics[p] >= cfg.floor

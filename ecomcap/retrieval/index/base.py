@@ -30,7 +30,8 @@ class IndexConfig(_Strict):
     kind: Kind = Field("auto", description="auto: exact up to exact_max_items distinct vectors, hnsw beyond")
     exact_max_items: int = Field(200_000, ge=1, description="auto: largest gallery (distinct vectors) searched exactly")
     dedup: bool = Field(True, description="index each distinct vector once (one product, many sellers): "
-                        "duplicates neither crowd an HNSW graph nor the top-k; their rows are expanded in row order")
+                        "duplicates do not crowd the approximate index's graph or candidates; a hit expands to "
+                        "its rows in row order (the exact ranking)")
     hnsw_m: int = Field(32, ge=2)
     ef_construction: int = Field(200, ge=8)
     ef: int = Field(128, ge=1, description="HNSW search breadth (>= k is used): recall vs speed")

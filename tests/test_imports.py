@@ -98,3 +98,13 @@ def test_the_model_layer_never_imports_training():
     upward = {m: sorted(t for t in targets if t.startswith("ecomcap.training"))
               for m, targets in graph.items() if m.startswith("ecomcap.modeling")}
     assert {m: t for m, t in upward.items() if t} == {}
+
+
+def test_the_retrieval_model_layer_imports_neither_training_nor_serving():
+    """The second job's layers: model below train, evaluate, index and serve."""
+    graph = import_graph(with_packages=True)
+    above = ("ecomcap.training", "ecomcap.retrieval.train", "ecomcap.retrieval.serve", "ecomcap.retrieval.evaluate",
+             "ecomcap.retrieval.index_job", "ecomcap.retrieval.workflow")
+    upward = {m: sorted(t for t in targets if t.startswith(above))
+              for m, targets in graph.items() if m.startswith("ecomcap.retrieval.model")}
+    assert {m: t for m, t in upward.items() if t} == {}

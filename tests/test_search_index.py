@@ -91,7 +91,8 @@ def test_the_gate_refuses_a_served_index_below_its_recall_minimum():
 
 
 def test_served_ranking_is_the_evaluated_ranking(tmp_path):
-    """A gallery records its index; the evaluation's ranking (workflow.score_gallery's path),
+    """A gallery records its index; the evaluation's ranking (open_index on the recorded config, as
+    workflow.score_gallery calls it),
     the registered pyfunc and the page's searcher all open that index and agree."""
     import json
 
@@ -117,3 +118,16 @@ def test_served_ranking_is_the_evaluated_ranking(tmp_path):
     assert model.predict(None, texts)["item_ids"].tolist() == evaluated
     searcher = open_searcher(path)
     assert [[r["item_id"] for r in searcher.search(t, 10)["results"]] for t in texts] == evaluated
+
+
+def test_the_gate_reads_its_minimums_back_from_the_registry_tags():
+    """The replay of concurrent gates rebuilds scores from version tags: the minimum's metric must
+    be among the names it reads, or every retrieval version would fail as 'missing'."""
+    from ecomcap.registry.gate import Gate, Scores, decide
+    from ecomcap.retrieval.config import RetrievalRunConfig
+
+    reg = RetrievalRunConfig().registry
+    names = Gate(None, reg).names
+    assert "index_recall10" in names
+    tags = Scores(metrics={"MeanRecall": 50.0, "R1": 30.0, "index_recall10": 0.99}, eval_fingerprint="e").tags()
+    assert decide(Scores.from_tags(tags, names), None, reg)[0] is True

@@ -135,3 +135,32 @@ def test_an_unreachable_milvus_server_is_a_503_within_a_second(gallery):
     t2 = time.perf_counter()
     assert page.status_code == 503 and "search unavailable" in page.text and page.headers["retry-after"] == "1"
     assert t1 - t0 <= 1.0 and t2 - t1 <= 1.0, (t1 - t0, t2 - t1)
+
+
+def test_a_search_that_times_out_is_dropped_not_computed_later():
+    """A caller that gave up (timeout) leaves the queue: its search is never run, and what waits
+    counts against max_pending only while it waits."""
+    seen = []
+    gate = threading.Event()
+
+    def run(queries, tops):
+        seen.extend(queries)
+        gate.wait(2)
+        return [{"query": q} for q in queries]
+
+    async def main():
+        b = QueryBatcher(run, max_wait_ms=0, timeout_s=0.1)
+        first = asyncio.ensure_future(b.submit("slow", 1))  # occupies the worker until the gate opens
+        await asyncio.sleep(0.02)
+        with pytest.raises(TimeoutError):
+            await b.submit("abandoned", 1)  # queued behind "slow", gives up after 0.1 s
+        with pytest.raises(TimeoutError):
+            await first  # timed out as well, while its search still runs
+        assert b.pending == 0  # given up: neither counts against max_pending any more
+        gate.set()
+        out = await asyncio.wait_for(b.submit("next", 1), 2)
+        b.close()
+        return out
+
+    assert asyncio.run(main())["query"] == "next"
+    assert "abandoned" not in seen, seen

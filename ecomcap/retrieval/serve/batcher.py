@@ -46,7 +46,7 @@ class QueryBatcher:
             queue.put_nowait((query, top, fut))
             return await asyncio.wait_for(fut, self.timeout_s)  # cancels `fut` on timeout: the batch skips it
         except asyncio.TimeoutError:
-            raise TimeoutError(f"search did not finish within {self.timeout_s:.0f} s") from None
+            raise TimeoutError(f"search did not finish within {self.timeout_s:g} s") from None
         finally:
             self.pending -= 1
 

@@ -61,7 +61,7 @@ def test_search_reads_the_checkouts_store_and_says_so(inside, capsys, caplog):
     with caplog.at_level(logging.INFO, logger="ecomcap.stores"):
         assert main(["search", "红色 条纹 T恤"]) == 2
     err = capsys.readouterr().err
-    assert f"no 'champion' version of registered model 'ecomcap-retriever' at {inside['uri']}" in err
+    assert f"no 'serving' or 'champion' version of registered model 'ecomcap-retriever' at {inside['uri']}" in err
     assert f"MLflow store: {inside['uri']} (this checkout's" in caplog.text
     assert not (inside["root"] / "docs" / "mlflow.db").exists() and not (inside["root"] / "mlflow.db").exists()
 

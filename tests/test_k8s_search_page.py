@@ -87,7 +87,9 @@ def test_page_args_parse_with_the_real_cli_and_point_at_the_milvus_service():
     from ecomcap.cli import build_parser
 
     c = _container("Deployment", "search-page")
+    assert c["command"] == ["ecomcap"]  # docker/Dockerfile has no ENTRYPOINT: the args alone would not run
     args = build_parser().parse_args(c["args"])
+    assert args.alias == "serving" and args.no_champion_fallback  # the gate's eval set is never served there
     # the recorded (gated) index, its Milvus collection read on the cluster's server
     assert (args.host, args.port, args.index, args.store_uri) == ("0.0.0.0", 8300, "recorded", "http://milvus:19530")
     assert args.port == c["ports"][0]["containerPort"]
@@ -151,3 +153,28 @@ def test_network_policies_let_the_page_reach_only_milvus_mlflow_and_dns():
     (rule,) = objs["NetworkPolicy", "search-page-ingress"]["spec"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": 8300}]
     assert rule["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {}}}]
+
+
+def test_the_index_jobs_cluster_config_reaches_milvus_as_the_writer():
+    """configs/retrieval_index_k8s.yaml: a valid ZenML run configuration whose step pods carry the
+    label the Milvus policy admits, the restricted securityContext, /data, and the writer's token
+    (and the job's own config writes the server's collection)."""
+    from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
+    from zenml.integrations.kubernetes.pod_settings import KubernetesPodSettings
+
+    from ecomcap.config import load_run_config
+    from ecomcap.retrieval.index.catalogue import IndexJobConfig
+
+    path = K8S.parent / "configs" / "retrieval_index_k8s.yaml"
+    raw = read_yaml(path)
+    PipelineRunConfiguration.model_validate(raw)
+    pod = KubernetesPodSettings.model_validate(raw["settings"]["orchestrator.kubernetes"]["pod_settings"])
+    assert pod.labels == {"app.kubernetes.io/part-of": "ecomcap-pipeline"}
+    assert pod.additional_pod_spec_args["security_context"]["runAsNonRoot"] is True
+    assert {m["mountPath"] for m in pod.volume_mounts} == {"/data"}
+    env = {e["name"]: e for e in pod.env}
+    assert env["MILVUS_WRITER_TOKEN"]["value"] == "$(MILVUS_WRITER_USER):$(MILVUS_WRITER_PASSWORD)"
+    assert env["MILVUS_WRITER_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "milvus-users"
+    cfg = load_run_config(path, IndexJobConfig)
+    assert cfg.index.kind == "milvus" and cfg.index.milvus.uri == "http://milvus:19530"
+    assert str(cfg.catalogue.work_dir).startswith("/data/")

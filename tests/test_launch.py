@@ -155,13 +155,16 @@ def test_qlora_under_zero3_is_refused_before_any_process_starts():
     check_strategy_fits_launch(zero2, "sft")
 
 
-def test_retrieval_refuses_several_processes_in_its_config():
+def test_retrieval_takes_several_processes_but_not_deepspeed_in_its_config():
+    """Retrieval trains under DDP (tests/test_retrieval_ddp.py); its towers bypass DeepSpeed/FSDP."""
     from pydantic import ValidationError
 
     from ecomcap.retrieval.config import RetrievalRunConfig
 
-    with pytest.raises(ValidationError, match="one process"):
-        RetrievalRunConfig.model_validate({"launch": {"num_processes": 2}})
+    assert RetrievalRunConfig.model_validate({"launch": {"num_processes": 2}}).launch.num_processes == 2
+    with pytest.raises(ValidationError, match="(?i)selects deepspeed"):
+        RetrievalRunConfig.model_validate({"launch": {"num_processes": 2,
+                                                      "config_file": "configs/accelerate/deepspeed_zero2.yaml"}})
 
 
 def test_a_4bit_base_is_refused_inside_a_zero3_load(tiny_model_cfg, monkeypatch):

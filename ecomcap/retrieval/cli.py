@@ -116,17 +116,24 @@ def _searcher(args: argparse.Namespace):
     else:
         from ecomcap.stores import tracking_uri
 
-        path = champion_gallery(tracking_uri(args.tracking_uri), alias=args.alias)
+        path = champion_gallery(tracking_uri(args.tracking_uri), alias=args.alias,
+                                fallback=not args.no_champion_fallback)
     gallery = open_gallery(path)
     recorded = recorded_config(gallery)
     cfg = recorded if args.index == "recorded" else recorded.model_copy(update={"kind": args.index})
     if args.store_uri:  # where the recorded collection lives here (e.g. the cluster's server)
         cfg = cfg.model_copy(update={"milvus": cfg.milvus.model_copy(update={"uri": args.store_uri})})
-    if args.ef:
+    if args.ef and cfg.kind in ("hnsw", "auto", "milvus"):
         cfg = cfg.model_copy(update={"ef": args.ef, "milvus": cfg.milvus.model_copy(update={"ef": args.ef})})
     index = open_index(gallery, cfg, build=False)  # serving reads; Milvus Lite still builds on first use
-    index.recorded = cfg.model_dump() == IndexConfig.model_validate(recorded).model_dump()
+    index.recorded = _ranking(cfg) == _ranking(IndexConfig.model_validate(recorded))
     return Searcher(gallery, index)
+
+
+def _ranking(cfg) -> dict:
+    """What decides the ranking (not where the collection lives or how to reach it)."""
+    connection = {"uri", "role", "token_env", "timeout_s", "build_timeout_s"}
+    return {**cfg.model_dump(exclude={"milvus"}), "milvus": cfg.milvus.model_dump(exclude=connection)}
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -160,6 +167,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="a gallery index directory; default: the registry's ecomcap-retriever@<alias>")
     p.add_argument("--alias", default="serving",
                    help="registry alias to serve (default: serving, the index job's catalogue; champion when unset)")
+    p.add_argument("--no-champion-fallback", action="store_true",
+                   help="serve only the alias asked for: no champion (the gate's valid split) before the first index")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else this checkout's "
                    ".mlflow/mlflow.db as `make retrieval` writes it)")

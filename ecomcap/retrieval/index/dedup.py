@@ -59,14 +59,13 @@ def group_rows(vectors: np.ndarray, dedup: bool = True) -> Groups:
     h = hashes[order]
     cut = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
     group_of = np.empty(n, dtype=np.int64)
-    firsts: list[int] = []
-    for a, b in zip(cut, np.r_[cut[1:], n]):
-        members = order[a:b]
-        if b - a == 1:
-            group_of[members[0]] = len(firsts)
-            firsts.append(int(members[0]))
-            continue
-        srt = np.sort(members)
+    ends = np.r_[cut[1:], n]
+    single = ends - cut == 1  # most buckets hold one row: numbered at once, no Python loop
+    single_rows = order[cut[single]]
+    group_of[single_rows] = np.arange(len(single_rows))
+    firsts: list[int] = single_rows.tolist()
+    for a, b in zip(cut[~single], ends[~single]):
+        srt = np.sort(order[a:b])
         block = np.asarray(vectors[srt], dtype=np.float32)
         left = np.arange(len(srt))
         while len(left):  # exact comparison inside one hash bucket (vectorised: one product x 50k sellers)

@@ -23,7 +23,7 @@ class FaissIndex:
         self.groups = groups or group_rows(vectors, cfg.dedup)
         self.dim, self.size = int(vectors.shape[1]), len(self.groups.rows)
         u = self.groups.unique
-        faiss.omp_set_num_threads(os.cpu_count() or 1)  # the build uses every core; search uses cfg.threads
+        faiss.omp_set_num_threads(len(os.sched_getaffinity(0)))  # the build uses every core it may; search cfg.threads
         if kind == "hnsw":
             self.index = faiss.IndexHNSWFlat(self.dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             self.index.hnsw.efConstruction = cfg.ef_construction

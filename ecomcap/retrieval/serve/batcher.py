@@ -21,6 +21,10 @@ class Overloaded(Exception):
     """More requests are waiting than the page may hold: shed this one."""
 
 
+class Expired(TimeoutError):
+    """The search did not finish within the batcher's timeout (not an error raised by the search)."""
+
+
 class QueryBatcher:
     def __init__(self, run: Callable[[list[str], list[int]], list[dict]], max_batch: int = 32,
                  max_wait_ms: float = 1.0, max_pending: int = 256, timeout_s: float = 10.0) -> None:
@@ -35,7 +39,7 @@ class QueryBatcher:
 
     async def submit(self, query: str, top: int) -> dict:
         """The result of one checked query; Overloaded when `max_pending` already wait,
-        TimeoutError when the batch does not finish within `timeout_s`."""
+        Expired when the batch does not finish within `timeout_s`."""
         if self.pending >= self.max_pending:
             self.shed += 1
             raise Overloaded(f"{self.pending} searches waiting")
@@ -46,7 +50,9 @@ class QueryBatcher:
             queue.put_nowait((query, top, fut))
             return await asyncio.wait_for(fut, self.timeout_s)  # cancels `fut` on timeout: the batch skips it
         except asyncio.TimeoutError:
-            raise TimeoutError(f"search did not finish within {self.timeout_s:g} s") from None
+            if fut.cancelled():  # our wait ran out; a TimeoutError of the search itself passes through
+                raise Expired(f"search did not finish within {self.timeout_s:g} s") from None
+            raise
         finally:
             self.pending -= 1
 

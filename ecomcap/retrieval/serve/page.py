@@ -31,7 +31,7 @@ from starlette.requests import Request  # module level: FastAPI resolves handler
 
 from ecomcap.errors import EcomcapError
 from ecomcap.retrieval.index.gallery import ImageLookup
-from ecomcap.retrieval.serve.batcher import Overloaded, QueryBatcher
+from ecomcap.retrieval.serve.batcher import Expired, Overloaded, QueryBatcher
 from ecomcap.retrieval.serve.search import MAX_TOP, Searcher
 
 STYLE = """body{font-family:"Noto Sans CJK SC","WenQuanYi Zen Hei",sans-serif;margin:24px;color:#222}
@@ -98,6 +98,7 @@ def create_app(searcher: Searcher, images: ImageLookup, max_batch: int = 32, max
     n_items = len(searcher.gallery.item_ids)
     version = str(searcher.gallery.index.get("fingerprint", ""))[:16]
     busy = {"Retry-After": "1"}
+    last_warning = [0.0]
 
     class Unavailable(Exception):
         """The search itself failed (index backend down, timed out, shed): a 503, not the user's fault."""
@@ -108,17 +109,22 @@ def create_app(searcher: Searcher, images: ImageLookup, max_batch: int = 32, max
         query = Searcher.check(q, k)
         try:
             return await batcher.submit(query, k)
-        except (Overloaded, TimeoutError):
+        except (Overloaded, Expired):
             raise Unavailable(BUSY) from None
         except Exception as exc:  # e.g. a Milvus server that timed out: EcomcapError from the store
-            log.warning("search failed: %s", _short(exc), exc_info=not isinstance(exc, EcomcapError))
+            if time.monotonic() - last_warning[0] > 10:  # one line per 10 s during an outage, not per request
+                last_warning[0] = time.monotonic()
+                log.warning("search failed: %s", _short(exc), exc_info=not isinstance(exc, EcomcapError))
             raise Unavailable("search unavailable: the index backend did not answer (the page's log says why)") from None
 
     @app.get("/", response_class=HTMLResponse)
     async def page(q: str = "", top: str = "10"):
         if not q.strip():
             return HTMLResponse(render_page(q, 10, None, None, n_items))
-        shown = int(top) if top.strip().lstrip("-").isdigit() and len(top) < 6 else 10
+        try:
+            shown = int(top) if len(top) < 6 else 10
+        except ValueError:
+            shown = 10
         try:
             result = await run(q, top)
         except EcomcapError as exc:  # the page's own error, never FastAPI's 422 JSON

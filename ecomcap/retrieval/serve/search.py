@@ -97,17 +97,17 @@ CACHE_DIR = ".run/retrieval/versions"
 
 
 def champion_gallery(tracking_uri: str | None = None, name: str = RETRIEVER, alias: str = "champion",
-                     cache_dir: str | Path = CACHE_DIR) -> Path:
+                     cache_dir: str | Path = CACHE_DIR, fallback: bool = True) -> Path:
     """The gallery index directory of the registered retriever behind `alias` (`registered_gallery`)."""
-    return registered_gallery(tracking_uri, name, alias, cache_dir)[0]
+    return registered_gallery(tracking_uri, name, alias, cache_dir, fallback)[0]
 
 
 def registered_gallery(tracking_uri: str | None = None, name: str = RETRIEVER, alias: str = "champion",
-                       cache_dir: str | Path = CACHE_DIR) -> tuple[Path, str, str]:
+                       cache_dir: str | Path = CACHE_DIR, fallback: bool = True) -> tuple[Path, str, str]:
     """(gallery directory, version, alias it was found under) of the registered retriever.
 
     `serving` falls back to `champion` only when no version carries `serving` yet (before the
-    first catalogue index); any other registry error is an error. Downloaded once per (registry,
+    first catalogue index; `fallback=False`: never); any other registry error is an error. Downloaded once per (registry,
     model, version) into `cache_dir` with the shared `download_version`; the global MLflow URIs
     are left alone.
     """
@@ -117,7 +117,7 @@ def registered_gallery(tracking_uri: str | None = None, name: str = RETRIEVER, a
     from ecomcap.registry.register import download_version
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    version, aliases, error = None, [alias] + (["champion"] if alias == SERVING else []), ""
+    version, aliases, error = None, [alias] + (["champion"] if alias == SERVING and fallback else []), ""
     for wanted in aliases:
         try:
             version, alias = str(client.get_model_version_by_alias(name, wanted).version), wanted

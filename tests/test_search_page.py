@@ -107,7 +107,7 @@ def test_readyz_images_cache_and_query_bounds(gallery):
     again = client.get(f"/images/{item}", headers={"If-None-Match": first.headers["etag"]})
     assert again.status_code == 304 and not again.content
     assert client.get("/static/page.css").headers["content-type"].startswith("text/css")
-    for top in ("0", "101", "-5", "9" * 40, "1e3"):
+    for top in ("0", "101", "-5", "--5", "²", "9" * 40, "1e3"):
         assert client.get("/", params={"q": "红色", "top": top}).status_code == 400
     assert client.get("/", params={"q": "x" * 5000}).status_code == 400
     assert np.all([r["score"] <= 1.0001 for r in client.get("/api/search", params={"q": "红色"}).json()["results"]])

@@ -3,6 +3,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,6 +29,7 @@ def test_metrics_benchmark_subtracts_each_sides_own_tokeniser(capsys, monkeypatc
     assert out["scoring_speedup"] == round((17.0 - 0.4) / (0.8 - 0.5), 1)  # 55.3, not (17-0.4)/(0.8-0.4)
 
 
+@pytest.mark.e2e  # every part of the GPU peer benchmark on CPU, both sides: 50 s (make e2e)
 def test_gpu_peer_smoke_runs_every_part_on_both_sides():
     """`benchmarks/gpu_peer.py --smoke`: every part on CPU at tiny width, TRL's side included;
     the last line is one JSON object with a row per part."""

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.first_run import fresh_checkout
 
 DESCRIBE = """
@@ -28,6 +30,7 @@ def _sh(repo: Path, cmd: list[str]) -> str:
     return proc.stdout
 
 
+@pytest.mark.e2e  # a real ZenML stack set up twice: 80 s, end to end (make e2e)
 def test_setup_stack_makes_the_local_stack_active_and_is_idempotent(tmp_path):
     repo = fresh_checkout(tmp_path / "ecomcap")
     assert "stack ecomcap_local ready" in _sh(repo, ["bash", "scripts/setup_stack.sh"])

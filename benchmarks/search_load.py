@@ -31,9 +31,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ecomcap.data.synth_draw import BRANDS, CATEGORIES, COLOURS, PATTERNS  # noqa: E402
+from ecomcap.processes import free_port, serving_process  # noqa: E402
 from ecomcap.retrieval.index.demo import demo_gallery  # noqa: E402
 from ecomcap.retrieval.index.gallery import open_gallery  # noqa: E402
 from ecomcap.retrieval.index.recall import tie_recall  # noqa: E402
@@ -150,30 +148,13 @@ def old_page(checkout: Path, gallery: Path, store: str, log: Path, settle_s: flo
     """The page as an older checkout serves it (`git worktree add DIR <commit>`): its own code,
     this gallery, Milvus Lite at `store`. It has no /readyz: after /healthz, wait `settle_s` for
     Milvus Lite's background HNSW build (it answers by brute force until then)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "ecomcap.cli", "serve-search", "--gallery", str(gallery), "--store-uri", store,
            "--port", str(port)]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=checkout, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONPATH": str(checkout)})
-    base = PageURL(f"http://127.0.0.1:{port}", proc.pid)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the old page did not start: {log.read_text(errors='replace')[-1500:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=3):
-                    break
-            except OSError:
-                time.sleep(0.5)
+    with serving_process(cmd, f"http://127.0.0.1:{port}/healthz", log, 600, "the old page", cwd=checkout,
+                         env={**os.environ, "PYTHONPATH": str(checkout)}) as proc:
         time.sleep(settle_s)
-        yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        yield PageURL(f"http://127.0.0.1:{port}", proc.pid)
 
 
 def measure(name: str, gallery: Path, work: Path, args, extra: tuple[str, ...], store: str | None = None,

@@ -4,10 +4,10 @@ vectors. FAISS releases the GIL while it searches, so the page's threads search 
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
+from ecomcap.processes import available_cpus
 from ecomcap.retrieval.index.base import IndexConfig, as_queries
 from ecomcap.retrieval.index.dedup import Groups, group_rows
 
@@ -23,7 +23,7 @@ class FaissIndex:
         self.groups = groups or group_rows(vectors, cfg.dedup)
         self.dim, self.size = int(vectors.shape[1]), len(self.groups.rows)
         u = self.groups.unique
-        faiss.omp_set_num_threads(len(os.sched_getaffinity(0)))  # the build uses every core it may; search cfg.threads
+        faiss.omp_set_num_threads(available_cpus())  # the build uses every core it may; search cfg.threads
         if kind == "hnsw":
             self.index = faiss.IndexHNSWFlat(self.dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             self.index.hnsw.efConstruction = cfg.ef_construction

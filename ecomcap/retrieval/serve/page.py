@@ -15,14 +15,9 @@ import contextlib
 import hashlib
 import html
 import logging
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -208,40 +203,14 @@ def search_page_process(gallery: str | Path, store_uri: str | None = None, port:
     Milvus store at `store_uri`); yields the base URL once /readyz answers 200 (the index is
     built by then); the group is killed on exit. The URL's `.pid` is the page process (the
     load benchmark reads its CPU time)."""
-    if port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    from ecomcap.processes import free_port, serving_process
+
+    port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = Path(log_path or tempfile.mkstemp(prefix="search_page_", suffix=".log")[1])
     store = ["--index", "milvus", "--store-uri", str(store_uri)] if store_uri else []
     cmd = [sys.executable, "-m", "ecomcap.cli", "serve-search", "--gallery", str(gallery), *store,
            "--host", "127.0.0.1", "--port", str(port), *extra_args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=Path(__file__).resolve().parents[3])
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise EcomcapError(f"the search page exited (rc={proc.returncode}): "
-                                   f"{log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/readyz", timeout=3) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise EcomcapError(f"the search page did not answer within {timeout_s:.0f}s (log: {log_path})")
-            time.sleep(0.5)
+    with serving_process(cmd, f"{base}/readyz", log_path, timeout_s, "the search page",
+                         cwd=Path(__file__).resolve().parents[3]) as proc:
         yield PageURL(base, proc.pid)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)

@@ -106,10 +106,8 @@ def add_retrieval_commands(sub) -> None:
 
 
 def _searcher(args: argparse.Namespace):
-    from ecomcap.retrieval.index.base import IndexConfig
     from ecomcap.retrieval.index.gallery import open_gallery
-    from ecomcap.retrieval.index.open import open_index, recorded_config
-    from ecomcap.retrieval.serve.search import Searcher, champion_gallery
+    from ecomcap.retrieval.serve.search import Searcher, champion_gallery, serving_index
 
     if args.gallery:
         path = args.gallery
@@ -119,21 +117,8 @@ def _searcher(args: argparse.Namespace):
         path = champion_gallery(tracking_uri(args.tracking_uri), alias=args.alias,
                                 fallback=not args.no_champion_fallback)
     gallery = open_gallery(path)
-    recorded = recorded_config(gallery)
-    cfg = recorded if args.index == "recorded" else recorded.model_copy(update={"kind": args.index})
-    if args.store_uri:  # where the recorded collection lives here (e.g. the cluster's server)
-        cfg = cfg.model_copy(update={"milvus": cfg.milvus.model_copy(update={"uri": args.store_uri})})
-    if args.ef and cfg.kind in ("hnsw", "auto", "milvus"):
-        cfg = cfg.model_copy(update={"ef": args.ef, "milvus": cfg.milvus.model_copy(update={"ef": args.ef})})
-    index = open_index(gallery, cfg, build=False)  # serving reads; Milvus Lite still builds on first use
-    index.recorded = _ranking(cfg) == _ranking(IndexConfig.model_validate(recorded))
-    return Searcher(gallery, index)
-
-
-def _ranking(cfg) -> dict:
-    """What decides the ranking (not where the collection lives or how to reach it)."""
-    connection = {"uri", "role", "token_env", "timeout_s", "build_timeout_s"}
-    return {**cfg.model_dump(exclude={"milvus"}), "milvus": cfg.milvus.model_dump(exclude=connection)}
+    index, gated = serving_index(gallery, args.index, args.store_uri, args.ef)
+    return Searcher(gallery, index, gated=gated)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:

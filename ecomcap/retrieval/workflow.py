@@ -106,14 +106,12 @@ def score_gallery(gallery_dir: Path, valid: Path, cfg: RetrievalRunConfig) -> di
     try:
         _, rows = index.search(q, 10)
         index_recall = recall_vs_exact(index, gal.vectors, q, 10)
-        described = index.describe()
     finally:
         index.close()
     pred = {x["query_id"]: [gal.item_ids[j] for j in r if j >= 0] for x, r in zip(queries, rows)}
     gold = {x["query_id"]: x["item_ids"] for x in queries}
     scores = recall_scores(pred, gold, check=False)  # a gallery under 10 items, or an IVF miss, gives fewer
     scores["index_recall@10"] = index_recall
-    scores["index"] = described
     scores["chance"] = chance_recall(len(gal.item_ids), [len(v) for v in gold.values()])
     scores["ranked"], scores["queries"], scores["gold"] = pred, queries, gold
     return scores

@@ -37,6 +37,5 @@ def open_index(gallery, cfg: IndexConfig | None = None, store=None, build: bool 
         from ecomcap.retrieval.index.faiss_index import FaissIndex
 
         index = FaissIndex(vectors, cfg, kind, groups=groups)
-        index._exact = ExactIndex(vectors, groups=groups)  # recall is measured against it
     log.info("search index: %s", index.describe())
     return index

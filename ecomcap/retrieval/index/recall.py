@@ -27,11 +27,14 @@ def tie_recall(vectors: np.ndarray, queries: np.ndarray, answers, k: int = 10, t
 
 
 def recall_vs_exact(index, vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
-    """`tie_recall` of `index`'s answers; 1.0 without searching twice when it is exact."""
+    """`tie_recall` of `index`'s answers (exact search over the distinct vectors the index
+    already grouped); 1.0 without searching twice when it is exact."""
+    from ecomcap.retrieval.index.exact import ExactIndex
+
     if not index.approximate:
         return 1.0
     _, rows = index.search(queries, k)
-    return tie_recall(vectors, queries, rows, k, exact=getattr(index, "_exact", None))
+    return tie_recall(vectors, queries, rows, k, exact=ExactIndex(vectors, groups=index.groups))
 
 
 def ann_recall(store, name: str, gallery, queries: np.ndarray, k: int = 10, tie_eps: float = 1e-5) -> float:

@@ -163,7 +163,7 @@ def create_app(searcher: Searcher, images: ImageLookup, max_batch: int = 32, max
         except Exception as exc:  # ready() should not raise; a broken backend is "not ready"
             ok, reason = False, _short(exc)
         body = {"ready": ok, "reason": reason, "index": searcher.index.describe(), "items": n_items,
-                "gated_index": getattr(searcher.index, "recorded", True)}  # False: --index overrode it
+                "gated_index": searcher.gated}  # False: --index / --ef overrode the recorded index
         return JSONResponse(body, status_code=200 if ok else 503)
 
     return app

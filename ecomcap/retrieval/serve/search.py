@@ -49,10 +49,10 @@ class Searcher:
     `search_many` encodes a batch of queries in one forward pass and searches them in one call
     (the page batches concurrent requests through it)."""
 
-    def __init__(self, gallery: Gallery, index=None, encode: Encode | None = None) -> None:
+    def __init__(self, gallery: Gallery, index=None, encode: Encode | None = None, gated: bool = True) -> None:
         from ecomcap.retrieval.index.open import open_index
 
-        self.gallery = gallery
+        self.gallery, self.gated = gallery, gated  # gated: the index the gallery records (the gate's)
         self.encode = encode or query_encoder(gallery)
         self.index = index if index is not None else open_index(gallery)
         self.dim = int(gallery.vectors.shape[1])
@@ -143,6 +143,28 @@ def registered_gallery(tracking_uri: str | None = None, name: str = RETRIEVER, a
         raise EcomcapError(f"version {version} of '{name}' holds no gallery index (index.json + vectors.npy)")
     done.write_text(found.relative_to(dst).as_posix(), encoding="utf-8")
     return found, version, alias
+
+
+def serving_index(gallery: Gallery, kind: str = "recorded", store_uri: str | None = None,
+                  ef: int | None = None):
+    """(index, gated) for serving `gallery`: the index it records, with `store_uri` saying where
+    its Milvus collection lives here; another `kind` or `ef` serves a ranking the gate did not
+    score (gated False). Serving only reads (Milvus Lite still builds on first use)."""
+    from ecomcap.retrieval.index.open import open_index, recorded_config
+
+    recorded = recorded_config(gallery)
+    cfg = recorded if kind == "recorded" else recorded.model_copy(update={"kind": kind})
+    if store_uri:
+        cfg = cfg.model_copy(update={"milvus": cfg.milvus.model_copy(update={"uri": store_uri})})
+    if ef and cfg.kind in ("hnsw", "auto", "milvus"):
+        cfg = cfg.model_copy(update={"ef": ef, "milvus": cfg.milvus.model_copy(update={"ef": ef})})
+    return open_index(gallery, cfg, build=False), _ranking(cfg) == _ranking(recorded)
+
+
+def _ranking(cfg: IndexConfig) -> dict:
+    """What decides the ranking (not where the collection lives or how to reach it)."""
+    connection = {"uri", "role", "token_env", "timeout_s", "build_timeout_s"}
+    return {**cfg.model_dump(exclude={"milvus"}), "milvus": cfg.milvus.model_dump(exclude=connection)}
 
 
 def open_searcher(gallery_dir: str | Path, index: IndexConfig | None = None, store: StoreConfig | None = None,

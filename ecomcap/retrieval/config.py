@@ -17,6 +17,13 @@ from ecomcap.config_encoders import (  # noqa: F401  (re-exported)
 from ecomcap.retrieval.index.base import IndexConfig
 
 
+def retriever_registry(**update) -> RegistryConfig:
+    """The retriever's registry and gate defaults (the retrieval pipeline's and the index job's)."""
+    return RegistryConfig(**{"model_name": "ecomcap-retriever", "experiment": "retrieval_pipeline",
+                             "primary_metric": "MeanRecall", "guard_metrics": ["R1"], "tolerance": 1.0,
+                             "floor": 5.0, **update})
+
+
 class RetrievalSynthConfig(_Strict):
     """Synthetic retrieval set: attribute-combination queries over a drawn product gallery."""
 
@@ -93,11 +100,7 @@ class RetrievalRunConfig(_Strict):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)  # the same launcher: N processes are DDP
     index: IndexConfig = Field(default_factory=IndexConfig, description="how the gallery is searched: by the "
                                "evaluation, the gate, the registered model, `ecomcap search` and the page alike")
-    registry: RegistryConfig = Field(
-        default_factory=lambda: RegistryConfig(model_name="ecomcap-retriever", experiment="retrieval_pipeline",
-                                               primary_metric="MeanRecall", guard_metrics=["R1"], tolerance=1.0,
-                                               floor=5.0, minimums={"index_recall10": 0.98})
-    )
+    registry: RegistryConfig = Field(default_factory=lambda: retriever_registry(minimums={"index_recall10": 0.98}))
 
     @model_validator(mode="after")
     def _recall_minimum(self) -> "RetrievalRunConfig":

@@ -14,7 +14,6 @@ from typing import Any
 
 from ecomcap.retrieval.index.catalogue import (
     SERVING,
-    CatalogueConfig,
     IndexJobConfig,
     index_catalogue,
     ingest_catalogue,
@@ -113,20 +112,28 @@ def encoder_of(registry, alias: str, cache_dir: Path) -> tuple[Path, str]:
     return gallery / meta["encoder_dir"], version
 
 
-def run_index_job(cfg: CatalogueConfig, registry, search: dict, min_recall: float,
-                  device: str | None = None) -> dict[str, Any]:
-    """ingest -> embed (incremental) -> recall check -> register + alias `serving`."""
-    cache = Path(cfg.work_dir) / "versions"
-    encoder_dir, encoder_version = encoder_of(registry, cfg.encoder, cache)
-    items = ingest_catalogue(cfg)
-    previous = previous_serving(registry, cache)
-    out = Path(tempfile.mkdtemp(prefix="gallery-", dir=Path(cfg.work_dir)))
-    gallery = index_catalogue(encoder_dir, items, out / "gallery", previous, search, cfg.batch_size, device)
-    recall, described = index_recall(gallery, cfg.recall_queries, cfg.seed)
-    result = register_serving(gallery, registry, encoder_version, recall, min_recall)
+def embed_stage(cfg: IndexJobConfig, items: Path) -> tuple[Path, str]:
+    """(gallery version, encoder version): the configured alias's encoder over the ingested
+    catalogue, reusing the current `serving` gallery's vectors of unchanged items."""
+    cache = Path(cfg.catalogue.work_dir) / "versions"
+    encoder_dir, encoder_version = encoder_of(cfg.registry, cfg.catalogue.encoder, cache)
+    previous = previous_serving(cfg.registry, cache)
+    out = Path(tempfile.mkdtemp(prefix="gallery-", dir=Path(cfg.catalogue.work_dir))) / "gallery"
+    gallery = index_catalogue(encoder_dir, items, out, previous, cfg.index.model_dump(mode="json"),
+                              cfg.catalogue.batch_size, cfg.torch_device())
+    return gallery, encoder_version
+
+
+def register_stage(cfg: IndexJobConfig, gallery: Path, encoder_version: str) -> dict[str, Any]:
+    """Index recall check (a Milvus index is written here, as the writer), then register the
+    version and move `serving` (never `champion`)."""
+    recall, described = index_recall(gallery, cfg.catalogue.recall_queries, cfg.catalogue.seed)
+    result = register_serving(gallery, cfg.registry, encoder_version, recall, cfg.index.min_recall)
     return {**result, "gallery": str(gallery), "index": described}
 
 
 def run_job(cfg: IndexJobConfig) -> dict[str, Any]:
-    return run_index_job(cfg.catalogue, cfg.registry, cfg.index.model_dump(mode="json"), cfg.index.min_recall,
-                         cfg.torch_device())
+    """ingest -> embed (incremental) -> recall check -> register + alias `serving`: the index
+    pipeline's three steps in one call (`ecomcap index-catalogue`)."""
+    gallery, encoder_version = embed_stage(cfg, ingest_catalogue(cfg.catalogue))
+    return register_stage(cfg, gallery, encoder_version)

@@ -14,7 +14,6 @@ id and content hash are unchanged (`embed_gallery(previous=...)`): only changed 
 """
 from __future__ import annotations
 
-import io
 import logging
 import random
 from pathlib import Path
@@ -24,6 +23,7 @@ from pydantic import Field
 
 from ecomcap.config import IngestConfig, RegistryConfig
 from ecomcap.config_base import _Strict
+from ecomcap.retrieval.config import retriever_registry
 from ecomcap.retrieval.index.base import IndexConfig
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,9 @@ def synth_catalogue(out_dir: str | Path, cfg: CatalogueConfig) -> Path:
     """MUGE-format catalogue files of `synthetic_items` drawn products (one drawing per distinct
     text, many sellers per product); `changed_share` of them redrawn with one attribute changed."""
     from ecomcap.data.formats import write_image_tsv, write_jsonl
-    from ecomcap.data.synth_draw import image_for, random_attributes
+    from ecomcap.data.synth_draw import random_attributes
     from ecomcap.retrieval.data.synth import one_attribute_variant
-    from ecomcap.retrieval.index.demo import item_text
+    from ecomcap.retrieval.index.demo import item_text, product_images
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,20 +64,10 @@ def synth_catalogue(out_dir: str | Path, cfg: CatalogueConfig) -> Path:
     change = random.Random(f"{cfg.seed}-change")
     for i in change.sample(range(len(attrs)), round(cfg.changed_share * len(attrs))):
         attrs[i] = one_attribute_variant(attrs[i], change)
-    drawn: dict[str, bytes] = {}
-
-    def images():
-        for i, a in enumerate(attrs):
-            text = item_text(a)
-            if text not in drawn:
-                buf = io.BytesIO()
-                image_for(a, size=cfg.image_size, rng=random.Random(f"{cfg.seed}-{text}")).save(buf, "JPEG", quality=85)
-                drawn[text] = buf.getvalue()
-            yield f"cat_{i:07d}", drawn[text]
-
-    write_image_tsv(out / f"MR_{cfg.split}_imgs.tsv", images())
+    products = [(f"cat_{i:07d}", a) for i, a in enumerate(attrs)]
+    write_image_tsv(out / f"MR_{cfg.split}_imgs.tsv", product_images(products, cfg.seed, cfg.image_size))
     write_jsonl(out / f"MR_{cfg.split}_item_texts.jsonl",
-                ({"item_id": f"cat_{i:07d}", "text": item_text(a)} for i, a in enumerate(attrs)))
+                ({"item_id": item_id, "text": item_text(a)} for item_id, a in products))
     return out
 
 
@@ -116,8 +106,7 @@ class IndexJobConfig(_Strict):
     catalogue: CatalogueConfig = Field(default_factory=CatalogueConfig)
     index: IndexConfig = Field(default_factory=IndexConfig, description="the catalogue's search index; an "
                                "approximate one below min_recall is registered but not aliased `serving`")
-    registry: RegistryConfig = Field(default_factory=lambda: RegistryConfig(
-        model_name="ecomcap-retriever", experiment="retrieval_pipeline", primary_metric="MeanRecall"))
+    registry: RegistryConfig = Field(default_factory=lambda: retriever_registry())
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def torch_device(self) -> str | None:

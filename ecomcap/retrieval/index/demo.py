@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,23 +51,25 @@ def item_text(attrs: dict) -> str:
     return f"{attrs['brand'] + ' ' if attrs['brand'] else ''}{attrs['colour']}{attrs['pattern']}{attrs['category']}"
 
 
+def product_images(products: list[tuple[str, dict]], seed: int, image_size: int) -> Iterator[tuple[str, bytes]]:
+    """(item_id, JPEG) per (item_id, attributes): one drawing per distinct item text (at most
+    2,240), shared by every item that shows the same product (many sellers), deterministic."""
+    drawn: dict[str, bytes] = {}
+    for item_id, attrs in products:
+        text = item_text(attrs)
+        if text not in drawn:
+            buf = io.BytesIO()
+            image_for(attrs, size=image_size, rng=random.Random(f"{seed}-{text}")).save(buf, "JPEG", quality=85)
+            drawn[text] = buf.getvalue()
+        yield item_id, drawn[text]
+
+
 def demo_gallery(out: str | Path, n: int, dim: int = 256, seed: int = 0, image_size: int = 64) -> Path:
     """Write a gallery artifact of `n` drawn products (deterministic for a seed)."""
     rng = random.Random(seed)
-    attrs = [random_attributes(rng) for _ in range(n)]
-    items = [(f"item_{i:06d}", item_text(a)) for i, a in enumerate(attrs)]
+    products = [(f"item_{i:06d}", random_attributes(rng)) for i in range(n)]
+    items = [(item_id, item_text(a)) for item_id, a in products]
     encoder = HashingTextEncoder(dim)
     vectors = encoder.encode_texts([t for _, t in items])
-
-    drawn: dict[str, bytes] = {}  # one drawing per attribute combination (at most 2,240)
-
-    def images():
-        for (item_id, text), a in zip(items, attrs):
-            if text not in drawn:
-                buf = io.BytesIO()
-                image_for(a, size=image_size, rng=random.Random(f"{seed}-{text}")).save(buf, "JPEG", quality=85)
-                drawn[text] = buf.getvalue()
-            yield item_id, drawn[text]
-
-    return write_gallery(out, vectors, items, images(), {"item_embedding": "text", "fusion_weight": 0.0,
-                                                         "encoder_dir": encoder.name})
+    return write_gallery(out, vectors, items, product_images(products, seed, image_size),
+                         {"item_embedding": "text", "fusion_weight": 0.0, "encoder_dir": encoder.name})

@@ -18,7 +18,7 @@ import json
 import shutil
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -67,6 +67,7 @@ class Gallery:
     item_ids: list[str]
     texts: list[str]
     index: dict[str, Any]
+    content_hashes: list[str | None] = field(default_factory=list)  # None: written before the hashes
 
     @property
     def encoder_dir(self) -> Path:
@@ -114,9 +115,7 @@ def _reusable(previous: str | Path | None, encoder_fp: str, mode: str, weight: f
             and prev.index.get("fusion_weight") == weight)
     if not same:
         return {}, None
-    rows = [json.loads(line) for line in (Path(previous) / "items.jsonl").read_text(encoding="utf-8").splitlines()
-            if line]
-    return {r["item_id"]: (r.get("content_hash"), i) for i, r in enumerate(rows)}, prev.vectors
+    return {item_id: (h, i) for i, (item_id, h) in enumerate(zip(prev.item_ids, prev.content_hashes))}, prev.vectors
 
 
 def embed_gallery(encoder_dir: str | Path, items_dir: str | Path, out_dir: str | Path,
@@ -200,7 +199,8 @@ def load_gallery(path: str | Path, mmap: bool = True) -> Gallery:
     if vectors.shape != (index["count"], index["dim"]) or len(rows) != index["count"]:
         raise EcomcapError(f"{path}: vectors {vectors.shape} / items {len(rows)} do not match index.json "
                            f"(count {index['count']}, dim {index['dim']})")
-    return Gallery(path, vectors, [r["item_id"] for r in rows], [r["text"] for r in rows], index)
+    return Gallery(path, vectors, [r["item_id"] for r in rows], [r["text"] for r in rows], index,
+                   [r.get("content_hash") for r in rows])
 
 
 def open_gallery(root: str | Path) -> Gallery:

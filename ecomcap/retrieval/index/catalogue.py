@@ -7,7 +7,7 @@ registered beside the gated model and aliased `serving`, without touching the ga
 This module holds the catalogue's config, ingest and incremental embedding; the registry side
 (recall check, registration, the `serving` alias) is `ecomcap.retrieval.index_job`.
 
-The catalogue is any item set: MUGE-format ``MR_<split>_imgs.tsv`` (+ ``MR_<split>_item_texts.jsonl``)
+The catalogue: MUGE-format ``MR_<split>_imgs.tsv`` (+ ``MR_<split>_item_texts.jsonl``)
 in `src_dir`, or a synthetic one. Items go through the same ingest as training data (image checks,
 quarantine, counts). Re-indexing reuses the previous `serving` gallery's vectors for items whose
 id and content hash are unchanged (`embed_gallery(previous=...)`): only changed items are embedded.

@@ -131,3 +131,26 @@ def test_the_gate_reads_its_minimums_back_from_the_registry_tags():
     assert "index_recall10" in names
     tags = Scores(metrics={"MeanRecall": 50.0, "R1": 30.0, "index_recall10": 0.99}, eval_fingerprint="e").tags()
     assert decide(Scores.from_tags(tags, names), None, reg)[0] is True
+
+
+def test_grouping_survives_nan_rows_and_one_vector_sold_fifty_thousand_times():
+    """A NaN row equals nothing (not even itself): its own group, not an IndexError; one bucket of
+    50,000 identical rows is compared at once, not pairwise."""
+    v = np.ones((50_000, 8), dtype=np.float32)
+    v[7] = np.nan
+    g = group_rows(v)
+    assert len(g.unique) == 2 and g.starts[-1] == 50_000
+    assert sorted(len(g.rows[g.starts[i]:g.starts[i + 1]]) for i in range(2)) == [1, 49_999]
+
+
+def test_milvus_holds_the_distinct_vectors_and_reaches_the_floor(demo, tmp_path):
+    from ecomcap.retrieval.index.milvus import StoreConfig
+
+    gal, q = demo
+    index = open_index(gal, IndexConfig(kind="milvus", milvus=StoreConfig(uri=str(tmp_path / "m.db"))))
+    try:
+        described = index.describe()
+        assert described["distinct"] < described["items"] == 6000 and "_distinct" in described["collection"]
+        assert recall_vs_exact(index, gal.vectors, q, 10) >= 0.98
+    finally:
+        index.close()

@@ -164,3 +164,24 @@ def test_a_search_that_times_out_is_dropped_not_computed_later():
 
     assert asyncio.run(main())["query"] == "next"
     assert "abandoned" not in seen, seen
+
+
+def test_the_page_process_runs_from_the_repo_root(tmp_path):
+    """`search_page_process` with a gallery path relative to the checkout (as `ecomcap
+    serve-search --gallery .run/...` is typed there): the page's working directory is the repo
+    root, not the package directory."""
+    import shutil
+    import urllib.request
+    from pathlib import Path
+
+    from ecomcap.retrieval.serve.page import search_page_process
+
+    root = Path(__file__).resolve().parents[1]
+    rel = Path(".run") / f"test_page_cwd_{tmp_path.name}"
+    try:
+        demo_gallery(root / rel / "g", 50, seed=2)
+        with search_page_process(rel / "g", log_path=tmp_path / "page.log", timeout_s=120) as base:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=10) as r:
+                assert r.status == 200
+    finally:
+        shutil.rmtree(root / rel, ignore_errors=True)
